@@ -1,0 +1,105 @@
+"""`Llama`: llama-cpp-python's one high-level class, bound to our runtime, with `kv_type`."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+from typing import Any
+
+from . import _capi, kv_types
+from ._runtime import load_llama_cpp
+
+llama_cpp = load_llama_cpp()
+
+GGUF_MAGIC = b"GGUF"
+
+
+class ModelFileError(ValueError):
+    """The model file is missing, not GGUF, or could not be loaded."""
+
+
+def check_model_file(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise ModelFileError(f"model file not found: {p}")
+    if not p.is_file():
+        raise ModelFileError(f"model path is not a file: {p}")
+    with p.open("rb") as f:
+        head = f.read(8)
+    if head[:4] != GGUF_MAGIC:
+        raise ModelFileError(
+            f"{p} is not a GGUF model file (it starts with {head[:4]!r}, not {GGUF_MAGIC!r})")
+    if len(head) < 8:
+        raise ModelFileError(f"{p} is truncated ({p.stat().st_size} bytes)")
+    return p
+
+
+class Llama(llama_cpp.Llama):
+    """llama_cpp.Llama with a choice of KV cache type.
+
+    kv_type: one of `logquant_gguf.KV_TYPES` (default "f16"). It sets llama.cpp's type_k/type_v
+    and turns flash attention on where the V cache is quantized (llama.cpp needs it then).
+    Every other argument and method is llama_cpp.Llama's.
+    """
+
+    def __init__(self, model_path: str, *, kv_type: str = kv_types.DEFAULT_KV_TYPE, **kwargs: Any):
+        spec = kv_types.get(kv_type)
+        for key, want in (("type_k", spec.type_k), ("type_v", spec.type_v)):
+            given = kwargs.pop(key, None)
+            if given is not None and given != want:
+                raise ValueError(
+                    f"{key}={given} conflicts with kv_type={kv_type!r}; pass kv_type only")
+        if spec.needs_flash_attn:
+            if kwargs.get("flash_attn", True) is False:
+                raise ValueError(
+                    f"kv_type={kv_type!r} quantizes the V cache, which llama.cpp supports only "
+                    "with flash attention; drop flash_attn=False")
+            kwargs["flash_attn"] = True
+        path = check_model_file(model_path)
+        try:
+            super().__init__(str(path), type_k=spec.type_k, type_v=spec.type_v, **kwargs)
+        except ValueError as e:
+            if "Failed to load model" in str(e):
+                raise ModelFileError(
+                    f"llama.cpp could not load {path} ({path.stat().st_size} bytes): the file is "
+                    "truncated, corrupt, or of an architecture this llama.cpp does not know "
+                    "(run with verbose=True for llama.cpp's reason)") from e
+            raise
+        self.kv_type = kv_type
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("type_k", None)
+        state.pop("type_v", None)
+        state["kv_type"] = self.kv_type
+        return state
+
+    def save_state(self) -> llama_cpp.LlamaState:
+        state = super().save_state()
+        state.kv_type = self.kv_type  # checked by load_state: llama.cpp's own error is opaque
+        return state
+
+    def load_state(self, state: llama_cpp.LlamaState) -> None:
+        saved = getattr(state, "kv_type", None)
+        if saved is not None and saved != self.kv_type:
+            raise ValueError(
+                f"this state was saved with kv_type={saved!r}; this Llama uses "
+                f"kv_type={self.kv_type!r}. Load it into a Llama with kv_type={saved!r}.")
+        super().load_state(state)
+
+    def kv_stats(self) -> dict:
+        """What the KV cache holds now: tokens, bytes in all, bytes per token."""
+        raw = _capi.kv_stats(ctypes.cast(self._ctx.ctx, ctypes.c_void_p).value)
+        spec = kv_types.get(self.kv_type)
+        n_ctx = self.n_ctx()
+        return {
+            "kv_type": self.kv_type,
+            "n_ctx": n_ctx,
+            "tokens": raw["n_tokens"],
+            "sequences": raw["n_seq"],
+            "bytes_total": raw["bytes_total"],
+            "bytes_per_token": raw["bytes_total"] / n_ctx if n_ctx else 0.0,
+            "bits_per_value": spec.bits_per_value,
+            "tiers": {},
+        }
