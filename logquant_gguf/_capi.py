@@ -11,12 +11,21 @@ from ._runtime import library_path
 
 CDEF = """
 const char * logquant_build_info(void);
+int32_t logquant_set_params(int32_t window, int32_t policy, int32_t n_ubatch);
 struct logquant_kv_stats {
     int64_t bytes_total;
     int32_t n_seq;
     int32_t n_tokens;
+    int32_t is_logquant;
+    int32_t window;
+    int32_t policy;
+    int64_t n_f16;
+    int64_t n_q2;
+    int64_t bytes_f16;
+    int64_t bytes_q2;
 };
 int32_t logquant_kv_stats_get(const void * ctx, struct logquant_kv_stats * out);
+int64_t logquant_kv_f16_positions(const void * ctx, int32_t * out, int64_t cap);
 """
 
 
@@ -39,4 +48,29 @@ def kv_stats(ctx_ptr: int) -> dict:
     out = ffi.new("struct logquant_kv_stats *")
     if lib.logquant_kv_stats_get(ffi.cast("const void *", ctx_ptr), out) != 0:
         raise RuntimeError("this context has no KV cache")
-    return {"bytes_total": out.bytes_total, "n_seq": out.n_seq, "n_tokens": out.n_tokens}
+    stats = {"bytes_total": out.bytes_total, "n_seq": out.n_seq, "n_tokens": out.n_tokens}
+    if out.is_logquant:
+        stats["logquant"] = {"window": out.window, "policy": out.policy,
+                             "n_f16": out.n_f16, "n_q2": out.n_q2,
+                             "bytes_f16": out.bytes_f16, "bytes_q2": out.bytes_q2}
+    return stats
+
+
+def f16_positions(ctx_ptr: int) -> list[int]:
+    """Positions of sequence 0 in the LogQuant f16 tier (ValueError if not a LogQuant cache)."""
+    ffi, lib = _lib()
+    ctx = ffi.cast("const void *", ctx_ptr)
+    n = lib.logquant_kv_f16_positions(ctx, ffi.NULL, 0)
+    if n < 0:
+        raise ValueError("this context's KV cache is not a LogQuant cache")
+    out = ffi.new("int32_t[]", max(n, 1))
+    lib.logquant_kv_f16_positions(ctx, out, n)
+    return list(out[0:n])
+
+
+def set_logquant_params(window: int, policy: int, n_ubatch: int) -> None:
+    """Settings for the next LogQuant context created in this process."""
+    _, lib = _lib()
+    if lib.logquant_set_params(window, policy, n_ubatch) != 0:
+        raise ValueError(f"invalid LogQuant settings: window={window}, policy={policy}, "
+                         f"n_ubatch={n_ubatch}")

@@ -1,4 +1,4 @@
-"""The `logquant-gguf` command: generate, chat, info (and serve, bench)."""
+"""The `logquant-gguf` command: generate, chat, serve, info."""
 
 from __future__ import annotations
 
@@ -16,13 +16,23 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="GGUF file (default: Qwen2.5-Coder-0.5B-Instruct)")
     p.add_argument("--kv-type", default=kv_types.DEFAULT_KV_TYPE, choices=list(kv_types.KV_TYPES),
                    help="KV cache type (default: %(default)s)")
+    p.add_argument("--logquant-window", type=int, default=None, metavar="W",
+                   help="W for the logquant / q2_window caches (default: %d)" % kv_types.DEFAULT_WINDOW)
     p.add_argument("--n-ctx", type=int, default=4096, help="context size (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: llama.cpp's)")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
 
 
-def _load(a: argparse.Namespace):
+def model_kwargs(a: argparse.Namespace) -> dict:
+    """The optional Llama arguments the command line sets."""
     extra = {"n_threads": a.threads} if a.threads else {}
+    if a.logquant_window is not None:
+        extra["logquant_window"] = a.logquant_window
+    return extra
+
+
+def _load(a: argparse.Namespace):
+    extra = model_kwargs(a)
     return highlevel.load(a.model, kv_type=a.kv_type, n_ctx=a.n_ctx, verbose=a.verbose, **extra)
 
 
@@ -94,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-tokens", type=int, default=512)
     c.add_argument("--temperature", type=float, default=0.7)
     c.set_defaults(func=cmd_chat)
+
+    from .server import add_serve_parser
+
+    add_serve_parser(sub)  # works without the server extra: `serve` then says what to install
 
     i = sub.add_parser("info", help="library path, build, kv types, model metadata")
     i.add_argument("--model", "-m", help="also show this GGUF file's metadata")

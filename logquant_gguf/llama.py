@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,9 @@ from ._runtime import load_llama_cpp
 llama_cpp = load_llama_cpp()
 
 GGUF_MAGIC = b"GGUF"
+
+# The LogQuant settings are read when llama.cpp creates the context: set and create under one lock.
+_context_lock = threading.Lock()
 
 
 class ModelFileError(ValueError):
@@ -40,11 +44,14 @@ class Llama(llama_cpp.Llama):
 
     kv_type: one of `logquant_gguf.KV_TYPES` (default "f16"). It sets llama.cpp's type_k/type_v
     and turns flash attention on where the V cache is quantized (llama.cpp needs it then).
-    Every other argument and method is llama_cpp.Llama's.
+    logquant_window: W for the "logquant" and "q2_window" caches (default 32): the f16 tier holds
+    up to 3W tokens. Every other argument and method is llama_cpp.Llama's.
     """
 
-    def __init__(self, model_path: str, *, kv_type: str = kv_types.DEFAULT_KV_TYPE, **kwargs: Any):
+    def __init__(self, model_path: str, *, kv_type: str = kv_types.DEFAULT_KV_TYPE,
+                 logquant_window: int | None = None, **kwargs: Any):
         spec = kv_types.get(kv_type)
+        window = _check_window(spec, logquant_window)
         for key, want in (("type_k", spec.type_k), ("type_v", spec.type_v)):
             given = kwargs.pop(key, None)
             if given is not None and given != want:
@@ -58,7 +65,11 @@ class Llama(llama_cpp.Llama):
             kwargs["flash_attn"] = True
         path = check_model_file(model_path)
         try:
-            super().__init__(str(path), type_k=spec.type_k, type_v=spec.type_v, **kwargs)
+            with _context_lock:
+                if spec.is_logquant:
+                    n_ubatch = max(int(kwargs.get("n_batch", 512)), int(kwargs.get("n_ubatch", 512)))
+                    _capi.set_logquant_params(window, spec.policy, n_ubatch)
+                super().__init__(str(path), type_k=spec.type_k, type_v=spec.type_v, **kwargs)
         except ValueError as e:
             if "Failed to load model" in str(e):
                 raise ModelFileError(
@@ -67,25 +78,36 @@ class Llama(llama_cpp.Llama):
                     "(run with verbose=True for llama.cpp's reason)") from e
             raise
         self.kv_type = kv_type
+        self.logquant_window = window
+
+    def close(self) -> None:
+        if hasattr(self, "_stack"):  # absent when __init__ refused its arguments
+            super().close()
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state.pop("type_k", None)
         state.pop("type_v", None)
         state["kv_type"] = self.kv_type
+        state["logquant_window"] = self.logquant_window
         return state
 
     def save_state(self) -> llama_cpp.LlamaState:
         state = super().save_state()
-        state.kv_type = self.kv_type  # checked by load_state: llama.cpp's own error is opaque
+        # checked by load_state: llama.cpp's own error is opaque
+        state.kv_type = self.kv_type
+        state.logquant_window = self.logquant_window
         return state
 
     def load_state(self, state: llama_cpp.LlamaState) -> None:
-        saved = getattr(state, "kv_type", None)
-        if saved is not None and saved != self.kv_type:
+        saved = (getattr(state, "kv_type", None), getattr(state, "logquant_window", None))
+        if saved[0] is not None and saved != (self.kv_type, self.logquant_window):
+            def describe(kv: str, w: int | None) -> str:
+                return f"kv_type={kv!r}" + (f", logquant_window={w}" if w is not None else "")
             raise ValueError(
-                f"this state was saved with kv_type={saved!r}; this Llama uses "
-                f"kv_type={self.kv_type!r}. Load it into a Llama with kv_type={saved!r}.")
+                f"this state was saved with {describe(*saved)}; this Llama uses "
+                f"{describe(self.kv_type, self.logquant_window)}. Load it into a Llama with "
+                f"{describe(*saved)}.")
         super().load_state(state)
 
     def kv_stats(self) -> dict:
@@ -93,6 +115,11 @@ class Llama(llama_cpp.Llama):
         raw = _capi.kv_stats(ctypes.cast(self._ctx.ctx, ctypes.c_void_p).value)
         spec = kv_types.get(self.kv_type)
         n_ctx = self.n_ctx()
+        tiers = {}
+        if "logquant" in raw:
+            lq = raw["logquant"]
+            tiers = {"f16": {"tokens": lq["n_f16"], "bytes": lq["bytes_f16"]},
+                     "q2": {"tokens": lq["n_q2"], "bytes": lq["bytes_q2"]}}
         return {
             "kv_type": self.kv_type,
             "n_ctx": n_ctx,
@@ -101,5 +128,20 @@ class Llama(llama_cpp.Llama):
             "bytes_total": raw["bytes_total"],
             "bytes_per_token": raw["bytes_total"] / n_ctx if n_ctx else 0.0,
             "bits_per_value": spec.bits_per_value,
-            "tiers": {},
+            "logquant_window": self.logquant_window,
+            "tiers": tiers,
         }
+
+
+def _check_window(spec: kv_types.KVType, window: int | None) -> int | None:
+    if not spec.is_logquant:
+        if window is not None:
+            raise ValueError(f"logquant_window applies to the LogQuant kv_types "
+                             f"({', '.join(n for n, t in kv_types.KV_TYPES.items() if t.is_logquant)}),"
+                             f" not to kv_type={spec.name!r}")
+        return None
+    if window is None:
+        return kv_types.DEFAULT_WINDOW
+    if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= 65536:
+        raise ValueError(f"logquant_window must be an integer from 1 to 65536, got {window!r}")
+    return window

@@ -41,8 +41,9 @@ def patch_files() -> list[Path]:
 
 
 def series_digest() -> str:
-    """Identifies pin + patch series, so a build tree knows when it is stale."""
+    """Identifies pin + patch series + this script, so a build tree knows when it is stale."""
     h = hashlib.sha256(PIN_SHA256.encode())
+    h.update(Path(__file__).read_bytes())
     for p in patch_files():
         h.update(p.name.encode())
         h.update(p.read_bytes())
@@ -116,11 +117,17 @@ def git(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProces
 
 
 def apply_series(tree: Path) -> None:
+    # The tree may sit inside another git work tree (our build/ folder does): git apply would then
+    # patch relative to that repository and silently skip every path. The ceiling stops git from
+    # looking above the tree, so it applies like `patch -p1`.
+    env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(tree.parent))
     for p in patch_files():
-        r = subprocess.run(["git", "apply", "--whitespace=nowarn", str(p)], cwd=tree,
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            raise SourceError(f"patch {p.name} does not apply to the pinned llama.cpp:\n{r.stderr}")
+        for args in (["--whitespace=nowarn"], ["--check", "--reverse"]):  # apply, then prove it
+            r = subprocess.run(["git", "apply", *args, str(p)], cwd=tree, env=env,
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise SourceError(
+                    f"patch {p.name} does not apply to the pinned llama.cpp:\n{r.stderr}")
 
 
 def materialize(dest: Path, cache: Path) -> None:
@@ -129,13 +136,38 @@ def materialize(dest: Path, cache: Path) -> None:
     digest = series_digest()
     if stamp.exists() and stamp.read_text() == digest:
         return
-    if dest.exists():
-        shutil.rmtree(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    unpack_pristine(dest, cache)
-    apply_series(dest)
+    fresh = dest.with_name(dest.name + ".new")
+    if fresh.exists():
+        shutil.rmtree(fresh)
+    unpack_pristine(fresh, cache)
+    apply_series(fresh)
+    if dest.exists():
+        sync_tree(fresh, dest)
+        shutil.rmtree(fresh)
+    else:
+        fresh.rename(dest)
     stamp.write_text(digest)
     print(f"-- logquant: llama.cpp {PIN_VERSION} + {len(patch_files())} patches in {dest}", flush=True)
+
+
+def sync_tree(src: Path, dest: Path) -> None:
+    """Makes dest equal to src, rewriting only the files that differ, so that a patch change
+    recompiles what it touches instead of the whole of llama.cpp."""
+    want = {p.relative_to(src) for p in src.rglob("*") if p.is_file() or p.is_symlink()}
+    have = {p.relative_to(dest) for p in dest.rglob("*") if p.is_file() or p.is_symlink()}
+    for rel in have - want:
+        if rel.name != ".logquant-series":
+            (dest / rel).unlink()
+    for rel in want:
+        a, b = src / rel, dest / rel
+        if b.is_file() and not a.is_symlink() and a.stat().st_size == b.stat().st_size \
+                and a.read_bytes() == b.read_bytes():
+            continue
+        b.parent.mkdir(parents=True, exist_ok=True)
+        if b.exists() or b.is_symlink():
+            b.unlink()
+        shutil.copy2(a, b, follow_symlinks=False)
 
 
 def prepare(dest: Path, cache: Path) -> None:
@@ -144,7 +176,7 @@ def prepare(dest: Path, cache: Path) -> None:
         raise SourceError(f"{dest} exists; remove it first")
     dest.parent.mkdir(parents=True, exist_ok=True)
     unpack_pristine(dest, cache)
-    git("init", "-q", "-b", "pinned", cwd=dest)
+    git("init", "-q", "-b", "work", cwd=dest)
     git("add", "-A", "-f", cwd=dest)
     git("commit", "-q", "-m", f"llama.cpp from {PIN_PACKAGE} {PIN_VERSION}", cwd=dest)
     git("tag", "pinned", cwd=dest)
@@ -159,7 +191,7 @@ def prepare(dest: Path, cache: Path) -> None:
 def export(src: Path) -> None:
     """Writes the commits after tag 'pinned' back to patches/, replacing the series."""
     with tempfile.TemporaryDirectory() as tmp:
-        git("format-patch", "-q", "--zero-commit", "--no-signature", "--no-stat", "--full-index",
+        git("format-patch", "-q", "-N", "--zero-commit", "--no-signature", "--no-stat", "--full-index",
             "-o", tmp, "pinned..HEAD", cwd=src)
         for old in patch_files():
             old.unlink()

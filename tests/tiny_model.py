@@ -10,8 +10,11 @@ import numpy as np
 
 def write_tiny_llama(path: Path, *, n_embd: int = 64, n_head: int = 4, n_head_kv: int = 2,
                      head_dim: int = 64, n_layer: int = 2, n_ff: int = 128, n_ctx: int = 2048,
-                     seed: int = 0) -> Path:
-    """A llama-architecture model with a byte-level SPM vocabulary (259 tokens)."""
+                     qk_scale: float = 0.5, seed: int = 0) -> Path:
+    """A llama-architecture model with a byte-level SPM vocabulary (259 tokens).
+
+    qk_scale: spread of the Q/K projections; the default gives sharp attention (differences
+    between KV caches show), a small one soft attention (rounding differences stay small)."""
     rng = np.random.default_rng(seed)
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
     n_vocab = len(tokens)
@@ -51,8 +54,8 @@ def write_tiny_llama(path: Path, *, n_embd: int = 64, n_head: int = 4, n_head_kv
     t("output.weight", n_vocab, n_embd, scale=0.5)
     for i in range(n_layer):
         ones(f"blk.{i}.attn_norm.weight", n_embd)
-        t(f"blk.{i}.attn_q.weight", n_head * head_dim, n_embd, scale=0.5)
-        t(f"blk.{i}.attn_k.weight", n_head_kv * head_dim, n_embd, scale=0.5)
+        t(f"blk.{i}.attn_q.weight", n_head * head_dim, n_embd, scale=qk_scale)
+        t(f"blk.{i}.attn_k.weight", n_head_kv * head_dim, n_embd, scale=qk_scale)
         t(f"blk.{i}.attn_v.weight", n_head_kv * head_dim, n_embd, scale=0.5)
         t(f"blk.{i}.attn_output.weight", n_embd, n_head * head_dim, scale=0.1)
         ones(f"blk.{i}.ffn_norm.weight", n_embd)

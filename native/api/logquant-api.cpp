@@ -1,7 +1,11 @@
 #include "logquant.h"
 #include "logquant-build-info.h"
 
+#include "logquant-cache.h"
+
 #include "llama-context.h"
+#include "llama-kv-cache-iswa.h"
+#include "llama-kv-cache.h"
 #include "llama-memory.h"
 
 #include "ggml-backend.h"
@@ -23,6 +27,30 @@ extern "C" const char * logquant_build_info(void) {
     return info.c_str();
 }
 
+// The cache that a LogQuant context compresses: the full-attention one under iSWA.
+static const llama_kv_cache * main_kv_cache(const llama_memory_t mem) {
+    if (const auto * iswa = dynamic_cast<const llama_kv_cache_iswa *>(mem)) {
+        return iswa->get_base();
+    }
+    return dynamic_cast<const llama_kv_cache *>(mem);
+}
+
+extern "C" int64_t logquant_kv_f16_positions(const llama_context * ctx, int32_t * out, int64_t cap) {
+    const llama_kv_cache * kv = main_kv_cache(ctx->get_memory());
+    if (kv == nullptr || kv->get_logquant() == nullptr) {
+        return -1;
+    }
+    int64_t n = 0;
+    for (const auto & [pos, idx] : kv->get_cells(0).seq_pos_get(0)) {
+        (void) idx;
+        if (n < cap) {
+            out[n] = pos;
+        }
+        n++;
+    }
+    return n;
+}
+
 extern "C" int32_t logquant_kv_stats_get(const llama_context * ctx, logquant_kv_stats * out) {
     const llama_memory_t mem = ctx->get_memory();
     if (mem == nullptr) {
@@ -39,5 +67,29 @@ extern "C" int32_t logquant_kv_stats_get(const llama_context * ctx, logquant_kv_
             out->n_tokens += mem->seq_pos_max(s) - p0 + 1;
         }
     }
+    const llama_kv_cache * kv = main_kv_cache(mem);
+    if (kv != nullptr && kv->get_logquant() != nullptr) {
+        const logquant_cache & lq = *kv->get_logquant();
+        const logquant_tier_stats st = lq.stats(kv->get_cells(0), 0);
+        out->is_logquant = 1;
+        out->window      = lq.window();
+        out->policy      = lq.policy();
+        out->n_f16       = st.n_f16;
+        out->n_q2        = st.n_q2;
+        out->bytes_q2    = st.bytes_q2;
+        out->bytes_f16   = out->bytes_total - st.bytes_q2;
+    }
+    return 0;
+}
+
+extern "C" int32_t logquant_set_params(int32_t window, int32_t policy, int32_t n_ubatch) {
+    if (window < 1 || (policy != LOGQUANT_POLICY_LOG && policy != LOGQUANT_POLICY_WINDOW) || n_ubatch < 1) {
+        return -1;
+    }
+    logquant_settings s;
+    s.window   = window;
+    s.policy   = policy;
+    s.n_ubatch = n_ubatch;
+    logquant_settings_set(s);
     return 0;
 }

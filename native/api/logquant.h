@@ -14,15 +14,32 @@ extern "C" {
 // The string is static; do not free it.
 LLAMA_API const char * logquant_build_info(void);
 
+// LogQuant settings for contexts created after this call (kv_type lq2): window W (>= 1), policy
+// (0: LogQuant, 1: recent window only, the paper's baseline), the largest ubatch the f16 tier
+// must take at once. Returns 0, or -1 for a bad value (nothing changed).
+LLAMA_API int32_t logquant_set_params(int32_t window, int32_t policy, int32_t n_ubatch);
+
 // What a context's KV cache holds right now.
 struct logquant_kv_stats {
     int64_t bytes_total;   // every KV buffer of the context, all layers, all backends
     int32_t n_seq;         // sequences holding at least one token
     int32_t n_tokens;      // positions spanned (max - min + 1), summed over sequences
+    int32_t is_logquant;   // 1 when the cache is in LogQuant mode; the fields below are then set
+    int32_t window;
+    int32_t policy;
+    int64_t n_f16;         // tokens in the f16 tier
+    int64_t n_q2;          // tokens in the 2-bit tier
+    int64_t bytes_f16;     // bytes of f16 K/V (and of a sliding-window cache, if any)
+    int64_t bytes_q2;      // bytes of the 2-bit stores
 };
 
 // Returns 0 on success, -1 when the context has no KV cache.
 LLAMA_API int32_t logquant_kv_stats_get(const struct llama_context * ctx, struct logquant_kv_stats * out);
+
+// The positions of sequence 0 held in the LogQuant f16 tier, ascending: writes up to cap of them
+// to out and returns how many there are, or -1 when the cache is not in LogQuant mode.
+// (What the tests compare with a plain-Python model of the policy.)
+LLAMA_API int64_t logquant_kv_f16_positions(const struct llama_context * ctx, int32_t * out, int64_t cap);
 
 #ifdef __cplusplus
 }

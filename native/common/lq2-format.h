@@ -1,0 +1,230 @@
+// lq2-format.h: the two 2-bit KV formats of LogQuant, shared by the CPU, CUDA and Metal code.
+//
+// Every backend reads the same bytes and computes the same codes: the structs, the code packing
+// and the quantization arithmetic live here once. Plain C, compiled as C, C++, CUDA and Metal
+// (the macros below pick qualifiers and the few math functions per language).
+//
+// Formats (asymmetric min/max, 4 levels, f16 scale d and f16 minimum m per group):
+//   keys   (LQ2_TYPE_K32/K64/K128): one group = ONE CHANNEL across G tokens, stored BEFORE RoPE.
+//           Key channels carry large per-channel offsets; grouping across tokens removes them, and
+//           only before RoPE do the offsets stay put (RoPE would rotate them with the position).
+//           A key group of n_ch channels is n_ch blocks in channel order: block c holds channel c
+//           of the group's G tokens. 2 + 32/G bits per value.
+//   values (LQ2_TYPE_V64): one group = 64 consecutive channels of ONE token. 2.5 bits per value.
+//
+// Code packing inside a block of n codes: byte l (0 <= l < n/4) holds codes l, l + n/4, l + n/2,
+// l + 3n/4 at bit offsets 0, 2, 4, 6. One shift and mask of the n/4 bytes then yields n/4
+// CONSECUTIVE codes, which is what SIMD dequantization wants.
+//
+// Quantization of a group, all in f32 (so a numpy reference is bit exact):
+//   lo, hi = min, max over the FINITE values of the group (NaN and +-Inf are left out so they can
+//            not spoil the other values; a group without finite values gets lo = hi = 0)
+//   d = f16(sat((hi - lo) / 3)), m = f16(sat(lo))   (sat: clamp to +-65504, f16 rounds to nearest even)
+//   code = clamp(floor((x - m) / d + 0.5), 0, 3) with the f16-ROUNDED d and m; NaN -> 0,
+//          +Inf -> 3, -Inf -> 0; d == 0 (constant group) -> 0.
+//   dequantized value = d * code + m. d has 11 significant bits and code <= 3, so d * code is exact
+//   in f32 and the result has one rounding whether or not the compiler fuses it into an FMA.
+#pragma once
+
+#if defined(__METAL_VERSION__)
+#    include <metal_stdlib>
+#    define LQ2_INLINE static inline
+#    define LQ2_FLOOR(x) metal::floor(x)
+#    define LQ2_F32_BITS(x) as_type<uint32_t>(x)
+#    define LQ2_BITS_F32(u) as_type<float>(u)
+#elif defined(__CUDACC__)
+#    include <stdint.h>
+#    include <string.h>
+#    define LQ2_INLINE static __host__ __device__ __forceinline__
+#    define LQ2_FLOOR(x) floorf(x)
+#    define LQ2_F32_BITS(x) lq2_f32_bits_(x)
+#    define LQ2_BITS_F32(u) lq2_bits_f32_(u)
+#else
+#    include <stdint.h>
+#    include <string.h>
+#    include <math.h>
+#    define LQ2_INLINE static inline
+#    define LQ2_FLOOR(x) floorf(x)
+#    define LQ2_F32_BITS(x) lq2_f32_bits_(x)
+#    define LQ2_BITS_F32(u) lq2_bits_f32_(u)
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef uint16_t lq2_half; // raw IEEE binary16 bits; every backend converts with the functions below
+
+#define LQ2_QK_V        64  // values per value group (along head_dim)
+#define LQ2_G_DEFAULT   64  // tokens per key group
+#define LQ2_LEVELS      3   // largest code
+#define LQ2_HALF_MAX    65504.0f
+
+// A block: scale, minimum, n 2-bit codes. One macro so the four sizes cannot drift apart.
+#define LQ2_DECL_BLOCK(name, n) \
+    typedef struct {            \
+        lq2_half d;             \
+        lq2_half m;             \
+        uint8_t  qs[(n) / 4];   \
+    } name
+
+LQ2_DECL_BLOCK(block_lq2_k32,  32);
+LQ2_DECL_BLOCK(block_lq2_k64,  64);
+LQ2_DECL_BLOCK(block_lq2_k128, 128);
+LQ2_DECL_BLOCK(block_lq2_v64,  LQ2_QK_V);
+
+#define LQ2_BLOCK_BYTES(n) (2 * (int) sizeof(lq2_half) + (n) / 4)
+
+// Where code j of a block of n codes lives (see the packing note at the top).
+#define LQ2_CODE_BYTE(j, n)  ((j) % ((n) / 4))
+#define LQ2_CODE_SHIFT(j, n) (2 * ((j) / ((n) / 4)))
+
+#if defined(__cplusplus) && !defined(__METAL_VERSION__)
+static_assert(sizeof(block_lq2_k32)  == LQ2_BLOCK_BYTES(32),  "block_lq2_k32 must be packed");
+static_assert(sizeof(block_lq2_k64)  == LQ2_BLOCK_BYTES(64),  "block_lq2_k64 must be packed");
+static_assert(sizeof(block_lq2_k128) == LQ2_BLOCK_BYTES(128), "block_lq2_k128 must be packed");
+static_assert(sizeof(block_lq2_v64)  == LQ2_BLOCK_BYTES(64),  "block_lq2_v64 must be packed");
+#endif
+
+// ---- type traits: one row of facts per format; code that needs a size or a name reads it here.
+
+enum lq2_type {
+    LQ2_TYPE_K32  = 0,
+    LQ2_TYPE_K64  = 1,
+    LQ2_TYPE_K128 = 2,
+    LQ2_TYPE_V64  = 3,
+    LQ2_TYPE_COUNT,
+};
+
+enum lq2_axis {
+    LQ2_AXIS_TOKENS   = 0, // a group is one channel across `group` tokens (keys)
+    LQ2_AXIS_CHANNELS = 1, // a group is `group` channels of one token (values)
+};
+
+struct lq2_type_traits {
+    int32_t group;       // values per group (= per block)
+    int32_t block_bytes; // bytes per block
+    int32_t axis;        // enum lq2_axis
+    int32_t pre_rope;    // 1: keys stored before RoPE, re-rotated at their position on read
+    float   bits;        // bits per value, 8 * block_bytes / group
+#if !defined(__METAL_VERSION__)
+    const char * name;
+#endif
+};
+
+#if !defined(__METAL_VERSION__)
+// In enum order (C++ has no array designators); lq2_type_traits_check() in lq2-quants.c verifies it.
+static const struct lq2_type_traits lq2_traits[LQ2_TYPE_COUNT] = {
+    { 32,  LQ2_BLOCK_BYTES(32),  LQ2_AXIS_TOKENS,   1, 8.0f * LQ2_BLOCK_BYTES(32)  / 32,  "lq2_k32"  },
+    { 64,  LQ2_BLOCK_BYTES(64),  LQ2_AXIS_TOKENS,   1, 8.0f * LQ2_BLOCK_BYTES(64)  / 64,  "lq2_k64"  },
+    { 128, LQ2_BLOCK_BYTES(128), LQ2_AXIS_TOKENS,   1, 8.0f * LQ2_BLOCK_BYTES(128) / 128, "lq2_k128" },
+    { 64,  LQ2_BLOCK_BYTES(64),  LQ2_AXIS_CHANNELS, 0, 8.0f * LQ2_BLOCK_BYTES(64)  / 64,  "lq2_v64"  },
+};
+#endif
+
+// Key type for a group size (32, 64, 128); -1 for anything else.
+LQ2_INLINE int lq2_key_type(int g) {
+    return g == 32 ? LQ2_TYPE_K32 : g == 64 ? LQ2_TYPE_K64 : g == 128 ? LQ2_TYPE_K128 : -1;
+}
+
+// ---- f16 <-> f32 by integer arithmetic: exact, round to nearest even, no FPU mode dependence,
+// and the same code on every backend.
+
+#if !defined(__METAL_VERSION__)
+LQ2_INLINE uint32_t lq2_f32_bits_(float f) {
+#if defined(__CUDACC__) && defined(__CUDA_ARCH__)
+    return __float_as_uint(f);
+#else
+    uint32_t u; memcpy(&u, &f, sizeof(u)); return u;
+#endif
+}
+LQ2_INLINE float lq2_bits_f32_(uint32_t u) {
+#if defined(__CUDACC__) && defined(__CUDA_ARCH__)
+    return __uint_as_float(u);
+#else
+    float f; memcpy(&f, &u, sizeof(f)); return f;
+#endif
+}
+#endif
+
+LQ2_INLINE float lq2_fp16_to_fp32(lq2_half h) {
+    const uint32_t sign = (uint32_t) (h & 0x8000u) << 16;
+    const uint32_t e    = (h >> 10) & 0x1fu;
+    const uint32_t m    = h & 0x3ffu;
+    if (e == 0x1fu) {
+        return LQ2_BITS_F32(sign | 0x7f800000u | (m << 13));
+    }
+    if (e == 0) { // zero or subnormal: m * 2^-24 is exact in f32
+        const float v = (float) m * 5.9604644775390625e-8f;
+        return LQ2_BITS_F32(sign | LQ2_F32_BITS(v));
+    }
+    return LQ2_BITS_F32(sign | ((e + 112u) << 23) | (m << 13));
+}
+
+LQ2_INLINE lq2_half lq2_fp32_to_fp16(float f) {
+    const uint32_t x    = LQ2_F32_BITS(f);
+    const uint32_t sign = (x >> 16) & 0x8000u;
+    const uint32_t ax   = x & 0x7fffffffu;
+    if (ax >= 0x7f800000u) { // Inf, NaN (quiet)
+        return (lq2_half) (sign | (ax > 0x7f800000u ? 0x7e00u : 0x7c00u));
+    }
+    if (ax >= 0x477ff000u) { // >= 65520 rounds to Inf
+        return (lq2_half) (sign | 0x7c00u);
+    }
+    if (ax >= 0x38800000u) { // normal f16: rebias the exponent, round the 13 dropped bits
+        uint32_t r = ax - 0x38000000u;
+        r += 0x0fffu + ((r >> 13) & 1u);
+        return (lq2_half) (sign | (r >> 13));
+    }
+    if (ax < 0x33000000u) { // below 2^-25: rounds to zero (2^-25 itself ties to even zero)
+        return (lq2_half) sign;
+    }
+    // f16 subnormal: value in units of 2^-24 is mant >> (126 - exp), rounded to nearest even
+    const uint32_t e    = ax >> 23;
+    const uint32_t mant = (ax & 0x7fffffu) | 0x800000u;
+    const uint32_t s    = 126u - e; // 14..24
+    uint32_t       q    = mant >> s;
+    const uint32_t rem  = mant & ((1u << s) - 1u);
+    const uint32_t half = 1u << (s - 1u);
+    q += (rem > half || (rem == half && (q & 1u))) ? 1u : 0u;
+    return (lq2_half) (sign | q);
+}
+
+LQ2_INLINE int lq2_isfinite(float x) {
+    return (LQ2_F32_BITS(x) & 0x7f800000u) != 0x7f800000u;
+}
+
+// f16 rounding after clamping to the f16 range: scales and minima must stay finite.
+LQ2_INLINE lq2_half lq2_fp32_to_fp16_sat(float x) {
+    x = x > LQ2_HALF_MAX ? LQ2_HALF_MAX : x < -LQ2_HALF_MAX ? -LQ2_HALF_MAX : x;
+    return lq2_fp32_to_fp16(x);
+}
+
+// ---- quantization arithmetic (the part every backend must agree on bit for bit)
+
+// From the finite min/max of a group (lo > hi means "no finite value seen") to the stored d, m,
+// returned packed as d | m << 16 (no pointers: Metal would need address-space qualifiers).
+LQ2_INLINE uint32_t lq2_group_params(float lo, float hi) {
+    if (!(lo <= hi)) {
+        lo = 0.0f;
+        hi = 0.0f;
+    }
+    const lq2_half d = lq2_fp32_to_fp16_sat((hi - lo) / 3.0f);
+    const lq2_half m = lq2_fp32_to_fp16_sat(lo);
+    return (uint32_t) d | ((uint32_t) m << 16);
+}
+#define LQ2_PARAMS_D(p) ((lq2_half) ((p) & 0xffffu))
+#define LQ2_PARAMS_M(p) ((lq2_half) ((p) >> 16))
+
+// Code of x given the f16-rounded scale and minimum converted back to f32.
+LQ2_INLINE uint32_t lq2_code(float x, float d, float m) {
+    if (d == 0.0f) {
+        return 0;
+    }
+    const float v = LQ2_FLOOR((x - m) / d + 0.5f);
+    return v >= 3.0f ? 3u : v > 0.0f ? (uint32_t) v : 0u; // NaN fails both tests -> 0
+}
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,83 @@
+// lq2-attn.h: attention of one query token over LogQuant's two tiers in ONE pass.
+//
+// Tier A holds full-precision f16 keys (post-RoPE) and values; tier B holds 2-bit keys (pre-RoPE,
+// grouped per channel across G tokens, re-rotated here at each token's position) and 2-bit values
+// (per token). Both feed one online softmax, so the result equals softmax attention over the
+// union of the tokens: ggml's flash attention has no log-sum-exp output, so two separate calls
+// could not be merged exactly.
+//
+// Semantics follow ggml_flash_attn_ext for one query row: score = dot(q, k) * scale; with softcap
+// score = softcap * tanh(score / softcap); then score += slope(h) * mask[t] (ALiBi slope, 1 without
+// max_bias). Output [n_head][head_dim] f32, rows normalized; a row with every token masked (or no
+// tokens) is all zeros.
+#pragma once
+
+#include "../common/lq2-format.h"
+#include "lq2-rope.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define LQ2_ATTN_MAX_D 512
+
+struct lq2_attn_params {
+    int32_t head_dim;  // D, multiple of 64 (value groups), <= LQ2_ATTN_MAX_D
+    int32_t n_head;    // query heads
+    int32_t n_head_kv; // kv heads; query head h reads kv head h / (n_head / n_head_kv)
+    float   scale;
+    float   softcap;   // 0: off
+    float   max_bias;  // ALiBi, 0: off
+};
+
+// Full-precision tier: token t, kv head h: keys at (char *) k + t * nb_k + h * D * 2 (f16, post-RoPE),
+// values likewise with nb_v. mask: n floats (0 / -inf, or ALiBi distances), NULL = all visible.
+struct lq2_tier_f16 {
+    int64_t          n;
+    const lq2_half * k;
+    size_t           nb_k;
+    const lq2_half * v;
+    size_t           nb_v;
+    const float    * mask;
+};
+
+// 2-bit tier: n tokens in groups of G (the last group may be partial).
+// keys: group g at (char *) k + g * nb_kg: n_head_kv * D key blocks of G codes, channel c of kv
+//       head h is block h * D + c (pre-RoPE).
+// values: token t at (char *) v + t * nb_v: n_head_kv * D / 64 block_lq2_v64.
+// pos: n positions (for RoPE). rope_table: lq2_rope_table(rope, pos, n, G) computed once per step
+// and shared by every layer and head; NULL computes it per group here (slower).
+struct lq2_tier_q2 {
+    int64_t                n;
+    int32_t                G;
+    const void           * k;
+    size_t                 nb_kg;
+    const void           * v;
+    size_t                 nb_v;
+    const int32_t        * pos;
+    struct lq2_rope_params rope;
+    const float          * rope_table;
+    const float          * mask;
+};
+
+// Scratch bytes one thread needs.
+size_t lq2_attn_work_size(const struct lq2_attn_params * p, int G, int n_dims);
+
+// Query heads [ith * n_head / nth, (ith + 1) * n_head / nth): q and out are [n_head][D] f32.
+// Either tier may be NULL or empty. work: lq2_attn_work_size() bytes, private to the thread.
+// Returns 0, or -1 for unsupported parameters.
+int lq2_attn_heads(const struct lq2_attn_params * p, const float * q,
+                   const struct lq2_tier_f16 * a, const struct lq2_tier_q2 * b,
+                   float * out, int ith, int nth, void * work);
+
+// Same with the scalar code only (for tests; the dispatching version above uses AVX2 when built).
+int lq2_attn_heads_ref(const struct lq2_attn_params * p, const float * q,
+                       const struct lq2_tier_f16 * a, const struct lq2_tier_q2 * b,
+                       float * out, int ith, int nth, void * work);
+
+#ifdef __cplusplus
+}
+#endif

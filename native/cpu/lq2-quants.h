@@ -1,0 +1,45 @@
+// lq2-quants.h: CPU quantize / dequantize of the LogQuant 2-bit formats (see lq2-format.h).
+//
+// Every entry point has a scalar reference (`_ref`, always compiled: the tests compare against it)
+// and a dispatching version that takes the AVX2 path when this file was compiled with AVX2 + F16C
+// and without LQ2_FORCE_SCALAR. Both produce identical bytes and identical floats.
+#pragma once
+
+#include "../common/lq2-format.h"
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// 1 when the dispatching functions use AVX2 in this build.
+int lq2_cpu_has_avx2(void);
+
+// Checks lq2_traits[] against the block structs; 0 when consistent.
+int lq2_type_traits_check(void);
+
+// Values: one token's row of n channels (n % 64 == 0) <-> n / 64 blocks of block_lq2_v64.
+void lq2_quantize_v_row    (const float * x, void * y, int64_t n);
+void lq2_quantize_v_row_ref(const float * x, void * y, int64_t n);
+void lq2_dequantize_v_row    (const void * x, float * y, int64_t n);
+void lq2_dequantize_v_row_ref(const void * x, float * y, int64_t n);
+
+// Keys: one group of G tokens (G = 32, 64, 128) and n_ch channels, PRE-RoPE.
+// x: n_tok <= G token rows, row t at x + t * ldx (floats). Tokens n_tok..G-1 of a partial group are
+// absent: they do not take part in min/max and get code 0.
+// y: n_ch blocks of G codes (block_lq2_k32/64/128), block c = channel c.
+void lq2_quantize_k_group    (const float * x, int64_t ldx, int n_tok, int n_ch, int G, void * y);
+void lq2_quantize_k_group_ref(const float * x, int64_t ldx, int n_tok, int n_ch, int G, void * y);
+
+// Token-major dequantization of the first n_tok tokens: row t written to y + t * ldy.
+void lq2_dequantize_k_group(const void * x, int n_ch, int G, int n_tok, float * y, int64_t ldy);
+
+// Channel-major dequantization of all G tokens: y[c * G + t]. This is what attention uses: the
+// re-rotation and the dot products then run along tokens, 8 at a time.
+void lq2_dequantize_k_group_cm    (const void * x, int n_ch, int G, float * y);
+void lq2_dequantize_k_group_cm_ref(const void * x, int n_ch, int G, float * y);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,71 @@
+// lq2-rope.c: see lq2-rope.h for the rule and the cost choice.
+#include "lq2-rope.h"
+
+#include <math.h>
+
+// Angle per unit of position for pair i (the position multiplies it).
+static double rope_freq(const struct lq2_rope_params * p, int i) {
+    return (double) p->freq_scale * pow((double) p->freq_base, -2.0 * (double) i / (double) p->n_dims);
+}
+
+// Channels of pair i.
+static inline void rope_pair(const struct lq2_rope_params * p, int i, int * a, int * b) {
+    if (p->mode == LQ2_ROPE_NEOX) {
+        *a = i;
+        *b = i + p->n_dims / 2;
+    } else {
+        *a = 2 * i;
+        *b = 2 * i + 1;
+    }
+}
+
+void lq2_rope_rows(const struct lq2_rope_params * p, float * x, int head_dim, int n_head,
+                   int32_t pos, int inverse) {
+    const int   half = p->n_dims / 2;
+    const float ms   = p->attn_factor;
+    for (int i = 0; i < half; ++i) {
+        const double th = (double) pos * rope_freq(p, i);
+        const float  c = (float) cos(th), s = (float) sin(th);
+        int a, b;
+        rope_pair(p, i, &a, &b);
+        for (int h = 0; h < n_head; ++h) {
+            float * r = x + (int64_t) h * head_dim;
+            const float x0 = r[a], x1 = r[b];
+            if (inverse) { // R^T x / mscale
+                r[a] = (x0 * c + x1 * s) / ms;
+                r[b] = (x1 * c - x0 * s) / ms;
+            } else {
+                r[a] = (x0 * c - x1 * s) * ms;
+                r[b] = (x0 * s + x1 * c) * ms;
+            }
+        }
+    }
+}
+
+size_t lq2_rope_table_size(const struct lq2_rope_params * p, int64_t n, int G) {
+    return (size_t) ((n + G - 1) / G) * (size_t) p->n_dims * (size_t) G;
+}
+
+void lq2_rope_table(const struct lq2_rope_params * p, const int32_t * pos, int64_t n, int G,
+                    float * table) {
+    const int half = p->n_dims / 2;
+    const int64_t ng = (n + G - 1) / G;
+    for (int64_t g = 0; g < ng; ++g) {
+        float * tg = table + g * p->n_dims * G;
+        for (int i = 0; i < half; ++i) {
+            float * cs = tg + (int64_t) 2 * i * G;
+            const double f = rope_freq(p, i); // pow once per pair and group, not per token
+            for (int t = 0; t < G; ++t) {
+                const int64_t k = g * G + t;
+                if (k < n) {
+                    const double th = (double) pos[k] * f;
+                    cs[t]     = (float) cos(th) * p->attn_factor;
+                    cs[G + t] = (float) sin(th) * p->attn_factor;
+                } else {
+                    cs[t]     = 1.0f;
+                    cs[G + t] = 0.0f;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,56 @@
+// lq2-rope.h: RoPE for LogQuant's pre-RoPE 2-bit keys.
+//
+// The cache receives keys after RoPE (llama.cpp ropes them in the graph), un-rotates them with
+// their position before quantizing (lq2_rope_rows(..., inverse = 1)), and attention re-rotates the
+// dequantized keys at their position (lq2_rope_table + the attention kernel).
+//
+// Cost choice: re-rotate KEYS with a precomputed cos/sin table rather than rotate the query per
+// token. Rotating the query for every key would cost the same multiply-adds per (key, query head),
+// while a rotated key is shared by all n_head / n_head_kv query heads of its group. The sin/cos
+// values depend only on (position, frequency), not on layer or head, so one table per step serves
+// every layer and head: n_tok * n_dims / 2 sincos per step instead of per layer and head. The
+// 2-bit positions only change when tokens are demoted, so a cache may also keep the table and
+// append rows. The angle is computed in double precision (ggml accumulates it in f32; the
+// difference is < 1e-4 relative at position 1e5, far below the 2-bit quantization error).
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// Same values as GGML_ROPE_TYPE_NORMAL / GGML_ROPE_TYPE_NEOX.
+enum lq2_rope_mode {
+    LQ2_ROPE_NORMAL = 0, // rotates pairs (2i, 2i + 1)
+    LQ2_ROPE_NEOX   = 2, // rotates pairs (i, i + n_dims / 2)
+};
+
+// Rotation of pair i at position p: angle p * freq_scale * freq_base^(-2i / n_dims), result times
+// attn_factor (ggml's mscale). Dimensions n_dims..head_dim-1 pass through unchanged.
+// YaRN (ext_factor, beta_fast, beta_slow, n_ctx_orig) would extend this struct; it is not needed
+// by the models targeted now, so the angle above is the whole rule.
+struct lq2_rope_params {
+    int32_t mode;     // enum lq2_rope_mode
+    int32_t n_dims;   // even, <= head_dim
+    float freq_base;
+    float freq_scale;
+    float attn_factor;
+};
+
+// In place, n_head heads of head_dim floats each (one token's row), at position pos.
+// inverse = 0 applies RoPE, inverse = 1 undoes it.
+void lq2_rope_rows(const struct lq2_rope_params * p, float * x, int head_dim, int n_head,
+                   int32_t pos, int inverse);
+
+// Table for re-rotating 2-bit keys in attention: n tokens (positions pos[0..n)) in groups of G.
+// Group g occupies n_dims * G floats: for pair i, G cosines then G sines (times attn_factor),
+// token t of the group at index t; tokens of a partial last group past n get cos 1, sin 0.
+size_t lq2_rope_table_size(const struct lq2_rope_params * p, int64_t n, int G); // in floats
+void   lq2_rope_table(const struct lq2_rope_params * p, const int32_t * pos, int64_t n, int G,
+                      float * table);
+
+#ifdef __cplusplus
+}
+#endif

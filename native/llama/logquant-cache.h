@@ -1,0 +1,160 @@
+// logquant-cache.h: the LogQuant mode of llama_kv_cache (selected by type_k == GGML_TYPE_LQ2).
+//
+// llama_kv_cache keeps doing what it does for the full-precision tier: its cells and its f16 K/V
+// tensors hold the tokens LogQuant keeps in f16 (at most 3W) plus room for one ubatch. This class
+// owns the 2-bit tier beside it: per layer a key store (pre-RoPE, per channel, groups of G tokens)
+// and a value store (per token, groups of 64 channels), the slot -> position map, and the host-side
+// plan of which tokens leave the f16 tier in the current ubatch.
+//
+// Each ubatch: apply_ubatch places the new tokens in cells, then plan() applies the policy (a pure
+// function of the positions held, see logquant-policy.h) and frees the cells of the tokens that
+// leave the f16 tier, recording (cell, position, slot) for them. In the graph, per layer, the
+// demote op quantizes those rows into the 2-bit stores right after the new K/V rows are written,
+// and the attention op reads both tiers in one online-softmax pass. Both ops are ggml custom ops
+// that read this plan through their userdata: no per-step host copy of tensor data.
+//
+// Scope of this first version: one sequence, one stream, CPU backend. The cache refuses the
+// rest clearly (see logquant_cache::check_supported).
+#pragma once
+
+#include "lq2-rope.h"
+
+#include "ggml.h"
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+class  llama_kv_cells;
+struct llama_hparams;
+struct llama_model;
+class  llama_io_write_i;
+class  llama_io_read_i;
+
+enum logquant_policy_kind {
+    LOGQUANT_POLICY_LOG    = 0, // LogQuant: newest W..2W plus W log-spaced older tokens
+    LOGQUANT_POLICY_WINDOW = 1, // baseline: only the newest 3W tokens
+};
+
+// Settings read when a cache is created (C API logquant_set_params, or env for llama.cpp's tools).
+struct logquant_settings {
+    int32_t window   = 32;
+    int32_t policy   = LOGQUANT_POLICY_LOG;
+    int32_t n_ubatch = 512; // the largest ubatch the f16 tier must take at once
+};
+
+logquant_settings logquant_settings_current();
+void              logquant_settings_set(const logquant_settings & s);
+
+// Per-tier figures for the C API's statistics.
+struct logquant_tier_stats {
+    int64_t n_f16;     // tokens in the f16 tier
+    int64_t n_q2;      // tokens in the 2-bit tier (valid slots)
+    int64_t n_slots;   // 2-bit slots used, valid or freed by a truncation
+    int64_t bytes_f16; // f16 K/V bytes allocated
+    int64_t bytes_q2;  // 2-bit K/V bytes allocated
+};
+
+class logquant_cache {
+public:
+    static constexpr int G = 64; // tokens per key group: 2 + 32/64 = 2.5 bits per key value
+
+    // kv_size: cells the caller asked for (the context size); the 2-bit tier holds that many.
+    logquant_cache(const llama_model & model, const llama_hparams & hparams, uint32_t kv_size,
+                   uint32_t n_seq_max, bool unified);
+
+    // Empty when this model and setup can use LogQuant; else the reason, for the error message.
+    std::string check_supported(const llama_hparams & hparams, uint32_t n_seq_max, bool v_trans) const;
+
+    // How many f16 cells the full-precision tier needs (<= kv_size_requested).
+    uint32_t f16_cells(uint32_t kv_size_requested, uint32_t n_pad) const;
+
+    // Creates layer il's 2-bit tensors in ctx (allocated with the cache's other tensors).
+    void add_layer(ggml_context * ctx, int32_t il, uint32_t n_embd_k_gqa, uint32_t n_embd_v_gqa,
+                   uint32_t n_head_kv);
+
+    // find_slot asks first: can n more tokens be demoted if need be?
+    bool has_room(uint32_t n) const { return n_slots + (int64_t) n <= (int64_t) capacity; }
+
+    // After apply_ubatch placed a ubatch of n tokens at positions pos: decide demotions, free
+    // their cells. Returns false if the 2-bit tier is full.
+    bool plan(llama_kv_cells & cells, const int32_t * pos, uint32_t n);
+
+    // While a state is read back, its cells are placed as saved: no tier decisions then.
+    struct plan_pause {
+        logquant_cache * lq;
+        explicit plan_pause(logquant_cache * lq) : lq(lq) { if (lq) lq->planning = false; }
+        ~plan_pause() { if (lq) lq->planning = true; }
+    };
+    bool planning = true;
+
+    // seq_rm of positions [p0, p1) of the sequence. Returns false (nothing changed) when the
+    // policy would bring 2-bit tokens back to f16: their f16 values are gone, so the caller must
+    // re-evaluate (llama-cpp-python then re-evaluates the prompt; results equal a fresh run).
+    bool seq_rm(llama_kv_cells & cells, int32_t p0, int32_t p1);
+    void clear();
+
+    int32_t seq_pos_min(int32_t cells_min) const;
+    int32_t seq_pos_max(int32_t cells_max) const;
+
+    // prepare() in llama_kv_cache simulates all ubatches, then restores: snapshot / restore.
+    struct snapshot {
+        int64_t n_slots;
+        std::vector<int32_t> sorted;
+    };
+    snapshot save() const;
+    void     restore(const snapshot & s);
+
+    void state_write(llama_io_write_i & io) const;
+    bool state_read (llama_io_read_i  & io);
+
+    logquant_tier_stats stats(const llama_kv_cells & cells, int64_t bytes_f16) const;
+
+    // Graph: the demote node for layer il (after the new rows are written: k_written/v_written are
+    // the results of cpy_k/cpy_v), and the attention over both tiers. Returns [D*n_head, n_tokens].
+    ggml_tensor * build_demote(ggml_context * ctx, int32_t il, ggml_tensor * k_written, ggml_tensor * v_written);
+    ggml_tensor * build_attn(ggml_context * ctx, int32_t il, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v,
+                             ggml_tensor * kq_mask, ggml_tensor * demoted, float kq_scale, float max_bias,
+                             float softcap);
+
+    bool has_layer(int32_t il) const { return layer_of.count(il) > 0; }
+
+    int32_t window() const { return settings.window; }
+    int32_t policy() const { return settings.policy; }
+
+    // What the custom ops read (public for their callbacks; not an API).
+    struct layer {
+        int32_t       il;
+        ggml_tensor * k2;      // I8: groups of G tokens x n_embd_k_gqa key blocks (block_lq2_k64)
+        ggml_tensor * v2;      // I8: slots x n_embd_v_gqa / 64 value blocks (block_lq2_v64)
+        std::vector<float> staging; // pre-RoPE keys of the open (partial) group: G x n_embd_k_gqa
+        uint32_t n_embd_k_gqa;
+        uint32_t n_embd_v_gqa;
+        uint32_t n_head_kv;
+        logquant_cache * owner;
+        float kq_scale, max_bias, softcap; // set when the attention node is built
+    };
+    struct demotion {
+        uint32_t cell;
+        int32_t  pos;
+        int64_t  slot;
+    };
+
+    lq2_rope_params         rope;       // n_dims 0: keys stay post-RoPE (explicit fallback)
+    std::vector<int32_t>    slot_pos;   // slot -> position, -1 when freed by a truncation
+    std::vector<float>      rope_table; // lq2_rope_table layout, one block of n_dims * G per group
+    std::vector<demotion>   pending;    // this ubatch's demotions, in slot order
+    std::vector<int32_t>    ubatch_pos; // this ubatch's positions (the queries' causal limit)
+    int64_t                 n_slots = 0;
+    int64_t                 n_slots_table = 0; // rows of rope_table filled
+
+    void refresh_rope_table(); // fills rope_table for slots [n_slots_table, n_slots)
+
+private:
+    logquant_settings   settings;
+    uint32_t            capacity; // 2-bit slots
+    std::vector<int32_t> sorted;  // valid 2-bit positions, ascending
+    std::map<int32_t, size_t> layer_of;
+    std::vector<layer>  layers;
+};

@@ -1,0 +1,174 @@
+"""numpy reference of the LogQuant native core: 2-bit formats, RoPE, two-tier attention, policy.
+
+Written from the format description in native/common/lq2-format.h, not from the C code, so that
+agreement is evidence. Quantization is computed in float32 exactly as specified (bit exact with C);
+RoPE and attention in float64 (the C code is compared against them with a tolerance).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+QK_V = 64
+HALF_MAX = np.float32(65504.0)
+
+
+def block_bytes(n: int) -> int:
+    return 4 + n // 4
+
+
+# ---- 2-bit blocks
+
+def quantize_blocks(x: np.ndarray) -> np.ndarray:
+    """x float32 [..., n] (NaN marks absent values too) -> blocks uint8 [..., 4 + n/4]."""
+    x = np.asarray(x, dtype=np.float32)
+    n = x.shape[-1]
+    fin = np.isfinite(x)
+    lo = np.where(fin, x, np.float32(np.inf)).min(-1)
+    hi = np.where(fin, x, np.float32(-np.inf)).max(-1)
+    none = ~fin.any(-1)
+    lo = np.where(none, np.float32(0), lo).astype(np.float32)
+    hi = np.where(none, np.float32(0), hi).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        d = np.clip((hi - lo) / np.float32(3), -HALF_MAX, HALF_MAX).astype(np.float16)
+    m = np.clip(lo, -HALF_MAX, HALF_MAX).astype(np.float16)
+    df = d.astype(np.float32)[..., None]
+    mf = m.astype(np.float32)[..., None]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        v = np.floor((x - mf) / df + np.float32(0.5))
+    code = np.where(np.isnan(v), 0, np.clip(v, 0, 3))
+    code = np.where(df == 0, 0, code).astype(np.uint8)
+    nb = n // 4
+    qs = np.zeros(x.shape[:-1] + (nb,), dtype=np.uint8)
+    for k in range(4):
+        qs |= (code[..., k * nb:(k + 1) * nb] << (2 * k)).astype(np.uint8)
+    head = np.stack([d.view(np.uint16), m.view(np.uint16)], -1).astype("<u2").view(np.uint8)
+    return np.concatenate([head, qs], -1)
+
+
+def dequantize_blocks(b: np.ndarray, n: int) -> np.ndarray:
+    """blocks uint8 [..., 4 + n/4] -> float32 [..., n]."""
+    b = np.ascontiguousarray(b)
+    d = b[..., 0:2].copy().view("<f2")[..., 0].astype(np.float32)
+    m = b[..., 2:4].copy().view("<f2")[..., 0].astype(np.float32)
+    qs = b[..., 4:]
+    code = np.concatenate([(qs >> (2 * k)) & 3 for k in range(4)], -1).astype(np.float32)
+    assert code.shape[-1] == n
+    return d[..., None] * code + m[..., None]
+
+
+def quantize_v(x: np.ndarray) -> np.ndarray:
+    """rows float32 [..., n] -> [..., n/64, 20] value blocks."""
+    x = np.asarray(x, dtype=np.float32)
+    return quantize_blocks(x.reshape(x.shape[:-1] + (x.shape[-1] // QK_V, QK_V)))
+
+
+def dequantize_v(b: np.ndarray) -> np.ndarray:
+    y = dequantize_blocks(b, QK_V)
+    return y.reshape(y.shape[:-2] + (-1,))
+
+
+def quantize_k_group(x: np.ndarray, G: int) -> np.ndarray:
+    """x float32 [n_tok <= G, n_ch] (pre-RoPE) -> [n_ch, 4 + G/4]: channel c across the tokens."""
+    n_tok, n_ch = x.shape
+    pad = np.full((G, n_ch), np.nan, dtype=np.float32)
+    pad[:n_tok] = x
+    return quantize_blocks(pad.T)
+
+
+def dequantize_k_group(b: np.ndarray, G: int) -> np.ndarray:
+    """[n_ch, 4 + G/4] -> float32 [G, n_ch] (token-major)."""
+    return dequantize_blocks(b, G).T
+
+
+# ---- RoPE (float64)
+
+def rope_angles(pos: np.ndarray, n_dims: int, base: float, fscale: float) -> np.ndarray:
+    i = np.arange(n_dims // 2, dtype=np.float64)
+    return np.asarray(pos, dtype=np.float64)[..., None] * fscale * base ** (-2.0 * i / n_dims)
+
+
+def rope_pairs(mode: int, n_dims: int) -> tuple[np.ndarray, np.ndarray]:
+    i = np.arange(n_dims // 2)
+    return (i, i + n_dims // 2) if mode == 2 else (2 * i, 2 * i + 1)
+
+
+def rope(x: np.ndarray, pos: np.ndarray, mode: int, n_dims: int, base: float, fscale: float,
+         attn_factor: float = 1.0, inverse: bool = False) -> np.ndarray:
+    """x [n_tok, n_head, D], pos [n_tok] -> float64 rotated copy (or un-rotated with inverse)."""
+    y = np.array(x, dtype=np.float64)
+    th = rope_angles(pos, n_dims, base, fscale)[:, None, :]
+    c, s = np.cos(th), np.sin(th)
+    a, b = rope_pairs(mode, n_dims)
+    x0, x1 = y[..., a].copy(), y[..., b].copy()
+    if inverse:
+        y[..., a] = (x0 * c + x1 * s) / attn_factor
+        y[..., b] = (x1 * c - x0 * s) / attn_factor
+    else:
+        y[..., a] = (x0 * c - x1 * s) * attn_factor
+        y[..., b] = (x0 * s + x1 * c) * attn_factor
+    return y
+
+
+# ---- attention (float64)
+
+def alibi_slopes(n_head: int, max_bias: float) -> np.ndarray:
+    if max_bias <= 0:
+        return np.ones(n_head)
+    n2 = 1 << int(np.floor(np.log2(n_head)))
+    m0 = 2.0 ** (-max_bias / n2)
+    m1 = 2.0 ** (-(max_bias / 2.0) / n2)
+    h = np.arange(n_head)
+    return np.where(h < n2, m0 ** (h + 1), m1 ** (2 * (h - n2) + 1))
+
+
+def attention(q, ka, va, mask_a, kb_blocks, vb_blocks, pos_b, mask_b, *, G, n_head_kv, scale,
+              softcap, max_bias, rope_mode, n_dims, base, fscale, attn_factor=1.0):
+    """q [H, D] f32; tier A: ka, va [nA, Hkv, D] f16 post-RoPE; tier B: kb_blocks
+    [n_groups, Hkv * D, 4 + G/4], vb_blocks [nB, Hkv * D / 64, 20], pos_b [nB]. -> [H, D] f64."""
+    H, D = q.shape
+    nA, nB = len(ka), len(pos_b)
+    keys = [np.asarray(ka, dtype=np.float64).reshape(nA, n_head_kv, D)]
+    vals = [np.asarray(va, dtype=np.float64).reshape(nA, n_head_kv, D)]
+    if nB:
+        kpre = np.concatenate([dequantize_k_group(g, G) for g in kb_blocks], 0)[:nB]
+        kpre = kpre.reshape(nB, n_head_kv, D)
+        keys.append(rope(kpre, pos_b, rope_mode, n_dims, base, fscale, attn_factor))
+        vals.append(dequantize_v(vb_blocks).reshape(nB, n_head_kv, D).astype(np.float64))
+    k = np.concatenate(keys, 0)
+    v = np.concatenate(vals, 0)
+    mask = np.concatenate([np.zeros(nA) if mask_a is None else mask_a,
+                           np.zeros(nB) if mask_b is None else mask_b]).astype(np.float64)
+    slopes = alibi_slopes(H, max_bias)
+    out = np.zeros((H, D))
+    gq = H // n_head_kv
+    for h in range(H):
+        s = k[:, h // gq, :] @ q[h].astype(np.float64) * scale
+        if softcap:
+            s = softcap * np.tanh(s / softcap)
+        s = s + slopes[h] * mask
+        if len(s) == 0 or not np.isfinite(s).any():
+            continue
+        p = np.exp(s - s.max())
+        out[h] = (p @ v[:, h // gq, :]) / p.sum()
+    return out
+
+
+# ---- LogQuant policy: the decode rule of LOGQUANT.md, token by token
+
+class DecodeRule:
+    """The reference decode rule, fed one position at a time."""
+
+    def __init__(self, w: int):
+        self.w = w
+        self.local: list[int] = []
+        self.sparse: list[int] = []
+
+    def feed(self, p: int) -> None:
+        self.local.append(p)
+        if len(self.local) > 2 * self.w:
+            head = self.local[:self.w]
+            self.sparse = (self.sparse + head)[::2] if self.sparse else head
+            self.local = self.local[self.w:]
+
+    def full(self) -> list[int]:
+        return self.sparse + self.local

@@ -1,0 +1,170 @@
+"""RoPE helpers against float64, and the one-pass two-tier attention against a float64 reference
+(dequantize, re-rotate, softmax) over empty tiers, masked rows, group tails, GQA, head sizes
+64/128/256, softcap and ALiBi, thread splits, with and without a precomputed RoPE table."""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import lq2_reference as ref
+import numpy as np
+import pytest
+from lq2_ctypes import AttnParams, RopeParams, TierF16, TierQ2, ptr
+
+F16_BYTES = 2
+V_BLOCK = ref.block_bytes(ref.QK_V)
+
+
+@pytest.mark.parametrize("mode,n_dims,base,fscale,af", [
+    (0, 128, 10000.0, 1.0, 1.0), (2, 128, 1e6, 1.0, 1.0), (2, 64, 10000.0, 0.25, 1.0),
+    (0, 32, 500000.0, 1.0, 1.3)])
+def test_rope_rows_and_table(lib, mode, n_dims, base, fscale, af):
+    rng = np.random.default_rng(n_dims + mode)
+    D, H = 128, 3
+    rp = RopeParams(mode, n_dims, base, fscale, af)
+    for pos in (0, 1, 17, 4095, 100000):
+        x = rng.standard_normal((H, D)).astype(np.float32)
+        want = ref.rope(x[None], np.array([pos]), mode, n_dims, base, fscale, af)[0]
+        y = x.copy()
+        lib.lq2_rope_rows(ctypes.byref(rp), y, D, H, pos, 0)
+        np.testing.assert_allclose(y, want, rtol=0, atol=2e-6 * np.abs(want).max())
+        assert (y[:, n_dims:] == x[:, n_dims:]).all()  # dims past n_dims pass through
+        lib.lq2_rope_rows(ctypes.byref(rp), y, D, H, pos, 1)  # inverse undoes it
+        np.testing.assert_allclose(y, x, rtol=0, atol=4e-6 * np.abs(x).max())
+    G = 32
+    pos = np.sort(rng.choice(200000, 70, replace=False)).astype(np.int32)
+    size = lib.lq2_rope_table_size(ctypes.byref(rp), len(pos), G)
+    assert size == 3 * n_dims * G
+    tab = np.zeros(size, np.float32)
+    lib.lq2_rope_table(ctypes.byref(rp), pos.ctypes.data, len(pos), G, tab)
+    tab = tab.reshape(3, n_dims // 2, 2, G)
+    th = ref.rope_angles(pos, n_dims, base, fscale)  # [70, n_dims/2]
+    for t in range(len(pos)):
+        g, j = divmod(t, G)
+        np.testing.assert_allclose(tab[g, :, 0, j], np.cos(th[t]) * af, rtol=0, atol=2e-7 * af)
+        np.testing.assert_allclose(tab[g, :, 1, j], np.sin(th[t]) * af, rtol=0, atol=2e-7 * af)
+    assert (tab[2, :, 0, 70 - 64:] == 1).all() and (tab[2, :, 1, 70 - 64:] == 0).all()
+
+
+@dataclass
+class Case:
+    D: int
+    H: int
+    Hkv: int
+    nA: int
+    nB: int
+    G: int
+    mask: str = "random"  # none | random | all | a_all | first_group
+    softcap: float = 0.0
+    max_bias: float = 0.0
+    mode: int = 2
+    n_dims: int | None = None
+    base: float = 10000.0
+    fscale: float = 1.0
+
+
+CASES = [
+    Case(64, 4, 4, 37, 130, 64),
+    Case(128, 8, 2, 0, 3 * 32 + 5, 32, mode=0, n_dims=64, softcap=50.0),
+    Case(256, 6, 2, 70, 0, 64, max_bias=8.0),
+    Case(128, 14, 2, 129, 300, 128, max_bias=8.0, softcap=30.0, base=1e6),
+    Case(64, 4, 2, 10, 70, 64, mask="all"),
+    Case(64, 4, 2, 0, 0, 64),
+    Case(64, 2, 1, 1, 1, 32, mask="none"),
+    Case(128, 8, 8, 65, 40, 32, mask="a_all", fscale=0.25),
+    Case(256, 4, 1, 3, 200, 64, mask="first_group", mode=0),
+]
+
+
+def make(case: Case, seed: int):
+    rng = np.random.default_rng(seed)
+    D, H, Hkv, nA, nB, G = case.D, case.H, case.Hkv, case.nA, case.nB, case.G
+    n_dims = case.n_dims or D
+    q = rng.standard_normal((H, D)).astype(np.float32)
+    ka = rng.standard_normal((nA, Hkv, D)).astype(np.float16)
+    va = rng.standard_normal((nA, Hkv, D)).astype(np.float16)
+    # pre-RoPE keys with per-channel offsets, as real key channels have
+    kpre = (rng.standard_normal((nB, Hkv * D)) * 0.5 + rng.standard_normal(Hkv * D)).astype(np.float32)
+    vpre = rng.standard_normal((nB, Hkv * D)).astype(np.float32)
+    ng = -(-nB // G)
+    kb = np.zeros((ng, Hkv * D, ref.block_bytes(G)), np.uint8)
+    for g in range(ng):
+        kb[g] = ref.quantize_k_group(kpre[g * G:(g + 1) * G], G)
+    vb = ref.quantize_v(vpre) if nB else np.zeros((0, Hkv * D // 64, V_BLOCK), np.uint8)
+    pos_b = np.sort(rng.choice(5000, nB, replace=False)).astype(np.int32)
+    pos_a = 5000 + np.arange(nA)
+
+    def mask(n, pos):
+        if case.mask == "none":
+            return None
+        m = np.zeros(n, np.float32)
+        if case.max_bias > 0:  # ALiBi: llama.cpp puts -|distance| in the mask
+            m = -np.abs(pos - (5000 + nA)).astype(np.float32)
+        m[rng.random(n) < 0.3] = -np.inf
+        return m
+    ma, mb = mask(nA, pos_a), mask(nB, pos_b)
+    if case.mask == "all":
+        ma[:], mb[:] = -np.inf, -np.inf
+    if case.mask == "a_all":
+        ma[:] = -np.inf
+    if case.mask == "first_group":
+        mb[:G] = -np.inf
+    return {"q": q, "ka": ka, "va": va, "ma": ma, "kb": kb, "vb": vb, "pos_b": pos_b, "mb": mb,
+            "n_dims": n_dims}
+
+
+def run_c(lib, fn, case: Case, d, nth: int, table: bool) -> np.ndarray:
+    D, H, Hkv, G = case.D, case.H, case.Hkv, case.G
+    params = AttnParams(D, H, Hkv, 1.0 / np.sqrt(D), case.softcap, case.max_bias)
+    rope = RopeParams(case.mode, d["n_dims"], case.base, case.fscale, 1.0)
+    tab = None
+    if table and case.nB:
+        tab = np.zeros(lib.lq2_rope_table_size(ctypes.byref(rope), case.nB, G), np.float32)
+        lib.lq2_rope_table(ctypes.byref(rope), d["pos_b"].ctypes.data, case.nB, G, tab)
+    ta = TierF16(case.nA, ptr(d["ka"]), Hkv * D * F16_BYTES, ptr(d["va"]), Hkv * D * F16_BYTES, ptr(d["ma"]))
+    tb = TierQ2(case.nB, G, ptr(d["kb"]), Hkv * D * ref.block_bytes(G), ptr(d["vb"]),
+                Hkv * D // 64 * V_BLOCK, ptr(d["pos_b"]), rope, ptr(tab), ptr(d["mb"]))
+    out = np.full((H, D), np.nan, np.float32)
+    ws = lib.lq2_attn_work_size(ctypes.byref(params), G, d["n_dims"])
+    for ith in range(nth):
+        work = np.full(ws // 4 + 1, np.nan, np.float32)  # garbage scratch must not matter
+        assert fn(ctypes.byref(params), d["q"], ctypes.byref(ta), ctypes.byref(tb), out, ith, nth,
+                  work.ctypes.data) == 0
+    return out
+
+
+def reference(case: Case, d) -> np.ndarray:
+    return ref.attention(d["q"], d["ka"], d["va"], d["ma"], d["kb"], d["vb"], d["pos_b"], d["mb"],
+                         G=case.G, n_head_kv=case.Hkv, scale=1.0 / np.sqrt(case.D),
+                         softcap=case.softcap, max_bias=case.max_bias, rope_mode=case.mode,
+                         n_dims=d["n_dims"], base=case.base, fscale=case.fscale)
+
+
+@pytest.mark.parametrize("ci", range(len(CASES)))
+def test_attention_matches_float64(lib, ci):
+    case = CASES[ci]
+    d = make(case, 1000 + ci)
+    want = reference(case, d)
+    worst = 0.0
+    for fn in (lib.lq2_attn_heads, lib.lq2_attn_heads_ref):
+        for nth, table in ((1, True), (3, False)):
+            got = run_c(lib, fn, case, d, nth, table)
+            assert np.isfinite(got).all()
+            worst = max(worst, float(np.abs(got - want).max()))
+    assert worst <= 5e-6, worst
+    if case.mask == "all" or case.nA + case.nB == 0:
+        assert not want.any()
+    print(f"case {ci}: max |err| {worst:.2e}")
+
+
+def test_null_tiers_and_bad_params(lib):
+    params = AttnParams(64, 4, 2, 0.125, 0.0, 0.0)
+    q = np.ones((4, 64), np.float32)
+    out = np.full((4, 64), np.nan, np.float32)
+    work = np.zeros(lib.lq2_attn_work_size(ctypes.byref(params), 64, 64) // 4 + 1, np.float32)
+    assert lib.lq2_attn_heads(ctypes.byref(params), q, None, None, out, 0, 1, work.ctypes.data) == 0
+    assert not out.any()
+    bad = AttnParams(96, 4, 2, 0.125, 0.0, 0.0)  # head_dim not a multiple of the value group
+    assert lib.lq2_attn_heads(ctypes.byref(bad), q, None, None, out, 0, 1, work.ctypes.data) == -1
+    bad = AttnParams(64, 4, 3, 0.125, 0.0, 0.0)  # query heads not a multiple of kv heads
+    assert lib.lq2_attn_heads(ctypes.byref(bad), q, None, None, out, 0, 1, work.ctypes.data) == -1

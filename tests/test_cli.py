@@ -1,0 +1,61 @@
+"""The logquant-gguf command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+
+import logquant_gguf._runtime as rt
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    # cwd: away from the checkout, whose logquant_gguf/ source tree has no compiled lib/
+    return subprocess.run([sys.executable, "-m", "logquant_gguf", *args], cwd=tempfile.gettempdir(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_info_names_our_library_not_llama_cpp_pythons():
+    r = run_cli("info", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["library"] == str(rt.library_path())
+    assert "site-packages/llama_cpp/" not in info["library"]
+    assert "CPU" in info["build"]["backends"]
+    assert set(info["kv_types"]) >= {"f16", "q8_0", "q4_0", "q2_0"}
+
+
+def test_info_shows_the_patch_series_and_model_metadata(tiny_model):
+    r = run_cli("info", "--model", str(tiny_model))
+    assert r.returncode == 0, r.stderr
+    assert "0001-tools-accept-q2_0-as-a-KV-cache-type.patch" in r.stdout
+    assert "general.architecture = llama" in r.stdout
+
+
+def test_generate_streams_text(tiny_model):
+    r = run_cli("generate", "hello", "--model", str(tiny_model), "--kv-type", "q4_0",
+                "--max-tokens", "4", "--n-ctx", "256")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+
+
+def test_unknown_kv_type_on_the_command_line(tiny_model):
+    r = run_cli("generate", "hello", "--model", str(tiny_model), "--kv-type", "q3_nope")
+    assert r.returncode == 2
+    assert "invalid choice: 'q3_nope'" in r.stderr
+
+
+def test_missing_model_file_on_the_command_line(tmp_path):
+    r = run_cli("generate", "hello", "--model", str(tmp_path / "missing.gguf"))
+    assert r.returncode == 2
+    assert "model file not found" in r.stderr
+
+
+def test_python_api_runtime_is_ours():
+    import llama_cpp
+
+    import logquant_gguf  # noqa: F401
+
+    from pathlib import Path
+    assert Path(llama_cpp.llama_cpp._base_path).resolve() == rt.LIB_DIR
