@@ -8,27 +8,9 @@ import sys
 from typing import Optional, Sequence
 
 from . import highlevel, kv_types, models
+from ._args import add_model_args, model_kwargs
 from ._capi import build_info
 from ._runtime import library_path
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", help="GGUF file (default: Qwen2.5-Coder-0.5B-Instruct)")
-    p.add_argument("--kv-type", default=kv_types.DEFAULT_KV_TYPE, choices=list(kv_types.KV_TYPES),
-                   help="KV cache type (default: %(default)s)")
-    p.add_argument("--logquant-window", type=int, default=None, metavar="W",
-                   help="W for the logquant / q2_window caches (default: %d)" % kv_types.DEFAULT_WINDOW)
-    p.add_argument("--n-ctx", type=int, default=4096, help="context size (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: llama.cpp's)")
-    p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
-
-
-def model_kwargs(a: argparse.Namespace) -> dict:
-    """The optional Llama arguments the command line sets."""
-    extra = {"n_threads": a.threads} if a.threads else {}
-    if a.logquant_window is not None:
-        extra["logquant_window"] = a.logquant_window
-    return extra
 
 
 def _load(a: argparse.Namespace):
@@ -92,14 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="complete a prompt, streaming")
     g.add_argument("prompt")
-    _add_model_args(g)
+    add_model_args(g)
     g.add_argument("--max-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="interactive chat in the terminal (/help for commands)")
-    _add_model_args(c)
+    add_model_args(c)
     c.add_argument("--system", default=None, help="system prompt")
     c.add_argument("--max-tokens", type=int, default=512)
     c.add_argument("--temperature", type=float, default=0.7)

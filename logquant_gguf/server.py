@@ -26,7 +26,8 @@ from collections.abc import Awaitable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Callable
 
-from . import __version__, kv_types, models
+from . import __version__, models
+from ._args import add_model_args, model_kwargs
 from .llama import Llama
 
 try:  # the `server` extra; without it the CLI still lists `serve`, which then says what to install
@@ -297,15 +298,9 @@ def create_app(llm: Llama, *, model_alias: str | None = None, api_key: str | Non
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", help="GGUF file (default: Qwen2.5-Coder-0.5B-Instruct)")
+    add_model_args(p)
     p.add_argument("--model-alias", default=None,
                    help="model name clients use (default: the file name without .gguf)")
-    p.add_argument("--kv-type", default=kv_types.DEFAULT_KV_TYPE, choices=list(kv_types.KV_TYPES),
-                   help="KV cache type (default: %(default)s)")
-    p.add_argument("--logquant-window", type=int, default=None, metavar="W",
-                   help="W for the logquant / q2_window caches (default: %d)" % kv_types.DEFAULT_WINDOW)
-    p.add_argument("--n-ctx", type=int, default=4096, help="context size (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: llama.cpp's)")
     p.add_argument("--host", default=DEFAULT_HOST,
                    help="address to listen on (default: %(default)s, this machine only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="default: %(default)s")
@@ -314,7 +309,6 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    "the variable keeps the key out of the process list)")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="let web pages from ORIGIN call the API (repeatable; default: none)")
-    p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
 
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -334,8 +328,6 @@ def serve(args: argparse.Namespace) -> int:
         print(f"logquant-gguf serve: error: {e}", file=sys.stderr)
         return 2
     path = args.model or str(models.default_model_path())
-    from .cli import model_kwargs
-
     llm = Llama(path, kv_type=args.kv_type, n_ctx=args.n_ctx, verbose=args.verbose,
                 **model_kwargs(args))
     app = create_app(llm, model_alias=args.model_alias, api_key=args.api_key or None,

@@ -4,7 +4,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from tiny_model import write_tiny_llama
 
 HEAD_DIMS = (64, 128, 256)

@@ -53,9 +53,9 @@ def test_missing_model_file_on_the_command_line(tmp_path):
 
 
 def test_python_api_runtime_is_ours():
+    from pathlib import Path
+
     import llama_cpp
 
     import logquant_gguf  # noqa: F401
-
-    from pathlib import Path
     assert Path(llama_cpp.llama_cpp._base_path).resolve() == rt.LIB_DIR
