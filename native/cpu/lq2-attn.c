@@ -169,6 +169,69 @@ static void scores_cm(const float * q, const float * k, int D, int G, float * s,
     }
 }
 
+
+#if LQ2_AVX2
+// Fused 2-bit key dequantization + re-rotation of one kv head's key group, channel-major k[D][G]
+// (one pass instead of dequantize, then rotate). Same arithmetic as dequant + rope_cm: d * code + m
+// (exact), then x0 * c - x1 * s and x0 * s + x1 * c.
+static void dequant_rope_cm_avx2(const char * kg, int D, int G, const struct lq2_rope_params * rp,
+                                 const float * cs, float * k) {
+    const int kbs = LQ2_BLOCK_BYTES(G), nb = G / 4, half = rp->n_dims / 2;
+    const __m256i three = _mm256_set1_epi32(3);
+    for (int i = 0; i < half; ++i) {
+        const int a = rp->mode == LQ2_ROPE_NEOX ? i : 2 * i;
+        const int b = rp->mode == LQ2_ROPE_NEOX ? i + half : 2 * i + 1;
+        const uint8_t * ba = (const uint8_t *) kg + (int64_t) a * kbs;
+        const uint8_t * bb = (const uint8_t *) kg + (int64_t) b * kbs;
+        const __m256 da = _mm256_set1_ps(lq2_fp16_to_fp32(((const lq2_half *) ba)[0]));
+        const __m256 ma = _mm256_set1_ps(lq2_fp16_to_fp32(((const lq2_half *) ba)[1]));
+        const __m256 db = _mm256_set1_ps(lq2_fp16_to_fp32(((const lq2_half *) bb)[0]));
+        const __m256 mb = _mm256_set1_ps(lq2_fp16_to_fp32(((const lq2_half *) bb)[1]));
+        const float * c = cs + (int64_t) 2 * i * G;
+        const float * s = c + G;
+        float * ka = k + (int64_t) a * G;
+        float * kb = k + (int64_t) b * G;
+        for (int l = 0; l < nb; l += 8) {
+            const __m256i qa = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *) (ba + 4 + l)));
+            const __m256i qb = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *) (bb + 4 + l)));
+            for (int kk = 0; kk < 4; ++kk) {
+                const int t = kk * nb + l;
+                const __m256 x0 = _mm256_fmadd_ps(da, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(qa, 2 * kk), three)), ma);
+                const __m256 x1 = _mm256_fmadd_ps(db, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(qb, 2 * kk), three)), mb);
+                const __m256 vc = _mm256_loadu_ps(c + t), vs = _mm256_loadu_ps(s + t);
+                _mm256_storeu_ps(ka + t, _mm256_fmsub_ps(x0, vc, _mm256_mul_ps(x1, vs)));
+                _mm256_storeu_ps(kb + t, _mm256_fmadd_ps(x0, vs, _mm256_mul_ps(x1, vc)));
+            }
+        }
+    }
+    if (rp->n_dims < D) { // channels past n_dims pass through
+        lq2_dequantize_k_group_cm(kg + (int64_t) rp->n_dims * kbs, D - rp->n_dims, G, k + (int64_t) rp->n_dims * G);
+    }
+}
+
+// expf for x <= 0 (cephes polynomial, ~1 ulp); x below -87.3 (and -inf) gives 0.
+static inline __m256 exp256_neg(__m256 x) {
+    const __m256 lo   = _mm256_set1_ps(-87.33654f);
+    const __m256 zero = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(lo, x); // NaN stays NaN
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500E-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
+    const __m256 r2 = _mm256_mul_ps(r, r);
+    p = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    p = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    return _mm256_andnot_ps(zero, p);
+}
+#endif
+
 // ---- softmax pieces shared by both tiers
 
 struct head_ctx {
@@ -231,6 +294,80 @@ static void online_update(float * acc, float * M, float * S, const float * s, fl
     }
 }
 
+
+#if LQ2_AVX2
+// online_update with the exponentials 8 at a time and the running output in registers (64 channels
+// at a time) while the chunk's value rows stream from L1. Masked tokens (-inf) are skipped.
+static void online_update_avx2(float * acc, float * M, float * S, float * s, float mx, int n,
+                               const float * v, int D) {
+    if (mx == -INFINITY) {
+        return;
+    }
+    if (mx > *M) {
+        if (*M != -INFINITY) {
+            const float ms = expf(*M - mx);
+            *S *= ms;
+            scal(acc, ms, D);
+        }
+        *M = mx;
+    }
+    const __m256 vM = _mm256_set1_ps(*M);
+    __m256 vsum = _mm256_setzero_ps();
+    int t = 0;
+    for (; t + 8 <= n; t += 8) {
+        const __m256 pr = exp256_neg(_mm256_sub_ps(_mm256_loadu_ps(s + t), vM));
+        vsum = _mm256_add_ps(vsum, pr);
+        _mm256_storeu_ps(s + t, pr);
+    }
+    float sum = hsum8(vsum);
+    for (; t < n; ++t) {
+        const float pr = s[t] == -INFINITY ? 0.0f : expf(s[t] - *M);
+        sum += pr;
+        s[t] = pr;
+    }
+    *S += sum;
+    for (int d0 = 0; d0 < D; d0 += 64) {
+        float * ad = acc + d0;
+        __m256 a0 = _mm256_loadu_ps(ad),      a1 = _mm256_loadu_ps(ad + 8);
+        __m256 a2 = _mm256_loadu_ps(ad + 16), a3 = _mm256_loadu_ps(ad + 24);
+        __m256 a4 = _mm256_loadu_ps(ad + 32), a5 = _mm256_loadu_ps(ad + 40);
+        __m256 a6 = _mm256_loadu_ps(ad + 48), a7 = _mm256_loadu_ps(ad + 56);
+        for (int u = 0; u < n; ++u) {
+            if (s[u] == 0.0f) {
+                continue; // masked (or underflowed: adds nothing)
+            }
+            const __m256 p = _mm256_set1_ps(s[u]);
+            const float * vr = v + (int64_t) u * D + d0;
+            a0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr),      a0);
+            a1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8),  a1);
+            a2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 16), a2);
+            a3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 24), a3);
+            a4 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 32), a4);
+            a5 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 40), a5);
+            a6 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 48), a6);
+            a7 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 56), a7);
+        }
+        _mm256_storeu_ps(ad, a0);      _mm256_storeu_ps(ad + 8, a1);
+        _mm256_storeu_ps(ad + 16, a2); _mm256_storeu_ps(ad + 24, a3);
+        _mm256_storeu_ps(ad + 32, a4); _mm256_storeu_ps(ad + 40, a5);
+        _mm256_storeu_ps(ad + 48, a6); _mm256_storeu_ps(ad + 56, a7);
+    }
+}
+#endif
+
+// Scores of one chunk -> folded into the head's (M, S, acc).
+static void fold_chunk(const struct head_ctx * h, float * s, int n, const float * mask, float * acc,
+                       float * M, float * S, const float * v, int D, int simd) {
+    const float mx = finish_scores(h, s, n, mask);
+#if LQ2_AVX2
+    if (simd) {
+        online_update_avx2(acc, M, S, s, mx, n, v, D);
+        return;
+    }
+#endif
+    online_update(acc, M, S, s, mx, n, v, D, simd);
+}
+
 static int all_masked(const float * mask, int64_t n) {
     if (!mask) {
         return 0;
@@ -275,22 +412,23 @@ static int attn_core(const struct lq2_attn_params * p, const float * q,
     float * Sv = Mv + p->n_head;
 
     const int kbs = LQ2_BLOCK_BYTES(G);
-    for (int hk = h0 / gq; hk * gq < h1; ++hk) {
-        const int j0 = imax(h0, hk * gq);
-        const int j1 = h1 < (hk + 1) * gq ? h1 : (hk + 1) * gq;
-        for (int j = j0; j < j1; ++j) {
-            Mv[j] = -INFINITY;
-            Sv[j] = 0.0f;
-            memset(out + (int64_t) j * D, 0, (size_t) D * sizeof(float));
-        }
+    const int hk0 = h0 / gq, hk1 = h1 > h0 ? (h1 - 1) / gq + 1 : hk0; // kv heads [hk0, hk1)
+    for (int j = h0; j < h1; ++j) {
+        Mv[j] = -INFINITY;
+        Sv[j] = 0.0f;
+        memset(out + (int64_t) j * D, 0, (size_t) D * sizeof(float));
+    }
 
-        // tier A: f16, post-RoPE
-        for (int64_t t0 = 0; has_a && t0 < a->n; t0 += LQ2_ATTN_CHUNK) {
-            const int n = (int) (a->n - t0 < LQ2_ATTN_CHUNK ? a->n - t0 : LQ2_ATTN_CHUNK);
-            const float * mask = a->mask ? a->mask + t0 : NULL;
-            if (all_masked(mask, n)) {
-                continue;
-            }
+    // tier A: f16, post-RoPE
+    for (int64_t t0 = 0; has_a && t0 < a->n; t0 += LQ2_ATTN_CHUNK) {
+        const int n = (int) (a->n - t0 < LQ2_ATTN_CHUNK ? a->n - t0 : LQ2_ATTN_CHUNK);
+        const float * mask = a->mask ? a->mask + t0 : NULL;
+        if (all_masked(mask, n)) {
+            continue;
+        }
+        for (int hk = hk0; hk < hk1; ++hk) {
+            const int j0 = imax(h0, hk * gq);
+            const int j1 = h1 < (hk + 1) * gq ? h1 : (hk + 1) * gq;
             for (int t = 0; t < n; ++t) {
                 const char * kr = (const char *) a->k + (t0 + t) * a->nb_k + (size_t) hk * D * sizeof(lq2_half);
                 const char * vr = (const char *) a->v + (t0 + t) * a->nb_v + (size_t) hk * D * sizeof(lq2_half);
@@ -302,30 +440,37 @@ static int attn_core(const struct lq2_attn_params * p, const float * q,
                 for (int t = 0; t < n; ++t) {
                     sbuf[t] = dot(q + (int64_t) j * D, kbuf + (int64_t) t * D, D, simd);
                 }
-                const float mx = finish_scores(&h, sbuf, n, mask);
-                online_update(out + (int64_t) j * D, &Mv[j], &Sv[j], sbuf, mx, n, vbuf, D, simd);
+                fold_chunk(&h, sbuf, n, mask, out + (int64_t) j * D, &Mv[j], &Sv[j], vbuf, D, simd);
             }
         }
+    }
 
-        // tier B: 2-bit, keys re-rotated at their positions
-        const int64_t ng = has_b ? (b->n + G - 1) / G : 0;
-        for (int64_t g = 0; g < ng; ++g) {
-            const int n = (int) (b->n - g * G < G ? b->n - g * G : G);
-            const float * mask = b->mask ? b->mask + g * G : NULL;
-            if (all_masked(mask, n)) {
-                continue;
-            }
+    // tier B: 2-bit, keys re-rotated at their positions; groups outermost so that one group's
+    // cos/sin (table rows or computed) serve every kv head while they are in L1
+    const int64_t ng = has_b ? (b->n + G - 1) / G : 0;
+    for (int64_t g = 0; g < ng; ++g) {
+        const int n = (int) (b->n - g * G < G ? b->n - g * G : G);
+        const float * mask = b->mask ? b->mask + g * G : NULL;
+        if (all_masked(mask, n)) {
+            continue;
+        }
+        const float * cs = b->rope_table ? b->rope_table + g * (int64_t) n_dims * G : csbuf;
+        if (!b->rope_table) {
+            lq2_rope_table(&b->rope, b->pos + g * G, n, G, csbuf);
+        }
+        for (int hk = hk0; hk < hk1; ++hk) {
+            const int j0 = imax(h0, hk * gq);
+            const int j1 = h1 < (hk + 1) * gq ? h1 : (hk + 1) * gq;
             const char * kg = (const char *) b->k + g * b->nb_kg + (size_t) hk * D * kbs;
+#if LQ2_AVX2
             if (simd) {
-                lq2_dequantize_k_group_cm(kg, D, G, kbuf);
-            } else {
+                dequant_rope_cm_avx2(kg, D, G, &b->rope, cs, kbuf);
+            } else
+#endif
+            {
                 lq2_dequantize_k_group_cm_ref(kg, D, G, kbuf);
+                rope_cm(&b->rope, kbuf, cs, G, simd);
             }
-            const float * cs = b->rope_table ? b->rope_table + g * (int64_t) n_dims * G : csbuf;
-            if (!b->rope_table) {
-                lq2_rope_table(&b->rope, b->pos + g * G, n, G, csbuf);
-            }
-            rope_cm(&b->rope, kbuf, cs, G, simd);
             for (int t = 0; t < n; ++t) {
                 const char * vr = (const char *) b->v + (g * G + t) * b->nb_v +
                                   (size_t) hk * (D / LQ2_QK_V) * sizeof(block_lq2_v64);
@@ -338,14 +483,13 @@ static int attn_core(const struct lq2_attn_params * p, const float * q,
             for (int j = j0; j < j1; ++j) {
                 const struct head_ctx h = make_head_ctx(p, j);
                 scores_cm(q + (int64_t) j * D, kbuf, D, G, sbuf, simd);
-                const float mx = finish_scores(&h, sbuf, n, mask);
-                online_update(out + (int64_t) j * D, &Mv[j], &Sv[j], sbuf, mx, n, vbuf, D, simd);
+                fold_chunk(&h, sbuf, n, mask, out + (int64_t) j * D, &Mv[j], &Sv[j], vbuf, D, simd);
             }
         }
+    }
 
-        for (int j = j0; j < j1; ++j) {
-            scal(out + (int64_t) j * D, Sv[j] > 0.0f ? 1.0f / Sv[j] : 0.0f, D);
-        }
+    for (int j = h0; j < h1; ++j) {
+        scal(out + (int64_t) j * D, Sv[j] > 0.0f ? 1.0f / Sv[j] : 0.0f, D);
     }
     return 0;
 }
