@@ -1,4 +1,4 @@
-"""The `logquant-gguf` command: generate, chat, serve, info."""
+"""The `logquant-gguf` command: generate, chat, serve, info, bench."""
 
 from __future__ import annotations
 
@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .server import add_serve_parser
 
     add_serve_parser(sub)  # works without the server extra: `serve` then says what to install
+
+    from .bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub)  # logquant-gguf bench <part> ...: see docs/bench.md
 
     i = sub.add_parser("info", help="library path, build, kv types, model metadata")
     i.add_argument("--model", "-m", help="also show this GGUF file's metadata")

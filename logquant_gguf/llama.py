@@ -57,6 +57,10 @@ class Llama(llama_cpp.Llama):
             if given is not None and given != want:
                 raise ValueError(
                     f"{key}={given} conflicts with kv_type={kv_type!r}; pass kv_type only")
+        if spec.is_logquant:
+            # Sliding-window layers (Gemma 3) stay f16 under LogQuant; llama-cpp-python's default
+            # full-size SWA cache would give them n_ctx cells each and undo the savings.
+            kwargs.setdefault("swa_full", False)
         if spec.needs_flash_attn:
             if kwargs.get("flash_attn", True) is False:
                 raise ValueError(

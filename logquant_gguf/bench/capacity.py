@@ -1,0 +1,110 @@
+"""bench capacity: for a KV memory budget, the longest context and the most parallel sequences.
+
+Computed, not searched: from the KV bytes measured by `bench memory` (its memory.json for this
+model and device when present and covering the kv_types, otherwise measured here at a few sizes),
+a line bytes_total = fixed + per_token * n_ctx is fitted per kv_type. Longest context =
+(budget - fixed) / per_token; parallel sequences of length L = floor(longest / L) (llama.cpp's
+unified cache holds S sequences of L tokens in S * L cells). Each longest-context figure up to
+--verify-max is then checked by allocating that context and reading kv_stats().
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from tqdm import tqdm
+
+from . import memory, report
+from .core import BenchConfig, PartResult, int_list
+
+NAME = "capacity"
+HELP = "longest context and most parallel sequences per KV budget (from measured bytes/token)"
+MIB = 2**20
+PAD = 256  # llama.cpp rounds n_ctx up to a multiple of 256
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--budgets-mib", type=int_list, default=[256, 1024],
+                   help="KV memory budgets in MiB (default 256,1024)")
+    p.add_argument("--seq-lens", type=int_list, default=[4096, 16384],
+                   help="sequence lengths for the parallel-sequence count (default 4096,16384)")
+    p.add_argument("--verify-max", type=int, default=None,
+                   help="allocate and check predicted contexts up to this many tokens "
+                        "(default 65536; --quick 8192; 0: no check)")
+
+
+def _memory_rows(cfg: BenchConfig) -> tuple[list[dict], str]:
+    """memory.json's rows when it matches this model and covers the kv_types, else fresh ones."""
+    path = cfg.out_dir / "memory.json"
+    if path.exists():
+        doc = report.read_json(path)
+        rows = doc["results"]["rows"]
+        if (doc["model"]["sha256"] == cfg.model.info()["sha256"]
+                and set(cfg.kv_types) <= {r["kv_type"] for r in rows}):
+            return [r for r in rows if r["kv_type"] in cfg.kv_types], str(path)
+    rows, _ = memory.measure(cfg, cfg.pick([1024, 4096], [1024, 4096, 16384]))
+    return rows, "measured by this run"
+
+
+def plan(budget: int, fixed: float, per_token: float, seq_lens: list[int]) -> dict:
+    longest = int((budget - fixed) // per_token) if budget > fixed else 0
+    return {"max_ctx": longest, "max_ctx_padded": longest // PAD * PAD,
+            "parallel": {str(n): longest // n for n in seq_lens}}
+
+
+def verify(cfg: BenchConfig, kv: str, n_ctx: int, budget: int) -> dict:
+    s = cfg.session(kv, n_ctx)
+    try:
+        st = s.kv_stats()
+    finally:
+        s.close()
+    return {"n_ctx": st["n_ctx"], "bytes_total": st["bytes_total"],
+            "fits": st["bytes_total"] <= budget}
+
+
+def _markdown(cfg: BenchConfig, res: dict, seq_lens: list[int]) -> str:
+    rows = []
+    for b, per in res["budgets"].items():
+        base = per[cfg.baseline]["max_ctx"] or 1
+        for kv, r in per.items():
+            v = r.get("verified")
+            rows.append([f"{b} MiB", kv, r["max_ctx"], r["max_ctx"] / base,
+                         *[r["parallel"][str(n)] for n in seq_lens],
+                         "-" if v is None else f"{v['bytes_total'] / MIB:.1f} MiB, "
+                                               f"{'fits' if v['fits'] else 'OVER'}"])
+    t = report.table(["budget", "kv_type", "longest context", f"vs {cfg.baseline}",
+                      *[f"seqs x {n}" for n in seq_lens], "allocated at that n_ctx"], rows)
+    fits = report.table(["kv_type", "fixed bytes", "bytes/token"],
+                        [[kv, f["fixed"], f["per_token"]] for kv, f in res["fits"].items()])
+    train = res["n_ctx_train"]
+    return (f"Computed from measured KV bytes ({res['source']}): a line fitted per kv_type, "
+            f"then budget / bytes per token. Contexts above the model's trained "
+            f"{train} tokens fit in memory but are outside what the model was trained on. "
+            f"Only the KV cache counts here: weights and compute buffers are extra.\n\n{t}\n\n"
+            f"Fitted: bytes_total = fixed + bytes/token x n_ctx\n\n{fits}\n")
+
+
+def run(cfg: BenchConfig, args: argparse.Namespace) -> PartResult:
+    verify_max = args.verify_max if args.verify_max is not None else cfg.pick(8192, 65536)
+    rows, source = _memory_rows(cfg)
+    fits = {kv: dict(zip(("fixed", "per_token"), memory.fit(rows, kv))) for kv in cfg.kv_types}
+    budgets: dict = {}
+    jobs = [(b, kv) for b in args.budgets_mib for kv in cfg.kv_types]
+    for b, kv in tqdm(jobs, desc="capacity", unit="plan"):
+        r = plan(b * MIB, fits[kv]["fixed"], fits[kv]["per_token"], args.seq_lens)
+        if 0 < r["max_ctx_padded"] <= verify_max:
+            r["verified"] = verify(cfg, kv, r["max_ctx_padded"], b * MIB)
+        budgets.setdefault(b, {})[kv] = r
+    tok = cfg.tokenizer()
+    n_ctx_train = tok.n_ctx_train
+    tok.close()
+    res = {"source": source, "fits": fits, "budgets": budgets, "n_ctx_train": n_ctx_train}
+    figs = [report.bar_plot(cfg.out_dir / "capacity.png",
+                            f"longest context per KV budget, {cfg.model.slug}",
+                            [f"{b} MiB" for b in budgets],
+                            {kv: [budgets[b][kv]["max_ctx"] for b in budgets]
+                             for kv in cfg.kv_types}, "tokens", logy=True)]
+    return PartResult(settings={"budgets_mib": args.budgets_mib, "seq_lens": args.seq_lens,
+                                "verify_max": verify_max, "memory_rows": rows},
+                      results=res, markdown=_markdown(cfg, res, args.seq_lens),
+                      figures=[f for f in figs if f])

@@ -1,0 +1,185 @@
+"""`logquant-gguf bench`: a smoke run of every part on the tiny model (seconds each), checking
+the outputs' structure and the figures that must hold whatever the machine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from logquant_gguf import KV_TYPES, bench
+from logquant_gguf.bench import capacity, completion, env, memory, perplexity, report
+
+# The llama.cpp types every build has, in decreasing size; new types come on top.
+BASE_TYPES = [t for t in ("f16", "q8_0", "q4_0", "q2_0") if t in KV_TYPES]
+NEW_TYPES = [t for t in KV_TYPES if t not in BASE_TYPES]
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bench")
+
+
+def run_part(model: Path, out: Path, part: str, *args: str, kv: list[str] = BASE_TYPES) -> dict:
+    # one thread: a tiny model gains nothing from two, and a busy machine slows two a lot
+    argv = [part, "--model", str(model), "--out", str(out), "--kv-types", ",".join(kv),
+            "--threads", "1", *args]
+    assert bench.main(argv) == 0
+    d = out / "cpu" / model.stem.lower()
+    assert (d / f"{part}.md").is_file()
+    doc = json.loads((d / f"{part}.json").read_text())
+    assert doc["part"] == part and doc["device"] == "cpu"
+    assert doc["command"][:3] == ["logquant-gguf", "bench", part]
+    assert doc["model"]["sha256"] == env.sha256_file(str(model))
+    assert doc["machine"]["cores_logical"] >= 1 and doc["build"]["backends"]
+    return doc
+
+
+def pngs(doc: dict, model: Path, out: Path) -> list[Path]:
+    return sorted((out / "cpu" / model.stem.lower()).glob(f"{doc['part']}*.png"))
+
+
+def test_memory_bytes_follow_bits_and_agree_with_llama_cpp(tiny_model, out):
+    doc = run_part(tiny_model, out, "memory", "--ctx-sizes", "256,512")
+    rows = doc["results"]["rows"]
+    assert len(rows) == 2 * len(BASE_TYPES)
+    for r in rows:
+        assert r["log_agrees"], r
+        assert r["theory_ratio"] == pytest.approx(1.0)
+        assert r["bytes_total"] == r["bytes_per_token"] * r["n_ctx"]
+    summary = doc["results"]["summary"]
+    per_token = [summary[t]["bytes_per_token"] for t in BASE_TYPES]
+    assert per_token == sorted(per_token, reverse=True) and len(set(per_token)) == len(per_token)
+    for t in BASE_TYPES:  # no fixed part: the fitted line goes through 0
+        assert summary[t]["fixed_bytes"] == 0
+        assert summary[t]["marginal_bits_per_value"] == pytest.approx(KV_TYPES[t].bits_per_value)
+    if report.plots_available():
+        assert len(pngs(doc, tiny_model, out)) == 2
+
+
+def test_quality_f16_against_itself_is_exactly_zero_and_q2_0_is_not(tiny_model, out):
+    kv = ["f16"] + (["q2_0"] if "q2_0" in KV_TYPES else [])
+    doc = run_part(tiny_model, out, "quality", "--prompt-tokens", "128", "--steps", "8", kv=kv)
+    per = doc["results"]["per_type"]
+    assert per["f16"]["kl_mean"] == 0.0 and per["f16"]["kl_max"] == 0.0
+    assert per["f16"]["top1_agreement"] == 1.0
+    assert per["f16"]["ppl"] == pytest.approx(doc["results"]["baseline_ppl"])
+    if "q2_0" in per:
+        assert per["q2_0"]["kl_mean"] > 0
+        assert len(per["q2_0"]["per_step"]["kl"]) == 8
+    assert doc["texts"] and all(len(t["sha256"]) == 64 for t in doc["texts"])
+
+
+def test_speed_medians_and_same_run_ratios(tiny_model, out):
+    kv = ["f16", "q8_0", *NEW_TYPES]  # new types too: a cache that cannot roll back is timed
+    doc = run_part(tiny_model, out, "speed", "--depths", "0,64", "--pp", "8", "--tg", "2",
+                   "--reps", "3", kv=kv)
+    summary = doc["results"]["summary"]
+    assert set(summary) == {"0", "64"}
+    for per in summary.values():
+        assert per["f16"]["pp_vs_base"] == 1.0 and per["f16"]["tg_vs_base"] == 1.0
+        assert all(s["pp_tps"] > 0 and s["tg_tps"] > 0 and s["reps"] == 3 for s in per.values())
+    timed = [r for r in doc["results"]["rows"] if r["rep"] is not None]
+    assert len(timed) == 2 * 3 * len(kv)
+    assert [r["kv_type"] for r in timed[:len(kv) + 1]] == kv + [kv[1]]  # interleaved, rotated
+    f16 = [r["start"] for r in timed if r["kv_type"] == "f16"]
+    assert f16[3:] == [64, 74, 84]  # depth 64, then each repetition appends pp + tg
+
+
+def test_capacity_from_measured_bytes_fits_the_budget(tiny_model, out):
+    doc = run_part(tiny_model, out, "capacity", "--budgets-mib", "1", "--seq-lens", "256",
+                   "--verify-max", "65536")
+    assert doc["results"]["source"].endswith("memory.json")
+    per = doc["results"]["budgets"]["1"]
+    longest = [per[t]["max_ctx"] for t in BASE_TYPES]
+    assert longest == sorted(longest) and per["f16"]["max_ctx"] == 1024  # 1 MiB / 1 KiB
+    for r in per.values():
+        assert r["verified"]["fits"]
+        assert r["parallel"]["256"] == r["max_ctx"] // 256
+
+
+def test_passkey_rows_per_trial_and_kv_type(tiny_model, out):
+    doc = run_part(tiny_model, out, "passkey", "--lengths", "512", "--depths", "0.2,0.8",
+                   "--answer-tokens", "4", kv=["f16", "q8_0"])
+    rows = doc["results"]["rows"]
+    assert len(rows) == 4 and all(r["prompt_tokens"] == 512 for r in rows)
+    assert {r["key"] for r in rows if r["kv_type"] == "f16"} == \
+        {r["key"] for r in rows if r["kv_type"] == "q8_0"}
+    assert all(0 <= s["accuracy"] <= 1 for s in doc["results"]["summary"].values())
+
+
+def test_completion_baseline_matches_itself(tiny_model, out):
+    doc = run_part(tiny_model, out, "completion", "--prompts", "2", "--prompt-tokens", "64",
+                   "--gen-tokens", "6", kv=["f16", "q4_0"])
+    s = doc["results"]["summary"]
+    assert s["f16"]["token_match"] == 1.0 and s["f16"]["first_line_vs_base"] == 1.0
+    assert 0 <= s["q4_0"]["token_match"] <= 1
+    assert len(doc["results"]["per_prompt"]["q4_0"]) == 2
+
+
+def test_summary_collects_every_part_written(tiny_model, out):
+    assert bench.main(["summary", "--out", str(out)]) == 0
+    text = (out / "cpu" / "README.md").read_text()
+    slug = tiny_model.stem.lower()
+    for part in ("memory", "quality", "speed", "capacity", "passkey", "completion"):
+        assert f"## bench {part}: {tiny_model.name}" in text
+    if report.plots_available():
+        assert f"]({slug}/memory_total.png)" in text
+
+
+@pytest.mark.skipif(env.tool_path("llama-perplexity") is None,
+                    reason="this build has no llama-perplexity")
+def test_perplexity_tool_kld_of_f16_is_zero(tiny_model, out):
+    doc = run_part(tiny_model, out, "perplexity", "--ctx", "128", "--chunks", "2",
+                   kv=["f16", "q8_0"])
+    runs = doc["results"]["runs"]
+    assert runs["_base"]["returncode"] == 0, runs["_base"].get("output_tail")
+    assert runs["f16"]["stats"]["Mean KLD"] == pytest.approx(0.0, abs=1e-6)
+    assert runs["q8_0"]["stats"]["Mean KLD"] >= 0
+
+
+# -- units -----------------------------------------------------------------------------------
+def test_parse_stats_reads_llama_perplexity_summary():
+    text = ("Mean PPL(Q)                   :   6.123456 ±   0.100000\n"
+            "Mean    KLD:   0.012345 ±   0.000500\n99.0%   KLD:   0.200000\n"
+            "Same top p: 97.500 ± 0.300 %\nFinal estimate: PPL = 6.1000 +/- 0.10000\n")
+    s = perplexity.parse_stats(text)
+    assert s["Mean PPL(Q)"] == 6.123456 and s["Mean PPL(Q) unc"] == 0.1
+    assert s["Mean KLD"] == 0.012345 and s["99.0% KLD"] == 0.2 and s["Same top p"] == 97.5
+    assert s["Final PPL"] == 6.1
+
+
+def test_capacity_plan_and_fit():
+    rows = [{"kv_type": "x", "n_ctx": n, "bytes_total": 1000 + 10 * n} for n in (256, 512, 1024)]
+    fixed, per_token = memory.fit(rows, "x")
+    assert fixed == 1000 and per_token == pytest.approx(10)
+    p = capacity.plan(11000, fixed, per_token, [100, 2000])
+    assert p["max_ctx"] == 1000 and p["parallel"] == {"100": 10, "2000": 0}
+
+
+def test_completion_cut_after_def():
+    text = "import os\n\n\ndef f(x):\n    return x\n\ndef g():\n\n    pass\n"
+    assert completion.cut_after_def(text, 0) == ("import os\n\n\ndef f(x):\n", "    return x")
+    assert completion.cut_after_def(text, 30)[1] == "    pass"
+    assert completion.cut_after_def(text, 1000) is None
+    assert completion.compare([1, 2, 3, 4], [1, 2, 9, 4]) == {"token_match": 0.75,
+                                                               "common_prefix": 2}
+
+
+def test_tool_env_tells_the_logquant_policies_apart():
+    assert env.tool_env("f16") == {}
+    log, win = env.tool_env("logquant"), env.tool_env("q2_window")
+    assert log["LOGQUANT_POLICY"] == "log" and win["LOGQUANT_POLICY"] == "window"
+    assert log["LOGQUANT_WINDOW"] == win["LOGQUANT_WINDOW"]
+
+
+def test_cli_hook_parses_and_rejects_unknown_kv_type(tiny_model, tmp_path, capsys):
+    ap = argparse.ArgumentParser(prog="logquant-gguf")
+    bench.add_parser(ap.add_subparsers(dest="cmd", required=True))
+    a = ap.parse_args(["bench", "memory", "--kv-types", "f16", "--quick", "--ctx-sizes", "256"])
+    assert a.part == "memory" and a.quick and a.ctx_sizes == [256] and callable(a.func)
+    assert bench.main(["memory", "--model", str(tiny_model), "--out", str(tmp_path),
+                       "--kv-types", "f16,nope"]) == 2
+    assert "nope" in capsys.readouterr().err
