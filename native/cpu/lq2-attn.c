@@ -1,7 +1,9 @@
 // lq2-attn.c: one-pass two-tier attention (see lq2-attn.h).
 //
-// Loop order: kv head outermost, then chunks of tokens (64 f16 tokens, or one 2-bit key group),
-// then the query heads that share the kv head. A chunk's keys and values are converted to f32 once
+// Loop order: chunks of tokens (64 f16 tokens, or one 2-bit key group) outermost, then kv heads,
+// then the query heads that share the kv head (a group's cos/sin rows are read once for all kv
+// heads). AVX2 path: fused dequantize + re-rotate of the keys, scores for two query heads per pass,
+// vectorised finish (no softcap) and exp, running output kept in registers over a chunk. A chunk's keys and values are converted to f32 once
 // (f16 -> f32; or dequantized, and re-rotated for the 2-bit keys) and then read by every query
 // head of the GQA group, so dequantization and RoPE are paid once per kv head, not per query head.
 // 2-bit keys are dequantized channel-major ([D][G]): re-rotation and the dot products then run
@@ -32,7 +34,7 @@ size_t lq2_attn_work_size(const struct lq2_attn_params * p, int G, int n_dims) {
     const int nt = imax(G, LQ2_ATTN_CHUNK);
     const size_t floats = (size_t) nt * D    // keys: [T][D] f16 tier, [D][G] 2-bit tier
                         + (size_t) nt * D    // values [T][D]
-                        + (size_t) nt        // scores
+                        + (size_t) nt * p->n_head // scores (one row per query head)
                         + (size_t) n_dims * G // rope cos/sin of one group when no table is given
                         + 2 * (size_t) p->n_head; // M, S
     return floats * sizeof(float);
@@ -232,6 +234,30 @@ static inline __m256 exp256_neg(__m256 x) {
 }
 #endif
 
+#if LQ2_AVX2
+// scores_cm for two query heads at once: every key vector loaded feeds two FMAs.
+static void scores_cm2_avx2(const float * q0, const float * q1, const float * k, int D, int G,
+                            float * s0, float * s1) {
+    for (int t = 0; t < G; t += 32) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        for (int c = 0; c < D; ++c) {
+            const __m256 qa = _mm256_set1_ps(q0[c]), qb = _mm256_set1_ps(q1[c]);
+            const float * kc = k + (int64_t) c * G + t;
+            const __m256 k0 = _mm256_loadu_ps(kc), k1 = _mm256_loadu_ps(kc + 8);
+            const __m256 k2 = _mm256_loadu_ps(kc + 16), k3 = _mm256_loadu_ps(kc + 24);
+            a0 = _mm256_fmadd_ps(qa, k0, a0); b0 = _mm256_fmadd_ps(qb, k0, b0);
+            a1 = _mm256_fmadd_ps(qa, k1, a1); b1 = _mm256_fmadd_ps(qb, k1, b1);
+            a2 = _mm256_fmadd_ps(qa, k2, a2); b2 = _mm256_fmadd_ps(qb, k2, b2);
+            a3 = _mm256_fmadd_ps(qa, k3, a3); b3 = _mm256_fmadd_ps(qb, k3, b3);
+        }
+        _mm256_storeu_ps(s0 + t, a0); _mm256_storeu_ps(s0 + t + 8, a1);
+        _mm256_storeu_ps(s0 + t + 16, a2); _mm256_storeu_ps(s0 + t + 24, a3);
+        _mm256_storeu_ps(s1 + t, b0); _mm256_storeu_ps(s1 + t + 8, b1);
+        _mm256_storeu_ps(s1 + t + 16, b2); _mm256_storeu_ps(s1 + t + 24, b3);
+    }
+}
+#endif
+
 // ---- softmax pieces shared by both tiers
 
 struct head_ctx {
@@ -269,6 +295,36 @@ static float finish_scores(const struct head_ctx * h, float * s, int n, const fl
     }
     return mx;
 }
+
+#if LQ2_AVX2
+// finish_scores without softcap, 8 at a time (same roundings: s * scale, then + slope * mask).
+static float finish_scores_avx2(const struct head_ctx * h, float * s, int n, const float * mask) {
+    const __m256 vscale = _mm256_set1_ps(h->scale), vslope = _mm256_set1_ps(h->slope);
+    __m256 vmx = _mm256_set1_ps(-INFINITY);
+    int t = 0;
+    for (; t + 8 <= n; t += 8) {
+        __m256 v = _mm256_mul_ps(_mm256_loadu_ps(s + t), vscale);
+        if (mask) {
+            v = _mm256_add_ps(v, _mm256_mul_ps(vslope, _mm256_loadu_ps(mask + t)));
+        }
+        _mm256_storeu_ps(s + t, v);
+        vmx = _mm256_max_ps(v, vmx); // a NaN score is ignored, as in the scalar loop
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmx), _mm256_extractf128_ps(vmx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    float mx = _mm_cvtss_f32(m4);
+    for (; t < n; ++t) {
+        float v = s[t] * h->scale;
+        if (mask) {
+            v += h->slope * mask[t];
+        }
+        s[t] = v;
+        mx = v > mx ? v : mx;
+    }
+    return mx;
+}
+#endif
 
 // Online softmax: fold n scored tokens with values v[t * D] into (M, S, acc).
 static void online_update(float * acc, float * M, float * S, const float * s, float mx, int n,
@@ -358,13 +414,14 @@ static void online_update_avx2(float * acc, float * M, float * S, float * s, flo
 // Scores of one chunk -> folded into the head's (M, S, acc).
 static void fold_chunk(const struct head_ctx * h, float * s, int n, const float * mask, float * acc,
                        float * M, float * S, const float * v, int D, int simd) {
-    const float mx = finish_scores(h, s, n, mask);
 #if LQ2_AVX2
     if (simd) {
+        const float mx = h->softcap != 0.0f ? finish_scores(h, s, n, mask) : finish_scores_avx2(h, s, n, mask);
         online_update_avx2(acc, M, S, s, mx, n, v, D);
         return;
     }
 #endif
+    const float mx = finish_scores(h, s, n, mask);
     online_update(acc, M, S, s, mx, n, v, D, simd);
 }
 
@@ -407,7 +464,7 @@ static int attn_core(const struct lq2_attn_params * p, const float * q,
     float * kbuf = (float *) work;
     float * vbuf = kbuf + (size_t) nt * D;
     float * sbuf = vbuf + (size_t) nt * D;
-    float * csbuf = sbuf + nt;
+    float * csbuf = sbuf + (size_t) nt * p->n_head;
     float * Mv = csbuf + (size_t) n_dims * G;
     float * Sv = Mv + p->n_head;
 
@@ -480,10 +537,19 @@ static int attn_core(const struct lq2_attn_params * p, const float * q,
                     lq2_dequantize_v_row_ref(vr, vbuf + (int64_t) t * D, D);
                 }
             }
-            for (int j = j0; j < j1; ++j) {
+            int j = j0;
+#if LQ2_AVX2
+            for (; simd && j + 1 < j1; j += 2) { // two query heads per pass over the keys
+                scores_cm2_avx2(q + (int64_t) j * D, q + (int64_t) (j + 1) * D, kbuf, D, G,
+                                sbuf + (int64_t) j * nt, sbuf + (int64_t) (j + 1) * nt);
+            }
+#endif
+            for (; j < j1; ++j) {
+                scores_cm(q + (int64_t) j * D, kbuf, D, G, sbuf + (int64_t) j * nt, simd);
+            }
+            for (j = j0; j < j1; ++j) {
                 const struct head_ctx h = make_head_ctx(p, j);
-                scores_cm(q + (int64_t) j * D, kbuf, D, G, sbuf, simd);
-                fold_chunk(&h, sbuf, n, mask, out + (int64_t) j * D, &Mv[j], &Sv[j], vbuf, D, simd);
+                fold_chunk(&h, sbuf + (int64_t) j * nt, n, mask, out + (int64_t) j * D, &Mv[j], &Sv[j], vbuf, D, simd);
             }
         }
     }

@@ -73,6 +73,9 @@ CASES = [
     Case(64, 2, 1, 1, 1, 32, mask="none"),
     Case(128, 8, 8, 65, 40, 32, mask="a_all", fscale=0.25),
     Case(256, 4, 1, 3, 200, 64, mask="first_group", mode=0),
+    # the decode shape of Qwen2.5-0.5B (bench/kernels/attn_bench.c): many groups, 7 heads per kv head
+    Case(64, 14, 2, 96, 1000, 64, mask="none", base=1e6),
+    Case(64, 14, 2, 96, 1000, 64, max_bias=8.0, base=1e6),
 ]
 
 
