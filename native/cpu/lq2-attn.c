@@ -326,11 +326,11 @@ static float finish_scores_avx2(const struct head_ctx * h, float * s, int n, con
 }
 #endif
 
-// Online softmax: fold n scored tokens with values v[t * D] into (M, S, acc).
-static void online_update(float * acc, float * M, float * S, const float * s, float mx, int n,
-                          const float * v, int D, int simd) {
+// Online softmax, first step: raise the running max M to mx, rescaling S and acc to it.
+// Returns 0 when the chunk has nothing to fold (every score -inf).
+static int online_rescale(float * acc, float * M, float * S, float mx, int D) {
     if (mx == -INFINITY) {
-        return;
+        return 0;
     }
     if (mx > *M) {
         if (*M != -INFINITY) {
@@ -339,6 +339,15 @@ static void online_update(float * acc, float * M, float * S, const float * s, fl
             scal(acc, ms, D);
         }
         *M = mx;
+    }
+    return 1;
+}
+
+// Online softmax: fold n scored tokens with values v[t * D] into (M, S, acc).
+static void online_update(float * acc, float * M, float * S, const float * s, float mx, int n,
+                          const float * v, int D, int simd) {
+    if (!online_rescale(acc, M, S, mx, D)) {
+        return;
     }
     for (int t = 0; t < n; ++t) {
         if (s[t] == -INFINITY) {
@@ -356,16 +365,8 @@ static void online_update(float * acc, float * M, float * S, const float * s, fl
 // at a time) while the chunk's value rows stream from L1. Masked tokens (-inf) are skipped.
 static void online_update_avx2(float * acc, float * M, float * S, float * s, float mx, int n,
                                const float * v, int D) {
-    if (mx == -INFINITY) {
+    if (!online_rescale(acc, M, S, mx, D)) {
         return;
-    }
-    if (mx > *M) {
-        if (*M != -INFINITY) {
-            const float ms = expf(*M - mx);
-            *S *= ms;
-            scal(acc, ms, D);
-        }
-        *M = mx;
     }
     const __m256 vM = _mm256_set1_ps(*M);
     __m256 vsum = _mm256_setzero_ps();
