@@ -58,7 +58,7 @@ def main() -> None:
     tok = Llama(path, vocab_only=True, verbose=False)
     toks = tok.tokenize(text.encode())[: a.prompt + a.steps]
     base = run(path, "f16", toks, a.prompt, a.threads)
-    rows = []
+    rows: list[dict] = []
     for w in (int(x) for x in a.windows.split(",")):
         for kv in ("logquant", "q2_window"):
             r = run(path, kv, toks, a.prompt, a.threads, logquant_window=w)
@@ -71,7 +71,10 @@ def main() -> None:
                          "kl_median": float(np.median(kl)), "top1": float(top1),
                          "f16_tokens": f16_tokens, "bits_per_value_held": bits,
                          "prefill_s": r["prefill_s"], "decode_s_per_token": r["decode_s_per_token"]})
-            print(rows[-1], flush=True)
+            write(a, text, rows)  # after every row: a long sweep cut short keeps what it measured
+
+
+def write(a: argparse.Namespace, text: str, rows: list[dict]) -> None:
     out = a.out / a.model
     out.mkdir(parents=True, exist_ok=True)
     doc = {"model": a.model, "model_sha256": models.MODELS[a.model].sha256, "text": str(TEXT_FILE),
