@@ -13,6 +13,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache type (default: %(default)s)")
     p.add_argument("--logquant-window", type=int, default=None, metavar="W",
                    help="W for the logquant / q2_window caches (default: %d)" % kv_types.DEFAULT_WINDOW)
+    p.add_argument("--key-bits", type=int, default=None, choices=kv_types.CODE_BITS,
+                   help="code bits of the logquant / q2_window low-bit tier's keys (default: 2)")
+    p.add_argument("--value-bits", type=int, default=None, choices=kv_types.CODE_BITS,
+                   help="code bits of its values (default: 2)")
+    p.add_argument("--layer-bits", type=_layer_bits, default=None, metavar="L:K:V[,...]",
+                   help="per-layer code bits, e.g. 0:8:8 keeps layer 0 at 8-bit keys and values")
     p.add_argument("--n-ctx", type=int, default=4096, help="context size (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: llama.cpp's)")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
@@ -23,4 +29,15 @@ def model_kwargs(a: argparse.Namespace) -> dict:
     extra = {"n_threads": a.threads} if a.threads else {}
     if a.logquant_window is not None:
         extra["logquant_window"] = a.logquant_window
+    for opt, key in (("key_bits", "logquant_key_bits"), ("value_bits", "logquant_value_bits"),
+                     ("layer_bits", "logquant_layer_bits")):
+        if getattr(a, opt, None) is not None:
+            extra[key] = getattr(a, opt)
     return extra
+
+
+def _layer_bits(text: str) -> dict[int, tuple[int, int]]:
+    try:
+        return kv_types.parse_layer_bits(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

@@ -12,6 +12,10 @@ from ._runtime import library_path
 CDEF = """
 const char * logquant_build_info(void);
 int32_t logquant_set_params(int32_t window, int32_t policy, int32_t n_ubatch);
+int32_t logquant_set_key_format(int32_t key_group, int32_t keys_post_rope);
+int32_t logquant_set_bits(int32_t key_bits, int32_t value_bits, int32_t n_layers,
+                          const int32_t * layers, const int32_t * layer_key_bits,
+                          const int32_t * layer_value_bits);
 struct logquant_kv_stats {
     int64_t bytes_total;
     int32_t n_seq;
@@ -74,3 +78,15 @@ def set_logquant_params(window: int, policy: int, n_ubatch: int) -> None:
     if lib.logquant_set_params(window, policy, n_ubatch) != 0:
         raise ValueError(f"invalid LogQuant settings: window={window}, policy={policy}, "
                          f"n_ubatch={n_ubatch}")
+
+
+def set_logquant_bits(bits) -> None:
+    """The low-bit tier's format (a kv_types.LogQuantBits) for the next LogQuant context created
+    in this process."""
+    ffi, lib = _lib()
+    n = len(bits.layers)
+    cols = [ffi.new("int32_t[]", [row[i] for row in bits.layers] or [0]) for i in range(3)]
+    if lib.logquant_set_bits(bits.key, bits.value, n, *cols) != 0:
+        raise ValueError(f"invalid LogQuant code bits: {bits}")
+    if lib.logquant_set_key_format(bits.key_group, int(bits.keys_post_rope)) != 0:
+        raise ValueError(f"invalid LogQuant key format: {bits}")

@@ -15,7 +15,7 @@ def load(model_path: str | None = None, *, kv_type: str = "f16", n_ctx: int = 40
          verbose: bool = False, **kwargs: Any) -> Llama:
     """A Llama for model_path (the default model when None), kept for the next call."""
     path = str(model_path or models.default_model_path())
-    key = (path, kv_type, n_ctx, verbose, tuple(sorted(kwargs.items())))
+    key = (path, kv_type, n_ctx, verbose, repr(sorted(kwargs.items())))  # repr: dict values too
     if key not in _loaded:
         _loaded.clear()  # one model in memory at a time
         _loaded[key] = Llama(path, kv_type=kv_type, n_ctx=n_ctx, verbose=verbose, **kwargs)

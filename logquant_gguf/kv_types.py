@@ -67,3 +67,145 @@ def get(name: str) -> KVType:
     except (KeyError, TypeError):
         raise ValueError(
             f"unknown kv_type {name!r}; valid kv_types: {', '.join(KV_TYPES)}") from None
+
+
+CODE_BITS = (2, 4, 8)
+
+
+KEY_GROUPS = (32, 64, 128)
+
+
+@dataclass(frozen=True)
+class LogQuantBits:
+    """The low-bit tier's format: code bits of every layer and per-layer overrides (the precision
+    levers), and the key layout knobs of the format study (group size, before/after RoPE)."""
+
+    key: int = 2
+    value: int = 2
+    layers: tuple[tuple[int, int, int], ...] = ()  # (layer, key bits, value bits), sorted
+    key_group: int = 64
+    keys_post_rope: bool = False
+
+    @property
+    def is_default(self) -> bool:
+        return self == LogQuantBits()
+
+    def of(self, il: int) -> tuple[int, int]:
+        for layer, k, v in self.layers:
+            if layer == il:
+                return k, v
+        return self.key, self.value
+
+    def bits_per_value(self, n_layer: int) -> float:
+        """Storage of the low-bit tier per K or V value, scales included, averaged over layers."""
+        total = sum(k + 32 / self.key_group + v + 0.5 for k, v in map(self.of, range(n_layer)))
+        return total / (2 * n_layer) if n_layer else 0.0
+
+    def layer_dict(self) -> dict[int, tuple[int, int]]:
+        return {il: (k, v) for il, k, v in self.layers}
+
+    def as_dict(self) -> dict:
+        return {"key_bits": self.key, "value_bits": self.value,
+                "layer_bits": {str(il): [k, v] for il, k, v in self.layers},
+                "key_group": self.key_group, "keys_post_rope": self.keys_post_rope}
+
+    def __str__(self) -> str:
+        s = f"logquant_key_bits={self.key}, logquant_value_bits={self.value}"
+        s += f", logquant_layer_bits={self.layer_dict()}" if self.layers else ""
+        s += f", logquant_key_group={self.key_group}" if self.key_group != 64 else ""
+        return s + (", logquant_keys_post_rope=True" if self.keys_post_rope else "")
+
+
+def _check_code_bits(name: str, b: object) -> int:
+    if isinstance(b, bool) or not isinstance(b, int) or b not in CODE_BITS:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, CODE_BITS))}, got {b!r}")
+    return b
+
+
+def check_bits(spec: KVType, key_bits: int | None, value_bits: int | None,
+               layer_bits: dict[int, tuple[int, int]] | None, key_group: int | None = None,
+               keys_post_rope: bool | None = None) -> LogQuantBits | None:
+    """The LogQuant format settings, validated; None for a kv_type without a low-bit tier."""
+    given = [n for n, v in (("logquant_key_bits", key_bits), ("logquant_value_bits", value_bits),
+                            ("logquant_layer_bits", layer_bits), ("logquant_key_group", key_group),
+                            ("logquant_keys_post_rope", keys_post_rope)) if v is not None]
+    if not spec.is_logquant:
+        if given:
+            raise ValueError(f"{given[0]} applies to the LogQuant kv_types, not to kv_type={spec.name!r}")
+        return None
+    k = _check_code_bits("logquant_key_bits", 2 if key_bits is None else key_bits)
+    v = _check_code_bits("logquant_value_bits", 2 if value_bits is None else value_bits)
+    layers = []
+    if layer_bits is not None:
+        if not isinstance(layer_bits, dict):
+            raise ValueError("logquant_layer_bits must be a dict {layer: (key_bits, value_bits)}, "
+                             f"got {type(layer_bits).__name__}")
+        for il, kv in sorted(layer_bits.items(), key=lambda item: str(item[0])):
+            if isinstance(il, bool) or not isinstance(il, int) or il < 0:
+                raise ValueError(f"logquant_layer_bits: layer must be an integer >= 0, got {il!r}")
+            if not isinstance(kv, (tuple, list)) or len(kv) != 2:
+                raise ValueError(f"logquant_layer_bits[{il}] must be (key_bits, value_bits), got {kv!r}")
+            layers.append((il, _check_code_bits(f"logquant_layer_bits[{il}] key bits", kv[0]),
+                           _check_code_bits(f"logquant_layer_bits[{il}] value bits", kv[1])))
+    g = 64 if key_group is None else key_group
+    if isinstance(g, bool) or g not in KEY_GROUPS:
+        raise ValueError(f"logquant_key_group must be one of {', '.join(map(str, KEY_GROUPS))}, got {g!r}")
+    if g != 64 and any(b != 2 for b in [k] + [row[1] for row in layers]):
+        raise ValueError(f"logquant_key_group={g} needs 2-bit keys (4- and 8-bit keys come in groups of 64)")
+    if keys_post_rope is not None and not isinstance(keys_post_rope, bool):
+        raise ValueError(f"logquant_keys_post_rope must be True or False, got {keys_post_rope!r}")
+    return LogQuantBits(k, v, tuple(sorted(layers)), g, bool(keys_post_rope))
+
+
+def parse_layer_bits(text: str) -> dict[int, tuple[int, int]]:
+    """"0:8:8,5:4:2" (layer:key_bits:value_bits, the LOGQUANT_LAYER_BITS syntax) -> a dict."""
+    out: dict[int, tuple[int, int]] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        fields = part.split(":")
+        if len(fields) != 3 or not all(f.strip().isdigit() for f in fields):
+            raise ValueError(f"layer bits {part!r}: expected layer:key_bits:value_bits, e.g. 0:8:8")
+        il, k, v = (int(f) for f in fields)
+        out[il] = (k, v)
+    return out
+
+
+def layer_bits_text(layer_bits: dict[int, tuple[int, int]] | None) -> str:
+    return ",".join(f"{il}:{k}:{v}" for il, (k, v) in sorted((layer_bits or {}).items()))
+
+
+def parse_variant(name: str) -> tuple[str, dict]:
+    """A kv_type with LogQuant precision levers, as the bench and CLI name them ->
+    (kv_type, Llama keyword arguments). "logquant+k4" (4-bit keys), "logquant+v4",
+    "logquant+k4v4", "logquant+L0:8:8" (layer 0 with 8-bit keys and values), and the key layouts
+    of the format study: "+g32", "+g128" (tokens per key group), "+postrope"; modifiers combine:
+    "logquant+k4+L0:8:8+L1:4:4". A plain kv_type gives no arguments. (No commas: the bench
+    takes comma-separated lists of these.)"""
+    base, *mods = name.split("+")
+    spec = get(base)
+    kw: dict = {}
+    layers: dict[int, tuple[int, int]] = {}
+    for m in mods:
+        if m[:1] == "L":
+            if "," in m:
+                raise ValueError(f"{name!r}: one layer per L modifier (L0:8:8+L1:4:4)")
+            layers.update(parse_layer_bits(m[1:]))
+            continue
+        k, _, v = m.partition("v")
+        if m == "postrope":
+            kw["logquant_keys_post_rope"] = True
+        elif m[:1] == "g" and m[1:].isdigit():
+            kw["logquant_key_group"] = int(m[1:])
+        elif m[:1] == "v":
+            kw["logquant_value_bits"] = int(v) if v.isdigit() else v
+        elif k[:1] == "k" and k[1:].isdigit() and (not v or v.isdigit()):
+            kw["logquant_key_bits"] = int(k[1:])
+            if v:
+                kw["logquant_value_bits"] = int(v)
+        else:
+            raise ValueError(f"{name!r}: unknown modifier {m!r} (use k<bits>, v<bits>, k<bits>v<bits>, "
+                             "L<layer>:<key bits>:<value bits>)")
+    if layers:
+        kw["logquant_layer_bits"] = layers
+    check_bits(spec, kw.get("logquant_key_bits"), kw.get("logquant_value_bits"),
+               kw.get("logquant_layer_bits"), kw.get("logquant_key_group"), kw.get("logquant_keys_post_rope"))
+    return base, kw

@@ -45,13 +45,26 @@ class Llama(llama_cpp.Llama):
     kv_type: one of `logquant_gguf.KV_TYPES` (default "f16"). It sets llama.cpp's type_k/type_v
     and turns flash attention on where the V cache is quantized (llama.cpp needs it then).
     logquant_window: W for the "logquant" and "q2_window" caches (default 32): the f16 tier holds
-    up to 3W tokens. Every other argument and method is llama_cpp.Llama's.
+    up to 3W tokens.
+    logquant_key_bits, logquant_value_bits: code bits of those caches' low-bit tier, 2 (default),
+    4 or 8; logquant_layer_bits: per-layer overrides {layer: (key_bits, value_bits)}, e.g.
+    {0: (8, 8)} for a sensitive first layer. These are the precision levers: b-bit codes cost
+    b + 0.5 bits per value (see docs/levers.md for what they buy).
+    logquant_key_group (32, 64, 128) and logquant_keys_post_rope: the key layout knobs of the
+    format study (defaults 64 and False: groups of 64 tokens per channel, before RoPE).
+    Every other argument and method is llama_cpp.Llama's.
     """
 
     def __init__(self, model_path: str, *, kv_type: str = kv_types.DEFAULT_KV_TYPE,
-                 logquant_window: int | None = None, **kwargs: Any):
+                 logquant_window: int | None = None, logquant_key_bits: int | None = None,
+                 logquant_value_bits: int | None = None,
+                 logquant_layer_bits: dict[int, tuple[int, int]] | None = None,
+                 logquant_key_group: int | None = None, logquant_keys_post_rope: bool | None = None,
+                 **kwargs: Any):
         spec = kv_types.get(kv_type)
         window = _check_window(spec, logquant_window)
+        bits = kv_types.check_bits(spec, logquant_key_bits, logquant_value_bits, logquant_layer_bits,
+                                   logquant_key_group, logquant_keys_post_rope)
         for key, want in (("type_k", spec.type_k), ("type_v", spec.type_v)):
             given = kwargs.pop(key, None)
             if given is not None and given != want:
@@ -73,6 +86,7 @@ class Llama(llama_cpp.Llama):
                 if spec.is_logquant:
                     n_ubatch = max(int(kwargs.get("n_batch", 512)), int(kwargs.get("n_ubatch", 512)))
                     _capi.set_logquant_params(window, spec.policy, n_ubatch)
+                    _capi.set_logquant_bits(bits)
                 super().__init__(str(path), type_k=spec.type_k, type_v=spec.type_v, **kwargs)
         except ValueError as e:
             if "Failed to load model" in str(e):
@@ -83,6 +97,14 @@ class Llama(llama_cpp.Llama):
             raise
         self.kv_type = kv_type
         self.logquant_window = window
+        self.logquant_bits = bits
+        if bits is not None:
+            n_layer = self.n_layer()
+            far = [il for il, _, _ in bits.layers if il >= n_layer]
+            if far:
+                self.close()
+                raise ValueError(f"logquant_layer_bits names layer(s) {far}, but this model has "
+                                 f"{n_layer} layers (0..{n_layer - 1})")
 
     def close(self) -> None:
         if hasattr(self, "_stack"):  # absent when __init__ refused its arguments
@@ -94,6 +116,12 @@ class Llama(llama_cpp.Llama):
         state.pop("type_v", None)
         state["kv_type"] = self.kv_type
         state["logquant_window"] = self.logquant_window
+        if self.logquant_bits is not None:
+            state["logquant_key_bits"] = self.logquant_bits.key
+            state["logquant_value_bits"] = self.logquant_bits.value
+            state["logquant_layer_bits"] = self.logquant_bits.layer_dict()
+            state["logquant_key_group"] = self.logquant_bits.key_group
+            state["logquant_keys_post_rope"] = self.logquant_bits.keys_post_rope
         return state
 
     def save_state(self) -> llama_cpp.LlamaState:
@@ -101,18 +129,24 @@ class Llama(llama_cpp.Llama):
         # checked by load_state: llama.cpp's own error is opaque
         state.kv_type = self.kv_type
         state.logquant_window = self.logquant_window
+        state.logquant_bits = self.logquant_bits
         return state
 
     def load_state(self, state: llama_cpp.LlamaState) -> None:
-        saved = (getattr(state, "kv_type", None), getattr(state, "logquant_window", None))
-        if saved[0] is not None and saved != (self.kv_type, self.logquant_window):
-            def describe(kv: str, w: int | None) -> str:
-                return f"kv_type={kv!r}" + (f", logquant_window={w}" if w is not None else "")
+        saved = (getattr(state, "kv_type", None), getattr(state, "logquant_window", None),
+                 getattr(state, "logquant_bits", None))
+        if saved[0] is not None and saved != (self.kv_type, self.logquant_window, self.logquant_bits):
+            def describe(kv: str, w: int | None, b: kv_types.LogQuantBits | None) -> str:
+                return (f"kv_type={kv!r}" + (f", logquant_window={w}" if w is not None else "")
+                        + (f", {b}" if b is not None and not b.is_default else ""))
             raise ValueError(
                 f"this state was saved with {describe(*saved)}; this Llama uses "
-                f"{describe(self.kv_type, self.logquant_window)}. Load it into a Llama with "
-                f"{describe(*saved)}.")
+                f"{describe(self.kv_type, self.logquant_window, self.logquant_bits)}. "
+                f"Load it into a Llama with {describe(*saved)}.")
         super().load_state(state)
+
+    def n_layer(self) -> int:
+        return int(llama_cpp.llama_model_n_layer(self._model.model))
 
     def kv_stats(self) -> dict:
         """What the KV cache holds now: tokens, bytes in all, bytes per token."""
@@ -131,8 +165,10 @@ class Llama(llama_cpp.Llama):
             "sequences": raw["n_seq"],
             "bytes_total": raw["bytes_total"],
             "bytes_per_token": raw["bytes_total"] / n_ctx if n_ctx else 0.0,
-            "bits_per_value": spec.bits_per_value,
+            "bits_per_value": (spec.bits_per_value if self.logquant_bits is None
+                               else self.logquant_bits.bits_per_value(self.n_layer())),
             "logquant_window": self.logquant_window,
+            "logquant_bits": None if self.logquant_bits is None else self.logquant_bits.as_dict(),
             "tiers": tiers,
         }
 

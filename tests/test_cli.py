@@ -26,6 +26,16 @@ def test_info_names_our_library_not_llama_cpp_pythons():
     assert set(info["kv_types"]) >= {"f16", "q8_0", "q4_0", "q2_0"}
 
 
+def test_our_kernels_use_the_instruction_set_ggml_uses():
+    """When ggml's CPU backend was built with AVX2/FMA/F16C, so must our kernels be (they were
+    not once: libllama's unity build had merged them into a source without the flags)."""
+    from logquant_gguf import _capi
+
+    info = _capi.build_info()
+    ggml_avx2 = all(f"{f} = 1" in info["system_info"] for f in ("AVX2", "FMA", "F16C"))
+    assert info["logquant_cpu_kernels"] == ("avx2" if ggml_avx2 else "scalar"), info["system_info"]
+
+
 def test_info_shows_the_patch_series_and_model_metadata(tiny_model):
     r = run_cli("info", "--model", str(tiny_model))
     assert r.returncode == 0, r.stderr
@@ -44,6 +54,18 @@ def test_unknown_kv_type_on_the_command_line(tiny_model):
     r = run_cli("generate", "hello", "--model", str(tiny_model), "--kv-type", "q3_nope")
     assert r.returncode == 2
     assert "invalid choice: 'q3_nope'" in r.stderr
+
+
+def test_precision_levers_on_the_command_line(tiny_model):
+    r = run_cli("generate", "hello", "--model", str(tiny_model), "--kv-type", "logquant",
+                "--key-bits", "4", "--layer-bits", "0:8:8", "--max-tokens", "4", "--n-ctx", "256",
+                "--verbose")
+    assert r.returncode == 0, r.stderr
+    assert "bits K 4 V 2, layers il:K:V 0:8:8" in r.stderr  # the cache says what it was given
+    r = run_cli("generate", "hello", "--model", str(tiny_model), "--kv-type", "logquant",
+                "--layer-bits", "0:8")
+    assert r.returncode == 2
+    assert "expected layer:key_bits:value_bits" in r.stderr
 
 
 def test_missing_model_file_on_the_command_line(tmp_path):

@@ -15,12 +15,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import capacity, completion, memory, passkey, perplexity, quality, speed, summary
+from . import capacity, completion, levers, memory, passkey, perplexity, quality, speed, summary
 from .core import BenchConfig, run_part
 from .env import resolve_model, select_kv_types
 
 # The order `all` runs them in (capacity reads memory's results).
-PARTS = {m.NAME: m for m in (memory, quality, speed, capacity, perplexity, passkey, completion)}
+PARTS = {m.NAME: m for m in (memory, quality, speed, capacity, perplexity, passkey, completion,
+                              levers)}
 DEFAULT_OUT = Path("bench") / "results"
 
 

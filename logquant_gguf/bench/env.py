@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .. import KV_TYPES, build_info, models
 from .._runtime import BIN_DIR, LIB_DIR
-from ..kv_types import DEFAULT_WINDOW, POLICY_WINDOW
+from ..kv_types import DEFAULT_WINDOW, POLICY_WINDOW, layer_bits_text, parse_variant
 
 
 def _cpuinfo_field(field: str) -> str:
@@ -100,18 +100,28 @@ def select_kv_types(spec: str | None) -> list[str]:
     if not spec:
         return list(KV_TYPES)
     names = [s.strip() for s in spec.split(",") if s.strip()]
-    unknown = [n for n in names if n not in KV_TYPES]
+    unknown = [n for n in names if n.split("+")[0] not in KV_TYPES]
     if unknown:
         raise ValueError(f"unknown kv_type(s) {', '.join(unknown)}; this build offers "
                          f"{', '.join(KV_TYPES)}")
+    for n in names:
+        parse_variant(n)  # a bad lever modifier fails here, before any run
     return names
 
 
 def kv_type_info(names: list[str]) -> dict:
-    return {n: {"type_k": ggml_type_name(KV_TYPES[n].type_k),
-                "type_v": ggml_type_name(KV_TYPES[n].type_v),
-                "bits_per_value": KV_TYPES[n].bits_per_value,
-                "description": KV_TYPES[n].description} for n in names}
+    """Per kv_type (or lever variant such as "logquant+k4"): its ggml types and description;
+    a variant also gets its Llama arguments."""
+    out = {}
+    for n in names:
+        base, levers = parse_variant(n)
+        spec = KV_TYPES[base]
+        out[n] = {"type_k": ggml_type_name(spec.type_k), "type_v": ggml_type_name(spec.type_v),
+                  "bits_per_value": spec.bits_per_value, "description": spec.description}
+        if levers:
+            out[n]["levers"] = {k: ({str(il): list(b) for il, b in v.items()} if isinstance(v, dict) else v)
+                                for k, v in levers.items()}
+    return out
 
 
 @functools.cache
@@ -133,11 +143,17 @@ def ggml_type_name(type_id: int) -> str:
 def tool_env(kv: str) -> dict[str, str]:
     """Environment for llama.cpp's tools measuring kv: they select the LogQuant cache with
     -ctk lq2, and its policy and window only through LOGQUANT_POLICY / LOGQUANT_WINDOW."""
-    spec = KV_TYPES[kv]
+    base, levers = parse_variant(kv)
+    spec = KV_TYPES[base]
     if not spec.is_logquant:
         return {}
     return {"LOGQUANT_POLICY": "window" if spec.policy == POLICY_WINDOW else "log",
-            "LOGQUANT_WINDOW": str(DEFAULT_WINDOW)}
+            "LOGQUANT_WINDOW": str(DEFAULT_WINDOW),
+            "LOGQUANT_KEY_BITS": str(levers.get("logquant_key_bits", 2)),
+            "LOGQUANT_VALUE_BITS": str(levers.get("logquant_value_bits", 2)),
+            "LOGQUANT_LAYER_BITS": layer_bits_text(levers.get("logquant_layer_bits")),
+            "LOGQUANT_KEY_GROUP": str(levers.get("logquant_key_group", 64)),
+            "LOGQUANT_KEYS_POST_ROPE": str(int(levers.get("logquant_keys_post_rope", False)))}
 
 
 def tool_path(name: str) -> Path | None:

@@ -13,7 +13,6 @@ from collections.abc import Mapping
 import numpy as np
 from tqdm import tqdm
 
-from .. import KV_TYPES
 from . import report
 from .core import BenchConfig, PartResult, int_list
 
@@ -66,7 +65,7 @@ def measure(cfg: BenchConfig, ctx_sizes: list[int]) -> tuple[list[dict], dict]:
             log_sizes = s.log_kv_sizes()
         finally:
             s.close()
-        theory = theory_bytes_per_token(geom, KV_TYPES[kv].bits_per_value) * st["n_ctx"]
+        theory = theory_bytes_per_token(geom, st["bits_per_value"]) * st["n_ctx"]
         log_bytes = sum(log_sizes) if log_sizes else None
         rows.append({
             "kv_type": kv, "n_ctx_requested": n_ctx, "n_ctx": st["n_ctx"],
@@ -78,6 +77,7 @@ def measure(cfg: BenchConfig, ctx_sizes: list[int]) -> tuple[list[dict], dict]:
             "bits_per_value_measured": st["bytes_per_token"] * 8 / (
                 geom["layers"] * geom["kv_heads"] * (geom["k_len"] + geom["v_len"])),
             "tiers": st.get("tiers", {}),
+            "bits_per_value_declared": st["bits_per_value"],
         })
     return rows, geom
 
@@ -105,7 +105,7 @@ def _summary(cfg: BenchConfig, rows: list[dict], geom: dict) -> dict:
         mine = [x for x in rows if x["kv_type"] == kv]
         out[kv] = {"n_ctx": r["n_ctx"], "bytes_per_token": r["bytes_per_token"],
                    "bits_per_value_measured": r["bits_per_value_measured"],
-                   "bits_per_value_declared": KV_TYPES[kv].bits_per_value,
+                   "bits_per_value_declared": r["bits_per_value_declared"],
                    "fixed_bytes": fixed, "marginal_bytes_per_token": marginal,
                    "marginal_bits_per_value": marginal * 8 / values_per_token,
                    "vs_baseline": r["bytes_per_token"] / base,

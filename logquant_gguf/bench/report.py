@@ -117,3 +117,23 @@ def bar_plot(path: Path, title: str, groups: Sequence[str], bars: Mapping[str, S
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def scatter_plot(path: Path, title: str, points: Mapping[str, tuple[float, float]], xlabel: str,
+                 ylabel: str, logy: bool = False) -> Path | None:
+    """Labelled points {label: (x, y)}: a price/quality chart. None (and no file) without matplotlib."""
+    if not plots_available():
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    for label, (x, y) in points.items():
+        ax.scatter([x], [y])
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    if logy:
+        ax.set_yscale("log")
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

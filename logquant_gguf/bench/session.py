@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .. import Llama
+from ..kv_types import parse_variant
 from ..llama import llama_cpp
 
 # llama.cpp's log, one line per KV cache it creates (two for iSWA models).
@@ -38,8 +39,9 @@ class Session:
                  device: str = "cpu", n_batch: int = 512, capture_log: bool = False,
                  **kwargs: Any):
         buf = io.StringIO()
+        base, levers = parse_variant(kv_type)  # "logquant+k4": a kv_type with precision levers
         with contextlib.redirect_stderr(buf) if capture_log else contextlib.nullcontext():
-            self.llm = Llama(str(model_path), kv_type=kv_type, n_ctx=n_ctx, n_batch=n_batch,
+            self.llm = Llama(str(model_path), kv_type=base, n_ctx=n_ctx, n_batch=n_batch, **levers,
                              n_ubatch=n_batch, n_threads=threads, n_threads_batch=threads,
                              n_gpu_layers=gpu_layers(device), verbose=capture_log, **kwargs)
         self.log = buf.getvalue()

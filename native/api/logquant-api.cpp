@@ -2,6 +2,8 @@
 #include "logquant-build-info.h"
 
 #include "logquant-cache.h"
+#include "lq2-format.h"
+#include "lq2-quants.h"
 
 #include "llama-context.h"
 #include "llama-kv-cache-iswa.h"
@@ -11,6 +13,7 @@
 #include "ggml-backend.h"
 
 #include <string>
+#include <vector>
 
 extern "C" const char * logquant_build_info(void) {
     // Built once: the set of registered backends does not change after load.
@@ -20,9 +23,11 @@ extern "C" const char * logquant_build_info(void) {
             backends += std::string(backends.empty() ? "" : ", ") + "\"" +
                         ggml_backend_reg_name(ggml_backend_reg_get(i)) + "\"";
         }
+        // which code path our CPU kernels were compiled with: "avx2" or "scalar"
+        const char * kernels = lq2_cpu_has_avx2() ? "avx2" : "scalar";
         return std::string("{\"llama_cpp_pin\": \"") + LOGQUANT_PIN + "\", \"patches\": [" +
-               LOGQUANT_PATCHES + "], \"backends\": [" + backends + "], \"system_info\": \"" +
-               llama_print_system_info() + "\"}";
+               LOGQUANT_PATCHES + "], \"backends\": [" + backends + "], \"logquant_cpu_kernels\": \"" +
+               kernels + "\", \"system_info\": \"" + llama_print_system_info() + "\"}";
     }();
     return info.c_str();
 }
@@ -86,10 +91,43 @@ extern "C" int32_t logquant_set_params(int32_t window, int32_t policy, int32_t n
     if (window < 1 || (policy != LOGQUANT_POLICY_LOG && policy != LOGQUANT_POLICY_WINDOW) || n_ubatch < 1) {
         return -1;
     }
-    logquant_settings s;
+    logquant_settings s = logquant_settings_current(); // the code bits stay as set
     s.window   = window;
     s.policy   = policy;
     s.n_ubatch = n_ubatch;
+    logquant_settings_set(s);
+    return 0;
+}
+
+extern "C" int32_t logquant_set_bits(int32_t key_bits, int32_t value_bits, int32_t n_layers,
+                                     const int32_t * layers, const int32_t * layer_key_bits,
+                                     const int32_t * layer_value_bits) {
+    if (!LQ2_BITS_VALID(key_bits) || !LQ2_BITS_VALID(value_bits) || n_layers < 0 ||
+        (n_layers > 0 && (!layers || !layer_key_bits || !layer_value_bits))) {
+        return -1;
+    }
+    std::vector<logquant_layer_bits> overrides;
+    for (int32_t i = 0; i < n_layers; i++) {
+        if (layers[i] < 0 || !LQ2_BITS_VALID(layer_key_bits[i]) || !LQ2_BITS_VALID(layer_value_bits[i])) {
+            return -1;
+        }
+        overrides.push_back({layers[i], layer_key_bits[i], layer_value_bits[i]});
+    }
+    logquant_settings s = logquant_settings_current();
+    s.key_bits   = key_bits;
+    s.value_bits = value_bits;
+    s.layer_bits = std::move(overrides);
+    logquant_settings_set(s);
+    return 0;
+}
+
+extern "C" int32_t logquant_set_key_format(int32_t key_group, int32_t keys_post_rope) {
+    if (lq2_key_type_b(key_group, 2) < 0 || (keys_post_rope != 0 && keys_post_rope != 1)) {
+        return -1;
+    }
+    logquant_settings s = logquant_settings_current();
+    s.key_group      = key_group;
+    s.keys_post_rope = keys_post_rope;
     logquant_settings_set(s);
     return 0;
 }

@@ -19,6 +19,20 @@ LLAMA_API const char * logquant_build_info(void);
 // must take at once. Returns 0, or -1 for a bad value (nothing changed).
 LLAMA_API int32_t logquant_set_params(int32_t window, int32_t policy, int32_t n_ubatch);
 
+// Code bits of the low-bit tier (2, 4 or 8; LogQuant's format is 2) for contexts created after this
+// call: keys and values of every layer, then n_layers overrides (layer layers[i] gets
+// layer_key_bits[i] / layer_value_bits[i]; e.g. a sensitive first layer at 8 bits). These are the
+// precision levers: each costs bits per value (b + 0.5 per key or value). Returns 0, or -1 for a
+// bad value (nothing changed). logquant_set_params leaves them as they are.
+LLAMA_API int32_t logquant_set_bits(int32_t key_bits, int32_t value_bits, int32_t n_layers,
+                                    const int32_t * layers, const int32_t * layer_key_bits,
+                                    const int32_t * layer_value_bits);
+
+// Key format of the low-bit tier, for the format study: tokens per key group (32, 64 or 128; 4- and
+// 8-bit keys need 64) and keys_post_rope (1: group keys per channel AFTER RoPE, KIVI's layout,
+// instead of before). Defaults 64 and 0. Returns 0, or -1 for a bad value (nothing changed).
+LLAMA_API int32_t logquant_set_key_format(int32_t key_group, int32_t keys_post_rope);
+
 // What a context's KV cache holds right now.
 struct logquant_kv_stats {
     int64_t bytes_total;   // every KV buffer of the context, all layers, all backends

@@ -1,29 +1,33 @@
-// lq2-format.h: the two 2-bit KV formats of LogQuant, shared by the CPU, CUDA and Metal code.
+// lq2-format.h: LogQuant's low-bit KV formats, shared by the CPU, CUDA and Metal code.
 //
 // Every backend reads the same bytes and computes the same codes: the structs, the code packing
 // and the quantization arithmetic live here once. Plain C, compiled as C, C++, CUDA and Metal
 // (the macros below pick qualifiers and the few math functions per language).
 //
-// Formats (asymmetric min/max, 4 levels, f16 scale d and f16 minimum m per group):
-//   keys   (LQ2_TYPE_K32/K64/K128): one group = ONE CHANNEL across G tokens, stored BEFORE RoPE.
-//           Key channels carry large per-channel offsets; grouping across tokens removes them, and
-//           only before RoPE do the offsets stay put (RoPE would rotate them with the position).
-//           A key group of n_ch channels is n_ch blocks in channel order: block c holds channel c
-//           of the group's G tokens. 2 + 32/G bits per value.
-//   values (LQ2_TYPE_V64): one group = 64 consecutive channels of ONE token. 2.5 bits per value.
+// Formats (asymmetric min/max, b-bit codes with b = 2 (the default), 4 or 8, f16 scale d and f16
+// minimum m per group). The 4- and 8-bit codes are the precision levers: a layer, or all keys, can
+// be given more bits at a cost counted in bits per value (see logquant-cache.h).
+//   keys   (LQ2_TYPE_K32/K64/K128, K64_B4, K64_B8): one group = ONE CHANNEL across G tokens, stored
+//           BEFORE RoPE. Key channels carry large per-channel offsets; grouping across tokens
+//           removes them, and only before RoPE do the offsets stay put (RoPE would rotate them with
+//           the position). A key group of n_ch channels is n_ch blocks in channel order: block c
+//           holds channel c of the group's G tokens. b + 32/G bits per value.
+//   values (LQ2_TYPE_V64, V64_B4, V64_B8): one group = 64 consecutive channels of ONE token.
+//           b + 0.5 bits per value.
 //
-// Code packing inside a block of n codes: byte l (0 <= l < n/4) holds codes l, l + n/4, l + n/2,
-// l + 3n/4 at bit offsets 0, 2, 4, 6. One shift and mask of the n/4 bytes then yields n/4
+// Code packing inside a block of n b-bit codes: s = n * b / 8 bytes, byte l (0 <= l < s) holds
+// codes l, l + s, l + 2s, ... (8 / b of them) at bit offsets 0, b, 2b, ... For b = 2: codes l,
+// l + n/4, l + n/2, l + 3n/4 at bits 0, 2, 4, 6. One shift and mask of the s bytes then yields s
 // CONSECUTIVE codes, which is what SIMD dequantization wants.
 //
-// Quantization of a group, all in f32 (so a numpy reference is bit exact):
+// Quantization of a group, all in f32 (so a numpy reference is bit exact), with L = 2^b - 1:
 //   lo, hi = min, max over the FINITE values of the group (NaN and +-Inf are left out so they can
 //            not spoil the other values; a group without finite values gets lo = hi = 0)
-//   d = f16(sat((hi - lo) / 3)), m = f16(sat(lo))   (sat: clamp to +-65504, f16 rounds to nearest even)
-//   code = clamp(floor((x - m) / d + 0.5), 0, 3) with the f16-ROUNDED d and m; NaN -> 0,
-//          +Inf -> 3, -Inf -> 0; d == 0 (constant group) -> 0.
-//   dequantized value = d * code + m. d has 11 significant bits and code <= 3, so d * code is exact
-//   in f32 and the result has one rounding whether or not the compiler fuses it into an FMA.
+//   d = f16(sat((hi - lo) / L)), m = f16(sat(lo))   (sat: clamp to +-65504, f16 rounds to nearest even)
+//   code = clamp(floor((x - m) / d + 0.5), 0, L) with the f16-ROUNDED d and m; NaN -> 0,
+//          +Inf -> L, -Inf -> 0; d == 0 (constant group) -> 0.
+//   dequantized value = d * code + m. d has 11 significant bits and code <= 255, so d * code is
+//   exact in f32 and the result has one rounding whether or not the compiler fuses it into an FMA.
 #pragma once
 
 #if defined(__METAL_VERSION__)
@@ -57,33 +61,42 @@ typedef uint16_t lq2_half; // raw IEEE binary16 bits; every backend converts wit
 
 #define LQ2_QK_V        64  // values per value group (along head_dim)
 #define LQ2_G_DEFAULT   64  // tokens per key group
-#define LQ2_LEVELS      3   // largest code
 #define LQ2_HALF_MAX    65504.0f
 
-// A block: scale, minimum, n 2-bit codes. One macro so the four sizes cannot drift apart.
-#define LQ2_DECL_BLOCK(name, n) \
-    typedef struct {            \
-        lq2_half d;             \
-        lq2_half m;             \
-        uint8_t  qs[(n) / 4];   \
+// A block: scale, minimum, n b-bit codes. One macro so the sizes cannot drift apart.
+#define LQ2_DECL_BLOCK(name, n, b)  \
+    typedef struct {                \
+        lq2_half d;                 \
+        lq2_half m;                 \
+        uint8_t  qs[(n) * (b) / 8]; \
     } name
 
-LQ2_DECL_BLOCK(block_lq2_k32,  32);
-LQ2_DECL_BLOCK(block_lq2_k64,  64);
-LQ2_DECL_BLOCK(block_lq2_k128, 128);
-LQ2_DECL_BLOCK(block_lq2_v64,  LQ2_QK_V);
+LQ2_DECL_BLOCK(block_lq2_k32,  32,       2);
+LQ2_DECL_BLOCK(block_lq2_k64,  64,       2);
+LQ2_DECL_BLOCK(block_lq2_k128, 128,      2);
+LQ2_DECL_BLOCK(block_lq2_v64,  LQ2_QK_V, 2);
+LQ2_DECL_BLOCK(block_lq4_k64,  64,       4);
+LQ2_DECL_BLOCK(block_lq8_k64,  64,       8);
+LQ2_DECL_BLOCK(block_lq4_v64,  LQ2_QK_V, 4);
+LQ2_DECL_BLOCK(block_lq8_v64,  LQ2_QK_V, 8);
 
-#define LQ2_BLOCK_BYTES(n) (2 * (int) sizeof(lq2_half) + (n) / 4)
+#define LQ2_BLOCK_BYTES_B(n, b) (2 * (int) sizeof(lq2_half) + (n) * (b) / 8)
+#define LQ2_BLOCK_BYTES(n)      LQ2_BLOCK_BYTES_B(n, 2)
+#define LQ2_BITS_VALID(b)       ((b) == 2 || (b) == 4 || (b) == 8)
 
-// Where code j of a block of n codes lives (see the packing note at the top).
-#define LQ2_CODE_BYTE(j, n)  ((j) % ((n) / 4))
-#define LQ2_CODE_SHIFT(j, n) (2 * ((j) / ((n) / 4)))
+// Where code j of a block of n b-bit codes lives (see the packing note at the top).
+#define LQ2_CODE_BYTE_B(j, n, b)  ((j) % ((n) * (b) / 8))
+#define LQ2_CODE_SHIFT_B(j, n, b) ((b) * ((j) / ((n) * (b) / 8)))
 
 #if defined(__cplusplus) && !defined(__METAL_VERSION__)
 static_assert(sizeof(block_lq2_k32)  == LQ2_BLOCK_BYTES(32),  "block_lq2_k32 must be packed");
 static_assert(sizeof(block_lq2_k64)  == LQ2_BLOCK_BYTES(64),  "block_lq2_k64 must be packed");
 static_assert(sizeof(block_lq2_k128) == LQ2_BLOCK_BYTES(128), "block_lq2_k128 must be packed");
 static_assert(sizeof(block_lq2_v64)  == LQ2_BLOCK_BYTES(64),  "block_lq2_v64 must be packed");
+static_assert(sizeof(block_lq4_k64)  == LQ2_BLOCK_BYTES_B(64, 4), "block_lq4_k64 must be packed");
+static_assert(sizeof(block_lq8_k64)  == LQ2_BLOCK_BYTES_B(64, 8), "block_lq8_k64 must be packed");
+static_assert(sizeof(block_lq4_v64)  == LQ2_BLOCK_BYTES_B(64, 4), "block_lq4_v64 must be packed");
+static_assert(sizeof(block_lq8_v64)  == LQ2_BLOCK_BYTES_B(64, 8), "block_lq8_v64 must be packed");
 #endif
 
 // ---- type traits: one row of facts per format; code that needs a size or a name reads it here.
@@ -93,6 +106,10 @@ enum lq2_type {
     LQ2_TYPE_K64  = 1,
     LQ2_TYPE_K128 = 2,
     LQ2_TYPE_V64  = 3,
+    LQ2_TYPE_K64_B4 = 4,
+    LQ2_TYPE_K64_B8 = 5,
+    LQ2_TYPE_V64_B4 = 6,
+    LQ2_TYPE_V64_B8 = 7,
     LQ2_TYPE_COUNT,
 };
 
@@ -103,6 +120,7 @@ enum lq2_axis {
 
 struct lq2_type_traits {
     int32_t group;       // values per group (= per block)
+    int32_t code_bits;   // bits per code: 2, 4 or 8
     int32_t block_bytes; // bytes per block
     int32_t axis;        // enum lq2_axis
     int32_t pre_rope;    // 1: keys stored before RoPE, re-rotated at their position on read
@@ -115,16 +133,30 @@ struct lq2_type_traits {
 #if !defined(__METAL_VERSION__)
 // In enum order (C++ has no array designators); lq2_type_traits_check() in lq2-quants.c verifies it.
 static const struct lq2_type_traits lq2_traits[LQ2_TYPE_COUNT] = {
-    { 32,  LQ2_BLOCK_BYTES(32),  LQ2_AXIS_TOKENS,   1, 8.0f * LQ2_BLOCK_BYTES(32)  / 32,  "lq2_k32"  },
-    { 64,  LQ2_BLOCK_BYTES(64),  LQ2_AXIS_TOKENS,   1, 8.0f * LQ2_BLOCK_BYTES(64)  / 64,  "lq2_k64"  },
-    { 128, LQ2_BLOCK_BYTES(128), LQ2_AXIS_TOKENS,   1, 8.0f * LQ2_BLOCK_BYTES(128) / 128, "lq2_k128" },
-    { 64,  LQ2_BLOCK_BYTES(64),  LQ2_AXIS_CHANNELS, 0, 8.0f * LQ2_BLOCK_BYTES(64)  / 64,  "lq2_v64"  },
+    { 32,  2, LQ2_BLOCK_BYTES(32),      LQ2_AXIS_TOKENS,   1, 8.0f * LQ2_BLOCK_BYTES(32)      / 32,  "lq2_k32"  },
+    { 64,  2, LQ2_BLOCK_BYTES(64),      LQ2_AXIS_TOKENS,   1, 8.0f * LQ2_BLOCK_BYTES(64)      / 64,  "lq2_k64"  },
+    { 128, 2, LQ2_BLOCK_BYTES(128),     LQ2_AXIS_TOKENS,   1, 8.0f * LQ2_BLOCK_BYTES(128)     / 128, "lq2_k128" },
+    { 64,  2, LQ2_BLOCK_BYTES(64),      LQ2_AXIS_CHANNELS, 0, 8.0f * LQ2_BLOCK_BYTES(64)      / 64,  "lq2_v64"  },
+    { 64,  4, LQ2_BLOCK_BYTES_B(64, 4), LQ2_AXIS_TOKENS,   1, 8.0f * LQ2_BLOCK_BYTES_B(64, 4) / 64,  "lq4_k64"  },
+    { 64,  8, LQ2_BLOCK_BYTES_B(64, 8), LQ2_AXIS_TOKENS,   1, 8.0f * LQ2_BLOCK_BYTES_B(64, 8) / 64,  "lq8_k64"  },
+    { 64,  4, LQ2_BLOCK_BYTES_B(64, 4), LQ2_AXIS_CHANNELS, 0, 8.0f * LQ2_BLOCK_BYTES_B(64, 4) / 64,  "lq4_v64"  },
+    { 64,  8, LQ2_BLOCK_BYTES_B(64, 8), LQ2_AXIS_CHANNELS, 0, 8.0f * LQ2_BLOCK_BYTES_B(64, 8) / 64,  "lq8_v64"  },
 };
 #endif
 
-// Key type for a group size (32, 64, 128); -1 for anything else.
-LQ2_INLINE int lq2_key_type(int g) {
-    return g == 32 ? LQ2_TYPE_K32 : g == 64 ? LQ2_TYPE_K64 : g == 128 ? LQ2_TYPE_K128 : -1;
+// Key type for a group size and code bits: 2-bit keys come in G = 32, 64, 128; 4- and 8-bit keys
+// in G = 64 (the cache's group). -1 for anything else.
+LQ2_INLINE int lq2_key_type_b(int g, int b) {
+    if (b == 2) {
+        return g == 32 ? LQ2_TYPE_K32 : g == 64 ? LQ2_TYPE_K64 : g == 128 ? LQ2_TYPE_K128 : -1;
+    }
+    return g != 64 ? -1 : b == 4 ? LQ2_TYPE_K64_B4 : b == 8 ? LQ2_TYPE_K64_B8 : -1;
+}
+LQ2_INLINE int lq2_key_type(int g) { return lq2_key_type_b(g, 2); }
+
+// Value type for code bits (2, 4, 8); -1 for anything else.
+LQ2_INLINE int lq2_value_type(int b) {
+    return b == 2 ? LQ2_TYPE_V64 : b == 4 ? LQ2_TYPE_V64_B4 : b == 8 ? LQ2_TYPE_V64_B8 : -1;
 }
 
 // ---- f16 <-> f32 by integer arithmetic: exact, round to nearest even, no FPU mode dependence,
@@ -202,14 +234,18 @@ LQ2_INLINE lq2_half lq2_fp32_to_fp16_sat(float x) {
 
 // ---- quantization arithmetic (the part every backend must agree on bit for bit)
 
-// From the finite min/max of a group (lo > hi means "no finite value seen") to the stored d, m,
-// returned packed as d | m << 16 (no pointers: Metal would need address-space qualifiers).
-LQ2_INLINE uint32_t lq2_group_params(float lo, float hi) {
+// Largest code of b-bit codes.
+#define LQ2_LEVELS_B(b) ((1 << (b)) - 1)
+
+// From the finite min/max of a group (lo > hi means "no finite value seen") to the stored d, m for
+// codes 0..levels, returned packed as d | m << 16 (no pointers: Metal would need address-space
+// qualifiers).
+LQ2_INLINE uint32_t lq2_group_params(float lo, float hi, int levels) {
     if (!(lo <= hi)) {
         lo = 0.0f;
         hi = 0.0f;
     }
-    const lq2_half d = lq2_fp32_to_fp16_sat((hi - lo) / 3.0f);
+    const lq2_half d = lq2_fp32_to_fp16_sat((hi - lo) / (float) levels);
     const lq2_half m = lq2_fp32_to_fp16_sat(lo);
     return (uint32_t) d | ((uint32_t) m << 16);
 }
@@ -217,12 +253,12 @@ LQ2_INLINE uint32_t lq2_group_params(float lo, float hi) {
 #define LQ2_PARAMS_M(p) ((lq2_half) ((p) >> 16))
 
 // Code of x given the f16-rounded scale and minimum converted back to f32.
-LQ2_INLINE uint32_t lq2_code(float x, float d, float m) {
+LQ2_INLINE uint32_t lq2_code(float x, float d, float m, int levels) {
     if (d == 0.0f) {
         return 0;
     }
     const float v = LQ2_FLOOR((x - m) / d + 0.5f);
-    return v >= 3.0f ? 3u : v > 0.0f ? (uint32_t) v : 0u; // NaN fails both tests -> 0
+    return v >= (float) levels ? (uint32_t) levels : v > 0.0f ? (uint32_t) v : 0u; // NaN fails both tests -> 0
 }
 
 #ifdef __cplusplus

@@ -174,12 +174,12 @@ static void scores_cm(const float * q, const float * k, int D, int G, float * s,
 
 #if LQ2_AVX2
 // Fused 2-bit key dequantization + re-rotation of one kv head's key group, channel-major k[D][G]
-// (one pass instead of dequantize, then rotate). Same arithmetic as dequant + rope_cm: d * code + m
+// (one pass instead of dequantize, then rotate), for b-bit codes. Same arithmetic as dequant + rope_cm: d * code + m
 // (exact), then x0 * c - x1 * s and x0 * s + x1 * c.
-static void dequant_rope_cm_avx2(const char * kg, int D, int G, const struct lq2_rope_params * rp,
+static void dequant_rope_cm_avx2(const char * kg, int D, int G, int bits, const struct lq2_rope_params * rp,
                                  const float * cs, float * k) {
-    const int kbs = LQ2_BLOCK_BYTES(G), nb = G / 4, half = rp->n_dims / 2;
-    const __m256i three = _mm256_set1_epi32(3);
+    const int kbs = LQ2_BLOCK_BYTES_B(G, bits), nb = G * bits / 8, per_byte = 8 / bits, half = rp->n_dims / 2;
+    const __m256i cmask = _mm256_set1_epi32(LQ2_LEVELS_B(bits));
     for (int i = 0; i < half; ++i) {
         const int a = rp->mode == LQ2_ROPE_NEOX ? i : 2 * i;
         const int b = rp->mode == LQ2_ROPE_NEOX ? i + half : 2 * i + 1;
@@ -196,10 +196,10 @@ static void dequant_rope_cm_avx2(const char * kg, int D, int G, const struct lq2
         for (int l = 0; l < nb; l += 8) {
             const __m256i qa = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *) (ba + 4 + l)));
             const __m256i qb = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *) (bb + 4 + l)));
-            for (int kk = 0; kk < 4; ++kk) {
+            for (int kk = 0; kk < per_byte; ++kk) {
                 const int t = kk * nb + l;
-                const __m256 x0 = _mm256_fmadd_ps(da, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(qa, 2 * kk), three)), ma);
-                const __m256 x1 = _mm256_fmadd_ps(db, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(qb, 2 * kk), three)), mb);
+                const __m256 x0 = _mm256_fmadd_ps(da, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(qa, bits * kk), cmask)), ma);
+                const __m256 x1 = _mm256_fmadd_ps(db, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(qb, bits * kk), cmask)), mb);
                 const __m256 vc = _mm256_loadu_ps(c + t), vs = _mm256_loadu_ps(s + t);
                 _mm256_storeu_ps(ka + t, _mm256_fmsub_ps(x0, vc, _mm256_mul_ps(x1, vs)));
                 _mm256_storeu_ps(kb + t, _mm256_fmadd_ps(x0, vs, _mm256_mul_ps(x1, vc)));
@@ -207,7 +207,7 @@ static void dequant_rope_cm_avx2(const char * kg, int D, int G, const struct lq2
         }
     }
     if (rp->n_dims < D) { // channels past n_dims pass through
-        lq2_dequantize_k_group_cm(kg + (int64_t) rp->n_dims * kbs, D - rp->n_dims, G, k + (int64_t) rp->n_dims * G);
+        lq2_dequantize_k_group_cm(kg + (int64_t) rp->n_dims * kbs, D - rp->n_dims, G, bits, k + (int64_t) rp->n_dims * G);
     }
 }
 
@@ -451,8 +451,10 @@ static int attn_core(const struct lq2_attn_params * p, const float * q,
     const int has_a = a && a->n > 0;
     const int has_b = b && b->n > 0;
     const int G      = has_b ? b->G : LQ2_ATTN_CHUNK;
+    const int kb     = has_b ? b->k_bits : 2;
+    const int vb     = has_b ? b->v_bits : 2;
     const int n_dims = has_b ? b->rope.n_dims : 0;
-    if (has_b && (lq2_key_type(G) < 0 || n_dims < 0 || n_dims > D || n_dims % 2 != 0 ||
+    if (has_b && (lq2_key_type_b(G, kb) < 0 || lq2_value_type(vb) < 0 || n_dims < 0 || n_dims > D || n_dims % 2 != 0 ||
                   (b->rope.mode != LQ2_ROPE_NORMAL && b->rope.mode != LQ2_ROPE_NEOX) ||
                   (!b->rope_table && !b->pos))) {
         return -1;
@@ -469,7 +471,8 @@ static int attn_core(const struct lq2_attn_params * p, const float * q,
     float * Mv = csbuf + (size_t) n_dims * G;
     float * Sv = Mv + p->n_head;
 
-    const int kbs = LQ2_BLOCK_BYTES(G);
+    const int kbs = LQ2_BLOCK_BYTES_B(G, kb);
+    const size_t vhead_bytes = (size_t) (D / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, vb);
     const int hk0 = h0 / gq, hk1 = h1 > h0 ? (h1 - 1) / gq + 1 : hk0; // kv heads [hk0, hk1)
     for (int j = h0; j < h1; ++j) {
         Mv[j] = -INFINITY;
@@ -522,20 +525,19 @@ static int attn_core(const struct lq2_attn_params * p, const float * q,
             const char * kg = (const char *) b->k + g * b->nb_kg + (size_t) hk * D * kbs;
 #if LQ2_AVX2
             if (simd) {
-                dequant_rope_cm_avx2(kg, D, G, &b->rope, cs, kbuf);
+                dequant_rope_cm_avx2(kg, D, G, kb, &b->rope, cs, kbuf);
             } else
 #endif
             {
-                lq2_dequantize_k_group_cm_ref(kg, D, G, kbuf);
+                lq2_dequantize_k_group_cm_ref(kg, D, G, kb, kbuf);
                 rope_cm(&b->rope, kbuf, cs, G, simd);
             }
             for (int t = 0; t < n; ++t) {
-                const char * vr = (const char *) b->v + (g * G + t) * b->nb_v +
-                                  (size_t) hk * (D / LQ2_QK_V) * sizeof(block_lq2_v64);
+                const char * vr = (const char *) b->v + (g * G + t) * b->nb_v + (size_t) hk * vhead_bytes;
                 if (simd) {
-                    lq2_dequantize_v_row(vr, vbuf + (int64_t) t * D, D);
+                    lq2_dequantize_v_row(vr, vbuf + (int64_t) t * D, D, vb);
                 } else {
-                    lq2_dequantize_v_row_ref(vr, vbuf + (int64_t) t * D, D);
+                    lq2_dequantize_v_row_ref(vr, vbuf + (int64_t) t * D, D, vb);
                 }
             }
             int j = j0;

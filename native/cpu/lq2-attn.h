@@ -44,15 +44,18 @@ struct lq2_tier_f16 {
     const float    * mask;
 };
 
-// 2-bit tier: n tokens in groups of G (the last group may be partial).
+// Low-bit tier: n tokens in groups of G (the last group may be partial); codes of k_bits / v_bits
+// bits (2, 4, 8: the tier of one layer has one key and one value width).
 // keys: group g at (char *) k + g * nb_kg: n_head_kv * D key blocks of G codes, channel c of kv
 //       head h is block h * D + c (pre-RoPE).
-// values: token t at (char *) v + t * nb_v: n_head_kv * D / 64 block_lq2_v64.
+// values: token t at (char *) v + t * nb_v: n_head_kv * D / 64 value blocks.
 // pos: n positions (for RoPE). rope_table: lq2_rope_table(rope, pos, n, G) computed once per step
 // and shared by every layer and head; NULL computes it per group here (slower).
 struct lq2_tier_q2 {
     int64_t                n;
     int32_t                G;
+    int32_t                k_bits;
+    int32_t                v_bits;
     const void           * k;
     size_t                 nb_kg;
     const void           * v;

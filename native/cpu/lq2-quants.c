@@ -1,7 +1,8 @@
-// lq2-quants.c: scalar reference and AVX2 quantize / dequantize of the LogQuant 2-bit formats.
+// lq2-quants.c: scalar reference and AVX2 quantize / dequantize of the LogQuant formats.
 //
-// A block is d (f16), m (f16), n/4 bytes of codes, whatever its n (32, 64, 128): the helpers below
-// take the block as bytes plus n, so one implementation serves every key group size and values.
+// A block is d (f16), m (f16), n * b / 8 bytes of codes, whatever its n (32, 64, 128) and code bits
+// b (2, 4, 8): the helpers below take the block as bytes plus n and b, so one implementation serves
+// every key group size, values, and the wider codes.
 //
 // AVX2 where it pays: value quantization (once per token and layer), and dequantization (used by
 // the attention kernel on every step). Key quantization transposes one 8-channel slab of the group
@@ -27,14 +28,19 @@ int lq2_type_traits_check(void) {
     static const int sizes[LQ2_TYPE_COUNT] = {
         (int) sizeof(block_lq2_k32), (int) sizeof(block_lq2_k64),
         (int) sizeof(block_lq2_k128), (int) sizeof(block_lq2_v64),
+        (int) sizeof(block_lq4_k64), (int) sizeof(block_lq8_k64),
+        (int) sizeof(block_lq4_v64), (int) sizeof(block_lq8_v64),
     };
     for (int t = 0; t < LQ2_TYPE_COUNT; ++t) {
         const struct lq2_type_traits * tr = &lq2_traits[t];
-        if (tr->block_bytes != sizes[t] || tr->block_bytes != LQ2_BLOCK_BYTES(tr->group) ||
+        if (tr->block_bytes != sizes[t] || tr->block_bytes != LQ2_BLOCK_BYTES_B(tr->group, tr->code_bits) ||
             tr->bits != 8.0f * (float) tr->block_bytes / (float) tr->group) {
             return t + 1;
         }
-        if (tr->axis == LQ2_AXIS_TOKENS && lq2_key_type(tr->group) != t) {
+        if (tr->axis == LQ2_AXIS_TOKENS && lq2_key_type_b(tr->group, tr->code_bits) != t) {
+            return t + 1;
+        }
+        if (tr->axis == LQ2_AXIS_CHANNELS && (tr->group != LQ2_QK_V || lq2_value_type(tr->code_bits) != t)) {
             return t + 1;
         }
     }
@@ -52,8 +58,8 @@ static inline void blk_set_params(uint8_t * blk, uint32_t p) {
 static inline float blk_d(const uint8_t * blk) { return lq2_fp16_to_fp32(((const lq2_half *) blk)[0]); }
 static inline float blk_m(const uint8_t * blk) { return lq2_fp16_to_fp32(((const lq2_half *) blk)[1]); }
 
-// n values at x with stride sx, of which the first n_valid are present.
-static void quant_block_ref(const float * x, int64_t sx, int n_valid, int n, uint8_t * blk) {
+// n values at x with stride sx, of which the first n_valid are present; b-bit codes.
+static void quant_block_ref(const float * x, int64_t sx, int n_valid, int n, int b, uint8_t * blk) {
     float lo = INFINITY, hi = -INFINITY;
     for (int j = 0; j < n_valid; ++j) {
         const float v = x[j * sx];
@@ -62,20 +68,22 @@ static void quant_block_ref(const float * x, int64_t sx, int n_valid, int n, uin
             hi = v > hi ? v : hi;
         }
     }
-    blk_set_params(blk, lq2_group_params(lo, hi));
+    const int L = LQ2_LEVELS_B(b);
+    blk_set_params(blk, lq2_group_params(lo, hi, L));
     const float d = blk_d(blk), m = blk_m(blk);
     uint8_t * qs = blk + 4;
-    memset(qs, 0, (size_t) n / 4);
+    memset(qs, 0, (size_t) n * b / 8);
     for (int j = 0; j < n_valid; ++j) {
-        qs[LQ2_CODE_BYTE(j, n)] |= (uint8_t) (lq2_code(x[j * sx], d, m) << LQ2_CODE_SHIFT(j, n));
+        qs[LQ2_CODE_BYTE_B(j, n, b)] |= (uint8_t) (lq2_code(x[j * sx], d, m, L) << LQ2_CODE_SHIFT_B(j, n, b));
     }
 }
 
-static void dequant_block_ref(const uint8_t * blk, int n, float * y) {
+static void dequant_block_ref(const uint8_t * blk, int n, int b, float * y) {
     const float d = blk_d(blk), m = blk_m(blk);
     const uint8_t * qs = blk + 4;
+    const int L = LQ2_LEVELS_B(b);
     for (int j = 0; j < n; ++j) {
-        const int q = (qs[LQ2_CODE_BYTE(j, n)] >> LQ2_CODE_SHIFT(j, n)) & 3;
+        const int q = (qs[LQ2_CODE_BYTE_B(j, n, b)] >> LQ2_CODE_SHIFT_B(j, n, b)) & L;
         y[j] = d * (float) q + m;
     }
 }
@@ -84,7 +92,7 @@ static void dequant_block_ref(const uint8_t * blk, int n, float * y) {
 
 #if LQ2_AVX2
 // n contiguous values; absent values are NaN (left out of min/max, code 0: same as the reference).
-static void quant_block_avx2(const float * x, int n, uint8_t * blk) {
+static void quant_block_avx2(const float * x, int n, int b, uint8_t * blk) {
     const __m256 inf  = _mm256_set1_ps(INFINITY);
     const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256 lo = inf, hi = _mm256_set1_ps(-INFINITY);
@@ -100,24 +108,25 @@ static void quant_block_avx2(const float * x, int n, uint8_t * blk) {
     h4 = _mm_max_ps(h4, _mm_movehl_ps(h4, h4));
     l4 = _mm_min_ss(l4, _mm_shuffle_ps(l4, l4, 1));
     h4 = _mm_max_ss(h4, _mm_shuffle_ps(h4, h4, 1));
-    blk_set_params(blk, lq2_group_params(_mm_cvtss_f32(l4), _mm_cvtss_f32(h4)));
+    const int L = LQ2_LEVELS_B(b);
+    blk_set_params(blk, lq2_group_params(_mm_cvtss_f32(l4), _mm_cvtss_f32(h4), L));
 
     uint8_t * qs = blk + 4;
-    const int nb = n / 4; // bytes; code j -> byte j % nb, bits 2 * (j / nb)
+    const int nb = n * b / 8, per_byte = 8 / b; // code j -> byte j % nb, bits b * (j / nb)
     const float d = blk_d(blk), m = blk_m(blk);
     if (d == 0.0f) {
         memset(qs, 0, (size_t) nb);
         return;
     }
     const __m256 vd = _mm256_set1_ps(d), vm = _mm256_set1_ps(m);
-    const __m256 half = _mm256_set1_ps(0.5f), zero = _mm256_setzero_ps(), three = _mm256_set1_ps(3.0f);
+    const __m256 half = _mm256_set1_ps(0.5f), zero = _mm256_setzero_ps(), top = _mm256_set1_ps((float) L);
     for (int l = 0; l < nb; l += 8) {
         __m256i acc = _mm256_setzero_si256();
-        for (int k = 0; k < 4; ++k) {
+        for (int k = 0; k < per_byte; ++k) {
             const __m256 v = _mm256_loadu_ps(x + k * nb + l);
             __m256 q = _mm256_floor_ps(_mm256_add_ps(_mm256_div_ps(_mm256_sub_ps(v, vm), vd), half));
-            q = _mm256_min_ps(_mm256_max_ps(q, zero), three); // max_ps(NaN, 0) returns 0
-            acc = _mm256_or_si256(acc, _mm256_slli_epi32(_mm256_cvttps_epi32(q), 2 * k));
+            q = _mm256_min_ps(_mm256_max_ps(q, zero), top); // max_ps(NaN, 0) returns 0
+            acc = _mm256_or_si256(acc, _mm256_slli_epi32(_mm256_cvttps_epi32(q), b * k));
         }
         // 8 int32 lanes < 256 -> 8 bytes
         const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
@@ -125,15 +134,15 @@ static void quant_block_avx2(const float * x, int n, uint8_t * blk) {
     }
 }
 
-static void dequant_block_avx2(const uint8_t * blk, int n, float * y) {
+static void dequant_block_avx2(const uint8_t * blk, int n, int b, float * y) {
     const __m256 vd = _mm256_set1_ps(blk_d(blk)), vm = _mm256_set1_ps(blk_m(blk));
     const uint8_t * qs = blk + 4;
-    const int nb = n / 4;
-    const __m256i three = _mm256_set1_epi32(3);
+    const int nb = n * b / 8, per_byte = 8 / b;
+    const __m256i mask = _mm256_set1_epi32(LQ2_LEVELS_B(b));
     for (int l = 0; l < nb; l += 8) {
-        const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *) (qs + l)));
-        for (int k = 0; k < 4; ++k) {
-            const __m256i q = _mm256_and_si256(_mm256_srli_epi32(b, 2 * k), three);
+        const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *) (qs + l)));
+        for (int k = 0; k < per_byte; ++k) {
+            const __m256i q = _mm256_and_si256(_mm256_srli_epi32(bytes, b * k), mask);
             _mm256_storeu_ps(y + k * nb + l, _mm256_fmadd_ps(vd, _mm256_cvtepi32_ps(q), vm));
         }
     }
@@ -142,60 +151,58 @@ static void dequant_block_avx2(const uint8_t * blk, int n, float * y) {
 
 // ---- values
 
-void lq2_quantize_v_row_ref(const float * x, void * y, int64_t n) {
-    assert(n % LQ2_QK_V == 0);
-    block_lq2_v64 * b = (block_lq2_v64 *) y;
+#define V_BLOCK_BYTES(b) LQ2_BLOCK_BYTES_B(LQ2_QK_V, b)
+
+void lq2_quantize_v_row_ref(const float * x, void * y, int64_t n, int bits) {
+    assert(n % LQ2_QK_V == 0 && LQ2_BITS_VALID(bits));
     for (int64_t i = 0; i < n / LQ2_QK_V; ++i) {
-        quant_block_ref(x + i * LQ2_QK_V, 1, LQ2_QK_V, LQ2_QK_V, (uint8_t *) (b + i));
+        quant_block_ref(x + i * LQ2_QK_V, 1, LQ2_QK_V, LQ2_QK_V, bits, (uint8_t *) y + i * V_BLOCK_BYTES(bits));
     }
 }
 
-void lq2_dequantize_v_row_ref(const void * x, float * y, int64_t n) {
-    assert(n % LQ2_QK_V == 0);
-    const block_lq2_v64 * b = (const block_lq2_v64 *) x;
+void lq2_dequantize_v_row_ref(const void * x, float * y, int64_t n, int bits) {
+    assert(n % LQ2_QK_V == 0 && LQ2_BITS_VALID(bits));
     for (int64_t i = 0; i < n / LQ2_QK_V; ++i) {
-        dequant_block_ref((const uint8_t *) (b + i), LQ2_QK_V, y + i * LQ2_QK_V);
+        dequant_block_ref((const uint8_t *) x + i * V_BLOCK_BYTES(bits), LQ2_QK_V, bits, y + i * LQ2_QK_V);
     }
 }
 
-void lq2_quantize_v_row(const float * x, void * y, int64_t n) {
+void lq2_quantize_v_row(const float * x, void * y, int64_t n, int bits) {
 #if LQ2_AVX2
-    assert(n % LQ2_QK_V == 0);
-    block_lq2_v64 * b = (block_lq2_v64 *) y;
+    assert(n % LQ2_QK_V == 0 && LQ2_BITS_VALID(bits));
     for (int64_t i = 0; i < n / LQ2_QK_V; ++i) {
-        quant_block_avx2(x + i * LQ2_QK_V, LQ2_QK_V, (uint8_t *) (b + i));
+        quant_block_avx2(x + i * LQ2_QK_V, LQ2_QK_V, bits, (uint8_t *) y + i * V_BLOCK_BYTES(bits));
     }
 #else
-    lq2_quantize_v_row_ref(x, y, n);
+    lq2_quantize_v_row_ref(x, y, n, bits);
 #endif
 }
 
-void lq2_dequantize_v_row(const void * x, float * y, int64_t n) {
+void lq2_dequantize_v_row(const void * x, float * y, int64_t n, int bits) {
 #if LQ2_AVX2
-    assert(n % LQ2_QK_V == 0);
-    const block_lq2_v64 * b = (const block_lq2_v64 *) x;
+    assert(n % LQ2_QK_V == 0 && LQ2_BITS_VALID(bits));
     for (int64_t i = 0; i < n / LQ2_QK_V; ++i) {
-        dequant_block_avx2((const uint8_t *) (b + i), LQ2_QK_V, y + i * LQ2_QK_V);
+        dequant_block_avx2((const uint8_t *) x + i * V_BLOCK_BYTES(bits), LQ2_QK_V, bits, y + i * LQ2_QK_V);
     }
 #else
-    lq2_dequantize_v_row_ref(x, y, n);
+    lq2_dequantize_v_row_ref(x, y, n, bits);
 #endif
 }
 
 // ---- keys
 
-void lq2_quantize_k_group_ref(const float * x, int64_t ldx, int n_tok, int n_ch, int G, void * y) {
-    assert(lq2_key_type(G) >= 0 && n_tok >= 0 && n_tok <= G);
-    const int bs = LQ2_BLOCK_BYTES(G);
+void lq2_quantize_k_group_ref(const float * x, int64_t ldx, int n_tok, int n_ch, int G, int bits, void * y) {
+    assert(lq2_key_type_b(G, bits) >= 0 && n_tok >= 0 && n_tok <= G);
+    const int bs = LQ2_BLOCK_BYTES_B(G, bits);
     for (int c = 0; c < n_ch; ++c) {
-        quant_block_ref(x + c, ldx, n_tok, G, (uint8_t *) y + (int64_t) c * bs);
+        quant_block_ref(x + c, ldx, n_tok, G, bits, (uint8_t *) y + (int64_t) c * bs);
     }
 }
 
-void lq2_quantize_k_group(const float * x, int64_t ldx, int n_tok, int n_ch, int G, void * y) {
+void lq2_quantize_k_group(const float * x, int64_t ldx, int n_tok, int n_ch, int G, int bits, void * y) {
 #if LQ2_AVX2
-    assert(lq2_key_type(G) >= 0 && n_tok >= 0 && n_tok <= G);
-    const int bs = LQ2_BLOCK_BYTES(G);
+    assert(lq2_key_type_b(G, bits) >= 0 && n_tok >= 0 && n_tok <= G);
+    const int bs = LQ2_BLOCK_BYTES_B(G, bits);
     float slab[8 * 128]; // 8 channels x G tokens, channel-major; absent tokens are NaN
     for (int c0 = 0; c0 < n_ch; c0 += 8) {
         const int nc = n_ch - c0 < 8 ? n_ch - c0 : 8;
@@ -205,37 +212,37 @@ void lq2_quantize_k_group(const float * x, int64_t ldx, int n_tok, int n_ch, int
             }
         }
         for (int c = 0; c < nc; ++c) {
-            quant_block_avx2(slab + c * G, G, (uint8_t *) y + (int64_t) (c0 + c) * bs);
+            quant_block_avx2(slab + c * G, G, bits, (uint8_t *) y + (int64_t) (c0 + c) * bs);
         }
     }
 #else
-    lq2_quantize_k_group_ref(x, ldx, n_tok, n_ch, G, y);
+    lq2_quantize_k_group_ref(x, ldx, n_tok, n_ch, G, bits, y);
 #endif
 }
 
-void lq2_dequantize_k_group_cm_ref(const void * x, int n_ch, int G, float * y) {
-    const int bs = LQ2_BLOCK_BYTES(G);
+void lq2_dequantize_k_group_cm_ref(const void * x, int n_ch, int G, int bits, float * y) {
+    const int bs = LQ2_BLOCK_BYTES_B(G, bits);
     for (int c = 0; c < n_ch; ++c) {
-        dequant_block_ref((const uint8_t *) x + (int64_t) c * bs, G, y + (int64_t) c * G);
+        dequant_block_ref((const uint8_t *) x + (int64_t) c * bs, G, bits, y + (int64_t) c * G);
     }
 }
 
-void lq2_dequantize_k_group_cm(const void * x, int n_ch, int G, float * y) {
+void lq2_dequantize_k_group_cm(const void * x, int n_ch, int G, int bits, float * y) {
 #if LQ2_AVX2
-    const int bs = LQ2_BLOCK_BYTES(G);
+    const int bs = LQ2_BLOCK_BYTES_B(G, bits);
     for (int c = 0; c < n_ch; ++c) {
-        dequant_block_avx2((const uint8_t *) x + (int64_t) c * bs, G, y + (int64_t) c * G);
+        dequant_block_avx2((const uint8_t *) x + (int64_t) c * bs, G, bits, y + (int64_t) c * G);
     }
 #else
-    lq2_dequantize_k_group_cm_ref(x, n_ch, G, y);
+    lq2_dequantize_k_group_cm_ref(x, n_ch, G, bits, y);
 #endif
 }
 
-void lq2_dequantize_k_group(const void * x, int n_ch, int G, int n_tok, float * y, int64_t ldy) {
-    const int bs = LQ2_BLOCK_BYTES(G);
+void lq2_dequantize_k_group(const void * x, int n_ch, int G, int bits, int n_tok, float * y, int64_t ldy) {
+    const int bs = LQ2_BLOCK_BYTES_B(G, bits);
     float col[128];
     for (int c = 0; c < n_ch; ++c) {
-        dequant_block_ref((const uint8_t *) x + (int64_t) c * bs, G, col);
+        dequant_block_ref((const uint8_t *) x + (int64_t) c * bs, G, bits, col);
         for (int t = 0; t < n_tok; ++t) {
             y[(int64_t) t * ldy + c] = col[t];
         }

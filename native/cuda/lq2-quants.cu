@@ -5,9 +5,11 @@
 // Key groups: one thread per channel walking the group's tokens; neighbouring threads read
 // neighbouring channels of a token row, so loads coalesce. Dequantization: one thread per value.
 // Division and f16 rounding are IEEE (no fast-math), so the bytes equal the CPU reference.
+// Only the 2-bit codes for now: the 4- and 8-bit precision levers run on the CPU path.
 #include "lq2-quants.cuh"
 
 #define LQ2_WARP 32
+#define LQ2_CUDA_LEVELS LQ2_LEVELS_B(2)
 
 static __device__ __forceinline__ uint32_t lq2_warp_params(float a, float b) {
     const bool fa = lq2_isfinite(a), fb = lq2_isfinite(b);
@@ -23,7 +25,7 @@ static __device__ __forceinline__ uint32_t lq2_warp_params(float a, float b) {
         lo = l2 < lo ? l2 : lo;
         hi = h2 > hi ? h2 : hi;
     }
-    return lq2_group_params(lo, hi);
+    return lq2_group_params(lo, hi, LQ2_CUDA_LEVELS);
 }
 
 static __global__ void lq2_quantize_v_kernel(const float * x, int64_t ldx, uint8_t * y, size_t nb_y,
@@ -40,7 +42,7 @@ static __global__ void lq2_quantize_v_kernel(const float * x, int64_t ldx, uint8
     const float a = xb[lane], c = xb[lane + 32];
     const uint32_t p = lq2_warp_params(a, c);
     const float d = lq2_fp16_to_fp32(LQ2_PARAMS_D(p)), m = lq2_fp16_to_fp32(LQ2_PARAMS_M(p));
-    const uint32_t qa = lq2_code(a, d, m), qc = lq2_code(c, d, m);
+    const uint32_t qa = lq2_code(a, d, m, LQ2_CUDA_LEVELS), qc = lq2_code(c, d, m, LQ2_CUDA_LEVELS);
     // lane l < 16 needs the codes of values l + 16 and l + 48, held by lane l + 16
     const uint32_t qa_hi = __shfl_down_sync(0xffffffffu, qa, 16);
     const uint32_t qc_hi = __shfl_down_sync(0xffffffffu, qc, 16);
@@ -62,7 +64,7 @@ static __global__ void lq2_dequantize_v_kernel(const uint8_t * x, size_t nb_x, f
     const int64_t row = i / n, k = i % n;
     const block_lq2_v64 * b = (const block_lq2_v64 *) (x + row * nb_x) + k / LQ2_QK_V;
     const int j = (int) (k % LQ2_QK_V);
-    const int q = (b->qs[LQ2_CODE_BYTE(j, LQ2_QK_V)] >> LQ2_CODE_SHIFT(j, LQ2_QK_V)) & 3;
+    const int q = (b->qs[LQ2_CODE_BYTE_B(j, LQ2_QK_V, 2)] >> LQ2_CODE_SHIFT_B(j, LQ2_QK_V, 2)) & 3;
     y[row * ldy + k] = lq2_fp16_to_fp32(b->d) * (float) q + lq2_fp16_to_fp32(b->m);
 }
 
@@ -80,7 +82,7 @@ static __global__ void lq2_quantize_k_kernel(const float * x, int64_t ldx, int n
             hi = v > hi ? v : hi;
         }
     }
-    const uint32_t p = lq2_group_params(lo, hi);
+    const uint32_t p = lq2_group_params(lo, hi, LQ2_CUDA_LEVELS);
     const float d = lq2_fp16_to_fp32(LQ2_PARAMS_D(p)), m = lq2_fp16_to_fp32(LQ2_PARAMS_M(p));
     uint8_t * blk = y + (int64_t) c * LQ2_BLOCK_BYTES(G);
     ((lq2_half *) blk)[0] = LQ2_PARAMS_D(p);
@@ -90,7 +92,7 @@ static __global__ void lq2_quantize_k_kernel(const float * x, int64_t ldx, int n
         uint32_t byte = 0;
         for (int k = 0; k < 4; ++k) {
             const int t = l + k * nb;
-            byte |= (t < n_tok ? lq2_code(x[(int64_t) t * ldx + c], d, m) : 0u) << (2 * k);
+            byte |= (t < n_tok ? lq2_code(x[(int64_t) t * ldx + c], d, m, LQ2_CUDA_LEVELS) : 0u) << (2 * k);
         }
         blk[4 + l] = (uint8_t) byte;
     }
@@ -104,7 +106,7 @@ static __global__ void lq2_dequantize_k_kernel(const uint8_t * x, int n_ch, int 
     }
     const int t = (int) (i / n_ch), c = (int) (i % n_ch); // consecutive threads: consecutive channels
     const uint8_t * blk = x + (int64_t) c * LQ2_BLOCK_BYTES(G);
-    const int q = (blk[4 + LQ2_CODE_BYTE(t, G)] >> LQ2_CODE_SHIFT(t, G)) & 3;
+    const int q = (blk[4 + LQ2_CODE_BYTE_B(t, G, 2)] >> LQ2_CODE_SHIFT_B(t, G, 2)) & 3;
     const lq2_half * h = (const lq2_half *) blk;
     y[(int64_t) t * ldy + c] = lq2_fp16_to_fp32(h[0]) * (float) q + lq2_fp16_to_fp32(h[1]);
 }

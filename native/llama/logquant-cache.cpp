@@ -13,10 +13,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <stdexcept>
+#include <tuple>
 
 // ---------------------------------------------------------------------------------------------
 // settings
@@ -32,8 +34,43 @@ static logquant_settings g_settings = [] {
     if (const char * p = std::getenv("LOGQUANT_POLICY")) {
         s.policy = std::strcmp(p, "window") == 0 ? LOGQUANT_POLICY_WINDOW : LOGQUANT_POLICY_LOG;
     }
+    if (const char * b = std::getenv("LOGQUANT_KEY_BITS")) {
+        s.key_bits = std::atoi(b);
+    }
+    if (const char * b = std::getenv("LOGQUANT_VALUE_BITS")) {
+        s.value_bits = std::atoi(b);
+    }
+    if (const char * g = std::getenv("LOGQUANT_KEY_GROUP")) {
+        s.key_group = std::atoi(g);
+    }
+    if (const char * r = std::getenv("LOGQUANT_KEYS_POST_ROPE")) {
+        s.keys_post_rope = std::atoi(r);
+    }
+    // "il:key_bits:value_bits,..." e.g. "0:8:8" keeps layer 0 near full precision
+    if (const char * l = std::getenv("LOGQUANT_LAYER_BITS")) {
+        for (const char * p = l; *p;) {
+            logquant_layer_bits lb{};
+            int used = 0;
+            if (std::sscanf(p, "%d:%d:%d%n", &lb.il, &lb.key_bits, &lb.value_bits, &used) != 3) {
+                s.key_bits = -1; // reported as invalid when a cache is created
+                break;
+            }
+            s.layer_bits.push_back(lb);
+            p += used;
+            p += *p == ',' ? 1 : 0;
+        }
+    }
     return s;
 }();
+
+std::pair<int32_t, int32_t> logquant_settings::bits_of(int32_t il) const {
+    for (const auto & lb : layer_bits) {
+        if (lb.il == il) {
+            return {lb.key_bits, lb.value_bits};
+        }
+    }
+    return {key_bits, value_bits};
+}
 
 logquant_settings logquant_settings_current() {
     std::lock_guard<std::mutex> lock(g_settings_mutex);
@@ -48,16 +85,30 @@ void logquant_settings_set(const logquant_settings & s) {
 // ---------------------------------------------------------------------------------------------
 // construction
 
-static constexpr size_t K_BLOCK_BYTES = sizeof(block_lq2_k64);
-static constexpr size_t V_BLOCK_BYTES = sizeof(block_lq2_v64);
-
 logquant_cache::logquant_cache(const llama_model & model, const llama_hparams & hparams, uint32_t kv_size,
                                uint32_t n_seq_max, bool unified)
-    : settings(logquant_settings_current()), capacity(kv_size + (uint32_t) std::max(0, settings.n_ubatch)) {
+    : G(logquant_settings_current().key_group), settings(logquant_settings_current()),
+      capacity(kv_size + (uint32_t) std::max(0, settings.n_ubatch)) {
     GGML_UNUSED(n_seq_max);
     GGML_UNUSED(unified);
     if (settings.window < 1) {
         throw std::runtime_error("logquant: window must be >= 1, got " + std::to_string(settings.window));
+    }
+    bool bits_ok = LQ2_BITS_VALID(settings.key_bits) && LQ2_BITS_VALID(settings.value_bits);
+    for (const auto & lb : settings.layer_bits) {
+        bits_ok = bits_ok && lb.il >= 0 && LQ2_BITS_VALID(lb.key_bits) && LQ2_BITS_VALID(lb.value_bits);
+    }
+    if (!bits_ok) {
+        throw std::runtime_error("logquant: code bits must be 2, 4 or 8 (LOGQUANT_KEY_BITS, LOGQUANT_VALUE_BITS, "
+                                 "LOGQUANT_LAYER_BITS=il:k:v,...)");
+    }
+    bool group_ok = lq2_key_type_b(G, settings.key_bits) >= 0;
+    for (const auto & lb : settings.layer_bits) {
+        group_ok = group_ok && lq2_key_type_b(G, lb.key_bits) >= 0;
+    }
+    if (!group_ok) {
+        throw std::runtime_error("logquant: key group " + std::to_string(G) + " is not available with these key "
+                                 "bits (2-bit keys: 32, 64, 128; 4- and 8-bit keys: 64)");
     }
 
     // Keys are stored before RoPE when we can undo and redo the model's RoPE exactly: plain
@@ -67,21 +118,29 @@ logquant_cache::logquant_cache(const llama_model & model, const llama_hparams & 
     const bool plain_rope = (hparams.rope_type == LLAMA_ROPE_TYPE_NORM || hparams.rope_type == LLAMA_ROPE_TYPE_NEOX) &&
                             hparams.rope_scaling_type_train != LLAMA_ROPE_SCALING_TYPE_YARN &&
                             model.layers.size() > 0 && model.layers[0].rope_freqs == nullptr;
-    if (plain_rope) {
+    if (plain_rope && !settings.keys_post_rope) {
         rope.mode        = hparams.rope_type == LLAMA_ROPE_TYPE_NEOX ? LQ2_ROPE_NEOX : LQ2_ROPE_NORMAL;
         rope.n_dims      = (int32_t) hparams.n_rot();
         rope.freq_base   = hparams.rope_freq_base_train;
         rope.freq_scale  = hparams.rope_freq_scale_train;
         rope.attn_factor = 1.0f;
+    } else if (settings.keys_post_rope) {
+        LLAMA_LOG_INFO("%s: keys grouped per channel AFTER RoPE, as asked (LOGQUANT_KEYS_POST_ROPE)\n", __func__);
     } else {
         LLAMA_LOG_WARN("%s: this model's RoPE is not plain NORM/NEOX: 2-bit keys are grouped per channel "
                        "AFTER RoPE (lower quality than pre-RoPE)\n", __func__);
     }
     slot_pos.assign(capacity, -1);
     rope_table.assign(lq2_rope_table_size(&rope, capacity, G), 0.0f);
-    LLAMA_LOG_INFO("%s: LogQuant cache: window %d, policy %s, 2-bit tier %u tokens, keys %s RoPE\n", __func__,
-                   settings.window, settings.policy == LOGQUANT_POLICY_LOG ? "log" : "window", capacity,
-                   rope.n_dims > 0 ? "before" : "after");
+    std::string overrides;
+    for (const auto & lb : settings.layer_bits) {
+        overrides += " " + std::to_string(lb.il) + ":" + std::to_string(lb.key_bits) + ":" + std::to_string(lb.value_bits);
+    }
+    LLAMA_LOG_INFO("%s: LogQuant cache: window %d, policy %s, low-bit tier %u tokens, keys %s RoPE in groups "
+                   "of %d, bits K %d V %d%s%s\n", __func__, settings.window,
+                   settings.policy == LOGQUANT_POLICY_LOG ? "log" : "window", capacity,
+                   rope.n_dims > 0 ? "before" : "after", G, settings.key_bits, settings.value_bits,
+                   overrides.empty() ? "" : ", layers il:K:V", overrides.c_str());
 }
 
 std::string logquant_cache::check_supported(const llama_hparams & hparams, uint32_t n_seq_max, bool v_trans) const {
@@ -117,8 +176,11 @@ void logquant_cache::add_layer(ggml_context * ctx, int32_t il, uint32_t n_embd_k
     l.n_head_kv    = n_head_kv;
     l.owner        = this;
     l.kq_scale = l.max_bias = l.softcap = 0.0f;
-    l.k2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, n_groups * n_embd_k_gqa * K_BLOCK_BYTES);
-    l.v2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, (int64_t) capacity * (n_embd_v_gqa / LQ2_QK_V) * V_BLOCK_BYTES);
+    std::tie(l.k_bits, l.v_bits) = settings.bits_of(il);
+    l.k_group_bytes = (size_t) n_embd_k_gqa * LQ2_BLOCK_BYTES_B(G, l.k_bits);
+    l.v_row_bytes   = (size_t) (n_embd_v_gqa / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, l.v_bits);
+    l.k2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, n_groups * (int64_t) l.k_group_bytes);
+    l.v2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, (int64_t) capacity * (int64_t) l.v_row_bytes);
     ggml_format_name(l.k2, "cache_k2_l%d", il);
     ggml_format_name(l.v2, "cache_v2_l%d", il);
     l.staging.assign((size_t) G * n_embd_k_gqa, 0.0f);
@@ -291,24 +353,27 @@ void logquant_cache::restore(const snapshot & s) {
 // ---------------------------------------------------------------------------------------------
 // state: a tagged section after llama_kv_cache's own data
 
-static constexpr uint32_t STATE_MAGIC   = 0x4c513201; // "LQ2", version 1
+static constexpr uint32_t STATE_MAGIC   = 0x4c513202; // "LQ2", version 2 (per-layer code bits)
 static constexpr uint32_t STATE_NO_LQ   = 0x4c513200; // written by a cache without LogQuant
 
 void logquant_cache::state_write(llama_io_write_i & io) const {
     io.write(&STATE_MAGIC, sizeof(STATE_MAGIC));
-    const int32_t w = settings.window, pol = settings.policy, g = G;
+    const int32_t w = settings.window, pol = settings.policy, g = G, rd = rope.n_dims;
     io.write(&w, sizeof(w));
     io.write(&pol, sizeof(pol));
     io.write(&g, sizeof(g));
+    io.write(&rd, sizeof(rd)); // 0: keys stored after RoPE
     io.write(&n_slots, sizeof(n_slots));
     io.write(slot_pos.data(), n_slots * sizeof(int32_t));
     const uint32_t n_layers = layers.size();
     io.write(&n_layers, sizeof(n_layers));
     for (const auto & l : layers) {
         const int64_t n_groups = (n_slots + G - 1) / G;
-        const size_t  k_bytes  = n_groups * l.n_embd_k_gqa * K_BLOCK_BYTES;
-        const size_t  v_bytes  = n_slots * (l.n_embd_v_gqa / LQ2_QK_V) * V_BLOCK_BYTES;
+        const size_t  k_bytes  = n_groups * l.k_group_bytes;
+        const size_t  v_bytes  = n_slots * l.v_row_bytes;
         io.write(&l.il, sizeof(l.il));
+        io.write(&l.k_bits, sizeof(l.k_bits));
+        io.write(&l.v_bits, sizeof(l.v_bits));
         if (k_bytes > 0) {
             io.write_tensor(l.k2, 0, k_bytes);
             io.write_tensor(l.v2, 0, v_bytes);
@@ -326,13 +391,14 @@ bool logquant_cache::state_read(llama_io_read_i & io) {
         LLAMA_LOG_ERROR("%s: this state was not saved by a LogQuant cache\n", __func__);
         return false;
     }
-    int32_t w = 0, pol = 0, g = 0;
+    int32_t w = 0, pol = 0, g = 0, rd = 0;
     io.read(&w, sizeof(w));
     io.read(&pol, sizeof(pol));
     io.read(&g, sizeof(g));
-    if (w != settings.window || pol != settings.policy || g != G) {
-        LLAMA_LOG_ERROR("%s: state saved with window %d policy %d group %d; this cache has %d %d %d\n", __func__,
-                        w, pol, g, settings.window, settings.policy, G);
+    io.read(&rd, sizeof(rd));
+    if (w != settings.window || pol != settings.policy || g != G || rd != rope.n_dims) {
+        LLAMA_LOG_ERROR("%s: state saved with window %d policy %d key group %d rope dims %d; this cache has "
+                        "%d %d %d %d\n", __func__, w, pol, g, rd, settings.window, settings.policy, G, rope.n_dims);
         return false;
     }
     int64_t n = 0;
@@ -353,16 +419,19 @@ bool logquant_cache::state_read(llama_io_read_i & io) {
         return false;
     }
     for (auto & l : layers) {
-        int32_t il = -1;
+        int32_t il = -1, kb = 0, vb = 0;
         io.read(&il, sizeof(il));
-        if (il != l.il) {
-            LLAMA_LOG_ERROR("%s: layer mismatch (%d vs %d)\n", __func__, il, l.il);
+        io.read(&kb, sizeof(kb));
+        io.read(&vb, sizeof(vb));
+        if (il != l.il || kb != l.k_bits || vb != l.v_bits) {
+            LLAMA_LOG_ERROR("%s: layer %d was saved with %d-bit keys and %d-bit values; this cache's layer %d "
+                            "has %d and %d\n", __func__, il, kb, vb, l.il, l.k_bits, l.v_bits);
             clear();
             return false;
         }
         const int64_t n_groups = (n_slots + G - 1) / G;
-        const size_t  k_bytes  = n_groups * l.n_embd_k_gqa * K_BLOCK_BYTES;
-        const size_t  v_bytes  = n_slots * (l.n_embd_v_gqa / LQ2_QK_V) * V_BLOCK_BYTES;
+        const size_t  k_bytes  = n_groups * l.k_group_bytes;
+        const size_t  v_bytes  = n_slots * l.v_row_bytes;
         if (k_bytes > 0) {
             io.read_tensor(l.k2, 0, k_bytes);
             io.read_tensor(l.v2, 0, v_bytes);
@@ -409,9 +478,9 @@ static void logquant_demote_op(ggml_tensor * dst, int ith, int nth, void * userd
     const int64_t nk = l.n_embd_k_gqa;
     const int64_t nv = l.n_embd_v_gqa;
     const int64_t D  = nk / l.n_head_kv;
-    const int64_t G  = logquant_cache::G;
-    const size_t  group_bytes = nk * K_BLOCK_BYTES;
-    const size_t  vrow_bytes  = (nv / LQ2_QK_V) * V_BLOCK_BYTES;
+    const int64_t G  = lq.G;
+    const size_t  group_bytes = l.k_group_bytes;
+    const size_t  vrow_bytes  = l.v_row_bytes;
 
     std::vector<float> row(std::max(nk, nv));
     for (size_t i = 0; i < lq.pending.size(); i++) {
@@ -419,7 +488,7 @@ static void logquant_demote_op(ggml_tensor * dst, int ith, int nth, void * userd
         // values: per token
         const ggml_fp16_t * vsrc = (const ggml_fp16_t *) ((const char *) vc->data + d.cell * vc->nb[1]);
         ggml_fp16_to_fp32_row(vsrc, row.data(), nv);
-        lq2_quantize_v_row(row.data(), (char *) l.v2->data + d.slot * vrow_bytes, nv);
+        lq2_quantize_v_row(row.data(), (char *) l.v2->data + d.slot * vrow_bytes, nv, l.v_bits);
         // keys: un-rotate, stage in the open group, requantize the group when it fills or the
         // ubatch's demotions end inside it
         const ggml_fp16_t * ksrc = (const ggml_fp16_t *) ((const char *) kc->data + d.cell * kc->nb[1]);
@@ -432,7 +501,7 @@ static void logquant_demote_op(ggml_tensor * dst, int ith, int nth, void * userd
         const bool last_of_batch = i + 1 == lq.pending.size();
         if (last_of_group || last_of_batch) {
             const int n_tok = (int) (d.slot % G) + 1;
-            lq2_quantize_k_group(l.staging.data(), nk, n_tok, (int) nk, (int) G,
+            lq2_quantize_k_group(l.staging.data(), nk, n_tok, (int) nk, (int) G, l.k_bits,
                                  (char *) l.k2->data + (d.slot / G) * group_bytes);
         }
     }
@@ -473,7 +542,7 @@ static void logquant_attn_op(ggml_tensor * dst, int ith, int nth, void * userdat
 
     thread_local std::vector<char>  work;
     thread_local std::vector<float> qrow, mask_a, mask_b, out;
-    work.resize(lq2_attn_work_size(&p, logquant_cache::G, lq.rope.n_dims));
+    work.resize(lq2_attn_work_size(&p, lq.G, lq.rope.n_dims));
     qrow.resize(D * n_head);
     out.resize(D * n_head);
     mask_a.resize(n_kv);
@@ -489,11 +558,13 @@ static void logquant_attn_op(ggml_tensor * dst, int ith, int nth, void * userdat
 
     lq2_tier_q2 tb;
     tb.n          = lq.n_slots;
-    tb.G          = logquant_cache::G;
+    tb.G          = lq.G;
+    tb.k_bits     = l.k_bits;
+    tb.v_bits     = l.v_bits;
     tb.k          = l.k2->data;
-    tb.nb_kg      = l.n_embd_k_gqa * K_BLOCK_BYTES;
+    tb.nb_kg      = l.k_group_bytes;
     tb.v          = l.v2->data;
-    tb.nb_v       = (l.n_embd_v_gqa / LQ2_QK_V) * V_BLOCK_BYTES;
+    tb.nb_v       = l.v_row_bytes;
     tb.pos        = lq.slot_pos.data();
     tb.rope       = lq.rope;
     tb.rope_table = lq.rope.n_dims > 0 ? lq.rope_table.data() : nullptr;

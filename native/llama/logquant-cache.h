@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 class  llama_kv_cells;
@@ -37,11 +38,30 @@ enum logquant_policy_kind {
     LOGQUANT_POLICY_WINDOW = 1, // baseline: only the newest 3W tokens
 };
 
-// Settings read when a cache is created (C API logquant_set_params, or env for llama.cpp's tools).
+// Code bits of one layer's low-bit tier: the precision levers. 2 is LogQuant's format; 4 and 8
+// buy quality for bits per value (keys b + 0.5, values b + 0.5 with G = 64).
+struct logquant_layer_bits {
+    int32_t il;
+    int32_t key_bits;
+    int32_t value_bits;
+};
+
+// Settings read when a cache is created (C API logquant_set_params / logquant_set_bits, or env
+// for llama.cpp's tools).
 struct logquant_settings {
-    int32_t window   = 32;
-    int32_t policy   = LOGQUANT_POLICY_LOG;
-    int32_t n_ubatch = 512; // the largest ubatch the f16 tier must take at once
+    int32_t window     = 32;
+    int32_t policy     = LOGQUANT_POLICY_LOG;
+    int32_t n_ubatch   = 512; // the largest ubatch the f16 tier must take at once
+    int32_t key_bits   = 2;   // every layer's, unless overridden below
+    int32_t value_bits = 2;
+    std::vector<logquant_layer_bits> layer_bits; // per-layer overrides (e.g. a sensitive layer 0)
+    // Key format knobs for the format study (docs/levers.md): tokens per key group (32, 64, 128;
+    // 64 for 4- and 8-bit keys) and grouping after RoPE instead of before (KIVI's layout).
+    int32_t key_group      = 64;
+    int32_t keys_post_rope = 0;
+
+    // The code bits of layer il: {key, value}.
+    std::pair<int32_t, int32_t> bits_of(int32_t il) const;
 };
 
 logquant_settings logquant_settings_current();
@@ -58,7 +78,7 @@ struct logquant_tier_stats {
 
 class logquant_cache {
 public:
-    static constexpr int G = 64; // tokens per key group: 2 + 32/64 = 2.5 bits per key value
+    const int G; // tokens per key group (settings.key_group): 2 + 32/64 = 2.5 bits per key value
 
     // kv_size: cells the caller asked for (the context size); the 2-bit tier holds that many.
     logquant_cache(const llama_model & model, const llama_hparams & hparams, uint32_t kv_size,
@@ -126,12 +146,16 @@ public:
     // What the custom ops read (public for their callbacks; not an API).
     struct layer {
         int32_t       il;
-        ggml_tensor * k2;      // I8: groups of G tokens x n_embd_k_gqa key blocks (block_lq2_k64)
-        ggml_tensor * v2;      // I8: slots x n_embd_v_gqa / 64 value blocks (block_lq2_v64)
+        ggml_tensor * k2;      // I8: groups of G tokens x n_embd_k_gqa key blocks of k_bits codes
+        ggml_tensor * v2;      // I8: slots x n_embd_v_gqa / 64 value blocks of v_bits codes
         std::vector<float> staging; // pre-RoPE keys of the open (partial) group: G x n_embd_k_gqa
         uint32_t n_embd_k_gqa;
         uint32_t n_embd_v_gqa;
         uint32_t n_head_kv;
+        int32_t  k_bits;
+        int32_t  v_bits;
+        size_t   k_group_bytes; // one group of G tokens, all channels
+        size_t   v_row_bytes;   // one token, all channels
         logquant_cache * owner;
         float kq_scale, max_bias, softcap; // set when the attention node is built
     };

@@ -1,4 +1,4 @@
-"""numpy reference of the LogQuant native core: 2-bit formats, RoPE, two-tier attention, policy.
+"""numpy reference of the LogQuant native core: low-bit formats, RoPE, two-tier attention, policy.
 
 Written from the format description in native/common/lq2-format.h, not from the C code, so that
 agreement is evidence. Quantization is computed in float32 exactly as specified (bit exact with C);
@@ -12,16 +12,17 @@ QK_V = 64
 HALF_MAX = np.float32(65504.0)
 
 
-def block_bytes(n: int) -> int:
-    return 4 + n // 4
+def block_bytes(n: int, bits: int = 2) -> int:
+    return 4 + n * bits // 8
 
 
-# ---- 2-bit blocks
+# ---- blocks of b-bit codes (b = 2, 4, 8)
 
-def quantize_blocks(x: np.ndarray) -> np.ndarray:
-    """x float32 [..., n] (NaN marks absent values too) -> blocks uint8 [..., 4 + n/4]."""
+def quantize_blocks(x: np.ndarray, bits: int = 2) -> np.ndarray:
+    """x float32 [..., n] (NaN marks absent values too) -> blocks uint8 [..., 4 + n*bits/8]."""
     x = np.asarray(x, dtype=np.float32)
     n = x.shape[-1]
+    levels = (1 << bits) - 1
     fin = np.isfinite(x)
     lo = np.where(fin, x, np.float32(np.inf)).min(-1)
     hi = np.where(fin, x, np.float32(-np.inf)).max(-1)
@@ -29,55 +30,56 @@ def quantize_blocks(x: np.ndarray) -> np.ndarray:
     lo = np.where(none, np.float32(0), lo).astype(np.float32)
     hi = np.where(none, np.float32(0), hi).astype(np.float32)
     with np.errstate(over="ignore", invalid="ignore"):
-        d = np.clip((hi - lo) / np.float32(3), -HALF_MAX, HALF_MAX).astype(np.float16)
+        d = np.clip((hi - lo) / np.float32(levels), -HALF_MAX, HALF_MAX).astype(np.float16)
     m = np.clip(lo, -HALF_MAX, HALF_MAX).astype(np.float16)
     df = d.astype(np.float32)[..., None]
     mf = m.astype(np.float32)[..., None]
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         v = np.floor((x - mf) / df + np.float32(0.5))
-    code = np.where(np.isnan(v), 0, np.clip(v, 0, 3))
+    code = np.where(np.isnan(v), 0, np.clip(v, 0, levels))
     code = np.where(df == 0, 0, code).astype(np.uint8)
-    nb = n // 4
+    nb = n * bits // 8  # byte l holds codes l, l + nb, l + 2nb, ... at bits 0, b, 2b, ...
     qs = np.zeros(x.shape[:-1] + (nb,), dtype=np.uint8)
-    for k in range(4):
-        qs |= (code[..., k * nb:(k + 1) * nb] << (2 * k)).astype(np.uint8)
+    for k in range(8 // bits):
+        qs |= (code[..., k * nb:(k + 1) * nb] << (bits * k)).astype(np.uint8)
     head = np.stack([d.view(np.uint16), m.view(np.uint16)], -1).astype("<u2").view(np.uint8)
     return np.concatenate([head, qs], -1)
 
 
-def dequantize_blocks(b: np.ndarray, n: int) -> np.ndarray:
-    """blocks uint8 [..., 4 + n/4] -> float32 [..., n]."""
+def dequantize_blocks(b: np.ndarray, n: int, bits: int = 2) -> np.ndarray:
+    """blocks uint8 [..., 4 + n*bits/8] -> float32 [..., n]."""
     b = np.ascontiguousarray(b)
     d = b[..., 0:2].copy().view("<f2")[..., 0].astype(np.float32)
     m = b[..., 2:4].copy().view("<f2")[..., 0].astype(np.float32)
     qs = b[..., 4:]
-    code = np.concatenate([(qs >> (2 * k)) & 3 for k in range(4)], -1).astype(np.float32)
+    levels = (1 << bits) - 1
+    code = np.concatenate([(qs >> (bits * k)) & levels for k in range(8 // bits)], -1).astype(np.float32)
     assert code.shape[-1] == n
     return d[..., None] * code + m[..., None]
 
 
-def quantize_v(x: np.ndarray) -> np.ndarray:
-    """rows float32 [..., n] -> [..., n/64, 20] value blocks."""
+def quantize_v(x: np.ndarray, bits: int = 2) -> np.ndarray:
+    """rows float32 [..., n] -> [..., n/64, 4 + 8*bits] value blocks."""
     x = np.asarray(x, dtype=np.float32)
-    return quantize_blocks(x.reshape(x.shape[:-1] + (x.shape[-1] // QK_V, QK_V)))
+    return quantize_blocks(x.reshape(x.shape[:-1] + (x.shape[-1] // QK_V, QK_V)), bits)
 
 
-def dequantize_v(b: np.ndarray) -> np.ndarray:
-    y = dequantize_blocks(b, QK_V)
+def dequantize_v(b: np.ndarray, bits: int = 2) -> np.ndarray:
+    y = dequantize_blocks(b, QK_V, bits)
     return y.reshape(y.shape[:-2] + (-1,))
 
 
-def quantize_k_group(x: np.ndarray, G: int) -> np.ndarray:
-    """x float32 [n_tok <= G, n_ch] (pre-RoPE) -> [n_ch, 4 + G/4]: channel c across the tokens."""
+def quantize_k_group(x: np.ndarray, G: int, bits: int = 2) -> np.ndarray:
+    """x float32 [n_tok <= G, n_ch] (pre-RoPE) -> [n_ch, 4 + G*bits/8]: channel c across the tokens."""
     n_tok, n_ch = x.shape
     pad = np.full((G, n_ch), np.nan, dtype=np.float32)
     pad[:n_tok] = x
-    return quantize_blocks(pad.T)
+    return quantize_blocks(pad.T, bits)
 
 
-def dequantize_k_group(b: np.ndarray, G: int) -> np.ndarray:
-    """[n_ch, 4 + G/4] -> float32 [G, n_ch] (token-major)."""
-    return dequantize_blocks(b, G).T
+def dequantize_k_group(b: np.ndarray, G: int, bits: int = 2) -> np.ndarray:
+    """[n_ch, 4 + G*bits/8] -> float32 [G, n_ch] (token-major)."""
+    return dequantize_blocks(b, G, bits).T
 
 
 # ---- RoPE (float64)
@@ -122,18 +124,19 @@ def alibi_slopes(n_head: int, max_bias: float) -> np.ndarray:
 
 
 def attention(q, ka, va, mask_a, kb_blocks, vb_blocks, pos_b, mask_b, *, G, n_head_kv, scale,
-              softcap, max_bias, rope_mode, n_dims, base, fscale, attn_factor=1.0):
+              softcap, max_bias, rope_mode, n_dims, base, fscale, attn_factor=1.0, k_bits=2, v_bits=2):
     """q [H, D] f32; tier A: ka, va [nA, Hkv, D] f16 post-RoPE; tier B: kb_blocks
-    [n_groups, Hkv * D, 4 + G/4], vb_blocks [nB, Hkv * D / 64, 20], pos_b [nB]. -> [H, D] f64."""
+    [n_groups, Hkv * D, 4 + G*k_bits/8], vb_blocks [nB, Hkv * D / 64, 4 + 8*v_bits], pos_b [nB].
+    -> [H, D] f64."""
     H, D = q.shape
     nA, nB = len(ka), len(pos_b)
     keys = [np.asarray(ka, dtype=np.float64).reshape(nA, n_head_kv, D)]
     vals = [np.asarray(va, dtype=np.float64).reshape(nA, n_head_kv, D)]
     if nB:
-        kpre = np.concatenate([dequantize_k_group(g, G) for g in kb_blocks], 0)[:nB]
+        kpre = np.concatenate([dequantize_k_group(g, G, k_bits) for g in kb_blocks], 0)[:nB]
         kpre = kpre.reshape(nB, n_head_kv, D)
         keys.append(rope(kpre, pos_b, rope_mode, n_dims, base, fscale, attn_factor))
-        vals.append(dequantize_v(vb_blocks).reshape(nB, n_head_kv, D).astype(np.float64))
+        vals.append(dequantize_v(vb_blocks, v_bits).reshape(nB, n_head_kv, D).astype(np.float64))
     k = np.concatenate(keys, 0)
     v = np.concatenate(vals, 0)
     mask = np.concatenate([np.zeros(nA) if mask_a is None else mask_a,

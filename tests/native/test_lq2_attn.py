@@ -1,6 +1,7 @@
 """RoPE helpers against float64, and the one-pass two-tier attention against a float64 reference
 (dequantize, re-rotate, softmax) over empty tiers, masked rows, group tails, GQA, head sizes
-64/128/256, softcap and ALiBi, thread splits, with and without a precomputed RoPE table."""
+64/128/256, softcap and ALiBi, thread splits, with and without a precomputed RoPE table, and 2-,
+4- and 8-bit codes."""
 from __future__ import annotations
 
 import ctypes
@@ -12,7 +13,6 @@ import pytest
 from lq2_ctypes import AttnParams, RopeParams, TierF16, TierQ2, ptr
 
 F16_BYTES = 2
-V_BLOCK = ref.block_bytes(ref.QK_V)
 
 
 @pytest.mark.parametrize("mode,n_dims,base,fscale,af", [
@@ -61,6 +61,8 @@ class Case:
     n_dims: int | None = None
     base: float = 10000.0
     fscale: float = 1.0
+    k_bits: int = 2
+    v_bits: int = 2
 
 
 CASES = [
@@ -76,6 +78,11 @@ CASES = [
     # the decode shape of Qwen2.5-0.5B (bench/kernels/attn_bench.c): many groups, 7 heads per kv head
     Case(64, 14, 2, 96, 1000, 64, mask="none", base=1e6),
     Case(64, 14, 2, 96, 1000, 64, max_bias=8.0, base=1e6),
+    # the precision levers: 4- and 8-bit codes for keys and/or values
+    Case(64, 14, 2, 96, 300, 64, k_bits=4, base=1e6),
+    Case(128, 8, 2, 20, 130, 64, k_bits=8, v_bits=8, mode=0, n_dims=64, softcap=30.0),
+    Case(64, 4, 4, 37, 130, 64, k_bits=2, v_bits=4, max_bias=8.0),
+    Case(256, 4, 1, 3, 100, 64, k_bits=4, v_bits=8, mask="first_group"),
 ]
 
 
@@ -90,10 +97,11 @@ def make(case: Case, seed: int):
     kpre = (rng.standard_normal((nB, Hkv * D)) * 0.5 + rng.standard_normal(Hkv * D)).astype(np.float32)
     vpre = rng.standard_normal((nB, Hkv * D)).astype(np.float32)
     ng = -(-nB // G)
-    kb = np.zeros((ng, Hkv * D, ref.block_bytes(G)), np.uint8)
+    kb = np.zeros((ng, Hkv * D, ref.block_bytes(G, case.k_bits)), np.uint8)
     for g in range(ng):
-        kb[g] = ref.quantize_k_group(kpre[g * G:(g + 1) * G], G)
-    vb = ref.quantize_v(vpre) if nB else np.zeros((0, Hkv * D // 64, V_BLOCK), np.uint8)
+        kb[g] = ref.quantize_k_group(kpre[g * G:(g + 1) * G], G, case.k_bits)
+    vb = (ref.quantize_v(vpre, case.v_bits) if nB
+          else np.zeros((0, Hkv * D // 64, ref.block_bytes(64, case.v_bits)), np.uint8))
     pos_b = np.sort(rng.choice(5000, nB, replace=False)).astype(np.int32)
     pos_a = 5000 + np.arange(nA)
 
@@ -125,8 +133,9 @@ def run_c(lib, fn, case: Case, d, nth: int, table: bool) -> np.ndarray:
         tab = np.zeros(lib.lq2_rope_table_size(ctypes.byref(rope), case.nB, G), np.float32)
         lib.lq2_rope_table(ctypes.byref(rope), d["pos_b"].ctypes.data, case.nB, G, tab)
     ta = TierF16(case.nA, ptr(d["ka"]), Hkv * D * F16_BYTES, ptr(d["va"]), Hkv * D * F16_BYTES, ptr(d["ma"]))
-    tb = TierQ2(case.nB, G, ptr(d["kb"]), Hkv * D * ref.block_bytes(G), ptr(d["vb"]),
-                Hkv * D // 64 * V_BLOCK, ptr(d["pos_b"]), rope, ptr(tab), ptr(d["mb"]))
+    tb = TierQ2(case.nB, G, case.k_bits, case.v_bits, ptr(d["kb"]), Hkv * D * ref.block_bytes(G, case.k_bits),
+                ptr(d["vb"]), Hkv * D // 64 * ref.block_bytes(64, case.v_bits), ptr(d["pos_b"]), rope,
+                ptr(tab), ptr(d["mb"]))
     out = np.full((H, D), np.nan, np.float32)
     ws = lib.lq2_attn_work_size(ctypes.byref(params), G, d["n_dims"])
     for ith in range(nth):
@@ -140,7 +149,8 @@ def reference(case: Case, d) -> np.ndarray:
     return ref.attention(d["q"], d["ka"], d["va"], d["ma"], d["kb"], d["vb"], d["pos_b"], d["mb"],
                          G=case.G, n_head_kv=case.Hkv, scale=1.0 / np.sqrt(case.D),
                          softcap=case.softcap, max_bias=case.max_bias, rope_mode=case.mode,
-                         n_dims=d["n_dims"], base=case.base, fscale=case.fscale)
+                         n_dims=d["n_dims"], base=case.base, fscale=case.fscale,
+                         k_bits=case.k_bits, v_bits=case.v_bits)
 
 
 @pytest.mark.parametrize("ci", range(len(CASES)))

@@ -1,0 +1,159 @@
+"""The precision levers of the LogQuant cache: code bits of keys and values (2, 4, 8), for every
+layer or per layer. Tiny random-weight models: bytes, quality order, state, bad settings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_logquant import W, last_logits, load, tokens
+
+from logquant_gguf import kv_types
+
+N = 300  # tokens: most of them in the low-bit tier (the f16 tier holds at most 3W = 24)
+
+
+def run_logits(path, seq, kv_type="logquant", **kw) -> np.ndarray:
+    llm = load(path, kv_type, **kw)
+    llm.eval(seq)
+    out = np.array(llm.scores[: len(seq)], dtype=np.float64)
+    llm.close()
+    return out
+
+
+def kl_to(ref: np.ndarray, got: np.ndarray) -> float:
+    """Mean KL(ref || got) of the next-token distributions over the rows past the f16 tier."""
+    def logp(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+    r, g = logp(ref[3 * W:]), logp(got[3 * W:])
+    return float((np.exp(r) * (r - g)).sum(-1).mean())
+
+
+def test_more_bits_give_logits_closer_to_f16(tiny_model):
+    """Each lever must buy quality: 4-bit keys beat 2-bit, 4/4 beats 4-bit keys alone, 8/8 beats
+    4/4 by far and beats llama.cpp's q8_0 at the same 8.5 bits per value. (This random model's
+    attention is sharp: every cache's KL is large here, q8_0's included.)"""
+    probe = load(tiny_model, "f16")
+    seq = tokens(probe, N, seed=11)
+    probe.close()
+    ref = run_logits(tiny_model, seq, "f16")
+    kl = {name: kl_to(ref, run_logits(tiny_model, seq, **kw)) for name, kw in {
+        "2/2": {},
+        "k4": {"logquant_key_bits": 4},
+        "4/4": {"logquant_key_bits": 4, "logquant_value_bits": 4},
+        "8/8": {"logquant_key_bits": 8, "logquant_value_bits": 8},
+        "L0 8/8": {"logquant_layer_bits": {0: (8, 8)}},
+    }.items()}
+    kl["q8_0"] = kl_to(ref, run_logits(tiny_model, seq, "q8_0"))
+    print({k: f"{v:.2e}" for k, v in kl.items()})
+    assert kl["k4"] < kl["2/2"]
+    assert kl["4/4"] < kl["k4"]
+    assert kl["8/8"] < kl["4/4"] / 10
+    assert kl["L0 8/8"] < kl["2/2"]  # one of two layers near-lossless: a partial gain
+    assert kl["8/8"] < kl["q8_0"]
+
+
+def test_low_bit_tier_bytes_follow_the_code_bits(tiny_model):
+    """Per token the tier stores, per key or value of 64 codes, 4 bytes of scale/min plus 8*b:
+    20 bytes at 2 bits, 68 at 8 bits. A layer override changes only that layer's share."""
+    def q2_bytes(**kw) -> int:
+        llm = load(tiny_model, **kw)
+        b = llm.kv_stats()["tiers"]["q2"]["bytes"]
+        llm.close()
+        return b
+    base = q2_bytes()
+    assert q2_bytes(logquant_key_bits=8, logquant_value_bits=8) == pytest.approx(base * 68 / 20, rel=1e-6)
+    assert q2_bytes(logquant_key_bits=4) == pytest.approx(base * (36 + 20) / 40, rel=1e-6)
+    # the tiny model has 2 layers of equal size: only layer 1's half grows, by 68 / 20
+    assert q2_bytes(logquant_layer_bits={1: (8, 8)}) == pytest.approx(base * (1 + 68 / 20) / 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("kw,ratio", [({"logquant_key_group": 32}, (3.0 + 2.5) / 5.0),
+                                      ({"logquant_key_group": 128}, (2.25 + 2.5) / 5.0),
+                                      ({"logquant_keys_post_rope": True}, 1.0)])
+def test_key_layouts_of_the_format_study(tiny_model, kw, ratio):
+    """The format study's key layouts run end to end; their bytes follow 2 + 32/G bits per key."""
+    base = load(tiny_model)
+    base_bytes = base.kv_stats()["tiers"]["q2"]["bytes"]
+    seq = tokens(base, 200, seed=4)
+    base.eval(seq)
+    base_logits = last_logits(base)
+    base.close()
+    llm = load(tiny_model, **kw)
+    assert llm.kv_stats()["tiers"]["q2"]["bytes"] == pytest.approx(base_bytes * ratio, rel=1e-6)
+    llm.eval(seq)
+    logits = last_logits(llm)
+    assert np.isfinite(logits).all()
+    assert not np.array_equal(logits, base_logits)  # another format: other roundings
+    state = llm.save_state()
+    with pytest.raises(ValueError, match="logquant_key"):
+        load(tiny_model).load_state(state)
+
+
+def test_kv_stats_report_the_bits(tiny_model):
+    llm = load(tiny_model, logquant_layer_bits={0: (8, 8)})
+    st = llm.kv_stats()
+    assert st["logquant_bits"] == {"key_bits": 2, "value_bits": 2, "layer_bits": {"0": [8, 8]},
+                                   "key_group": 64, "keys_post_rope": False}
+    assert st["bits_per_value"] == pytest.approx((8.5 + 2.5) / 2)  # 2 layers: one at 8.5, one at 2.5
+
+
+def test_state_round_trip_with_levers(tiny_model):
+    kw = {"logquant_key_bits": 4, "logquant_layer_bits": {1: (8, 4)}}
+    llm = load(tiny_model, **kw)
+    llm.eval(tokens(llm, 150))
+    state = llm.save_state()
+    more = tokens(llm, 20, seed=9)
+    llm.eval(more)
+    expected = last_logits(llm)
+    other = load(tiny_model, **kw)
+    other.load_state(state)
+    other.eval(more)
+    np.testing.assert_array_equal(last_logits(other), expected)
+    with pytest.raises(ValueError, match="logquant_key_bits=4"):
+        load(tiny_model).load_state(state)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"logquant_key_bits": 3}, "logquant_key_bits must be one of 2, 4, 8"),
+    ({"logquant_value_bits": 16}, "logquant_value_bits must be one of"),
+    ({"logquant_key_bits": True}, "logquant_key_bits must be one of"),
+    ({"logquant_layer_bits": [(0, 8, 8)]}, "must be a dict"),
+    ({"logquant_layer_bits": {-1: (8, 8)}}, "layer must be an integer >= 0"),
+    ({"logquant_layer_bits": {0: 8}}, r"must be \(key_bits, value_bits\)"),
+    ({"logquant_layer_bits": {0: (8, 3)}}, "value bits must be one of"),
+    ({"logquant_layer_bits": {2: (8, 8)}}, r"names layer\(s\) \[2\], but this model has 2 layers"),
+    ({"logquant_key_group": 48}, "logquant_key_group must be one of 32, 64, 128"),
+    ({"logquant_key_group": 32, "logquant_key_bits": 4}, "needs 2-bit keys"),
+    ({"logquant_keys_post_rope": 1}, "must be True or False"),
+])
+def test_bad_bits_are_refused(tiny_model, kw, match):
+    with pytest.raises(ValueError, match=match):
+        load(tiny_model, **kw)
+    load(tiny_model).close()  # and nothing is left behind: the next context is a default one
+
+
+def test_bits_on_a_llama_cpp_type_are_refused(tiny_model):
+    with pytest.raises(ValueError, match="logquant_key_bits applies to the LogQuant kv_types"):
+        load(tiny_model, "q8_0", logquant_key_bits=4)
+
+
+@pytest.mark.parametrize("name,want", [
+    ("logquant", ("logquant", {})),
+    ("logquant+k4", ("logquant", {"logquant_key_bits": 4})),
+    ("q2_window+k4v8", ("q2_window", {"logquant_key_bits": 4, "logquant_value_bits": 8})),
+    ("logquant+v4", ("logquant", {"logquant_value_bits": 4})),
+    ("logquant+g128+postrope", ("logquant", {"logquant_key_group": 128, "logquant_keys_post_rope": True})),
+    ("logquant+k4+L0:8:8+L3:4:2", ("logquant", {"logquant_key_bits": 4,
+                                             "logquant_layer_bits": {0: (8, 8), 3: (4, 2)}})),
+])
+def test_variant_names(name, want):
+    assert kv_types.parse_variant(name) == want
+
+
+@pytest.mark.parametrize("name", ["logquant+k3", "logquant+x", "f16+k4", "logquant+L0:8", "nope+k4",
+                                  "logquant+L0:8:8,1:8:8",
+                                  "logquant+g48", "logquant+k4+g32"])
+def test_bad_variant_names(name):
+    with pytest.raises(ValueError):
+        kv_types.parse_variant(name)
