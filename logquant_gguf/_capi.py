@@ -27,6 +27,7 @@ struct logquant_kv_stats {
     int64_t n_q2;
     int64_t bytes_f16;
     int64_t bytes_q2;
+    double q2_bits_per_value;
 };
 int32_t logquant_kv_stats_get(const void * ctx, struct logquant_kv_stats * out);
 int64_t logquant_kv_f16_positions(const void * ctx, int32_t * out, int64_t cap);
@@ -56,7 +57,8 @@ def kv_stats(ctx_ptr: int) -> dict:
     if out.is_logquant:
         stats["logquant"] = {"window": out.window, "policy": out.policy,
                              "n_f16": out.n_f16, "n_q2": out.n_q2,
-                             "bytes_f16": out.bytes_f16, "bytes_q2": out.bytes_q2}
+                             "bytes_f16": out.bytes_f16, "bytes_q2": out.bytes_q2,
+                             "q2_bits_per_value": out.q2_bits_per_value}
     return stats
 
 

@@ -90,17 +90,6 @@ class LogQuantBits:
     def is_default(self) -> bool:
         return self == LogQuantBits()
 
-    def of(self, il: int) -> tuple[int, int]:
-        for layer, k, v in self.layers:
-            if layer == il:
-                return k, v
-        return self.key, self.value
-
-    def bits_per_value(self, n_layer: int) -> float:
-        """Storage of the low-bit tier per K or V value, scales included, averaged over layers."""
-        total = sum(k + 32 / self.key_group + v + 0.5 for k, v in map(self.of, range(n_layer)))
-        return total / (2 * n_layer) if n_layer else 0.0
-
     def layer_dict(self) -> dict[int, tuple[int, int]]:
         return {il: (k, v) for il, k, v in self.layers}
 
@@ -177,7 +166,8 @@ def parse_variant(name: str) -> tuple[str, dict]:
     """A kv_type with LogQuant precision levers, as the bench and CLI name them ->
     (kv_type, Llama keyword arguments). "logquant+k4" (4-bit keys), "logquant+v4",
     "logquant+k4v4", "logquant+L0:8:8" (layer 0 with 8-bit keys and values), and the key layouts
-    of the format study: "+g32", "+g128" (tokens per key group), "+postrope"; modifiers combine:
+    of the format study: "+g32", "+g128" (tokens per key group), "+postrope"; and for any type
+    "+norot" (llama.cpp's Hadamard rotation off); modifiers combine:
     "logquant+k4+L0:8:8+L1:4:4". A plain kv_type gives no arguments. (No commas: the bench
     takes comma-separated lists of these.)"""
     base, *mods = name.split("+")
@@ -191,7 +181,9 @@ def parse_variant(name: str) -> tuple[str, dict]:
             layers.update(parse_layer_bits(m[1:]))
             continue
         k, _, v = m.partition("v")
-        if m == "postrope":
+        if m == "norot":
+            kw["attn_rotation"] = False
+        elif m == "postrope":
             kw["logquant_keys_post_rope"] = True
         elif m[:1] == "g" and m[1:].isdigit():
             kw["logquant_key_group"] = int(m[1:])

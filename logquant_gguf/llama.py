@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import threading
@@ -52,6 +53,8 @@ class Llama(llama_cpp.Llama):
     b + 0.5 bits per value (see docs/levers.md for what they buy).
     logquant_key_group (32, 64, 128) and logquant_keys_post_rope: the key layout knobs of the
     format study (defaults 64 and False: groups of 64 tokens per channel, before RoPE).
+    attn_rotation: False turns off llama.cpp's Hadamard rotation of quantized K/V types
+    (LLAMA_ATTN_ROT_DISABLE; on by default for q8_0, q4_0, q2_0).
     Every other argument and method is llama_cpp.Llama's.
     """
 
@@ -60,7 +63,7 @@ class Llama(llama_cpp.Llama):
                  logquant_value_bits: int | None = None,
                  logquant_layer_bits: dict[int, tuple[int, int]] | None = None,
                  logquant_key_group: int | None = None, logquant_keys_post_rope: bool | None = None,
-                 **kwargs: Any):
+                 attn_rotation: bool = True, **kwargs: Any):
         spec = kv_types.get(kv_type)
         window = _check_window(spec, logquant_window)
         bits = kv_types.check_bits(spec, logquant_key_bits, logquant_value_bits, logquant_layer_bits,
@@ -82,7 +85,7 @@ class Llama(llama_cpp.Llama):
             kwargs["flash_attn"] = True
         path = check_model_file(model_path)
         try:
-            with _context_lock:
+            with _context_lock, _rotation_env(attn_rotation):
                 if spec.is_logquant:
                     n_ubatch = max(int(kwargs.get("n_batch", 512)), int(kwargs.get("n_ubatch", 512)))
                     _capi.set_logquant_params(window, spec.policy, n_ubatch)
@@ -98,6 +101,7 @@ class Llama(llama_cpp.Llama):
         self.kv_type = kv_type
         self.logquant_window = window
         self.logquant_bits = bits
+        self.attn_rotation = attn_rotation
         if bits is not None:
             n_layer = self.n_layer()
             far = [il for il, _, _ in bits.layers if il >= n_layer]
@@ -116,6 +120,7 @@ class Llama(llama_cpp.Llama):
         state.pop("type_v", None)
         state["kv_type"] = self.kv_type
         state["logquant_window"] = self.logquant_window
+        state["attn_rotation"] = self.attn_rotation
         if self.logquant_bits is not None:
             state["logquant_key_bits"] = self.logquant_bits.key
             state["logquant_value_bits"] = self.logquant_bits.value
@@ -165,12 +170,33 @@ class Llama(llama_cpp.Llama):
             "sequences": raw["n_seq"],
             "bytes_total": raw["bytes_total"],
             "bytes_per_token": raw["bytes_total"] / n_ctx if n_ctx else 0.0,
-            "bits_per_value": (spec.bits_per_value if self.logquant_bits is None
-                               else self.logquant_bits.bits_per_value(self.n_layer())),
+            # LogQuant: the cache's own figure for its low-bit tier (its layers only: Gemma's
+            # sliding-window layers stay f16 and are not in it)
+            "bits_per_value": raw["logquant"]["q2_bits_per_value"] if "logquant" in raw
+            else spec.bits_per_value,
             "logquant_window": self.logquant_window,
             "logquant_bits": None if self.logquant_bits is None else self.logquant_bits.as_dict(),
             "tiers": tiers,
         }
+
+
+@contextlib.contextmanager
+def _rotation_env(rotation: bool):
+    """llama.cpp reads LLAMA_ATTN_ROT_DISABLE when it creates a KV cache: set it for that moment."""
+    if not isinstance(rotation, bool):
+        raise ValueError(f"attn_rotation must be True or False, got {rotation!r}")
+    if rotation:
+        yield
+        return
+    old = os.environ.get("LLAMA_ATTN_ROT_DISABLE")
+    os.environ["LLAMA_ATTN_ROT_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["LLAMA_ATTN_ROT_DISABLE"]
+        else:
+            os.environ["LLAMA_ATTN_ROT_DISABLE"] = old
 
 
 def _check_window(spec: kv_types.KVType, window: int | None) -> int | None:

@@ -144,6 +144,7 @@ def test_bits_on_a_llama_cpp_type_are_refused(tiny_model):
     ("q2_window+k4v8", ("q2_window", {"logquant_key_bits": 4, "logquant_value_bits": 8})),
     ("logquant+v4", ("logquant", {"logquant_value_bits": 4})),
     ("logquant+g128+postrope", ("logquant", {"logquant_key_group": 128, "logquant_keys_post_rope": True})),
+    ("q2_0+norot", ("q2_0", {"attn_rotation": False})),
     ("logquant+k4+L0:8:8+L3:4:2", ("logquant", {"logquant_key_bits": 4,
                                              "logquant_layer_bits": {0: (8, 8), 3: (4, 2)}})),
 ])
@@ -157,3 +158,20 @@ def test_variant_names(name, want):
 def test_bad_variant_names(name):
     with pytest.raises(ValueError):
         kv_types.parse_variant(name)
+
+
+def test_rotation_off_changes_a_quantized_cache_only(tiny_model):
+    """attn_rotation=False (llama.cpp's LLAMA_ATTN_ROT_DISABLE) reaches the q4_0 cache, and the
+    environment is left as it was."""
+    import os
+    seq = None
+    out = {}
+    for kv, rot in (("q4_0", True), ("q4_0", False), ("f16", True), ("f16", False)):
+        llm = load(tiny_model, kv, attn_rotation=rot)
+        seq = seq or tokens(llm, 80, seed=5)
+        llm.eval(seq)
+        out[kv, rot] = last_logits(llm)
+        llm.close()
+    assert "LLAMA_ATTN_ROT_DISABLE" not in os.environ
+    assert not np.array_equal(out["q4_0", True], out["q4_0", False])
+    np.testing.assert_array_equal(out["f16", True], out["f16", False])

@@ -145,15 +145,16 @@ def tool_env(kv: str) -> dict[str, str]:
     -ctk lq2, and its policy and window only through LOGQUANT_POLICY / LOGQUANT_WINDOW."""
     base, levers = parse_variant(kv)
     spec = KV_TYPES[base]
+    rot = {} if levers.get("attn_rotation", True) else {"LLAMA_ATTN_ROT_DISABLE": "1"}
     if not spec.is_logquant:
-        return {}
+        return rot
     return {"LOGQUANT_POLICY": "window" if spec.policy == POLICY_WINDOW else "log",
             "LOGQUANT_WINDOW": str(DEFAULT_WINDOW),
             "LOGQUANT_KEY_BITS": str(levers.get("logquant_key_bits", 2)),
             "LOGQUANT_VALUE_BITS": str(levers.get("logquant_value_bits", 2)),
             "LOGQUANT_LAYER_BITS": layer_bits_text(levers.get("logquant_layer_bits")),
             "LOGQUANT_KEY_GROUP": str(levers.get("logquant_key_group", 64)),
-            "LOGQUANT_KEYS_POST_ROPE": str(int(levers.get("logquant_keys_post_rope", False)))}
+            "LOGQUANT_KEYS_POST_ROPE": str(int(levers.get("logquant_keys_post_rope", False))), **rot}
 
 
 def tool_path(name: str) -> Path | None:

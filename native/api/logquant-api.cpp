@@ -82,6 +82,7 @@ extern "C" int32_t logquant_kv_stats_get(const llama_context * ctx, logquant_kv_
         out->n_f16       = st.n_f16;
         out->n_q2        = st.n_q2;
         out->bytes_q2    = st.bytes_q2;
+        out->q2_bits_per_value = st.q2_bits_per_value;
         out->bytes_f16   = out->bytes_total - st.bytes_q2;
     }
     return 0;

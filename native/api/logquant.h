@@ -45,6 +45,8 @@ struct logquant_kv_stats {
     int64_t n_q2;          // tokens in the 2-bit tier
     int64_t bytes_f16;     // bytes of f16 K/V (and of a sliding-window cache, if any)
     int64_t bytes_q2;      // bytes of the 2-bit stores
+    double  q2_bits_per_value; // their storage per K or V value, scales included (2.5 by default;
+                               // more with the precision levers), over the LogQuant layers
 };
 
 // Returns 0 on success, -1 when the context has no KV cache.

@@ -220,6 +220,15 @@ static std::vector<int32_t> full_positions(const std::vector<int32_t> & all, int
 }
 
 bool logquant_cache::plan(llama_kv_cells & cells, const int32_t * pos, uint32_t n) {
+    if (!overrides_checked) { // every add_layer has run by now
+        overrides_checked = true;
+        for (const auto & lb : settings.layer_bits) {
+            if (!has_layer(lb.il)) {
+                LLAMA_LOG_WARN("%s: layer %d has no LogQuant tier (no such layer, or a sliding-window layer kept "
+                               "in f16): its code bits are ignored\n", __func__, lb.il);
+            }
+        }
+    }
     ubatch_pos.assign(pos, pos + n);
     pending.clear();
     if (!planning) {
@@ -455,9 +464,13 @@ logquant_tier_stats logquant_cache::stats(const llama_kv_cells & cells, int64_t 
     s.n_q2      = (int64_t) sorted.size();
     s.n_slots   = n_slots;
     s.bytes_f16 = bytes_f16;
+    double bits = 0.0, values = 0.0;
     for (const auto & l : layers) {
         s.bytes_q2 += (int64_t) (ggml_nbytes(l.k2) + ggml_nbytes(l.v2));
+        bits   += 8.0 * ((double) l.k_group_bytes / G + (double) l.v_row_bytes);
+        values += (double) (l.n_embd_k_gqa + l.n_embd_v_gqa);
     }
+    s.q2_bits_per_value = values > 0.0 ? bits / values : 0.0;
     return s;
 }
 

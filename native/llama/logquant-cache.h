@@ -74,6 +74,8 @@ struct logquant_tier_stats {
     int64_t n_slots;   // 2-bit slots used, valid or freed by a truncation
     int64_t bytes_f16; // f16 K/V bytes allocated
     int64_t bytes_q2;  // 2-bit K/V bytes allocated
+    double  q2_bits_per_value; // storage of the low-bit tier per K or V value, scales included,
+                               // over the layers this cache holds (the code bits decide it)
 };
 
 class logquant_cache {
@@ -108,6 +110,7 @@ public:
         ~plan_pause() { if (lq) lq->planning = true; }
     };
     bool planning = true;
+    bool overrides_checked = false;
 
     // seq_rm of positions [p0, p1) of the sequence. Returns false (nothing changed) when the
     // policy would bring 2-bit tokens back to f16: their f16 values are gone, so the caller must
