@@ -32,3 +32,16 @@ def real_model() -> Path:
         if os.environ.get("CI"):
             raise  # CI installs the extra: a missing model there is a failure, not a skip
         pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def gemma_model() -> Path:
+    """Gemma-3-270M (sliding-window layers: llama.cpp's iSWA cache), when its parts are installed."""
+    from logquant_gguf import models
+
+    try:
+        return models.model_path("gemma-3-270m")
+    except models.ModelNotInstalledError as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(e))
