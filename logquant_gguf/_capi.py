@@ -28,9 +28,10 @@ struct logquant_kv_stats {
     int64_t bytes_f16;
     int64_t bytes_q2;
     double q2_bits_per_value;
+    int64_t bytes_rope_table;
 };
 int32_t logquant_kv_stats_get(const void * ctx, struct logquant_kv_stats * out);
-int64_t logquant_kv_f16_positions(const void * ctx, int32_t * out, int64_t cap);
+int64_t logquant_kv_f16_positions(const void * ctx, int32_t seq_id, int32_t * out, int64_t cap);
 """
 
 
@@ -58,19 +59,20 @@ def kv_stats(ctx_ptr: int) -> dict:
         stats["logquant"] = {"window": out.window, "policy": out.policy,
                              "n_f16": out.n_f16, "n_q2": out.n_q2,
                              "bytes_f16": out.bytes_f16, "bytes_q2": out.bytes_q2,
-                             "q2_bits_per_value": out.q2_bits_per_value}
+                             "q2_bits_per_value": out.q2_bits_per_value,
+                             "bytes_rope_table": out.bytes_rope_table}
     return stats
 
 
-def f16_positions(ctx_ptr: int) -> list[int]:
-    """Positions of sequence 0 in the LogQuant f16 tier (ValueError if not a LogQuant cache)."""
+def f16_positions(ctx_ptr: int, seq_id: int = 0) -> list[int]:
+    """Positions of a sequence in the LogQuant f16 tier (ValueError if not a LogQuant cache)."""
     ffi, lib = _lib()
     ctx = ffi.cast("const void *", ctx_ptr)
-    n = lib.logquant_kv_f16_positions(ctx, ffi.NULL, 0)
+    n = lib.logquant_kv_f16_positions(ctx, seq_id, ffi.NULL, 0)
     if n < 0:
-        raise ValueError("this context's KV cache is not a LogQuant cache")
+        raise ValueError(f"this context's KV cache is not a LogQuant cache, or has no sequence {seq_id}")
     out = ffi.new("int32_t[]", max(n, 1))
-    lib.logquant_kv_f16_positions(ctx, out, n)
+    lib.logquant_kv_f16_positions(ctx, seq_id, out, n)
     return list(out[0:n])
 
 

@@ -55,6 +55,9 @@ class Llama(llama_cpp.Llama):
     format study (defaults 64 and False: groups of 64 tokens per channel, before RoPE).
     attn_rotation: False turns off llama.cpp's Hadamard rotation of quantized K/V types
     (LLAMA_ATTN_ROT_DISABLE; on by default for q8_0, q4_0, q2_0).
+    n_seq_max: sequences the context holds at once (default 1), for llama.cpp's batch API on
+    `self.ctx` (several sequences decoded side by side); with more than one the KV cache is
+    unified (n_ctx cells shared by all sequences), which the LogQuant caches need.
     Every other argument and method is llama_cpp.Llama's.
     """
 
@@ -63,8 +66,12 @@ class Llama(llama_cpp.Llama):
                  logquant_value_bits: int | None = None,
                  logquant_layer_bits: dict[int, tuple[int, int]] | None = None,
                  logquant_key_group: int | None = None, logquant_keys_post_rope: bool | None = None,
-                 attn_rotation: bool = True, **kwargs: Any):
+                 attn_rotation: bool = True, n_seq_max: int = 1, **kwargs: Any):
         spec = kv_types.get(kv_type)
+        max_seq = int(llama_cpp.llama_max_parallel_sequences())
+        if not isinstance(n_seq_max, int) or not 1 <= n_seq_max <= max_seq:
+            raise ValueError(f"n_seq_max must be an integer from 1 to {max_seq}, got {n_seq_max!r}")
+        self._n_seq_max = n_seq_max
         window = _check_window(spec, logquant_window)
         bits = kv_types.check_bits(spec, logquant_key_bits, logquant_value_bits, logquant_layer_bits,
                                    logquant_key_group, logquant_keys_post_rope)
@@ -114,6 +121,19 @@ class Llama(llama_cpp.Llama):
         if hasattr(self, "_stack"):  # absent when __init__ refused its arguments
             super().close()
 
+    # llama_cpp.Llama fills self.context_params field by field and creates the context right
+    # away, with no argument for the number of sequences: set it as the struct is assigned.
+    @property
+    def context_params(self) -> llama_cpp.llama_context_params:
+        return self._context_params
+
+    @context_params.setter
+    def context_params(self, params: llama_cpp.llama_context_params) -> None:
+        if getattr(self, "_n_seq_max", 1) > 1:
+            params.n_seq_max = self._n_seq_max
+            params.kv_unified = True
+        self._context_params = params
+
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state.pop("type_k", None)
@@ -121,6 +141,7 @@ class Llama(llama_cpp.Llama):
         state["kv_type"] = self.kv_type
         state["logquant_window"] = self.logquant_window
         state["attn_rotation"] = self.attn_rotation
+        state["n_seq_max"] = self._n_seq_max
         if self.logquant_bits is not None:
             state["logquant_key_bits"] = self.logquant_bits.key
             state["logquant_value_bits"] = self.logquant_bits.value
@@ -162,7 +183,9 @@ class Llama(llama_cpp.Llama):
         if "logquant" in raw:
             lq = raw["logquant"]
             tiers = {"f16": {"tokens": lq["n_f16"], "bytes": lq["bytes_f16"]},
-                     "q2": {"tokens": lq["n_q2"], "bytes": lq["bytes_q2"]}}
+                     "q2": {"tokens": lq["n_q2"], "bytes": lq["bytes_q2"],
+                            # of those bytes: the host table that re-rotates pre-RoPE keys
+                            "rope_table_bytes": lq["bytes_rope_table"]}}
         return {
             "kv_type": self.kv_type,
             "n_ctx": n_ctx,

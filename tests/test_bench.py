@@ -155,8 +155,12 @@ def test_capacity_plan_and_fit():
     rows = [{"kv_type": "x", "n_ctx": n, "bytes_total": 1000 + 10 * n} for n in (256, 512, 1024)]
     fixed, per_token = memory.fit(rows, "x")
     assert fixed == 1000 and per_token == pytest.approx(10)
-    p = capacity.plan(11000, fixed, per_token, [100, 2000])
+    p = capacity.plan(11000, fixed, per_token, 0, [100, 2000])
     assert p["max_ctx"] == 1000 and p["parallel"] == {"100": 10, "2000": 0}
+    # each sequence's own cost (LogQuant's f16 tier per sequence) comes off the count
+    p = capacity.plan(11000, fixed, per_token, 250, [100, 2000])
+    assert p["parallel"] == {"100": 8, "2000": 0}
+    assert capacity.plan(10**9, 0, 1, 0, [10])["parallel"]["10"] == capacity.MAX_SEQ
 
 
 def test_completion_cut_after_def():

@@ -40,13 +40,14 @@ static const llama_kv_cache * main_kv_cache(const llama_memory_t mem) {
     return dynamic_cast<const llama_kv_cache *>(mem);
 }
 
-extern "C" int64_t logquant_kv_f16_positions(const llama_context * ctx, int32_t * out, int64_t cap) {
+extern "C" int64_t logquant_kv_f16_positions(const llama_context * ctx, int32_t seq_id, int32_t * out,
+                                             int64_t cap) {
     const llama_kv_cache * kv = main_kv_cache(ctx->get_memory());
-    if (kv == nullptr || kv->get_logquant() == nullptr) {
+    if (kv == nullptr || kv->get_logquant() == nullptr || seq_id < 0 || seq_id >= (int32_t) ctx->n_seq_max()) {
         return -1;
     }
     int64_t n = 0;
-    for (const auto & [pos, idx] : kv->get_cells(0).seq_pos_get(0)) {
+    for (const auto & [pos, idx] : kv->get_cells(0).seq_pos_get(seq_id)) {
         (void) idx;
         if (n < cap) {
             out[n] = pos;
@@ -81,9 +82,11 @@ extern "C" int32_t logquant_kv_stats_get(const llama_context * ctx, logquant_kv_
         out->policy      = lq.policy();
         out->n_f16       = st.n_f16;
         out->n_q2        = st.n_q2;
-        out->bytes_q2    = st.bytes_q2;
+        out->bytes_total += st.bytes_rope_table; // host memory outside llama.cpp's buffers
+        out->bytes_q2    = st.bytes_q2 + st.bytes_rope_table;
+        out->bytes_rope_table = st.bytes_rope_table;
         out->q2_bits_per_value = st.q2_bits_per_value;
-        out->bytes_f16   = out->bytes_total - st.bytes_q2;
+        out->bytes_f16   = out->bytes_total - out->bytes_q2;
     }
     return 0;
 }

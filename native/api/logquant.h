@@ -35,7 +35,8 @@ LLAMA_API int32_t logquant_set_key_format(int32_t key_group, int32_t keys_post_r
 
 // What a context's KV cache holds right now.
 struct logquant_kv_stats {
-    int64_t bytes_total;   // every KV buffer of the context, all layers, all backends
+    int64_t bytes_total;   // every KV buffer of the context, all layers, all backends, plus the
+                           // LogQuant cache's host-side RoPE table (see bytes_q2)
     int32_t n_seq;         // sequences holding at least one token
     int32_t n_tokens;      // positions spanned (max - min + 1), summed over sequences
     int32_t is_logquant;   // 1 when the cache is in LogQuant mode; the fields below are then set
@@ -44,18 +45,22 @@ struct logquant_kv_stats {
     int64_t n_f16;         // tokens in the f16 tier
     int64_t n_q2;          // tokens in the 2-bit tier
     int64_t bytes_f16;     // bytes of f16 K/V (and of a sliding-window cache, if any)
-    int64_t bytes_q2;      // bytes of the 2-bit stores
+    int64_t bytes_q2;      // bytes of the 2-bit stores, and of the RoPE table that re-rotates
+                           // their pre-RoPE keys (host memory: cos/sin per slot and rotary pair)
     double  q2_bits_per_value; // their storage per K or V value, scales included (2.5 by default;
                                // more with the precision levers), over the LogQuant layers
+    int64_t bytes_rope_table;  // of bytes_q2: the RoPE table (n_dims floats per 2-bit slot)
 };
 
 // Returns 0 on success, -1 when the context has no KV cache.
 LLAMA_API int32_t logquant_kv_stats_get(const struct llama_context * ctx, struct logquant_kv_stats * out);
 
-// The positions of sequence 0 held in the LogQuant f16 tier, ascending: writes up to cap of them
-// to out and returns how many there are, or -1 when the cache is not in LogQuant mode.
-// (What the tests compare with a plain-Python model of the policy.)
-LLAMA_API int64_t logquant_kv_f16_positions(const struct llama_context * ctx, int32_t * out, int64_t cap);
+// The positions of sequence seq_id held in the LogQuant f16 tier, ascending: writes up to cap of
+// them to out and returns how many there are, or -1 when the cache is not in LogQuant mode or
+// seq_id is not one of the context's. (What the tests compare with a plain-Python model of the
+// policy.)
+LLAMA_API int64_t logquant_kv_f16_positions(const struct llama_context * ctx, int32_t seq_id, int32_t * out,
+                                            int64_t cap);
 
 #ifdef __cplusplus
 }

@@ -7,6 +7,7 @@
 
 #include "llama-hparams.h"
 #include "llama-impl.h"
+#include "llama-batch.h"
 #include "llama-io.h"
 #include "llama-kv-cells.h"
 #include "llama-model.h"
@@ -16,7 +17,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <mutex>
+#include <set>
 #include <stdexcept>
 #include <tuple>
 
@@ -88,8 +91,7 @@ void logquant_settings_set(const logquant_settings & s) {
 logquant_cache::logquant_cache(const llama_model & model, const llama_hparams & hparams, uint32_t kv_size,
                                uint32_t n_seq_max, bool unified)
     : G(logquant_settings_current().key_group), settings(logquant_settings_current()),
-      capacity(kv_size + (uint32_t) std::max(0, settings.n_ubatch)) {
-    GGML_UNUSED(n_seq_max);
+      capacity(kv_size + (uint32_t) std::max(0, settings.n_ubatch)), n_seq_max(std::max(1u, n_seq_max)) {
     GGML_UNUSED(unified);
     if (settings.window < 1) {
         throw std::runtime_error("logquant: window must be >= 1, got " + std::to_string(settings.window));
@@ -130,8 +132,17 @@ logquant_cache::logquant_cache(const llama_model & model, const llama_hparams & 
         LLAMA_LOG_WARN("%s: this model's RoPE is not plain NORM/NEOX: 2-bit keys are grouped per channel "
                        "AFTER RoPE (lower quality than pre-RoPE)\n", __func__);
     }
-    slot_pos.assign(capacity, -1);
-    rope_table.assign(lq2_rope_table_size(&rope, capacity, G), 0.0f);
+    // Each sequence may hold a partial group open; a sequence reaches the 2-bit tier only past 2W
+    // tokens, which bounds how many can at once.
+    const int64_t n_open_max = std::min<int64_t>(this->n_seq_max, capacity / (2 * (int64_t) settings.window + 1) + 1);
+    n_groups = (capacity + G - 1) / G + n_open_max;
+    bk.slot_pos.assign(n_groups * G, -1);
+    bk.slot_seq.assign(n_groups * G, seq_set());
+    bk.sorted.assign(this->n_seq_max, {});
+    bk.open_group.assign(this->n_seq_max, -1);
+    bk.group_fill.assign(n_groups, 0);
+    bk.group_live.assign(n_groups, 0);
+    rope_table.assign(lq2_rope_table_size(&rope, n_groups * G, G), 0.0f);
     std::string overrides;
     for (const auto & lb : settings.layer_bits) {
         overrides += " " + std::to_string(lb.il) + ":" + std::to_string(lb.key_bits) + ":" + std::to_string(lb.value_bits);
@@ -143,9 +154,14 @@ logquant_cache::logquant_cache(const llama_model & model, const llama_hparams & 
                    overrides.empty() ? "" : ", layers il:K:V", overrides.c_str());
 }
 
-std::string logquant_cache::check_supported(const llama_hparams & hparams, uint32_t n_seq_max, bool v_trans) const {
-    if (n_seq_max != 1) {
-        return "the LogQuant cache holds one sequence per context for now (n_seq_max = " + std::to_string(n_seq_max) + ")";
+std::string logquant_cache::check_supported(const llama_hparams & hparams, uint32_t n_seq_max, bool unified,
+                                            bool v_trans) const {
+    if (n_seq_max > 1 && !unified) {
+        return "several sequences (n_seq_max = " + std::to_string(n_seq_max) + ") need a unified KV cache "
+               "(kv_unified = true): the LogQuant cache keeps one stream";
+    }
+    if (!hparams.causal_attn) {
+        return "the model's attention is not causal (the 2-bit tier is read causally)";
     }
     if (v_trans) {
         return "the LogQuant cache needs flash attention (flash_attn=True)";
@@ -161,14 +177,13 @@ std::string logquant_cache::check_supported(const llama_hparams & hparams, uint3
 }
 
 uint32_t logquant_cache::f16_cells(uint32_t kv_size_requested, uint32_t n_pad) const {
-    const uint32_t need = 3u * (uint32_t) settings.window + (uint32_t) settings.n_ubatch;
-    const uint32_t padded = (need + n_pad - 1) / n_pad * n_pad;
-    return std::min(kv_size_requested, padded);
+    const uint64_t need = 3ull * (uint64_t) settings.window * n_seq_max + (uint64_t) settings.n_ubatch;
+    const uint64_t padded = (need + n_pad - 1) / n_pad * n_pad;
+    return (uint32_t) std::min<uint64_t>(kv_size_requested, padded);
 }
 
 void logquant_cache::add_layer(ggml_context * ctx, int32_t il, uint32_t n_embd_k_gqa, uint32_t n_embd_v_gqa,
                                uint32_t n_head_kv) {
-    const int64_t n_groups = (capacity + G - 1) / G;
     layer l;
     l.il           = il;
     l.n_embd_k_gqa = n_embd_k_gqa;
@@ -180,10 +195,9 @@ void logquant_cache::add_layer(ggml_context * ctx, int32_t il, uint32_t n_embd_k
     l.k_group_bytes = (size_t) n_embd_k_gqa * LQ2_BLOCK_BYTES_B(G, l.k_bits);
     l.v_row_bytes   = (size_t) (n_embd_v_gqa / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, l.v_bits);
     l.k2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, n_groups * (int64_t) l.k_group_bytes);
-    l.v2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, (int64_t) capacity * (int64_t) l.v_row_bytes);
+    l.v2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, n_groups * G * (int64_t) l.v_row_bytes);
     ggml_format_name(l.k2, "cache_k2_l%d", il);
     ggml_format_name(l.v2, "cache_v2_l%d", il);
-    l.staging.assign((size_t) G * n_embd_k_gqa, 0.0f);
     layer_of[il] = layers.size();
     layers.push_back(std::move(l));
 }
@@ -191,12 +205,11 @@ void logquant_cache::add_layer(ggml_context * ctx, int32_t il, uint32_t n_embd_k
 // ---------------------------------------------------------------------------------------------
 // policy bookkeeping (host)
 
-// Ascending positions of the f16 tier's tokens of sequence 0.
-static std::vector<int32_t> f16_positions(const llama_kv_cells & cells) {
-    std::vector<int32_t> out;
-    for (const auto & [pos, idx] : cells.seq_pos_get(0)) {
-        GGML_UNUSED(idx);
-        out.push_back(pos);
+// Ascending positions of the f16 tier's tokens of a sequence, and their cells.
+static std::vector<std::pair<int32_t, uint32_t>> f16_tokens(const llama_kv_cells & cells, int32_t seq_id) {
+    std::vector<std::pair<int32_t, uint32_t>> out;
+    for (const auto & [pos, idx] : cells.seq_pos_get(seq_id)) {
+        out.emplace_back(pos, idx);
     }
     return out;
 }
@@ -219,7 +232,81 @@ static std::vector<int32_t> full_positions(const std::vector<int32_t> & all, int
     return out;
 }
 
-bool logquant_cache::plan(llama_kv_cells & cells, const int32_t * pos, uint32_t n) {
+bool logquant_cache::has_room(uint32_t n, uint32_t n_seqs) const {
+    int64_t n_free = 0;
+    for (int32_t fill : bk.group_fill) {
+        n_free += fill == 0;
+    }
+    return n_free >= ((int64_t) n + G - 1) / G + (int64_t) n_seqs;
+}
+
+int64_t logquant_cache::alloc_slot(int32_t seq_id) {
+    int64_t g = bk.open_group[seq_id];
+    if (g < 0) {
+        // the lowest free group: slots stay dense, and a lone sequence's groups are 0, 1, 2, ...
+        // as they were before any other sequence came and went
+        const auto it = std::find(bk.group_fill.begin(), bk.group_fill.end(), 0);
+        if (it == bk.group_fill.end()) {
+            return -1;
+        }
+        g = it - bk.group_fill.begin();
+        bk.open_group[seq_id] = g;
+    }
+    const int64_t slot = g * G + bk.group_fill[g]++;
+    if (bk.group_fill[g] == G) {
+        bk.open_group[seq_id] = -1;
+    }
+    bk.n_slots = std::max(bk.n_slots, slot + 1);
+    return slot;
+}
+
+void logquant_cache::drop_seq_from_slot(int64_t slot, int32_t seq_id) {
+    if (bk.slot_pos[slot] < 0 || !bk.slot_seq[slot].test(seq_id)) {
+        return;
+    }
+    bk.slot_seq[slot].reset(seq_id);
+    if (bk.slot_seq[slot].none()) {
+        bk.slot_pos[slot] = -1;
+        bk.group_live[slot / G]--;
+    }
+}
+
+void logquant_cache::settle_groups() {
+    std::set<int64_t> open;
+    for (int64_t g : bk.open_group) {
+        if (g >= 0) {
+            open.insert(g);
+        }
+    }
+    bk.n_slots = 0;
+    for (int64_t g = 0; g < n_groups; g++) {
+        if (bk.group_fill[g] == 0 || open.count(g)) {
+            bk.n_slots = bk.group_fill[g] > 0 ? g * G + bk.group_fill[g] : bk.n_slots;
+            continue;
+        }
+        // closed: nobody adds to it again, so its f16-precision staging can go
+        for (auto & l : layers) {
+            l.staging.erase(g);
+        }
+        if (bk.group_live[g] == 0) {
+            bk.group_fill[g] = 0;
+            std::fill_n(bk.slot_pos.begin() + g * G, G, -1);
+            std::fill_n(bk.slot_seq.begin() + g * G, G, seq_set());
+        } else {
+            bk.n_slots = g * G + bk.group_fill[g];
+        }
+    }
+}
+
+void logquant_cache::refresh_rope_group(int64_t g) {
+    if (rope.n_dims == 0) {
+        return;
+    }
+    const size_t per_group = lq2_rope_table_size(&rope, G, G);
+    lq2_rope_table(&rope, bk.slot_pos.data() + g * G, G, G, rope_table.data() + g * per_group);
+}
+
+bool logquant_cache::plan(llama_kv_cells & cells, const llama_ubatch & ubatch) {
     if (!overrides_checked) { // every add_layer has run by now
         overrides_checked = true;
         for (const auto & lb : settings.layer_bits) {
@@ -229,157 +316,242 @@ bool logquant_cache::plan(llama_kv_cells & cells, const int32_t * pos, uint32_t 
             }
         }
     }
-    ubatch_pos.assign(pos, pos + n);
+    ubatch_pos.assign(ubatch.pos, ubatch.pos + ubatch.n_tokens);
+    ubatch_seq.resize(ubatch.n_tokens);
+    for (uint32_t t = 0; t < ubatch.n_tokens; t++) {
+        ubatch_seq[t] = ubatch.seq_id[t][0];
+    }
     pending.clear();
     if (!planning) {
         return true;
     }
 
-    const std::vector<int32_t> f16 = f16_positions(cells);
-    std::vector<int32_t> all(sorted.size() + f16.size());
-    std::merge(sorted.begin(), sorted.end(), f16.begin(), f16.end(), all.begin());
-    const std::vector<int32_t> keep = full_positions(all, settings.window, settings.policy);
+    // Only the ubatch's sequences gained tokens; the others' tiers are as the policy left them.
+    std::set<int64_t> touched;
+    for (uint32_t i = 0; i < ubatch.n_seqs_unq; i++) {
+        const int32_t s = ubatch.seq_id_unq[i];
+        const auto f16 = f16_tokens(cells, s);
+        auto & q2 = bk.sorted[s];
+        std::vector<int32_t> all;
+        all.reserve(q2.size() + f16.size());
+        all = q2;
+        for (const auto & [p, idx] : f16) {
+            all.push_back(p);
+        }
+        std::inplace_merge(all.begin(), all.begin() + q2.size(), all.end());
+        const std::vector<int32_t> keep = full_positions(all, settings.window, settings.policy);
 
-    std::vector<int32_t> leaving;
-    for (const auto & [p, idx] : cells.seq_pos_get(0)) {
-        if (!std::binary_search(keep.begin(), keep.end(), p)) {
-            if (n_slots >= (int64_t) capacity) {
+        std::vector<int32_t> leaving;
+        for (const auto & [p, idx] : f16) {
+            if (std::binary_search(keep.begin(), keep.end(), p)) {
+                continue;
+            }
+            const int64_t slot = alloc_slot(s);
+            if (slot < 0) {
                 LLAMA_LOG_ERROR("%s: the 2-bit tier is full (%u tokens)\n", __func__, capacity);
                 pending.clear();
                 return false;
             }
-            pending.push_back({idx, p, n_slots});
-            slot_pos[n_slots++] = p;
+            pending.push_back({idx, p, slot});
+            bk.slot_pos[slot] = p;
+            bk.slot_seq[slot].reset();
+            bk.slot_seq[slot].set(s);
+            bk.group_live[slot / G]++;
+            touched.insert(slot / G);
             leaving.push_back(p);
+            // the row stays in the buffer until the demote node has read it; a cell other
+            // sequences still keep in f16 stays theirs
+            cells.seq_rm(idx, s);
         }
+        const size_t n_old = q2.size();
+        q2.insert(q2.end(), leaving.begin(), leaving.end());
+        std::inplace_merge(q2.begin(), q2.begin() + n_old, q2.end());
     }
-    for (const auto & d : pending) {
-        cells.rm(d.cell); // the row stays in the buffer until the demote node has read it
+    std::sort(pending.begin(), pending.end(),
+              [](const demotion & a, const demotion & b) { return a.slot < b.slot; });
+    for (int64_t g : touched) {
+        refresh_rope_group(g);
     }
-    std::vector<int32_t> merged(sorted.size() + leaving.size());
-    std::merge(sorted.begin(), sorted.end(), leaving.begin(), leaving.end(), merged.begin());
-    sorted.swap(merged);
-    refresh_rope_table();
     return true;
 }
 
-void logquant_cache::refresh_rope_table() {
-    if (rope.n_dims == 0 || n_slots_table >= n_slots) {
-        n_slots_table = std::max(n_slots_table, n_slots);
+bool logquant_cache::seq_rm(llama_kv_cells & cells, int32_t seq_id, int32_t p0, int32_t p1) {
+    p0 = std::max(p0, 0);
+    std::vector<int32_t> seqs;
+    for (int32_t s = 0; s < (int32_t) n_seq_max; s++) {
+        if ((seq_id < 0 || s == seq_id) && !bk.sorted[s].empty()) {
+            seqs.push_back(s);
+        }
+    }
+    // All or nothing: first check every sequence, then change them.
+    std::vector<std::pair<int32_t, int32_t>> todo; // (sequence, first position removed)
+    for (int32_t s : seqs) {
+        const int32_t max_pos = seq_pos_max(s, cells.seq_pos_max(s));
+        const int32_t e = (p1 < 0 || p1 > max_pos) ? max_pos + 1 : p1;
+        if (p0 >= e) {
+            continue;
+        }
+        if (e != max_pos + 1) {
+            return false; // a hole in the middle: the policy is defined on a prefix-closed sequence
+        }
+        if (p0 > 0) {
+            // Dropping the tail [p0, end): the tokens that stay must not need to come back to f16.
+            const auto & q2 = bk.sorted[s];
+            std::vector<int32_t> all;
+            for (const auto & [p, idx] : f16_tokens(cells, s)) {
+                if (p < p0) {
+                    all.push_back(p);
+                }
+            }
+            const auto q2_end = std::lower_bound(q2.begin(), q2.end(), p0);
+            const size_t n_f16 = all.size();
+            all.insert(all.end(), q2.begin(), q2_end);
+            std::inplace_merge(all.begin(), all.begin() + n_f16, all.end());
+            for (int32_t p : full_positions(all, settings.window, settings.policy)) {
+                if (std::binary_search(q2.begin(), q2_end, p)) {
+                    LLAMA_LOG_DEBUG("%s: truncating sequence %d at %d would bring 2-bit token %d back to f16: "
+                                    "refused\n", __func__, s, p0, p);
+                    return false;
+                }
+            }
+        }
+        todo.emplace_back(s, p0);
+    }
+    for (const auto & [s, first] : todo) {
+        for (int64_t slot = 0; slot < bk.n_slots; slot++) {
+            if (bk.slot_pos[slot] >= first) {
+                drop_seq_from_slot(slot, s);
+            }
+        }
+        auto & q2 = bk.sorted[s];
+        q2.erase(std::lower_bound(q2.begin(), q2.end(), first), q2.end());
+        if (q2.empty()) {
+            bk.open_group[s] = -1; // a sequence that starts over gets fresh groups
+        }
+    }
+    settle_groups();
+    return true;
+}
+
+void logquant_cache::seq_cp(int32_t seq_src, int32_t seq_dst, int32_t p0, int32_t p1) {
+    if (seq_src == seq_dst) {
         return;
     }
-    // Groups are recomputed whole: G positions, a few hundred sincos.
-    const int64_t g0 = n_slots_table / G;
-    const int64_t g1 = (n_slots + G - 1) / G;
-    const size_t  per_group = lq2_rope_table_size(&rope, G, G);
-    for (int64_t g = g0; g < g1; g++) {
-        const int64_t n_in = std::min<int64_t>(G, n_slots - g * G);
-        lq2_rope_table(&rope, slot_pos.data() + g * G, n_in, G, rope_table.data() + g * per_group);
+    p0 = std::max(p0, 0);
+    p1 = p1 < 0 ? std::numeric_limits<int32_t>::max() : p1;
+    auto & dst = bk.sorted[seq_dst];
+    const size_t n_old = dst.size();
+    for (int64_t slot = 0; slot < bk.n_slots; slot++) {
+        const int32_t p = bk.slot_pos[slot];
+        if (p >= p0 && p < p1 && bk.slot_seq[slot].test(seq_src) && !bk.slot_seq[slot].test(seq_dst)) {
+            bk.slot_seq[slot].set(seq_dst);
+            dst.push_back(p);
+        }
     }
-    n_slots_table = n_slots;
+    std::sort(dst.begin() + n_old, dst.end());
+    std::inplace_merge(dst.begin(), dst.begin() + n_old, dst.end());
 }
 
-bool logquant_cache::seq_rm(llama_kv_cells & cells, int32_t p0, int32_t p1) {
-    if (p0 < 0) {
-        p0 = 0;
-    }
-    const int32_t max_pos = seq_pos_max(cells.seq_pos_max(0));
-    if (p1 < 0 || p1 > max_pos) {
-        p1 = max_pos + 1;
-    }
-    if (p0 >= p1) {
-        return true;
-    }
-    if (p0 == 0) {
-        clear();
-        return true;
-    }
-    if (p1 != max_pos + 1) {
-        return false; // a hole in the middle: the policy is defined on a prefix-closed sequence
-    }
-    // Dropping the tail [p0, end): the tokens that stay must not need to come back to f16.
-    std::vector<int32_t> f16;
-    for (int32_t p : f16_positions(cells)) {
-        if (p < p0) {
-            f16.push_back(p);
+void logquant_cache::seq_keep(int32_t seq_id) {
+    for (int32_t s = 0; s < (int32_t) n_seq_max; s++) {
+        if (s == seq_id || bk.sorted[s].empty()) {
+            continue;
         }
-    }
-    const auto q2_end = std::lower_bound(sorted.begin(), sorted.end(), p0);
-    std::vector<int32_t> all((q2_end - sorted.begin()) + f16.size());
-    std::merge(sorted.begin(), q2_end, f16.begin(), f16.end(), all.begin());
-    for (int32_t p : full_positions(all, settings.window, settings.policy)) {
-        if (std::binary_search(sorted.begin(), q2_end, p)) {
-            LLAMA_LOG_DEBUG("%s: truncating at %d would bring 2-bit token %d back to f16: refused\n",
-                            __func__, p0, p);
-            return false;
+        for (int64_t slot = 0; slot < bk.n_slots; slot++) {
+            drop_seq_from_slot(slot, s);
         }
+        bk.sorted[s].clear();
+        bk.open_group[s] = -1;
     }
-    for (int64_t s = 0; s < n_slots; s++) {
-        if (slot_pos[s] >= p0) {
-            slot_pos[s] = -1;
-        }
-    }
-    sorted.erase(q2_end, sorted.end());
-    return true;
+    settle_groups();
 }
 
 void logquant_cache::clear() {
-    std::fill(slot_pos.begin(), slot_pos.end(), -1);
-    sorted.clear();
+    std::fill(bk.slot_pos.begin(), bk.slot_pos.end(), -1);
+    std::fill(bk.slot_seq.begin(), bk.slot_seq.end(), seq_set());
+    for (auto & q2 : bk.sorted) {
+        q2.clear();
+    }
+    std::fill(bk.open_group.begin(), bk.open_group.end(), -1);
+    std::fill(bk.group_fill.begin(), bk.group_fill.end(), 0);
+    std::fill(bk.group_live.begin(), bk.group_live.end(), 0);
+    bk.n_slots = 0;
+    for (auto & l : layers) {
+        l.staging.clear();
+    }
     pending.clear();
-    n_slots = 0;
-    n_slots_table = 0;
 }
 
-int32_t logquant_cache::seq_pos_min(int32_t cells_min) const {
-    if (sorted.empty()) {
+int32_t logquant_cache::seq_pos_min(int32_t seq_id, int32_t cells_min) const {
+    const auto & q2 = bk.sorted[seq_id];
+    if (q2.empty()) {
         return cells_min;
     }
-    return cells_min < 0 ? sorted.front() : std::min(cells_min, sorted.front());
+    return cells_min < 0 ? q2.front() : std::min(cells_min, q2.front());
 }
 
-int32_t logquant_cache::seq_pos_max(int32_t cells_max) const {
-    if (sorted.empty()) {
+int32_t logquant_cache::seq_pos_max(int32_t seq_id, int32_t cells_max) const {
+    const auto & q2 = bk.sorted[seq_id];
+    if (q2.empty()) {
         return cells_max;
     }
-    return std::max(cells_max, sorted.back());
-}
-
-logquant_cache::snapshot logquant_cache::save() const {
-    return {n_slots, sorted};
+    return std::max(cells_max, q2.back());
 }
 
 void logquant_cache::restore(const snapshot & s) {
-    for (int64_t i = s.n_slots; i < n_slots; i++) {
-        slot_pos[i] = -1;
-    }
-    n_slots       = s.n_slots;
-    n_slots_table = std::min(n_slots_table, n_slots);
-    sorted        = s.sorted;
+    bk = s;
     pending.clear();
 }
 
 // ---------------------------------------------------------------------------------------------
 // state: a tagged section after llama_kv_cache's own data
 
-static constexpr uint32_t STATE_MAGIC   = 0x4c513202; // "LQ2", version 2 (per-layer code bits)
-static constexpr uint32_t STATE_NO_LQ   = 0x4c513200; // written by a cache without LogQuant
+static constexpr uint32_t STATE_MAGIC   = 0x4c513203; // "LQ2", version 3 (sequences per slot)
 
-void logquant_cache::state_write(llama_io_write_i & io) const {
+void logquant_cache::state_write(llama_io_write_i & io, int32_t seq_id) const {
+    if (seq_id != -1) {
+        // a sequence's 2-bit slots are interleaved with the others' in shared groups
+        throw std::runtime_error("the LogQuant cache saves the whole context's state only, not one sequence's");
+    }
     io.write(&STATE_MAGIC, sizeof(STATE_MAGIC));
     const int32_t w = settings.window, pol = settings.policy, g = G, rd = rope.n_dims;
     io.write(&w, sizeof(w));
     io.write(&pol, sizeof(pol));
     io.write(&g, sizeof(g));
     io.write(&rd, sizeof(rd)); // 0: keys stored after RoPE
-    io.write(&n_slots, sizeof(n_slots));
-    io.write(slot_pos.data(), n_slots * sizeof(int32_t));
+    const int64_t n = bk.n_slots;
+    const int64_t n_grp = (n + G - 1) / G;
+    io.write(&n, sizeof(n));
+    io.write(bk.slot_pos.data(), n * sizeof(int32_t));
+    // the sequences of each valid slot, as (count, ids)
+    for (int64_t slot = 0; slot < n; slot++) {
+        std::vector<int32_t> ids;
+        for (int32_t s = 0; s < (int32_t) n_seq_max && bk.slot_pos[slot] >= 0; s++) {
+            if (bk.slot_seq[slot].test(s)) {
+                ids.push_back(s);
+            }
+        }
+        const int32_t n_ids = (int32_t) ids.size();
+        io.write(&n_ids, sizeof(n_ids));
+        io.write(ids.data(), ids.size() * sizeof(int32_t));
+    }
+    io.write(bk.group_fill.data(), n_grp * sizeof(int32_t));
+    // open groups: (sequence, group) pairs
+    std::vector<int64_t> open;
+    for (int32_t s = 0; s < (int32_t) n_seq_max; s++) {
+        if (bk.open_group[s] >= 0) {
+            open.push_back(s);
+            open.push_back(bk.open_group[s]);
+        }
+    }
+    const int32_t n_open = (int32_t) open.size() / 2;
+    io.write(&n_open, sizeof(n_open));
+    io.write(open.data(), open.size() * sizeof(int64_t));
     const uint32_t n_layers = layers.size();
     io.write(&n_layers, sizeof(n_layers));
     for (const auto & l : layers) {
-        const int64_t n_groups = (n_slots + G - 1) / G;
-        const size_t  k_bytes  = n_groups * l.k_group_bytes;
-        const size_t  v_bytes  = n_slots * l.v_row_bytes;
+        const size_t k_bytes = n_grp * l.k_group_bytes;
+        const size_t v_bytes = n * l.v_row_bytes;
         io.write(&l.il, sizeof(l.il));
         io.write(&l.k_bits, sizeof(l.k_bits));
         io.write(&l.v_bits, sizeof(l.v_bits));
@@ -387,17 +559,26 @@ void logquant_cache::state_write(llama_io_write_i & io) const {
             io.write_tensor(l.k2, 0, k_bytes);
             io.write_tensor(l.v2, 0, v_bytes);
         }
-        // the open group's pre-RoPE f16-precision rows: needed to requantize it as it grows
-        const size_t n_open = n_slots % G;
-        io.write(l.staging.data(), n_open * l.n_embd_k_gqa * sizeof(float));
+        // the open groups' pre-RoPE f16-precision rows: needed to requantize them as they grow
+        for (int32_t i = 0; i < n_open; i++) {
+            const int64_t grp = open[2 * i + 1];
+            const auto it = l.staging.find(grp);
+            GGML_ASSERT(it != l.staging.end());
+            io.write(it->second.data(), (size_t) bk.group_fill[grp] * l.n_embd_k_gqa * sizeof(float));
+        }
     }
 }
 
-bool logquant_cache::state_read(llama_io_read_i & io) {
+bool logquant_cache::state_read(llama_io_read_i & io, int32_t seq_id) {
+    if (seq_id != -1) {
+        LLAMA_LOG_ERROR("%s: the LogQuant cache restores the whole context's state only, not one sequence's\n",
+                        __func__);
+        return false;
+    }
     uint32_t magic = 0;
     io.read(&magic, sizeof(magic));
     if (magic != STATE_MAGIC) {
-        LLAMA_LOG_ERROR("%s: this state was not saved by a LogQuant cache\n", __func__);
+        LLAMA_LOG_ERROR("%s: this state was not saved by a LogQuant cache of this version\n", __func__);
         return false;
     }
     int32_t w = 0, pol = 0, g = 0, rd = 0;
@@ -412,14 +593,52 @@ bool logquant_cache::state_read(llama_io_read_i & io) {
     }
     int64_t n = 0;
     io.read(&n, sizeof(n));
-    if (n < 0 || n > (int64_t) capacity) {
-        LLAMA_LOG_ERROR("%s: state holds %lld 2-bit tokens, more than this context's %u\n", __func__,
-                        (long long) n, capacity);
+    if (n < 0 || n > (int64_t) bk.slot_pos.size()) {
+        LLAMA_LOG_ERROR("%s: state holds %lld 2-bit slots, more than this context's %zu\n", __func__,
+                        (long long) n, bk.slot_pos.size());
         return false;
     }
     clear();
-    n_slots = n;
-    io.read(slot_pos.data(), n * sizeof(int32_t));
+    const int64_t n_grp = (n + G - 1) / G;
+    auto fail = [&](const char * what) {
+        LLAMA_LOG_ERROR("%s: %s\n", __func__, what);
+        clear();
+        return false;
+    };
+    io.read(bk.slot_pos.data(), n * sizeof(int32_t));
+    for (int64_t slot = 0; slot < n; slot++) {
+        int32_t n_ids = 0;
+        io.read(&n_ids, sizeof(n_ids));
+        if (n_ids < 0 || n_ids > (int32_t) n_seq_max) {
+            return fail("corrupt slot sequences");
+        }
+        for (int32_t i = 0; i < n_ids; i++) {
+            int32_t s = -1;
+            io.read(&s, sizeof(s));
+            if (s < 0 || s >= (int32_t) n_seq_max) {
+                return fail("the state holds a sequence id this context does not have");
+            }
+            bk.slot_seq[slot].set(s);
+            bk.sorted[s].push_back(bk.slot_pos[slot]);
+        }
+        if (bk.slot_pos[slot] >= 0) {
+            bk.group_live[slot / G]++;
+        }
+    }
+    io.read(bk.group_fill.data(), n_grp * sizeof(int32_t));
+    int32_t n_open = 0;
+    io.read(&n_open, sizeof(n_open));
+    if (n_open < 0 || n_open > (int32_t) n_seq_max) {
+        return fail("corrupt open groups");
+    }
+    std::vector<int64_t> open(2 * (size_t) n_open);
+    io.read(open.data(), open.size() * sizeof(int64_t));
+    for (int32_t i = 0; i < n_open; i++) {
+        if (open[2 * i] < 0 || open[2 * i] >= (int64_t) n_seq_max || open[2 * i + 1] < 0 || open[2 * i + 1] >= n_grp) {
+            return fail("corrupt open groups");
+        }
+        bk.open_group[open[2 * i]] = open[2 * i + 1];
+    }
     uint32_t n_layers = 0;
     io.read(&n_layers, sizeof(n_layers));
     if (n_layers != layers.size()) {
@@ -438,31 +657,35 @@ bool logquant_cache::state_read(llama_io_read_i & io) {
             clear();
             return false;
         }
-        const int64_t n_groups = (n_slots + G - 1) / G;
-        const size_t  k_bytes  = n_groups * l.k_group_bytes;
-        const size_t  v_bytes  = n_slots * l.v_row_bytes;
+        const size_t k_bytes = n_grp * l.k_group_bytes;
+        const size_t v_bytes = n * l.v_row_bytes;
         if (k_bytes > 0) {
             io.read_tensor(l.k2, 0, k_bytes);
             io.read_tensor(l.v2, 0, v_bytes);
         }
-        io.read(l.staging.data(), (n_slots % G) * l.n_embd_k_gqa * sizeof(float));
-    }
-    for (int64_t s = 0; s < n_slots; s++) {
-        if (slot_pos[s] >= 0) {
-            sorted.push_back(slot_pos[s]);
+        for (int32_t i = 0; i < n_open; i++) {
+            const int64_t grp = open[2 * i + 1];
+            auto & st = l.staging[grp];
+            st.assign((size_t) G * l.n_embd_k_gqa, 0.0f);
+            io.read(st.data(), (size_t) bk.group_fill[grp] * l.n_embd_k_gqa * sizeof(float));
         }
     }
-    std::sort(sorted.begin(), sorted.end());
-    n_slots_table = 0;
-    refresh_rope_table();
+    for (auto & q2 : bk.sorted) {
+        std::sort(q2.begin(), q2.end());
+    }
+    bk.n_slots = n;
+    for (int64_t grp = 0; grp < n_grp; grp++) {
+        refresh_rope_group(grp);
+    }
     return true;
 }
 
 logquant_tier_stats logquant_cache::stats(const llama_kv_cells & cells, int64_t bytes_f16) const {
     logquant_tier_stats s{};
-    s.n_f16     = (int64_t) cells.seq_pos_get(0).size();
-    s.n_q2      = (int64_t) sorted.size();
-    s.n_slots   = n_slots;
+    s.n_f16     = (int64_t) cells.get_used();
+    s.n_q2      = (int64_t) std::count_if(bk.slot_pos.begin(), bk.slot_pos.begin() + bk.n_slots,
+                                          [](int32_t p) { return p >= 0; });
+    s.n_slots   = bk.n_slots;
     s.bytes_f16 = bytes_f16;
     double bits = 0.0, values = 0.0;
     for (const auto & l : layers) {
@@ -471,6 +694,7 @@ logquant_tier_stats logquant_cache::stats(const llama_kv_cells & cells, int64_t 
         values += (double) (l.n_embd_k_gqa + l.n_embd_v_gqa);
     }
     s.q2_bits_per_value = values > 0.0 ? bits / values : 0.0;
+    s.bytes_rope_table  = (int64_t) (rope_table.size() * sizeof(float));
     return s;
 }
 
@@ -498,24 +722,30 @@ static void logquant_demote_op(ggml_tensor * dst, int ith, int nth, void * userd
     std::vector<float> row(std::max(nk, nv));
     for (size_t i = 0; i < lq.pending.size(); i++) {
         const auto & d = lq.pending[i];
+        const int64_t grp = d.slot / G;
         // values: per token
         const ggml_fp16_t * vsrc = (const ggml_fp16_t *) ((const char *) vc->data + d.cell * vc->nb[1]);
         ggml_fp16_to_fp32_row(vsrc, row.data(), nv);
         lq2_quantize_v_row(row.data(), (char *) l.v2->data + d.slot * vrow_bytes, nv, l.v_bits);
-        // keys: un-rotate, stage in the open group, requantize the group when it fills or the
-        // ubatch's demotions end inside it
+        // keys: un-rotate, stage in the group's open rows, requantize the group when it fills or
+        // this ubatch's demotions into it end (pending is in slot order: a group's are adjacent)
+        auto & staging = l.staging[grp];
+        staging.resize((size_t) G * nk);
         const ggml_fp16_t * ksrc = (const ggml_fp16_t *) ((const char *) kc->data + d.cell * kc->nb[1]);
-        float * staged = l.staging.data() + (d.slot % G) * nk;
+        float * staged = staging.data() + (d.slot % G) * nk;
         ggml_fp16_to_fp32_row(ksrc, staged, nk);
         if (lq.rope.n_dims > 0) {
             lq2_rope_rows(&lq.rope, staged, (int) D, (int) l.n_head_kv, d.pos, /*inverse =*/ 1);
         }
         const bool last_of_group = d.slot % G == G - 1;
-        const bool last_of_batch = i + 1 == lq.pending.size();
+        const bool last_of_batch = i + 1 == lq.pending.size() || lq.pending[i + 1].slot / G != grp;
         if (last_of_group || last_of_batch) {
             const int n_tok = (int) (d.slot % G) + 1;
-            lq2_quantize_k_group(l.staging.data(), nk, n_tok, (int) nk, (int) G, l.k_bits,
-                                 (char *) l.k2->data + (d.slot / G) * group_bytes);
+            lq2_quantize_k_group(staging.data(), nk, n_tok, (int) nk, (int) G, l.k_bits,
+                                 (char *) l.k2->data + grp * group_bytes);
+        }
+        if (last_of_group) {
+            l.staging.erase(grp); // full: never requantized again
         }
     }
 }
@@ -559,7 +789,7 @@ static void logquant_attn_op(ggml_tensor * dst, int ith, int nth, void * userdat
     qrow.resize(D * n_head);
     out.resize(D * n_head);
     mask_a.resize(n_kv);
-    mask_b.resize(lq.n_slots);
+    mask_b.resize(lq.bk.n_slots);
 
     lq2_tier_f16 ta;
     ta.n    = n_kv;
@@ -570,7 +800,7 @@ static void logquant_attn_op(ggml_tensor * dst, int ith, int nth, void * userdat
     ta.mask = mask_a.data();
 
     lq2_tier_q2 tb;
-    tb.n          = lq.n_slots;
+    tb.n          = lq.bk.n_slots;
     tb.G          = lq.G;
     tb.k_bits     = l.k_bits;
     tb.v_bits     = l.v_bits;
@@ -578,7 +808,7 @@ static void logquant_attn_op(ggml_tensor * dst, int ith, int nth, void * userdat
     tb.nb_kg      = l.k_group_bytes;
     tb.v          = l.v2->data;
     tb.nb_v       = l.v_row_bytes;
-    tb.pos        = lq.slot_pos.data();
+    tb.pos        = lq.bk.slot_pos.data();
     tb.rope       = lq.rope;
     tb.rope_table = lq.rope.n_dims > 0 ? lq.rope_table.data() : nullptr;
     tb.mask       = mask_b.data();
@@ -596,9 +826,11 @@ static void logquant_attn_op(ggml_tensor * dst, int ith, int nth, void * userdat
                                                     : ((const float *) mrow)[j];
         }
         const int32_t qpos = lq.ubatch_pos[t];
-        for (int64_t s = 0; s < lq.n_slots; s++) {
-            const int32_t kp = lq.slot_pos[s];
-            mask_b[s] = (kp < 0 || kp > qpos) ? -INFINITY : (l.max_bias > 0.0f ? -(float) std::abs(qpos - kp) : 0.0f);
+        const int32_t qseq = lq.ubatch_seq[t];
+        for (int64_t s = 0; s < lq.bk.n_slots; s++) {
+            const int32_t kp = lq.bk.slot_pos[s];
+            mask_b[s] = (kp < 0 || kp > qpos || !lq.bk.slot_seq[s].test(qseq))
+                ? -INFINITY : (l.max_bias > 0.0f ? -(float) std::abs(qpos - kp) : 0.0f);
         }
         float * dst_t = (float *) ((char *) dst->data + t * dst->nb[2]);
         if (by_token) {

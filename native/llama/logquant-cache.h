@@ -13,14 +13,20 @@
 // and the attention op reads both tiers in one online-softmax pass. Both ops are ggml custom ops
 // that read this plan through their userdata: no per-step host copy of tensor data.
 //
-// Scope of this first version: one sequence, one stream, CPU backend. The cache refuses the
-// rest clearly (see logquant_cache::check_supported).
+// Sequences: any number in one unified stream (kv_unified, as llama-cpp-python's embedding mode
+// sets it). The 2-bit tier is shared storage in groups of G slots; a group is filled by one
+// sequence at a time (its "open" group), so each sequence's tokens are grouped exactly as in a
+// single-sequence run, and every slot carries the set of sequences that hold it (seq_cp shares
+// slots, like llama.cpp's cells). One stream per context and the CPU backend for now: the cache
+// refuses the rest clearly (see logquant_cache::check_supported).
 #pragma once
 
 #include "lq2-rope.h"
 
 #include "ggml.h"
+#include "llama-cparams.h"
 
+#include <bitset>
 #include <cstdint>
 #include <map>
 #include <string>
@@ -30,6 +36,7 @@
 class  llama_kv_cells;
 struct llama_hparams;
 struct llama_model;
+struct llama_ubatch;
 class  llama_io_write_i;
 class  llama_io_read_i;
 
@@ -70,16 +77,19 @@ void              logquant_settings_set(const logquant_settings & s);
 // Per-tier figures for the C API's statistics.
 struct logquant_tier_stats {
     int64_t n_f16;     // tokens in the f16 tier
-    int64_t n_q2;      // tokens in the 2-bit tier (valid slots)
-    int64_t n_slots;   // 2-bit slots used, valid or freed by a truncation
+    int64_t n_q2;      // tokens in the 2-bit tier (valid slots; a slot shared by seq_cp counts once)
+    int64_t n_slots;   // 2-bit slots the attention scans: valid, freed, or not yet filled
     int64_t bytes_f16; // f16 K/V bytes allocated
     int64_t bytes_q2;  // 2-bit K/V bytes allocated
+    int64_t bytes_rope_table; // the host-side cos/sin table of the slots (pre-RoPE keys only)
     double  q2_bits_per_value; // storage of the low-bit tier per K or V value, scales included,
                                // over the layers this cache holds (the code bits decide it)
 };
 
 class logquant_cache {
 public:
+    using seq_set = std::bitset<LLAMA_MAX_SEQ>;
+
     const int G; // tokens per key group (settings.key_group): 2 + 32/64 = 2.5 bits per key value
 
     // kv_size: cells the caller asked for (the context size); the 2-bit tier holds that many.
@@ -87,21 +97,24 @@ public:
                    uint32_t n_seq_max, bool unified);
 
     // Empty when this model and setup can use LogQuant; else the reason, for the error message.
-    std::string check_supported(const llama_hparams & hparams, uint32_t n_seq_max, bool v_trans) const;
+    std::string check_supported(const llama_hparams & hparams, uint32_t n_seq_max, bool unified, bool v_trans) const;
 
-    // How many f16 cells the full-precision tier needs (<= kv_size_requested).
+    // How many f16 cells the full-precision tier needs (<= kv_size_requested): 3W per sequence
+    // plus one ubatch.
     uint32_t f16_cells(uint32_t kv_size_requested, uint32_t n_pad) const;
 
     // Creates layer il's 2-bit tensors in ctx (allocated with the cache's other tensors).
     void add_layer(ggml_context * ctx, int32_t il, uint32_t n_embd_k_gqa, uint32_t n_embd_v_gqa,
                    uint32_t n_head_kv);
 
-    // find_slot asks first: can n more tokens be demoted if need be?
-    bool has_room(uint32_t n) const { return n_slots + (int64_t) n <= (int64_t) capacity; }
+    // find_slot asks first: can a ubatch of n tokens of n_seqs sequences be demoted if need be?
+    // (each sequence may open a new group)
+    bool has_room(uint32_t n, uint32_t n_seqs) const;
 
-    // After apply_ubatch placed a ubatch of n tokens at positions pos: decide demotions, free
-    // their cells. Returns false if the 2-bit tier is full.
-    bool plan(llama_kv_cells & cells, const int32_t * pos, uint32_t n);
+    // After apply_ubatch placed a ubatch: decide the demotions of its sequences, free their cells
+    // (or drop the leaving sequence from a cell other sequences still keep in f16). Returns false
+    // if the 2-bit tier is full.
+    bool plan(llama_kv_cells & cells, const llama_ubatch & ubatch);
 
     // While a state is read back, its cells are placed as saved: no tier decisions then.
     struct plan_pause {
@@ -112,25 +125,38 @@ public:
     bool planning = true;
     bool overrides_checked = false;
 
-    // seq_rm of positions [p0, p1) of the sequence. Returns false (nothing changed) when the
-    // policy would bring 2-bit tokens back to f16: their f16 values are gone, so the caller must
-    // re-evaluate (llama-cpp-python then re-evaluates the prompt; results equal a fresh run).
-    bool seq_rm(llama_kv_cells & cells, int32_t p0, int32_t p1);
+    // seq_rm of positions [p0, p1) of sequence seq_id (-1: every sequence). Returns false (nothing
+    // changed) when the policy would bring 2-bit tokens back to f16: their f16 values are gone, so
+    // the caller must re-evaluate (llama-cpp-python then re-evaluates the prompt; results equal a
+    // fresh run). Allowed: a tail [p0, end), or the whole sequence.
+    bool seq_rm(llama_kv_cells & cells, int32_t seq_id, int32_t p0, int32_t p1);
+    // The 2-bit part of llama.cpp's seq_cp / seq_keep (which handle the f16 cells): slots are
+    // shared, not copied.
+    void seq_cp(int32_t seq_src, int32_t seq_dst, int32_t p0, int32_t p1);
+    void seq_keep(int32_t seq_id);
     void clear();
 
-    int32_t seq_pos_min(int32_t cells_min) const;
-    int32_t seq_pos_max(int32_t cells_max) const;
+    int32_t seq_pos_min(int32_t seq_id, int32_t cells_min) const;
+    int32_t seq_pos_max(int32_t seq_id, int32_t cells_max) const;
 
-    // prepare() in llama_kv_cache simulates all ubatches, then restores: snapshot / restore.
-    struct snapshot {
-        int64_t n_slots;
-        std::vector<int32_t> sorted;
+    // The host-side bookkeeping of the 2-bit tier. prepare() in llama_kv_cache simulates all
+    // ubatches, then restores it: save / restore copy it whole.
+    struct book {
+        std::vector<int32_t> slot_pos;             // slot -> position; -1: free or never filled
+        std::vector<seq_set> slot_seq;             // slot -> the sequences that hold it
+        std::vector<std::vector<int32_t>> sorted;  // per sequence: its 2-bit positions, ascending
+        std::vector<int64_t> open_group;           // per sequence: group of its next demotion, -1: none
+        std::vector<int32_t> group_fill;           // per group: slots handed out; 0: the group is free
+        std::vector<int32_t> group_live;           // per group: valid slots
+        int64_t n_slots = 0;                       // slots [0, n_slots) are what attention scans
     };
-    snapshot save() const;
+    using snapshot = book;
+    snapshot save() const { return bk; }
     void     restore(const snapshot & s);
 
-    void state_write(llama_io_write_i & io) const;
-    bool state_read (llama_io_read_i  & io);
+    // The whole context's state only: a sequence's own state (llama_state_seq_*) is refused.
+    void state_write(llama_io_write_i & io, int32_t seq_id) const;
+    bool state_read (llama_io_read_i  & io, int32_t seq_id);
 
     logquant_tier_stats stats(const llama_kv_cells & cells, int64_t bytes_f16) const;
 
@@ -151,7 +177,9 @@ public:
         int32_t       il;
         ggml_tensor * k2;      // I8: groups of G tokens x n_embd_k_gqa key blocks of k_bits codes
         ggml_tensor * v2;      // I8: slots x n_embd_v_gqa / 64 value blocks of v_bits codes
-        std::vector<float> staging; // pre-RoPE keys of the open (partial) group: G x n_embd_k_gqa
+        // pre-RoPE keys of the open (partial) groups, G x n_embd_k_gqa each: a group is
+        // requantized whole as it grows
+        std::map<int64_t, std::vector<float>> staging;
         uint32_t n_embd_k_gqa;
         uint32_t n_embd_v_gqa;
         uint32_t n_head_kv;
@@ -169,19 +197,22 @@ public:
     };
 
     lq2_rope_params         rope;       // n_dims 0: keys stay post-RoPE (explicit fallback)
-    std::vector<int32_t>    slot_pos;   // slot -> position, -1 when freed by a truncation
+    book                    bk;
     std::vector<float>      rope_table; // lq2_rope_table layout, one block of n_dims * G per group
     std::vector<demotion>   pending;    // this ubatch's demotions, in slot order
     std::vector<int32_t>    ubatch_pos; // this ubatch's positions (the queries' causal limit)
-    int64_t                 n_slots = 0;
-    int64_t                 n_slots_table = 0; // rows of rope_table filled
-
-    void refresh_rope_table(); // fills rope_table for slots [n_slots_table, n_slots)
+    std::vector<int32_t>    ubatch_seq; // and sequences (the first of each token's, as llama.cpp's mask)
 
 private:
     logquant_settings   settings;
-    uint32_t            capacity; // 2-bit slots
-    std::vector<int32_t> sorted;  // valid 2-bit positions, ascending
+    uint32_t            capacity;   // tokens the 2-bit tier must take: the context plus one ubatch
+    uint32_t            n_seq_max;
+    int64_t             n_groups;   // groups allocated: capacity / G plus one open group per sequence
     std::map<int32_t, size_t> layer_of;
     std::vector<layer>  layers;
+
+    int64_t alloc_slot(int32_t seq_id);    // next slot of the sequence's open group (-1: full)
+    void    drop_seq_from_slot(int64_t slot, int32_t seq_id);
+    void    settle_groups();               // frees emptied groups, recomputes n_slots
+    void    refresh_rope_group(int64_t g); // rope_table of group g from its positions
 };

@@ -1,0 +1,263 @@
+"""Several sequences in one LogQuant context (n_seq_max > 1, unified KV cache), through
+llama.cpp's own batch and memory API: each sequence is grouped and demoted exactly as if it were
+alone, seq_rm / seq_cp / seq_keep act on one sequence's 2-bit slots, the state carries them all.
+llama-cpp-python's Llama runs one sequence; its embedding mode is the one that opens several."""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+
+from logquant_gguf import Llama, _capi, kv_types  # points llama_cpp at our build: import first
+
+import llama_cpp  # noqa: E402,I001
+
+from test_logquant import W, load, policy_model, tokens
+
+N_CTX = 1024
+# Logits of a sequence beside another vs alone: the same 2-bit groups, other summation orders (the
+# cells and slots are scanned in another order). Seen: up to 2.3e-4 on logits of size ~7; a
+# different grouping of the 2-bit tier moves them by ~1e-2 or more.
+TOL = 1e-3
+
+
+class Ctx:
+    """A raw llama.cpp context over a loaded Llama's model, with n_seq sequences."""
+
+    def __init__(self, llm: Llama, n_seq: int, kv_type: str = "logquant", unified: bool = True):
+        spec = kv_types.get(kv_type)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = N_CTX
+        params.n_batch = params.n_ubatch = 256
+        params.n_seq_max = n_seq
+        params.kv_unified = unified
+        params.n_threads = params.n_threads_batch = 2
+        params.type_k, params.type_v = spec.type_k, spec.type_v
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        if spec.is_logquant:
+            _capi.set_logquant_params(W, spec.policy, 256)
+            _capi.set_logquant_bits(kv_types.LogQuantBits())
+        self.n_vocab = llm.n_vocab()
+        self.ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+        self.batch = llama_cpp.llama_batch_init(512, 0, n_seq) if self.ctx else None
+
+    def close(self) -> None:
+        if self.batch is not None:
+            llama_cpp.llama_batch_free(self.batch)
+        if self.ctx:
+            llama_cpp.llama_free(self.ctx)
+
+    @property
+    def mem(self):
+        return llama_cpp.llama_get_memory(self.ctx)
+
+    def decode(self, parts: dict[int, tuple[int, list[int]]]) -> dict[int, np.ndarray]:
+        """One batch: for each sequence s, tokens at positions p0, p0+1, ...; returns the
+        logits after each sequence's last token."""
+        b, n, last = self.batch, 0, {}
+        for s, (p0, toks) in parts.items():
+            for i, t in enumerate(toks):
+                b.token[n], b.pos[n], b.n_seq_id[n] = t, p0 + i, 1
+                b.seq_id[n][0] = s
+                b.logits[n] = i == len(toks) - 1
+                n += 1
+            last[s] = n - 1
+        b.n_tokens = n
+        assert llama_cpp.llama_decode(self.ctx, b) == 0
+        return {s: np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, i),
+                                         shape=(self.n_vocab,)).astype(np.float64)
+                for s, i in last.items()}
+
+    def f16_positions(self, s: int) -> list[int]:
+        return _capi.f16_positions(ctypes.cast(self.ctx, ctypes.c_void_p).value, s)
+
+    def q2_tokens(self) -> int:
+        return _capi.kv_stats(ctypes.cast(self.ctx, ctypes.c_void_p).value)["logquant"]["n_q2"]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model):
+    model = load(tiny_model)
+    yield model
+    model.close()
+
+
+def run_alone(llm: Llama, chunks: list[list[int]]) -> list[np.ndarray]:
+    """The reference: one sequence in its own context, fed the same chunks."""
+    one = Ctx(llm, 1)
+    out, pos = [], 0
+    for c in chunks:
+        out.append(one.decode({0: (pos, c)})[0])
+        pos += len(c)
+    one.close()
+    return out
+
+
+def chunked(toks: list[int], sizes: list[int]) -> list[list[int]]:
+    out, i = [], 0
+    for n in sizes:
+        out.append(toks[i:i + n])
+        i += n
+    return out
+
+
+def test_two_sequences_each_match_their_single_sequence_run(llm):
+    """Two sequences prefilled in shared batches, then decoded side by side past several
+    demotions: each one's logits equal its run alone (up to float summation order: the 2-bit
+    groups are the same, the tiers are scanned in another order), and its f16 tier follows the
+    policy of its own positions."""
+    a, b = tokens(llm, 150, seed=1), tokens(llm, 110, seed=2)
+    sizes_a, sizes_b = [70, 50] + [1] * 30, [40, 40] + [1] * 30
+    ca, cb = chunked(a, sizes_a), chunked(b, sizes_b)
+    ctx = Ctx(llm, 2)
+    got_a, got_b, pa, pb = [], [], 0, 0
+    for xa, xb in zip(ca, cb):
+        out = ctx.decode({0: (pa, xa), 1: (pb, xb)})
+        got_a.append(out[0])
+        got_b.append(out[1])
+        pa, pb = pa + len(xa), pb + len(xb)
+    assert ctx.f16_positions(0) == policy_model(150, W)
+    assert ctx.f16_positions(1) == policy_model(110, W)
+    assert ctx.q2_tokens() == 150 + 110 - len(policy_model(150, W)) - len(policy_model(110, W))
+    ctx.close()
+    for got, want in ((got_a, run_alone(llm, ca)), (got_b, run_alone(llm, cb))):
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, atol=TOL, rtol=0)
+    # the sequences are not independent by accident: another sequence's tokens do change logits
+    assert not np.allclose(got_a[-1], got_b[-1], atol=1e-2)
+
+
+def test_removing_a_sequence_leaves_the_other_and_frees_its_slots(llm):
+    a, b, c = tokens(llm, 120, seed=3), tokens(llm, 120, seed=4), tokens(llm, 100, seed=5)
+    ctx = Ctx(llm, 2)
+    ctx.decode({0: (0, a[:-1]), 1: (0, b)})
+    q2_both = ctx.q2_tokens()
+    assert llama_cpp.llama_memory_seq_rm(ctx.mem, 1, -1, -1)
+    assert ctx.q2_tokens() == q2_both - (120 - len(policy_model(120, W)))
+    assert ctx.f16_positions(1) == []
+    assert llama_cpp.llama_memory_seq_pos_max(ctx.mem, 1) == -1
+    got_a = ctx.decode({0: (119, a[-1:])})[0]
+    # sequence 1 starts over with other text: fresh groups, as if alone
+    got_c = ctx.decode({1: (0, c)})[1]
+    ctx.close()
+    np.testing.assert_allclose(got_a, run_alone(llm, [a[:-1], a[-1:]])[1], atol=TOL, rtol=0)
+    np.testing.assert_allclose(got_c, run_alone(llm, [c])[0], atol=TOL, rtol=0)
+
+
+def test_truncating_one_sequence_is_refused_or_exact(llm):
+    """A tail truncation of one sequence follows the single-sequence rule (refused when 2-bit
+    tokens would have to come back to f16); the other sequence is untouched either way."""
+    a, b = tokens(llm, 120, seed=6), tokens(llm, 120, seed=7)
+    ctx = Ctx(llm, 2)
+    ctx.decode({0: (0, a), 1: (0, b)})
+    before = ctx.f16_positions(1)
+    assert llama_cpp.llama_memory_seq_rm(ctx.mem, 0, 119, -1)  # the last token: f16, allowed
+    assert ctx.f16_positions(0) == [p for p in policy_model(120, W) if p < 119]
+    assert not llama_cpp.llama_memory_seq_rm(ctx.mem, 0, 60, -1)  # deep: would need 2-bit back
+    assert not llama_cpp.llama_memory_seq_rm(ctx.mem, 0, 10, 20)  # a hole: refused
+    assert ctx.f16_positions(1) == before
+    assert llama_cpp.llama_memory_seq_pos_max(ctx.mem, 0) == 118
+    ctx.close()
+
+
+def test_seq_cp_shares_the_2bit_slots(llm):
+    """seq_cp of a whole sequence: the copy reads the same 2-bit slots (no new ones) and gives the
+    same next-token logits; the source, continued, still matches its run alone."""
+    a, x, y = tokens(llm, 130, seed=8), tokens(llm, 40, seed=9), tokens(llm, 40, seed=10)
+    ctx = Ctx(llm, 2)
+    ctx.decode({0: (0, a)})
+    q2 = ctx.q2_tokens()
+    llama_cpp.llama_memory_seq_cp(ctx.mem, 0, 1, -1, -1)
+    assert ctx.q2_tokens() == q2
+    assert ctx.f16_positions(1) == ctx.f16_positions(0)
+    assert llama_cpp.llama_memory_seq_pos_min(ctx.mem, 1) == 0
+    out = ctx.decode({0: (130, x[:1]), 1: (130, x[:1])})
+    np.testing.assert_allclose(out[1], out[0], atol=TOL, rtol=0)
+    # then they diverge, each demoting into its own groups
+    got = [ctx.decode({0: (131 + i, [x[1 + i]]), 1: (131 + i, [y[1 + i]])}) for i in range(39)]
+    ctx.close()
+    alone = run_alone(llm, [a] + [[t] for t in x])
+    np.testing.assert_allclose(got[-1][0], alone[-1], atol=TOL, rtol=0)
+    assert np.isfinite(got[-1][1]).all()
+
+
+def test_seq_keep(llm):
+    a, b = tokens(llm, 120, seed=11), tokens(llm, 120, seed=12)
+    ctx = Ctx(llm, 2)
+    ctx.decode({0: (0, a[:-1]), 1: (0, b)})
+    llama_cpp.llama_memory_seq_keep(ctx.mem, 0)
+    assert ctx.q2_tokens() == 119 - len(policy_model(119, W))
+    assert ctx.f16_positions(1) == []
+    got = ctx.decode({0: (119, a[-1:])})[0]
+    ctx.close()
+    np.testing.assert_allclose(got, run_alone(llm, [a[:-1], a[-1:]])[1], atol=TOL, rtol=0)
+
+
+def test_state_round_trip_with_two_sequences(llm):
+    a, b = tokens(llm, 120, seed=13), tokens(llm, 100, seed=14)
+    ctx = Ctx(llm, 2)
+    ctx.decode({0: (0, a[:-1]), 1: (0, b[:-1])})
+    n = llama_cpp.llama_state_get_size(ctx.ctx)
+    buf = (ctypes.c_uint8 * n)()
+    assert llama_cpp.llama_state_get_data(ctx.ctx, buf, n) == n
+    want = ctx.decode({0: (119, a[-1:]), 1: (99, b[-1:])})
+    other = Ctx(llm, 2)
+    assert llama_cpp.llama_state_set_data(other.ctx, buf, n) == n
+    assert other.f16_positions(0) == policy_model(119, W)
+    got = other.decode({0: (119, a[-1:]), 1: (99, b[-1:])})
+    # one sequence's own state would have to cut the shared groups apart: refused (size 0)
+    assert llama_cpp.llama_state_seq_get_size(other.ctx, 0) == 0
+    ctx.close()
+    other.close()
+    for s in (0, 1):  # restored cells may sit in other places: summation order only
+        np.testing.assert_allclose(got[s], want[s], atol=1e-5, rtol=0)
+
+
+def test_several_sequences_need_a_unified_cache(llm):
+    ctx = Ctx(llm, 2, unified=False)
+    assert not ctx.ctx  # refused at creation ("need a unified KV cache (kv_unified = true)")
+    ctx.close()
+    f16 = Ctx(llm, 2, kv_type="f16", unified=False)  # the refusal is ours, not llama.cpp's
+    assert f16.ctx
+    f16.close()
+
+
+def test_embedding_mode_opens_several_sequences(tiny_model):
+    """llama-cpp-python's embedding mode creates a unified cache with many sequences (here 256)
+    and embeds texts side by side; texts shorter than 2W stay in the f16 tier, so their
+    embeddings equal the f16 cache's."""
+    texts = ["def f(x):\n    return x + 1", "import os\nprint(os.getcwd())"]
+    got = load(tiny_model, embedding=True, logits_all=False, logquant_window=32)
+    assert got.context_params.n_seq_max > 1 and got.context_params.kv_unified
+    want = load(tiny_model, kv_type="f16", embedding=True, logits_all=False, flash_attn=True)
+    try:
+        e_got, e_want = got.embed(texts), want.embed(texts)
+    finally:
+        got.close()
+        want.close()
+    for g, w in zip(e_got, e_want):
+        np.testing.assert_allclose(np.array(g), np.array(w), atol=1e-3, rtol=0)
+
+
+def test_llama_n_seq_max(tiny_model):
+    """Llama(n_seq_max=S) opens a unified context for S sequences; the LogQuant f16 tier grows by
+    3W tokens per extra sequence (2 layers x 2 KV heads x (64 + 64) x 2 bytes per token here),
+    and the high-level API keeps working on sequence 0."""
+    one, three = load(tiny_model), load(tiny_model, n_seq_max=3)
+    try:
+        assert three.context_params.n_seq_max == 3 and three.context_params.kv_unified
+        grown = three.kv_stats()["tiers"]["f16"]["bytes"] - one.kv_stats()["tiers"]["f16"]["bytes"]
+        assert grown == 2 * 3 * W * (2 * 2 * 128 * 2)
+        seq = tokens(one, 100, seed=15)
+        one.eval(seq)
+        three.eval(seq)
+        np.testing.assert_allclose(three.scores[99], one.scores[99], atol=TOL, rtol=0)
+        assert three.__getstate__()["n_seq_max"] == 3
+    finally:
+        one.close()
+        three.close()
+    for bad in (0, 257, 2.0):
+        with pytest.raises(ValueError, match="n_seq_max"):
+            load(tiny_model, n_seq_max=bad)
