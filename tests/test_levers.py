@@ -84,10 +84,10 @@ def test_key_layouts_of_the_format_study(tiny_model, kw, ratio):
     base.close()
     llm = load(tiny_model, **kw)
     assert llm.kv_stats()["bits_per_value"] == pytest.approx(base_bits * ratio, rel=1e-6)
-    # pre-RoPE keys carry a host cos/sin table (head_dim floats per 2-bit slot, counted in the
-    # tier's bytes); post-RoPE keys need none
+    # pre-RoPE keys carry a host cos/sin table (head_dim f16 values per 2-bit slot, counted in
+    # the tier's bytes); post-RoPE keys need none
     q2 = llm.kv_stats()["tiers"]["q2"]
-    per_slot = 0 if kw.get("logquant_keys_post_rope") else 64 * 4
+    per_slot = 0 if kw.get("logquant_keys_post_rope") else 64 * 2
     slots = (1024, 1024 + 512 + 2 * 128)  # the context, plus one ubatch and two groups at most
     assert slots[0] * per_slot <= q2["rope_table_bytes"] <= slots[1] * per_slot
     llm.eval(seq)

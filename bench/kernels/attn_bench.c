@@ -118,7 +118,7 @@ int main(int argc, char ** argv) {
         uint8_t * kb = malloc(szKB * layers), * vb = malloc(szVB * layers);
         lq2_half * k16 = malloc(sz16 * 2 * layers), * v16 = malloc(sz16 * 2 * layers);
         int32_t * pos = malloc(nB * sizeof(int32_t));
-        float * tab = malloc(lq2_rope_table_size(&rope, nB, G) * sizeof(float));
+        lq2_half * tab = malloc(lq2_rope_table_size(&rope, nB, G) * sizeof(lq2_half));
         float * kpre = malloc((size_t) G * HKV * D * 4), * vrow = malloc((size_t) HKV * D * 4);
         float offs[HKV * D];
         for (int c = 0; c < HKV * D; ++c) offs[c] = 3.0f * frand();
@@ -128,7 +128,7 @@ int main(int argc, char ** argv) {
             const int n = (int) (nB - g * G < G ? nB - g * G : G);
             for (int t = 0; t < n; ++t)
                 for (int c = 0; c < HKV * D; ++c) kpre[t * HKV * D + c] = offs[c] + frand();
-            lq2_quantize_k_group(kpre, HKV * D, n, HKV * D, G, kb + g * HKV * D * kbs);
+            lq2_quantize_k_group(kpre, HKV * D, n, HKV * D, G, 2, kb + g * HKV * D * kbs);
             // the f16 loop gets the same keys, roped, at tokens NA + g * G + t
             for (int t = 0; t < n; ++t) {
                 lq2_rope_rows(&rope, kpre + t * HKV * D, D, HKV, pos[g * G + t], 0);
@@ -137,7 +137,7 @@ int main(int argc, char ** argv) {
         }
         for (int64_t t = 0; t < nB; ++t) {
             for (int c = 0; c < HKV * D; ++c) vrow[c] = frand();
-            lq2_quantize_v_row(vrow, vb + t * HKV * vbs, HKV * D);
+            lq2_quantize_v_row(vrow, vb + t * HKV * vbs, HKV * D, 2);
             for (int c = 0; c < HKV * D; ++c) v16[(NA + t) * HKV * D + c] = lq2_fp32_to_fp16(vrow[c]);
         }
         for (size_t i = 0; i < szA; ++i) {
@@ -158,8 +158,10 @@ int main(int argc, char ** argv) {
             double t0 = now();
             for (int l = 0; l < layers; ++l) {
                 const struct lq2_tier_f16 a = { NA, ka + l * szA, HKV * D * 2, va + l * szA, HKV * D * 2, NULL };
-                const struct lq2_tier_q2 b = { nB, G, kb + l * szKB, (size_t) HKV * D * kbs, vb + l * szVB,
-                                               (size_t) HKV * vbs, pos, rope, tab, NULL };
+                const struct lq2_tier_q2 b = { .n = nB, .G = G, .k_bits = 2, .v_bits = 2,
+                                               .k = kb + l * szKB, .nb_kg = (size_t) HKV * D * kbs,
+                                               .v = vb + l * szVB, .nb_v = (size_t) HKV * vbs, .pos = pos,
+                                               .rope = rope, .rope_table = tab, .mask = NULL };
                 lq2_attn_heads(&p, q, &a, &b, out, 0, 1, work);
             }
             double t1 = now();

@@ -49,6 +49,10 @@ static inline float hsum8(__m256 v) {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
+
+static inline __m256 load_f16x8(const lq2_half * x) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) x));
+}
 #endif
 
 static void f16_to_f32(const lq2_half * x, float * y, int n, int simd) {
@@ -108,20 +112,20 @@ static void scal(float * y, float a, int n) {
 }
 
 // Re-rotate channel-major keys k[D][G] with one group's table (pair i: G cos, then G sin).
-static void rope_cm(const struct lq2_rope_params * rp, float * k, const float * cs, int G, int simd) {
+static void rope_cm(const struct lq2_rope_params * rp, float * k, const lq2_half * cs, int G, int simd) {
     const int half = rp->n_dims / 2;
     for (int i = 0; i < half; ++i) {
         const int a = rp->mode == LQ2_ROPE_NEOX ? i : 2 * i;
         const int b = rp->mode == LQ2_ROPE_NEOX ? i + half : 2 * i + 1;
         float * ka = k + (int64_t) a * G;
         float * kb = k + (int64_t) b * G;
-        const float * c = cs + (int64_t) 2 * i * G;
-        const float * s = c + G;
+        const lq2_half * c = cs + (int64_t) 2 * i * G;
+        const lq2_half * s = c + G;
 #if LQ2_AVX2
         if (simd) {
             for (int t = 0; t < G; t += 8) {
                 const __m256 x0 = _mm256_loadu_ps(ka + t), x1 = _mm256_loadu_ps(kb + t);
-                const __m256 vc = _mm256_loadu_ps(c + t),  vs = _mm256_loadu_ps(s + t);
+                const __m256 vc = load_f16x8(c + t), vs = load_f16x8(s + t);
                 _mm256_storeu_ps(ka + t, _mm256_fmsub_ps(x0, vc, _mm256_mul_ps(x1, vs)));
                 _mm256_storeu_ps(kb + t, _mm256_fmadd_ps(x0, vs, _mm256_mul_ps(x1, vc)));
             }
@@ -131,8 +135,9 @@ static void rope_cm(const struct lq2_rope_params * rp, float * k, const float * 
         (void) simd;
         for (int t = 0; t < G; ++t) {
             const float x0 = ka[t], x1 = kb[t];
-            ka[t] = x0 * c[t] - x1 * s[t];
-            kb[t] = x0 * s[t] + x1 * c[t];
+            const float ct = lq2_fp16_to_fp32(c[t]), st = lq2_fp16_to_fp32(s[t]);
+            ka[t] = x0 * ct - x1 * st;
+            kb[t] = x0 * st + x1 * ct;
         }
     }
 }
@@ -177,7 +182,7 @@ static void scores_cm(const float * q, const float * k, int D, int G, float * s,
 // (one pass instead of dequantize, then rotate), for b-bit codes. Same arithmetic as dequant + rope_cm: d * code + m
 // (exact), then x0 * c - x1 * s and x0 * s + x1 * c.
 static void dequant_rope_cm_avx2(const char * kg, int D, int G, int bits, const struct lq2_rope_params * rp,
-                                 const float * cs, float * k) {
+                                 const lq2_half * cs, float * k) {
     const int kbs = LQ2_BLOCK_BYTES_B(G, bits), nb = G * bits / 8, per_byte = 8 / bits, half = rp->n_dims / 2;
     const __m256i cmask = _mm256_set1_epi32(LQ2_LEVELS_B(bits));
     for (int i = 0; i < half; ++i) {
@@ -189,8 +194,8 @@ static void dequant_rope_cm_avx2(const char * kg, int D, int G, int bits, const 
         const __m256 ma = _mm256_set1_ps(lq2_fp16_to_fp32(((const lq2_half *) ba)[1]));
         const __m256 db = _mm256_set1_ps(lq2_fp16_to_fp32(((const lq2_half *) bb)[0]));
         const __m256 mb = _mm256_set1_ps(lq2_fp16_to_fp32(((const lq2_half *) bb)[1]));
-        const float * c = cs + (int64_t) 2 * i * G;
-        const float * s = c + G;
+        const lq2_half * c = cs + (int64_t) 2 * i * G;
+        const lq2_half * s = c + G;
         float * ka = k + (int64_t) a * G;
         float * kb = k + (int64_t) b * G;
         for (int l = 0; l < nb; l += 8) {
@@ -200,7 +205,7 @@ static void dequant_rope_cm_avx2(const char * kg, int D, int G, int bits, const 
                 const int t = kk * nb + l;
                 const __m256 x0 = _mm256_fmadd_ps(da, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(qa, bits * kk), cmask)), ma);
                 const __m256 x1 = _mm256_fmadd_ps(db, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(qb, bits * kk), cmask)), mb);
-                const __m256 vc = _mm256_loadu_ps(c + t), vs = _mm256_loadu_ps(s + t);
+                const __m256 vc = load_f16x8(c + t), vs = load_f16x8(s + t);
                 _mm256_storeu_ps(ka + t, _mm256_fmsub_ps(x0, vc, _mm256_mul_ps(x1, vs)));
                 _mm256_storeu_ps(kb + t, _mm256_fmadd_ps(x0, vs, _mm256_mul_ps(x1, vc)));
             }
@@ -467,8 +472,8 @@ static int attn_core(const struct lq2_attn_params * p, const float * q,
     float * kbuf = (float *) work;
     float * vbuf = kbuf + (size_t) nt * D;
     float * sbuf = vbuf + (size_t) nt * D;
-    float * csbuf = sbuf + (size_t) nt * p->n_head;
-    float * Mv = csbuf + (size_t) n_dims * G;
+    lq2_half * csbuf = (lq2_half *) (sbuf + (size_t) nt * p->n_head);
+    float * Mv = sbuf + (size_t) nt * p->n_head + (size_t) n_dims * G; // csbuf's room, as floats
     float * Sv = Mv + p->n_head;
 
     const int kbs = LQ2_BLOCK_BYTES_B(G, kb);
@@ -515,7 +520,7 @@ static int attn_core(const struct lq2_attn_params * p, const float * q,
         if (all_masked(mask, n)) {
             continue;
         }
-        const float * cs = b->rope_table ? b->rope_table + g * (int64_t) n_dims * G : csbuf;
+        const lq2_half * cs = b->rope_table ? b->rope_table + g * (int64_t) n_dims * G : csbuf;
         if (!b->rope_table) {
             lq2_rope_table(&b->rope, b->pos + g * G, n, G, csbuf);
         }

@@ -62,7 +62,7 @@ struct lq2_tier_q2 {
     size_t                 nb_v;
     const int32_t        * pos;
     struct lq2_rope_params rope;
-    const float          * rope_table;
+    const lq2_half       * rope_table;
     const float          * mask;
 };
 

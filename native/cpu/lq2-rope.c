@@ -47,23 +47,23 @@ size_t lq2_rope_table_size(const struct lq2_rope_params * p, int64_t n, int G) {
 }
 
 void lq2_rope_table(const struct lq2_rope_params * p, const int32_t * pos, int64_t n, int G,
-                    float * table) {
+                    lq2_half * table) {
     const int half = p->n_dims / 2;
     const int64_t ng = (n + G - 1) / G;
     for (int64_t g = 0; g < ng; ++g) {
-        float * tg = table + g * p->n_dims * G;
+        lq2_half * tg = table + g * p->n_dims * G;
         for (int i = 0; i < half; ++i) {
-            float * cs = tg + (int64_t) 2 * i * G;
+            lq2_half * cs = tg + (int64_t) 2 * i * G;
             const double f = rope_freq(p, i); // pow once per pair and group, not per token
             for (int t = 0; t < G; ++t) {
                 const int64_t k = g * G + t;
                 if (k < n) {
                     const double th = (double) pos[k] * f;
-                    cs[t]     = (float) cos(th) * p->attn_factor;
-                    cs[G + t] = (float) sin(th) * p->attn_factor;
+                    cs[t]     = lq2_fp32_to_fp16((float) cos(th) * p->attn_factor);
+                    cs[G + t] = lq2_fp32_to_fp16((float) sin(th) * p->attn_factor);
                 } else {
-                    cs[t]     = 1.0f;
-                    cs[G + t] = 0.0f;
+                    cs[t]     = lq2_fp32_to_fp16(1.0f);
+                    cs[G + t] = lq2_fp32_to_fp16(0.0f);
                 }
             }
         }

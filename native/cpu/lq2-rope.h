@@ -14,6 +14,8 @@
 // difference is < 1e-4 relative at position 1e5, far below the 2-bit quantization error).
 #pragma once
 
+#include "../common/lq2-format.h"
+
 #include <stddef.h>
 #include <stdint.h>
 
@@ -45,11 +47,15 @@ void lq2_rope_rows(const struct lq2_rope_params * p, float * x, int head_dim, in
                    int32_t pos, int inverse);
 
 // Table for re-rotating 2-bit keys in attention: n tokens (positions pos[0..n)) in groups of G.
-// Group g occupies n_dims * G floats: for pair i, G cosines then G sines (times attn_factor),
+// Group g occupies n_dims * G halves: for pair i, G cosines then G sines (times attn_factor),
 // token t of the group at index t; tokens of a partial last group past n get cos 1, sin 0.
-size_t lq2_rope_table_size(const struct lq2_rope_params * p, int64_t n, int G); // in floats
+// Stored in f16: a cache keeps one row per 2-bit slot, n_dims values per token (as many as a
+// head's keys have channels), so f32 would cost 4 * n_dims bytes per token, more than the 2-bit
+// keys of a model with few full-attention layers (Gemma 3: 1 KiB against 216 bytes). f16 rounds
+// cos/sin by at most 2.4e-4, the same relative error as f16 keys, far below 2-bit quantization.
+size_t lq2_rope_table_size(const struct lq2_rope_params * p, int64_t n, int G); // in halves
 void   lq2_rope_table(const struct lq2_rope_params * p, const int32_t * pos, int64_t n, int G,
-                      float * table);
+                      lq2_half * table);
 
 #ifdef __cplusplus
 }

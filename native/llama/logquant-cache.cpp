@@ -142,7 +142,7 @@ logquant_cache::logquant_cache(const llama_model & model, const llama_hparams & 
     bk.open_group.assign(this->n_seq_max, -1);
     bk.group_fill.assign(n_groups, 0);
     bk.group_live.assign(n_groups, 0);
-    rope_table.assign(lq2_rope_table_size(&rope, n_groups * G, G), 0.0f);
+    rope_table.assign(lq2_rope_table_size(&rope, n_groups * G, G), 0);
     std::string overrides;
     for (const auto & lb : settings.layer_bits) {
         overrides += " " + std::to_string(lb.il) + ":" + std::to_string(lb.key_bits) + ":" + std::to_string(lb.value_bits);
@@ -694,7 +694,7 @@ logquant_tier_stats logquant_cache::stats(const llama_kv_cells & cells, int64_t 
         values += (double) (l.n_embd_k_gqa + l.n_embd_v_gqa);
     }
     s.q2_bits_per_value = values > 0.0 ? bits / values : 0.0;
-    s.bytes_rope_table  = (int64_t) (rope_table.size() * sizeof(float));
+    s.bytes_rope_table  = (int64_t) (rope_table.size() * sizeof(lq2_half));
     return s;
 }
 

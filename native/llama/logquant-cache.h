@@ -198,7 +198,7 @@ public:
 
     lq2_rope_params         rope;       // n_dims 0: keys stay post-RoPE (explicit fallback)
     book                    bk;
-    std::vector<float>      rope_table; // lq2_rope_table layout, one block of n_dims * G per group
+    std::vector<lq2_half>   rope_table; // lq2_rope_table layout (f16), n_dims * G per group
     std::vector<demotion>   pending;    // this ubatch's demotions, in slot order
     std::vector<int32_t>    ubatch_pos; // this ubatch's positions (the queries' causal limit)
     std::vector<int32_t>    ubatch_seq; // and sequences (the first of each token's, as llama.cpp's mask)

@@ -57,7 +57,7 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "lq2_rope_rows": ([ctypes.POINTER(RopeParams), F32P, ctypes.c_int, ctypes.c_int,
                            ctypes.c_int32, ctypes.c_int], None),
         "lq2_rope_table_size": ([ctypes.POINTER(RopeParams), I64, ctypes.c_int], ctypes.c_size_t),
-        "lq2_rope_table": ([ctypes.POINTER(RopeParams), VOIDP, I64, ctypes.c_int, F32P], None),
+        "lq2_rope_table": ([ctypes.POINTER(RopeParams), VOIDP, I64, ctypes.c_int, VOIDP], None),
         "lq2_attn_work_size": ([ctypes.POINTER(AttnParams), ctypes.c_int, ctypes.c_int], ctypes.c_size_t),
     }
     attn = [ctypes.POINTER(AttnParams), F32P, ctypes.POINTER(TierF16), ctypes.POINTER(TierQ2),

@@ -94,12 +94,21 @@ def rope_pairs(mode: int, n_dims: int) -> tuple[np.ndarray, np.ndarray]:
     return (i, i + n_dims // 2) if mode == 2 else (2 * i, 2 * i + 1)
 
 
+def rope_table_value(x: np.ndarray, attn_factor: float) -> np.ndarray:
+    """What the attention's cos/sin table holds: f16 of the f32 product (lq2_rope_table)."""
+    return (np.asarray(x).astype(np.float32) * np.float32(attn_factor)).astype(np.float16)
+
+
 def rope(x: np.ndarray, pos: np.ndarray, mode: int, n_dims: int, base: float, fscale: float,
-         attn_factor: float = 1.0, inverse: bool = False) -> np.ndarray:
-    """x [n_tok, n_head, D], pos [n_tok] -> float64 rotated copy (or un-rotated with inverse)."""
+         attn_factor: float = 1.0, inverse: bool = False, table: bool = False) -> np.ndarray:
+    """x [n_tok, n_head, D], pos [n_tok] -> float64 rotated copy (or un-rotated with inverse).
+    table: with the attention table's f16 cos/sin (attn_factor folded in) instead of exact ones."""
     y = np.array(x, dtype=np.float64)
     th = rope_angles(pos, n_dims, base, fscale)[:, None, :]
     c, s = np.cos(th), np.sin(th)
+    if table:
+        c, s = (rope_table_value(v, attn_factor).astype(np.float64) for v in (c, s))
+        attn_factor = 1.0
     a, b = rope_pairs(mode, n_dims)
     x0, x1 = y[..., a].copy(), y[..., b].copy()
     if inverse:
@@ -135,7 +144,7 @@ def attention(q, ka, va, mask_a, kb_blocks, vb_blocks, pos_b, mask_b, *, G, n_he
     if nB:
         kpre = np.concatenate([dequantize_k_group(g, G, k_bits) for g in kb_blocks], 0)[:nB]
         kpre = kpre.reshape(nB, n_head_kv, D)
-        keys.append(rope(kpre, pos_b, rope_mode, n_dims, base, fscale, attn_factor))
+        keys.append(rope(kpre, pos_b, rope_mode, n_dims, base, fscale, attn_factor, table=True))
         vals.append(dequantize_v(vb_blocks, v_bits).reshape(nB, n_head_kv, D).astype(np.float64))
     k = np.concatenate(keys, 0)
     v = np.concatenate(vals, 0)
