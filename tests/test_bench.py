@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,41 @@ def test_perplexity_tool_kld_of_f16_is_zero(tiny_model, out):
     assert runs["_base"]["returncode"] == 0, runs["_base"].get("output_tail")
     assert runs["f16"]["stats"]["Mean KLD"] == pytest.approx(0.0, abs=1e-6)
     assert runs["q8_0"]["stats"]["Mean KLD"] >= 0
+
+
+@pytest.mark.skipif(env.tool_path("llama-perplexity") is None,
+                    reason="this build has no llama-perplexity")
+def test_tools_report_an_unreadable_layer_bits_setting(tiny_model, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("def f(x):\n    return x\n" * 200)
+    cmd = [str(env.tool_path("llama-perplexity")), "-m", str(tiny_model), "-f", str(text),
+           "-c", "128", "-b", "128", "--chunks", "1", "-ctk", "lq2", "-ctv", "lq2", "-fa", "on"]
+    bad = env.run_tool(cmd, {**env.tool_env("logquant"), "LOGQUANT_LAYER_BITS": "0:8"})
+    assert bad.returncode != 0
+    assert "cannot read LOGQUANT_LAYER_BITS=\"0:8\"" in bad.stdout + bad.stderr
+    good = env.run_tool(cmd, {**env.tool_env("logquant"), "LOGQUANT_LAYER_BITS": "0:8:8"})
+    assert good.returncode == 0, good.stderr[-2000:]
+
+
+@pytest.mark.skipif(env.tool_path("llama-perplexity") is None,
+                    reason="this build has no llama-perplexity")
+def test_perplexity_tool_runs_logquant_sequences_side_by_side(tiny_model, tmp_path):
+    """llama-perplexity evaluates -b / -c chunks as parallel sequences: with a unified cache
+    (-kvu) the LogQuant cache gives every chunk the perplexity it gets alone; without, it refuses."""
+    text = tmp_path / "text.txt"
+    text.write_text(Path("/usr/share/common-licenses/GPL-3").read_text()[:20000]
+                    if Path("/usr/share/common-licenses/GPL-3").exists() else "def f(x): return x\n" * 2000)
+    cmd = [str(env.tool_path("llama-perplexity")), "-m", str(tiny_model), "-f", str(text),
+           "-c", "128", "--chunks", "8", "-ctk", "lq2", "-ctv", "lq2", "-fa", "on", "-t", "2"]
+    lq = {**env.tool_env("logquant"), "LOGQUANT_WINDOW": "8"}  # 2-bit tokens in every chunk
+    alone = env.run_tool(cmd + ["-b", "128"], lq)
+    side = env.run_tool(cmd + ["-b", "512", "-kvu"], lq)
+    assert alone.returncode == side.returncode == 0, side.stderr[-2000:]
+    running = [re.findall(r"\[(\d+)\]([0-9.]+)", r.stdout) for r in (alone, side)]
+    n = min(map(len, running))  # the running PPL, chunk by chunk (the last may be cut by buffering)
+    assert n >= 6 and running[0][:n] == running[1][:n]
+    refused = env.run_tool(cmd + ["-b", "512"], lq)
+    assert refused.returncode != 0 and "kv_unified" in refused.stdout + refused.stderr
 
 
 # -- units -----------------------------------------------------------------------------------

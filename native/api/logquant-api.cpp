@@ -121,6 +121,7 @@ extern "C" int32_t logquant_set_bits(int32_t key_bits, int32_t value_bits, int32
     s.key_bits   = key_bits;
     s.value_bits = value_bits;
     s.layer_bits = std::move(overrides);
+    s.layer_bits_error.clear(); // set explicitly: an unreadable LOGQUANT_LAYER_BITS no longer applies
     logquant_settings_set(s);
     return 0;
 }

@@ -55,7 +55,7 @@ static logquant_settings g_settings = [] {
             logquant_layer_bits lb{};
             int used = 0;
             if (std::sscanf(p, "%d:%d:%d%n", &lb.il, &lb.key_bits, &lb.value_bits, &used) != 3) {
-                s.key_bits = -1; // reported as invalid when a cache is created
+                s.layer_bits_error = l; // reported when a cache is created
                 break;
             }
             s.layer_bits.push_back(lb);
@@ -90,9 +90,18 @@ void logquant_settings_set(const logquant_settings & s) {
 
 logquant_cache::logquant_cache(const llama_model & model, const llama_hparams & hparams, uint32_t kv_size,
                                uint32_t n_seq_max, bool unified)
-    : G(logquant_settings_current().key_group), settings(logquant_settings_current()),
+    : logquant_cache(logquant_settings_current(), model, hparams, kv_size, n_seq_max, unified) {}
+
+// One read of the settings (they may change between two reads by another thread's C API call).
+logquant_cache::logquant_cache(const logquant_settings & s, const llama_model & model, const llama_hparams & hparams,
+                               uint32_t kv_size, uint32_t n_seq_max, bool unified)
+    : G(s.key_group), settings(s),
       capacity(kv_size + (uint32_t) std::max(0, settings.n_ubatch)), n_seq_max(std::max(1u, n_seq_max)) {
     GGML_UNUSED(unified);
+    if (!settings.layer_bits_error.empty()) {
+        throw std::runtime_error("logquant: cannot read LOGQUANT_LAYER_BITS=\"" + settings.layer_bits_error +
+                                 "\": write il:key_bits:value_bits,... e.g. 0:8:8,1:4:4");
+    }
     if (settings.window < 1) {
         throw std::runtime_error("logquant: window must be >= 1, got " + std::to_string(settings.window));
     }

@@ -66,6 +66,7 @@ struct logquant_settings {
     // 64 for 4- and 8-bit keys) and grouping after RoPE instead of before (KIVI's layout).
     int32_t key_group      = 64;
     int32_t keys_post_rope = 0;
+    std::string layer_bits_error; // LOGQUANT_LAYER_BITS as given, when it could not be read
 
     // The code bits of layer il: {key, value}.
     std::pair<int32_t, int32_t> bits_of(int32_t il) const;
@@ -210,6 +211,9 @@ private:
     int64_t             n_groups;   // groups allocated: capacity / G plus one open group per sequence
     std::map<int32_t, size_t> layer_of;
     std::vector<layer>  layers;
+
+    logquant_cache(const logquant_settings & s, const llama_model & model, const llama_hparams & hparams,
+                   uint32_t kv_size, uint32_t n_seq_max, bool unified);
 
     int64_t alloc_slot(int32_t seq_id);    // next slot of the sequence's open group (-1: full)
     void    drop_seq_from_slot(int64_t slot, int32_t seq_id);
