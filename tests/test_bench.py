@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -148,8 +147,11 @@ def test_tools_report_an_unreadable_layer_bits_setting(tiny_model, tmp_path):
     text.write_text("def f(x):\n    return x\n" * 200)
     cmd = [str(env.tool_path("llama-perplexity")), "-m", str(tiny_model), "-f", str(text),
            "-c", "128", "-b", "128", "--chunks", "1", "-ctk", "lq2", "-ctv", "lq2", "-fa", "on"]
-    bad = env.run_tool(cmd, {**env.tool_env("logquant"), "LOGQUANT_LAYER_BITS": "0:8"})
-    assert bad.returncode != 0
+    for _ in range(8):  # the tool's asynchronous logger may lose its last lines: retry
+        bad = env.run_tool(cmd, {**env.tool_env("logquant"), "LOGQUANT_LAYER_BITS": "0:8"})
+        assert bad.returncode != 0
+        if "cannot read" in bad.stdout + bad.stderr:
+            break
     assert "cannot read LOGQUANT_LAYER_BITS=\"0:8\"" in bad.stdout + bad.stderr
     good = env.run_tool(cmd, {**env.tool_env("logquant"), "LOGQUANT_LAYER_BITS": "0:8:8"})
     assert good.returncode == 0, good.stderr[-2000:]
@@ -166,12 +168,11 @@ def test_perplexity_tool_runs_logquant_sequences_side_by_side(tiny_model, tmp_pa
     cmd = [str(env.tool_path("llama-perplexity")), "-m", str(tiny_model), "-f", str(text),
            "-c", "128", "--chunks", "8", "-ctk", "lq2", "-ctv", "lq2", "-fa", "on", "-t", "2"]
     lq = {**env.tool_env("logquant"), "LOGQUANT_WINDOW": "8"}  # 2-bit tokens in every chunk
-    alone = env.run_tool(cmd + ["-b", "128"], lq)
-    side = env.run_tool(cmd + ["-b", "512", "-kvu"], lq)
-    assert alone.returncode == side.returncode == 0, side.stderr[-2000:]
-    running = [re.findall(r"\[(\d+)\]([0-9.]+)", r.stdout) for r in (alone, side)]
-    n = min(map(len, running))  # the running PPL, chunk by chunk (the last may be cut by buffering)
-    assert n >= 6 and running[0][:n] == running[1][:n]
+    # the tool's last lines are lost in some runs (its asynchronous logger): retried as the bench does
+    alone = perplexity._run(cmd + ["-b", "128"], "Final PPL", lq)
+    side = perplexity._run(cmd + ["-b", "512", "-kvu"], "Final PPL", lq)
+    assert alone["returncode"] == side["returncode"] == 0, side.get("output_tail")
+    assert alone["stats"]["Final PPL"] == side["stats"]["Final PPL"]
     refused = env.run_tool(cmd + ["-b", "512"], lq)
     assert refused.returncode != 0 and "kv_unified" in refused.stdout + refused.stderr
 

@@ -9,12 +9,10 @@ import ctypes
 
 import numpy as np
 import pytest
-
-from logquant_gguf import Llama, _capi, kv_types  # points llama_cpp at our build: import first
-
-import llama_cpp  # noqa: E402,I001
-
 from test_logquant import W, load, policy_model, tokens
+
+from logquant_gguf import Llama, _capi, kv_types
+from logquant_gguf.llama import llama_cpp  # the llama_cpp bound to our build
 
 N_CTX = 1024
 # Logits of a sequence beside another vs alone: the same 2-bit groups, other summation orders (the
@@ -156,7 +154,6 @@ def test_truncating_one_sequence_is_refused_or_exact(llm):
     assert llama_cpp.llama_memory_seq_rm(ctx.mem, 0, 119, -1)  # the last token: f16, allowed
     assert ctx.f16_positions(0) == [p for p in policy_model(120, W) if p < 119]
     assert not llama_cpp.llama_memory_seq_rm(ctx.mem, 0, 60, -1)  # deep: would need 2-bit back
-    assert not llama_cpp.llama_memory_seq_rm(ctx.mem, 0, 10, 20)  # a hole: refused
     assert ctx.f16_positions(1) == before
     assert llama_cpp.llama_memory_seq_pos_max(ctx.mem, 0) == 118
     ctx.close()
@@ -261,3 +258,50 @@ def test_llama_n_seq_max(tiny_model):
     for bad in (0, 257, 2.0):
         with pytest.raises(ValueError, match="n_seq_max"):
             load(tiny_model, n_seq_max=bad)
+
+
+def test_positions_shift_with_the_keys(llm):
+    """seq_add moves 2-bit keys too (they are stored before RoPE and rotated where they are read):
+    a sequence shifted by +K and decoded at K further on gives the logits it gives unshifted (RoPE
+    is relative; the f16 tier's keys are re-rotated by llama.cpp's K-shift, in f16, which costs
+    it ~0.02 on these logits), and a shift there and back changes nothing. Moving only [0, 100)
+    (2-bit but for position 0) closer to the end moves the logits: the 2-bit keys did move.
+    (A fresh evaluation starting at K is NOT a reference: the f16 rows a token is demoted from
+    are rounded at its absolute position, and 2-bit codes amplify that rounding.)"""
+    a, K = tokens(llm, 150, seed=16), 37
+
+    def run(shifts: list[int], decode_at: int, p1: int = -1) -> np.ndarray:
+        ctx = Ctx(llm, 1)
+        ctx.decode({0: (0, a[:-1])})
+        assert llama_cpp.llama_memory_can_shift(ctx.mem)
+        for sh in shifts:
+            llama_cpp.llama_memory_seq_add(ctx.mem, 0, -1, p1, sh)
+        if shifts:
+            assert llama_cpp.llama_memory_seq_pos_min(ctx.mem, 0) == sum(shifts)
+        out = ctx.decode({0: (decode_at, a[-1:])})[0]
+        ctx.close()
+        return out
+
+    unshifted = run([], 149)
+    assert np.abs(run([K], 149 + K) - unshifted).max() < 5e-2
+    np.testing.assert_array_equal(run([K, -K], 149), unshifted)
+    assert np.abs(run([10], 149, p1=100) - unshifted).max() > 0.1
+
+
+def test_context_shift(llm):
+    """llama.cpp's context shift: drop [n_keep, n_keep + n_discard), move the rest back. The f16
+    tier and the 2-bit tier both follow; decoding goes on at the new positions."""
+    a = tokens(llm, 200, seed=17)
+    ctx = Ctx(llm, 1)
+    ctx.decode({0: (0, a[:160])})
+    q2 = ctx.q2_tokens()
+    assert llama_cpp.llama_memory_seq_rm(ctx.mem, 0, 20, 80)  # inside the sequence: allowed
+    llama_cpp.llama_memory_seq_add(ctx.mem, 0, 80, -1, -60)
+    assert llama_cpp.llama_memory_seq_pos_min(ctx.mem, 0) == 0
+    assert llama_cpp.llama_memory_seq_pos_max(ctx.mem, 0) == 99
+    assert ctx.q2_tokens() == q2 - 60  # the window is f16 and was not in the discarded range
+    outs = [ctx.decode({0: (100 + i, [t])})[0] for i, t in enumerate(a[160:])]
+    assert all(np.isfinite(o).all() for o in outs)
+    f16 = ctx.f16_positions(0)
+    assert f16 == sorted(f16) and f16[-1] == 139 and len(f16) <= 3 * W
+    ctx.close()

@@ -401,7 +401,8 @@ bool logquant_cache::seq_rm(llama_kv_cells & cells, int32_t seq_id, int32_t p0, 
             continue;
         }
         if (e != max_pos + 1) {
-            return false; // a hole in the middle: the policy is defined on a prefix-closed sequence
+            todo.emplace_back(s, p0); // inside: the slots of [p0, e) go (below), nothing comes back
+            continue;
         }
         if (p0 > 0) {
             // Dropping the tail [p0, end): the tokens that stay must not need to come back to f16.
@@ -427,19 +428,74 @@ bool logquant_cache::seq_rm(llama_kv_cells & cells, int32_t seq_id, int32_t p0, 
         todo.emplace_back(s, p0);
     }
     for (const auto & [s, first] : todo) {
+        const int32_t max_pos = seq_pos_max(s, cells.seq_pos_max(s));
+        const int32_t e = (p1 < 0 || p1 > max_pos) ? max_pos + 1 : p1;
         for (int64_t slot = 0; slot < bk.n_slots; slot++) {
-            if (bk.slot_pos[slot] >= first) {
+            if (bk.slot_pos[slot] >= first && bk.slot_pos[slot] < e) {
                 drop_seq_from_slot(slot, s);
             }
         }
         auto & q2 = bk.sorted[s];
-        q2.erase(std::lower_bound(q2.begin(), q2.end(), first), q2.end());
+        q2.erase(std::lower_bound(q2.begin(), q2.end(), first), std::lower_bound(q2.begin(), q2.end(), e));
         if (q2.empty()) {
             bk.open_group[s] = -1; // a sequence that starts over gets fresh groups
         }
     }
     settle_groups();
     return true;
+}
+
+template <typename F>
+bool logquant_cache::move_positions(int32_t seq_id, int32_t p0, int32_t p1, F new_pos) {
+    if (!can_shift()) {
+        return false; // post-RoPE keys: a new position would need the key requantized
+    }
+    p0 = std::max(p0, 0);
+    p1 = p1 < 0 ? std::numeric_limits<int32_t>::max() : p1;
+    seq_set moved;
+    std::set<int64_t> touched;
+    for (int64_t slot = 0; slot < bk.n_slots; slot++) {
+        const int32_t p = bk.slot_pos[slot];
+        if (p < p0 || p >= p1 || !bk.slot_seq[slot].test(seq_id)) {
+            continue;
+        }
+        moved |= bk.slot_seq[slot];
+        touched.insert(slot / G);
+        const int32_t np = new_pos(p);
+        if (np < 0) { // llama.cpp drops such a cell from every sequence
+            bk.slot_pos[slot] = -1;
+            bk.slot_seq[slot].reset();
+            bk.group_live[slot / G]--;
+        } else {
+            bk.slot_pos[slot] = np;
+        }
+    }
+    for (int32_t s = 0; s < (int32_t) n_seq_max; s++) {
+        if (!moved.test(s)) {
+            continue;
+        }
+        auto & q2 = bk.sorted[s];
+        q2.clear();
+        for (int64_t slot = 0; slot < bk.n_slots; slot++) {
+            if (bk.slot_pos[slot] >= 0 && bk.slot_seq[slot].test(s)) {
+                q2.push_back(bk.slot_pos[slot]);
+            }
+        }
+        std::sort(q2.begin(), q2.end());
+    }
+    settle_groups();
+    for (int64_t g : touched) {
+        refresh_rope_group(g);
+    }
+    return true;
+}
+
+bool logquant_cache::seq_add(int32_t seq_id, int32_t p0, int32_t p1, int32_t shift) {
+    return move_positions(seq_id, p0, p1, [shift](int32_t p) { return p + shift; });
+}
+
+bool logquant_cache::seq_div(int32_t seq_id, int32_t p0, int32_t p1, int32_t d) {
+    return move_positions(seq_id, p0, p1, [d](int32_t p) { return p / d; });
 }
 
 void logquant_cache::seq_cp(int32_t seq_src, int32_t seq_dst, int32_t p0, int32_t p1) {

@@ -126,11 +126,20 @@ public:
     bool planning = true;
     bool overrides_checked = false;
 
-    // seq_rm of positions [p0, p1) of sequence seq_id (-1: every sequence). Returns false (nothing
-    // changed) when the policy would bring 2-bit tokens back to f16: their f16 values are gone, so
-    // the caller must re-evaluate (llama-cpp-python then re-evaluates the prompt; results equal a
-    // fresh run). Allowed: a tail [p0, end), or the whole sequence.
+    // seq_rm of positions [p0, p1) of sequence seq_id (-1: every sequence). A tail [p0, end) is
+    // refused (false, nothing changed) when the policy would bring 2-bit tokens back to f16: their
+    // f16 values are gone, so the caller must re-evaluate (llama-cpp-python then re-evaluates the
+    // prompt; results equal a fresh run). A range inside the sequence (a context shift's discard)
+    // is removed; the 2-bit tokens after it stay 2-bit even where the policy, counting from the
+    // new positions, would keep them in f16.
     bool seq_rm(llama_kv_cells & cells, int32_t seq_id, int32_t p0, int32_t p1);
+    // The 2-bit part of seq_add / seq_div (llama.cpp shifts the f16 cells and their keys): the
+    // slots take their new positions and their keys are re-rotated there when read. Slots shared
+    // with other sequences move with them, as llama.cpp's shared cells do; a position that turns
+    // negative frees the slot. False (nothing changed) when keys are stored after RoPE.
+    bool seq_add(int32_t seq_id, int32_t p0, int32_t p1, int32_t shift);
+    bool seq_div(int32_t seq_id, int32_t p0, int32_t p1, int32_t d);
+    bool can_shift() const { return rope.n_dims > 0; }
     // The 2-bit part of llama.cpp's seq_cp / seq_keep (which handle the f16 cells): slots are
     // shared, not copied.
     void seq_cp(int32_t seq_src, int32_t seq_dst, int32_t p0, int32_t p1);
@@ -219,4 +228,5 @@ private:
     void    drop_seq_from_slot(int64_t slot, int32_t seq_id);
     void    settle_groups();               // frees emptied groups, recomputes n_slots
     void    refresh_rope_group(int64_t g); // rope_table of group g from its positions
+    template <typename F> bool move_positions(int32_t seq_id, int32_t p0, int32_t p1, F new_pos);
 };
