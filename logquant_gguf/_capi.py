@@ -28,7 +28,7 @@ struct logquant_kv_stats {
     int64_t bytes_f16;
     int64_t bytes_q2;
     double q2_bits_per_value;
-    int64_t bytes_rope_table;
+    int64_t bytes_host;
 };
 int32_t logquant_kv_stats_get(const void * ctx, struct logquant_kv_stats * out);
 int64_t logquant_kv_f16_positions(const void * ctx, int32_t seq_id, int32_t * out, int64_t cap);
@@ -60,7 +60,7 @@ def kv_stats(ctx_ptr: int) -> dict:
                              "n_f16": out.n_f16, "n_q2": out.n_q2,
                              "bytes_f16": out.bytes_f16, "bytes_q2": out.bytes_q2,
                              "q2_bits_per_value": out.q2_bits_per_value,
-                             "bytes_rope_table": out.bytes_rope_table}
+                             "bytes_host": out.bytes_host}
     return stats
 
 

@@ -184,8 +184,9 @@ class Llama(llama_cpp.Llama):
             lq = raw["logquant"]
             tiers = {"f16": {"tokens": lq["n_f16"], "bytes": lq["bytes_f16"]},
                      "q2": {"tokens": lq["n_q2"], "bytes": lq["bytes_q2"],
-                            # of those bytes: the host table that re-rotates pre-RoPE keys
-                            "rope_table_bytes": lq["bytes_rope_table"]}}
+                            # of those bytes: host memory beside the 2-bit tensors (the
+                            # cos/sin table of pre-RoPE keys, slot bookkeeping)
+                            "host_bytes": lq["bytes_host"]}}
         return {
             "kv_type": self.kv_type,
             "n_ctx": n_ctx,

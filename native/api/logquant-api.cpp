@@ -82,9 +82,9 @@ extern "C" int32_t logquant_kv_stats_get(const llama_context * ctx, logquant_kv_
         out->policy      = lq.policy();
         out->n_f16       = st.n_f16;
         out->n_q2        = st.n_q2;
-        out->bytes_total += st.bytes_rope_table; // host memory outside llama.cpp's buffers
-        out->bytes_q2    = st.bytes_q2 + st.bytes_rope_table;
-        out->bytes_rope_table = st.bytes_rope_table;
+        out->bytes_total += st.bytes_host; // host memory outside llama.cpp's buffers
+        out->bytes_q2    = st.bytes_q2 + st.bytes_host;
+        out->bytes_host  = st.bytes_host;
         out->q2_bits_per_value = st.q2_bits_per_value;
         out->bytes_f16   = out->bytes_total - out->bytes_q2;
     }

@@ -36,7 +36,7 @@ LLAMA_API int32_t logquant_set_key_format(int32_t key_group, int32_t keys_post_r
 // What a context's KV cache holds right now.
 struct logquant_kv_stats {
     int64_t bytes_total;   // every KV buffer of the context, all layers, all backends, plus the
-                           // LogQuant cache's host-side RoPE table (see bytes_q2)
+                           // LogQuant cache's host memory (bytes_host)
     int32_t n_seq;         // sequences holding at least one token
     int32_t n_tokens;      // positions spanned (max - min + 1), summed over sequences
     int32_t is_logquant;   // 1 when the cache is in LogQuant mode; the fields below are then set
@@ -45,11 +45,12 @@ struct logquant_kv_stats {
     int64_t n_f16;         // tokens in the f16 tier
     int64_t n_q2;          // tokens in the 2-bit tier
     int64_t bytes_f16;     // bytes of f16 K/V (and of a sliding-window cache, if any)
-    int64_t bytes_q2;      // bytes of the 2-bit stores, and of the RoPE table that re-rotates
-                           // their pre-RoPE keys (host memory: cos/sin per slot and rotary pair)
+    int64_t bytes_q2;      // bytes of the 2-bit stores, and bytes_host
     double  q2_bits_per_value; // their storage per K or V value, scales included (2.5 by default;
                                // more with the precision levers), over the LogQuant layers
-    int64_t bytes_rope_table;  // of bytes_q2: the RoPE table (n_dims floats per 2-bit slot)
+    int64_t bytes_host;    // of bytes_q2: host memory beside the stores, per 2-bit slot: the cos/sin
+                           // table that re-rotates pre-RoPE keys (n_dims f16 values) and the
+                           // slot bookkeeping (position, sequences, sorted position)
 };
 
 // Returns 0 on success, -1 when the context has no KV cache.

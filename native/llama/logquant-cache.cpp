@@ -146,7 +146,7 @@ logquant_cache::logquant_cache(const logquant_settings & s, const llama_model & 
     const int64_t n_open_max = std::min<int64_t>(this->n_seq_max, capacity / (2 * (int64_t) settings.window + 1) + 1);
     n_groups = (capacity + G - 1) / G + n_open_max;
     bk.slot_pos.assign(n_groups * G, -1);
-    bk.slot_seq.assign(n_groups * G, seq_set());
+    bk.slot_seq.assign(n_groups * G, this->n_seq_max);
     bk.sorted.assign(this->n_seq_max, {});
     bk.open_group.assign(this->n_seq_max, -1);
     bk.group_fill.assign(n_groups, 0);
@@ -270,11 +270,11 @@ int64_t logquant_cache::alloc_slot(int32_t seq_id) {
 }
 
 void logquant_cache::drop_seq_from_slot(int64_t slot, int32_t seq_id) {
-    if (bk.slot_pos[slot] < 0 || !bk.slot_seq[slot].test(seq_id)) {
+    if (bk.slot_pos[slot] < 0 || !bk.slot_seq.test(slot, seq_id)) {
         return;
     }
-    bk.slot_seq[slot].reset(seq_id);
-    if (bk.slot_seq[slot].none()) {
+    bk.slot_seq.reset(slot, seq_id);
+    if (bk.slot_seq.none(slot)) {
         bk.slot_pos[slot] = -1;
         bk.group_live[slot / G]--;
     }
@@ -300,7 +300,7 @@ void logquant_cache::settle_groups() {
         if (bk.group_live[g] == 0) {
             bk.group_fill[g] = 0;
             std::fill_n(bk.slot_pos.begin() + g * G, G, -1);
-            std::fill_n(bk.slot_seq.begin() + g * G, G, seq_set());
+            bk.slot_seq.clear(g * G, G);
         } else {
             bk.n_slots = g * G + bk.group_fill[g];
         }
@@ -363,8 +363,8 @@ bool logquant_cache::plan(llama_kv_cells & cells, const llama_ubatch & ubatch) {
             }
             pending.push_back({idx, p, slot});
             bk.slot_pos[slot] = p;
-            bk.slot_seq[slot].reset();
-            bk.slot_seq[slot].set(s);
+            bk.slot_seq.clear(slot);
+            bk.slot_seq.set(slot, s);
             bk.group_live[slot / G]++;
             touched.insert(slot / G);
             leaving.push_back(p);
@@ -452,32 +452,34 @@ bool logquant_cache::move_positions(int32_t seq_id, int32_t p0, int32_t p1, F ne
     }
     p0 = std::max(p0, 0);
     p1 = p1 < 0 ? std::numeric_limits<int32_t>::max() : p1;
-    seq_set moved;
+    std::vector<bool> moved(n_seq_max, false); // sequences whose sorted positions change
     std::set<int64_t> touched;
     for (int64_t slot = 0; slot < bk.n_slots; slot++) {
         const int32_t p = bk.slot_pos[slot];
-        if (p < p0 || p >= p1 || !bk.slot_seq[slot].test(seq_id)) {
+        if (p < p0 || p >= p1 || !bk.slot_seq.test(slot, seq_id)) {
             continue;
         }
-        moved |= bk.slot_seq[slot];
+        for (int32_t s = 0; s < (int32_t) n_seq_max; s++) {
+            moved[s] = moved[s] || bk.slot_seq.test(slot, s);
+        }
         touched.insert(slot / G);
         const int32_t np = new_pos(p);
         if (np < 0) { // llama.cpp drops such a cell from every sequence
             bk.slot_pos[slot] = -1;
-            bk.slot_seq[slot].reset();
+            bk.slot_seq.clear(slot);
             bk.group_live[slot / G]--;
         } else {
             bk.slot_pos[slot] = np;
         }
     }
     for (int32_t s = 0; s < (int32_t) n_seq_max; s++) {
-        if (!moved.test(s)) {
+        if (!moved[s]) {
             continue;
         }
         auto & q2 = bk.sorted[s];
         q2.clear();
         for (int64_t slot = 0; slot < bk.n_slots; slot++) {
-            if (bk.slot_pos[slot] >= 0 && bk.slot_seq[slot].test(s)) {
+            if (bk.slot_pos[slot] >= 0 && bk.slot_seq.test(slot, s)) {
                 q2.push_back(bk.slot_pos[slot]);
             }
         }
@@ -508,8 +510,8 @@ void logquant_cache::seq_cp(int32_t seq_src, int32_t seq_dst, int32_t p0, int32_
     const size_t n_old = dst.size();
     for (int64_t slot = 0; slot < bk.n_slots; slot++) {
         const int32_t p = bk.slot_pos[slot];
-        if (p >= p0 && p < p1 && bk.slot_seq[slot].test(seq_src) && !bk.slot_seq[slot].test(seq_dst)) {
-            bk.slot_seq[slot].set(seq_dst);
+        if (p >= p0 && p < p1 && bk.slot_seq.test(slot, seq_src) && !bk.slot_seq.test(slot, seq_dst)) {
+            bk.slot_seq.set(slot, seq_dst);
             dst.push_back(p);
         }
     }
@@ -533,7 +535,7 @@ void logquant_cache::seq_keep(int32_t seq_id) {
 
 void logquant_cache::clear() {
     std::fill(bk.slot_pos.begin(), bk.slot_pos.end(), -1);
-    std::fill(bk.slot_seq.begin(), bk.slot_seq.end(), seq_set());
+    std::fill(bk.slot_seq.bits.begin(), bk.slot_seq.bits.end(), 0);
     for (auto & q2 : bk.sorted) {
         q2.clear();
     }
@@ -592,7 +594,7 @@ void logquant_cache::state_write(llama_io_write_i & io, int32_t seq_id) const {
     for (int64_t slot = 0; slot < n; slot++) {
         std::vector<int32_t> ids;
         for (int32_t s = 0; s < (int32_t) n_seq_max && bk.slot_pos[slot] >= 0; s++) {
-            if (bk.slot_seq[slot].test(s)) {
+            if (bk.slot_seq.test(slot, s)) {
                 ids.push_back(s);
             }
         }
@@ -683,7 +685,7 @@ bool logquant_cache::state_read(llama_io_read_i & io, int32_t seq_id) {
             if (s < 0 || s >= (int32_t) n_seq_max) {
                 return fail("the state holds a sequence id this context does not have");
             }
-            bk.slot_seq[slot].set(s);
+            bk.slot_seq.set(slot, s);
             bk.sorted[s].push_back(bk.slot_pos[slot]);
         }
         if (bk.slot_pos[slot] >= 0) {
@@ -759,7 +761,12 @@ logquant_tier_stats logquant_cache::stats(const llama_kv_cells & cells, int64_t 
         values += (double) (l.n_embd_k_gqa + l.n_embd_v_gqa);
     }
     s.q2_bits_per_value = values > 0.0 ? bits / values : 0.0;
-    s.bytes_rope_table  = (int64_t) (rope_table.size() * sizeof(lq2_half));
+    size_t book = bk.slot_pos.size() * sizeof(int32_t) + bk.slot_seq.bits.size() * sizeof(uint64_t) +
+                  (bk.group_fill.size() + bk.group_live.size()) * sizeof(int32_t);
+    for (const auto & q2 : bk.sorted) {
+        book += q2.capacity() * sizeof(int32_t);
+    }
+    s.bytes_host = (int64_t) (rope_table.size() * sizeof(lq2_half) + book);
     return s;
 }
 
@@ -894,7 +901,7 @@ static void logquant_attn_op(ggml_tensor * dst, int ith, int nth, void * userdat
         const int32_t qseq = lq.ubatch_seq[t];
         for (int64_t s = 0; s < lq.bk.n_slots; s++) {
             const int32_t kp = lq.bk.slot_pos[s];
-            mask_b[s] = (kp < 0 || kp > qpos || !lq.bk.slot_seq[s].test(qseq))
+            mask_b[s] = (kp < 0 || kp > qpos || !lq.bk.slot_seq.test(s, qseq))
                 ? -INFINITY : (l.max_bias > 0.0f ? -(float) std::abs(qpos - kp) : 0.0f);
         }
         float * dst_t = (float *) ((char *) dst->data + t * dst->nb[2]);

@@ -82,14 +82,37 @@ struct logquant_tier_stats {
     int64_t n_slots;   // 2-bit slots the attention scans: valid, freed, or not yet filled
     int64_t bytes_f16; // f16 K/V bytes allocated
     int64_t bytes_q2;  // 2-bit K/V bytes allocated
-    int64_t bytes_rope_table; // the host-side cos/sin table of the slots (pre-RoPE keys only)
+    int64_t bytes_host; // host memory beside the 2-bit tensors: the slots' cos/sin table (pre-RoPE
+                        // keys only) and bookkeeping (position, sequences, sorted positions)
     double  q2_bits_per_value; // storage of the low-bit tier per K or V value, scales included,
                                // over the layers this cache holds (the code bits decide it)
 };
 
 class logquant_cache {
 public:
-    using seq_set = std::bitset<LLAMA_MAX_SEQ>;
+    // The sequences of each 2-bit slot: n_words 64-bit words per slot (one word for up to 64
+    // sequences: 8 bytes per slot, not llama.cpp's 32-byte bitset per cell).
+    struct seq_sets {
+        int32_t               n_words = 1;
+        std::vector<uint64_t> bits;
+
+        void assign(int64_t n_slots, uint32_t n_seq) {
+            n_words = (int32_t) ((n_seq + 63) / 64);
+            bits.assign((size_t) (n_slots * n_words), 0);
+        }
+        bool test (int64_t i, int32_t s) const { return (bits[i * n_words + s / 64] >> (s % 64)) & 1; }
+        void set  (int64_t i, int32_t s) { bits[i * n_words + s / 64] |=  (1ull << (s % 64)); }
+        void reset(int64_t i, int32_t s) { bits[i * n_words + s / 64] &= ~(1ull << (s % 64)); }
+        void clear(int64_t i, int64_t n = 1) { std::fill_n(bits.begin() + i * n_words, n * n_words, 0); }
+        bool none (int64_t i) const {
+            for (int32_t w = 0; w < n_words; w++) {
+                if (bits[i * n_words + w]) {
+                    return false;
+                }
+            }
+            return true;
+        }
+    };
 
     const int G; // tokens per key group (settings.key_group): 2 + 32/64 = 2.5 bits per key value
 
@@ -153,7 +176,7 @@ public:
     // ubatches, then restores it: save / restore copy it whole.
     struct book {
         std::vector<int32_t> slot_pos;             // slot -> position; -1: free or never filled
-        std::vector<seq_set> slot_seq;             // slot -> the sequences that hold it
+        seq_sets             slot_seq;             // slot -> the sequences that hold it
         std::vector<std::vector<int32_t>> sorted;  // per sequence: its 2-bit positions, ascending
         std::vector<int64_t> open_group;           // per sequence: group of its next demotion, -1: none
         std::vector<int32_t> group_fill;           // per group: slots handed out; 0: the group is free
