@@ -7,8 +7,9 @@ a line bytes_total = fixed + per_token * n_ctx is fitted per kv_type. Longest co
 cells, plus what each sequence costs on its own (the LogQuant f16 tier holds 3W tokens per
 sequence), measured by allocating 1 and 8 sequences: S = (budget - fixed) / (per_token * L +
 per_seq), at most llama.cpp's 256. Each longest context up to --verify-max, and each S x L, is
-then allocated (a context with n_seq_max = S) and checked against the budget with kv_stats();
-an S that does not fit is lowered until it does.
+then allocated (a context with n_seq_max = S; every S x L, whatever its n_ctx: the allocation
+is bounded by the budget) and checked against the budget with kv_stats(); an S that does not fit
+is lowered until it does.
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ def run(cfg: BenchConfig, args: argparse.Namespace) -> PartResult:
             r["verified"] = verify(cfg, kv, r["max_ctx_padded"], b * MIB)
         for n in args.seq_lens:
             n_seq = r["parallel"][str(n)]
-            if 0 < n_seq * n <= verify_max:
+            if n_seq > 0 and verify_max > 0:  # bounded by the budget, not by n_ctx
                 r.setdefault("parallel_verified", {})[str(n)] = verify_parallel(cfg, kv, n_seq, n,
                                                                                 b * MIB)
         budgets.setdefault(b, {})[kv] = r
