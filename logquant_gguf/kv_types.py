@@ -167,7 +167,9 @@ def parse_variant(name: str) -> tuple[str, dict]:
     (kv_type, Llama keyword arguments). "logquant+k4" (4-bit keys), "logquant+v4",
     "logquant+k4v4", "logquant+L0:8:8" (layer 0 with 8-bit keys and values), and the key layouts
     of the format study: "+g32", "+g128" (tokens per key group), "+postrope"; and for any type
-    "+norot" (llama.cpp's Hadamard rotation off); modifiers combine:
+    "+norot" (llama.cpp's Hadamard rotation off) and "+swa" (a sliding-window model's window
+    layers cached at their window size, swa_full=False, as the LogQuant types do; llama-cpp-python
+    defaults to full size); modifiers combine:
     "logquant+k4+L0:8:8+L1:4:4". A plain kv_type gives no arguments. (No commas: the bench
     takes comma-separated lists of these.)"""
     base, *mods = name.split("+")
@@ -183,6 +185,8 @@ def parse_variant(name: str) -> tuple[str, dict]:
         k, _, v = m.partition("v")
         if m == "norot":
             kw["attn_rotation"] = False
+        elif m == "swa":  # sliding-window layers cached at their window size, as LogQuant does
+            kw["swa_full"] = False
         elif m == "postrope":
             kw["logquant_keys_post_rope"] = True
         elif m[:1] == "g" and m[1:].isdigit():

@@ -154,6 +154,7 @@ def test_bits_on_a_llama_cpp_type_are_refused(tiny_model):
     ("logquant+v4", ("logquant", {"logquant_value_bits": 4})),
     ("logquant+g128+postrope", ("logquant", {"logquant_key_group": 128, "logquant_keys_post_rope": True})),
     ("q2_0+norot", ("q2_0", {"attn_rotation": False})),
+    ("f16+swa", ("f16", {"swa_full": False})),
     ("logquant+k4+L0:8:8+L3:4:2", ("logquant", {"logquant_key_bits": 4,
                                              "logquant_layer_bits": {0: (8, 8), 3: (4, 2)}})),
 ])

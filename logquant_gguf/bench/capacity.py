@@ -76,8 +76,10 @@ def verify(cfg: BenchConfig, kv: str, n_ctx: int, budget: int) -> dict:
     return {"n_ctx": n, "bytes_total": b, "fits": b <= budget}
 
 
-def per_seq_bytes(cfg: BenchConfig, kv: str, n_ctx: int = 4096) -> float:
-    """What one more sequence costs beyond its tokens' cells (0 for llama.cpp's unified types)."""
+def per_seq_bytes(cfg: BenchConfig, kv: str, n_ctx: int = 16384) -> float:
+    """What one more sequence costs beyond its tokens' cells (0 for llama.cpp's unified types).
+    n_ctx large enough that 8 sequences' own parts are not capped by it (a sliding-window cache
+    holds window x sequences + one ubatch cells, at most n_ctx)."""
     return (allocated_bytes(cfg, kv, n_ctx, 8)[1] - allocated_bytes(cfg, kv, n_ctx, 1)[1]) / 7
 
 
