@@ -90,6 +90,11 @@ def test_key_layouts_of_the_format_study(tiny_model, kw, ratio):
     per_slot = 16 + (0 if kw.get("logquant_keys_post_rope") else 64 * 2)
     slots = (1024, 1024 + 512 + 2 * 128)  # the context, plus one ubatch and two groups at most
     assert slots[0] * per_slot * 0.75 <= q2["host_bytes"] <= slots[1] * per_slot
+    # and the 2-bit tensors hold whole groups of those slots at exactly that storage per value
+    # (2 layers x 2 KV heads x (64 + 64) values per token on the tiny model)
+    n_slots = (q2["bytes"] - q2["host_bytes"]) * 8 / (llm.kv_stats()["bits_per_value"] * 512)
+    group = kw.get("logquant_key_group", 64)
+    assert n_slots == int(n_slots) and n_slots % group == 0 and slots[0] <= n_slots <= slots[1]
     llm.eval(seq)
     logits = last_logits(llm)
     assert np.isfinite(logits).all()

@@ -22,30 +22,18 @@ TOL = 1e-3
 
 
 class Ctx:
-    """A raw llama.cpp context over a loaded Llama's model, with n_seq sequences."""
+    """A Llama of the test model with n_seq sequences, driven through llama.cpp's batch API."""
 
-    def __init__(self, llm: Llama, n_seq: int, kv_type: str = "logquant", unified: bool = True):
-        spec = kv_types.get(kv_type)
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = N_CTX
-        params.n_batch = params.n_ubatch = 256
-        params.n_seq_max = n_seq
-        params.kv_unified = unified
-        params.n_threads = params.n_threads_batch = 2
-        params.type_k, params.type_v = spec.type_k, spec.type_v
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        if spec.is_logquant:
-            _capi.set_logquant_params(W, spec.policy, 256)
-            _capi.set_logquant_bits(kv_types.LogQuantBits())
-        self.n_vocab = llm.n_vocab()
-        self.ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
-        self.batch = llama_cpp.llama_batch_init(512, 0, n_seq) if self.ctx else None
+    def __init__(self, llm: Llama, n_seq: int, kv_type: str = "logquant"):
+        self.llm = load(llm.model_path, kv_type, n_seq_max=n_seq, n_ctx=N_CTX, n_batch=256,
+                        n_ubatch=256, logits_all=False, flash_attn=True)
+        self.n_vocab = self.llm.n_vocab()
+        self.ctx = self.llm._ctx.ctx
+        self.batch = llama_cpp.llama_batch_init(512, 0, n_seq)
 
     def close(self) -> None:
-        if self.batch is not None:
-            llama_cpp.llama_batch_free(self.batch)
-        if self.ctx:
-            llama_cpp.llama_free(self.ctx)
+        llama_cpp.llama_batch_free(self.batch)
+        self.llm.close()
 
     @property
     def mem(self):
@@ -213,12 +201,20 @@ def test_state_round_trip_with_two_sequences(llm):
 
 
 def test_several_sequences_need_a_unified_cache(llm):
-    ctx = Ctx(llm, 2, unified=False)
-    assert not ctx.ctx  # refused at creation ("need a unified KV cache (kv_unified = true)")
-    ctx.close()
-    f16 = Ctx(llm, 2, kv_type="f16", unified=False)  # the refusal is ours, not llama.cpp's
-    assert f16.ctx
-    f16.close()
+    """One stream per sequence (kv_unified=False), which Llama(n_seq_max=...) never asks for but
+    llama.cpp's API allows, is refused at creation ("need a unified KV cache")."""
+    def create(kv_type: str):
+        spec = kv_types.get(kv_type)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx, params.n_seq_max, params.kv_unified = N_CTX, 2, False
+        params.type_k, params.type_v = spec.type_k, spec.type_v
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        return llama_cpp.llama_init_from_model(llm._model.model, params)
+
+    assert not create("logquant")
+    f16 = create("f16")  # the refusal is ours, not llama.cpp's
+    assert f16
+    llama_cpp.llama_free(f16)
 
 
 def test_embedding_mode_opens_several_sequences(tiny_model):

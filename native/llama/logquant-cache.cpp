@@ -341,9 +341,8 @@ bool logquant_cache::plan(llama_kv_cells & cells, const llama_ubatch & ubatch) {
         const int32_t s = ubatch.seq_id_unq[i];
         const auto f16 = f16_tokens(cells, s);
         auto & q2 = bk.sorted[s];
-        std::vector<int32_t> all;
+        std::vector<int32_t> all(q2);
         all.reserve(q2.size() + f16.size());
-        all = q2;
         for (const auto & [p, idx] : f16) {
             all.push_back(p);
         }

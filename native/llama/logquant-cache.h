@@ -24,9 +24,8 @@
 #include "lq2-rope.h"
 
 #include "ggml.h"
-#include "llama-cparams.h"
 
-#include <bitset>
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <string>
