@@ -56,8 +56,9 @@ class Llama(llama_cpp.Llama):
     attn_rotation: False turns off llama.cpp's Hadamard rotation of quantized K/V types
     (LLAMA_ATTN_ROT_DISABLE; on by default for q8_0, q4_0, q2_0).
     n_seq_max: sequences the context holds at once (default 1), for llama.cpp's batch API on
-    `self.ctx` (several sequences decoded side by side); with more than one the KV cache is
-    unified (n_ctx cells shared by all sequences), which the LogQuant caches need.
+    `self.ctx` (several sequences decoded side by side). kv_unified: with several sequences,
+    True (default) shares the n_ctx cells among them; False gives each its own stream of
+    n_ctx / n_seq_max cells (llama.cpp's default). Both work with every kv_type.
     Every other argument and method is llama_cpp.Llama's.
     """
 
@@ -66,12 +67,14 @@ class Llama(llama_cpp.Llama):
                  logquant_value_bits: int | None = None,
                  logquant_layer_bits: dict[int, tuple[int, int]] | None = None,
                  logquant_key_group: int | None = None, logquant_keys_post_rope: bool | None = None,
-                 attn_rotation: bool = True, n_seq_max: int = 1, **kwargs: Any):
+                 attn_rotation: bool = True, n_seq_max: int = 1, kv_unified: bool = True,
+                 **kwargs: Any):
         spec = kv_types.get(kv_type)
         max_seq = int(llama_cpp.llama_max_parallel_sequences())
         if not isinstance(n_seq_max, int) or not 1 <= n_seq_max <= max_seq:
             raise ValueError(f"n_seq_max must be an integer from 1 to {max_seq}, got {n_seq_max!r}")
         self._n_seq_max = n_seq_max
+        self._kv_unified = bool(kv_unified)
         window = _check_window(spec, logquant_window)
         bits = kv_types.check_bits(spec, logquant_key_bits, logquant_value_bits, logquant_layer_bits,
                                    logquant_key_group, logquant_keys_post_rope)
@@ -131,7 +134,7 @@ class Llama(llama_cpp.Llama):
     def context_params(self, params: llama_cpp.llama_context_params) -> None:
         if getattr(self, "_n_seq_max", 1) > 1:
             params.n_seq_max = self._n_seq_max
-            params.kv_unified = True
+            params.kv_unified = self._kv_unified
         self._context_params = params
 
     def __getstate__(self) -> dict:
@@ -142,6 +145,7 @@ class Llama(llama_cpp.Llama):
         state["logquant_window"] = self.logquant_window
         state["attn_rotation"] = self.attn_rotation
         state["n_seq_max"] = self._n_seq_max
+        state["kv_unified"] = self._kv_unified
         if self.logquant_bits is not None:
             state["logquant_key_bits"] = self.logquant_bits.key
             state["logquant_value_bits"] = self.logquant_bits.value

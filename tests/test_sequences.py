@@ -1,7 +1,8 @@
-"""Several sequences in one LogQuant context (n_seq_max > 1, unified KV cache), through
-llama.cpp's own batch and memory API: each sequence is grouped and demoted exactly as if it were
-alone, seq_rm / seq_cp / seq_keep act on one sequence's 2-bit slots, the state carries them all.
-llama-cpp-python's Llama runs one sequence; its embedding mode is the one that opens several."""
+"""Several sequences in one LogQuant context (n_seq_max > 1), through llama.cpp's own batch and
+memory API, with a unified KV cache and with one stream per sequence (kv_unified=False): each
+sequence is grouped and demoted exactly as if it were alone, seq_rm / seq_cp / seq_keep act on one
+sequence's 2-bit slots, the state carries them all. llama-cpp-python's Llama runs one sequence;
+its embedding mode is the one that opens several."""
 
 from __future__ import annotations
 
@@ -24,9 +25,9 @@ TOL = 1e-3
 class Ctx:
     """A Llama of the test model with n_seq sequences, driven through llama.cpp's batch API."""
 
-    def __init__(self, llm: Llama, n_seq: int, kv_type: str = "logquant"):
-        self.llm = load(llm.model_path, kv_type, n_seq_max=n_seq, n_ctx=N_CTX, n_batch=256,
-                        n_ubatch=256, logits_all=False, flash_attn=True)
+    def __init__(self, llm: Llama, n_seq: int, kv_type: str = "logquant", unified: bool = True):
+        self.llm = load(llm.model_path, kv_type, n_seq_max=n_seq, kv_unified=unified, n_ctx=N_CTX,
+                        n_batch=256, n_ubatch=256, logits_all=False, flash_attn=True)
         self.n_vocab = self.llm.n_vocab()
         self.ctx = self.llm._ctx.ctx
         self.batch = llama_cpp.llama_batch_init(512, 0, n_seq)
@@ -70,6 +71,13 @@ def llm(tiny_model):
     model.close()
 
 
+# every multi-sequence test runs on both layouts of llama.cpp's cache: one stream shared by all
+# sequences, and one stream (its own f16 cells) per sequence
+@pytest.fixture(params=[True, False], ids=["unified", "streams"])
+def unified(request) -> bool:
+    return request.param
+
+
 def run_alone(llm: Llama, chunks: list[list[int]]) -> list[np.ndarray]:
     """The reference: one sequence in its own context, fed the same chunks."""
     one = Ctx(llm, 1)
@@ -89,24 +97,30 @@ def chunked(toks: list[int], sizes: list[int]) -> list[list[int]]:
     return out
 
 
-def test_two_sequences_each_match_their_single_sequence_run(llm):
+def test_two_sequences_each_match_their_single_sequence_run(llm, unified):
     """Two sequences prefilled in shared batches, then decoded side by side past several
     demotions: each one's logits equal its run alone (up to float summation order: the 2-bit
     groups are the same, the tiers are scanned in another order), and its f16 tier follows the
     policy of its own positions."""
-    a, b = tokens(llm, 150, seed=1), tokens(llm, 110, seed=2)
     sizes_a, sizes_b = [70, 50] + [1] * 30, [40, 40] + [1] * 30
+    if not unified:
+        # with a stream per sequence llama.cpp cuts a batch into ubatches holding as many tokens
+        # of each sequence (70 + 40 -> 40 + 40, then 30), and a prompt's 2-bit groups depend on
+        # its ubatches (a group's scales are set by the tokens demoted so far): equal chunks here
+        sizes_b = sizes_a
+    a, b = tokens(llm, sum(sizes_a), seed=1), tokens(llm, sum(sizes_b), seed=2)
     ca, cb = chunked(a, sizes_a), chunked(b, sizes_b)
-    ctx = Ctx(llm, 2)
+    ctx = Ctx(llm, 2, unified=unified)
     got_a, got_b, pa, pb = [], [], 0, 0
     for xa, xb in zip(ca, cb):
         out = ctx.decode({0: (pa, xa), 1: (pb, xb)})
         got_a.append(out[0])
         got_b.append(out[1])
         pa, pb = pa + len(xa), pb + len(xb)
-    assert ctx.f16_positions(0) == policy_model(150, W)
-    assert ctx.f16_positions(1) == policy_model(110, W)
-    assert ctx.q2_tokens() == 150 + 110 - len(policy_model(150, W)) - len(policy_model(110, W))
+    na, nb = len(a), len(b)
+    assert ctx.f16_positions(0) == policy_model(na, W)
+    assert ctx.f16_positions(1) == policy_model(nb, W)
+    assert ctx.q2_tokens() == na + nb - len(policy_model(na, W)) - len(policy_model(nb, W))
     ctx.close()
     for got, want in ((got_a, run_alone(llm, ca)), (got_b, run_alone(llm, cb))):
         for g, w in zip(got, want):
@@ -115,9 +129,9 @@ def test_two_sequences_each_match_their_single_sequence_run(llm):
     assert not np.allclose(got_a[-1], got_b[-1], atol=1e-2)
 
 
-def test_removing_a_sequence_leaves_the_other_and_frees_its_slots(llm):
+def test_removing_a_sequence_leaves_the_other_and_frees_its_slots(llm, unified):
     a, b, c = tokens(llm, 120, seed=3), tokens(llm, 120, seed=4), tokens(llm, 100, seed=5)
-    ctx = Ctx(llm, 2)
+    ctx = Ctx(llm, 2, unified=unified)
     ctx.decode({0: (0, a[:-1]), 1: (0, b)})
     q2_both = ctx.q2_tokens()
     assert llama_cpp.llama_memory_seq_rm(ctx.mem, 1, -1, -1)
@@ -132,11 +146,11 @@ def test_removing_a_sequence_leaves_the_other_and_frees_its_slots(llm):
     np.testing.assert_allclose(got_c, run_alone(llm, [c])[0], atol=TOL, rtol=0)
 
 
-def test_truncating_one_sequence_is_refused_or_exact(llm):
+def test_truncating_one_sequence_is_refused_or_exact(llm, unified):
     """A tail truncation of one sequence follows the single-sequence rule (refused when 2-bit
     tokens would have to come back to f16); the other sequence is untouched either way."""
     a, b = tokens(llm, 120, seed=6), tokens(llm, 120, seed=7)
-    ctx = Ctx(llm, 2)
+    ctx = Ctx(llm, 2, unified=unified)
     ctx.decode({0: (0, a), 1: (0, b)})
     before = ctx.f16_positions(1)
     assert llama_cpp.llama_memory_seq_rm(ctx.mem, 0, 119, -1)  # the last token: f16, allowed
@@ -147,11 +161,11 @@ def test_truncating_one_sequence_is_refused_or_exact(llm):
     ctx.close()
 
 
-def test_seq_cp_shares_the_2bit_slots(llm):
+def test_seq_cp_shares_the_2bit_slots(llm, unified):
     """seq_cp of a whole sequence: the copy reads the same 2-bit slots (no new ones) and gives the
     same next-token logits; the source, continued, still matches its run alone."""
     a, x, y = tokens(llm, 130, seed=8), tokens(llm, 40, seed=9), tokens(llm, 40, seed=10)
-    ctx = Ctx(llm, 2)
+    ctx = Ctx(llm, 2, unified=unified)
     ctx.decode({0: (0, a)})
     q2 = ctx.q2_tokens()
     llama_cpp.llama_memory_seq_cp(ctx.mem, 0, 1, -1, -1)
@@ -168,27 +182,34 @@ def test_seq_cp_shares_the_2bit_slots(llm):
     assert np.isfinite(got[-1][1]).all()
 
 
-def test_seq_keep(llm):
+def test_seq_keep(llm, unified):
+    """seq_keep(0) drops the other sequences of sequence 0's stream, in both tiers: all of them
+    in a unified cache, none with one stream per sequence (llama.cpp's rule for its cells)."""
     a, b = tokens(llm, 120, seed=11), tokens(llm, 120, seed=12)
-    ctx = Ctx(llm, 2)
+    ctx = Ctx(llm, 2, unified=unified)
     ctx.decode({0: (0, a[:-1]), 1: (0, b)})
     llama_cpp.llama_memory_seq_keep(ctx.mem, 0)
-    assert ctx.q2_tokens() == 119 - len(policy_model(119, W))
-    assert ctx.f16_positions(1) == []
+    q2_a, q2_b = 119 - len(policy_model(119, W)), 120 - len(policy_model(120, W))
+    if unified:
+        assert ctx.q2_tokens() == q2_a
+        assert ctx.f16_positions(1) == []
+    else:
+        assert ctx.q2_tokens() == q2_a + q2_b
+        assert ctx.f16_positions(1) == policy_model(120, W)
     got = ctx.decode({0: (119, a[-1:])})[0]
     ctx.close()
     np.testing.assert_allclose(got, run_alone(llm, [a[:-1], a[-1:]])[1], atol=TOL, rtol=0)
 
 
-def test_state_round_trip_with_two_sequences(llm):
+def test_state_round_trip_with_two_sequences(llm, unified):
     a, b = tokens(llm, 120, seed=13), tokens(llm, 100, seed=14)
-    ctx = Ctx(llm, 2)
+    ctx = Ctx(llm, 2, unified=unified)
     ctx.decode({0: (0, a[:-1]), 1: (0, b[:-1])})
     n = llama_cpp.llama_state_get_size(ctx.ctx)
     buf = (ctypes.c_uint8 * n)()
     assert llama_cpp.llama_state_get_data(ctx.ctx, buf, n) == n
     want = ctx.decode({0: (119, a[-1:]), 1: (99, b[-1:])})
-    other = Ctx(llm, 2)
+    other = Ctx(llm, 2, unified=unified)
     assert llama_cpp.llama_state_set_data(other.ctx, buf, n) == n
     assert other.f16_positions(0) == policy_model(119, W)
     got = other.decode({0: (119, a[-1:]), 1: (99, b[-1:])})
@@ -200,21 +221,35 @@ def test_state_round_trip_with_two_sequences(llm):
         np.testing.assert_allclose(got[s], want[s], atol=1e-5, rtol=0)
 
 
-def test_several_sequences_need_a_unified_cache(llm):
-    """One stream per sequence (kv_unified=False), which Llama(n_seq_max=...) never asks for but
-    llama.cpp's API allows, is refused at creation ("need a unified KV cache")."""
-    def create(kv_type: str):
-        spec = kv_types.get(kv_type)
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx, params.n_seq_max, params.kv_unified = N_CTX, 2, False
-        params.type_k, params.type_v = spec.type_k, spec.type_v
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        return llama_cpp.llama_init_from_model(llm._model.model, params)
-
-    assert not create("logquant")
-    f16 = create("f16")  # the refusal is ours, not llama.cpp's
-    assert f16
-    llama_cpp.llama_free(f16)
+def test_llama_cpp_default_context_has_a_stream_per_sequence(llm):
+    """A context made with llama.cpp's default parameters and several sequences (one stream per
+    sequence, as llama.cpp's tools make them) works with the LogQuant cache: each stream's f16
+    tier is 3W plus one ubatch, and a sequence decoded there gives its single-sequence logits."""
+    spec = kv_types.get("logquant")
+    params = llama_cpp.llama_context_default_params()
+    assert not params.kv_unified
+    params.n_ctx, params.n_seq_max, params.n_batch, params.n_ubatch = N_CTX, 3, 256, 256
+    params.type_k, params.type_v = spec.type_k, spec.type_v
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    _capi.set_logquant_params(W, spec.policy, 256)
+    ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+    assert ctx
+    try:
+        stats = _capi.kv_stats(ctypes.cast(ctx, ctypes.c_void_p).value)
+        per_token = 2 * 2 * 128 * 2  # 2 layers x 2 KV heads x (64 + 64) x f16
+        assert stats["logquant"]["bytes_f16"] == 3 * (3 * W + 256) * per_token
+        a = tokens(llm, 100, seed=21)
+        batch = llama_cpp.llama_batch_init(100, 0, 1)
+        for i, t in enumerate(a):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, i, 1, i == 99
+            batch.seq_id[i][0] = 2
+        batch.n_tokens = 100
+        assert llama_cpp.llama_decode(ctx, batch) == 0
+        got = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, 99), shape=(llm.n_vocab(),)).copy()
+        llama_cpp.llama_batch_free(batch)
+    finally:
+        llama_cpp.llama_free(ctx)
+    np.testing.assert_allclose(got, run_alone(llm, [a])[0], atol=TOL, rtol=0)
 
 
 def test_embedding_mode_opens_several_sequences(tiny_model):

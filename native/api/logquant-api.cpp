@@ -47,7 +47,7 @@ extern "C" int64_t logquant_kv_f16_positions(const llama_context * ctx, int32_t 
         return -1;
     }
     int64_t n = 0;
-    for (const auto & [pos, idx] : kv->get_cells(0).seq_pos_get(seq_id)) {
+    for (const auto & [pos, idx] : kv->get_cells(seq_id).seq_pos_get(seq_id)) {
         (void) idx;
         if (n < cap) {
             out[n] = pos;
@@ -76,7 +76,7 @@ extern "C" int32_t logquant_kv_stats_get(const llama_context * ctx, logquant_kv_
     const llama_kv_cache * kv = main_kv_cache(mem);
     if (kv != nullptr && kv->get_logquant() != nullptr) {
         const logquant_cache & lq = *kv->get_logquant();
-        const logquant_tier_stats st = lq.stats(kv->get_cells(0), 0);
+        const logquant_tier_stats st = lq.stats(0);
         out->is_logquant = 1;
         out->window      = lq.window();
         out->policy      = lq.policy();

@@ -95,9 +95,8 @@ logquant_cache::logquant_cache(const llama_model & model, const llama_hparams & 
 // One read of the settings (they may change between two reads by another thread's C API call).
 logquant_cache::logquant_cache(const logquant_settings & s, const llama_model & model, const llama_hparams & hparams,
                                uint32_t kv_size, uint32_t n_seq_max, bool unified)
-    : G(s.key_group), settings(s),
-      capacity(kv_size + (uint32_t) std::max(0, settings.n_ubatch)), n_seq_max(std::max(1u, n_seq_max)) {
-    GGML_UNUSED(unified);
+    : G(s.key_group), n_stream(unified ? 1 : std::max(1u, n_seq_max)), settings(s),
+      capacity(kv_size * n_stream + (uint32_t) std::max(0, settings.n_ubatch)), n_seq_max(std::max(1u, n_seq_max)) {
     if (!settings.layer_bits_error.empty()) {
         throw std::runtime_error("logquant: cannot read LOGQUANT_LAYER_BITS=\"" + settings.layer_bits_error +
                                  "\": write il:key_bits:value_bits,... e.g. 0:8:8,1:4:4");
@@ -163,12 +162,7 @@ logquant_cache::logquant_cache(const logquant_settings & s, const llama_model & 
                    overrides.empty() ? "" : ", layers il:K:V", overrides.c_str());
 }
 
-std::string logquant_cache::check_supported(const llama_hparams & hparams, uint32_t n_seq_max, bool unified,
-                                            bool v_trans) const {
-    if (n_seq_max > 1 && !unified) {
-        return "several sequences (n_seq_max = " + std::to_string(n_seq_max) + ") need a unified KV cache "
-               "(kv_unified = true): the LogQuant cache keeps one stream";
-    }
+std::string logquant_cache::check_supported(const llama_hparams & hparams, bool v_trans) const {
     if (!hparams.causal_attn) {
         return "the model's attention is not causal (the 2-bit tier is read causally)";
     }
@@ -186,9 +180,22 @@ std::string logquant_cache::check_supported(const llama_hparams & hparams, uint3
 }
 
 uint32_t logquant_cache::f16_cells(uint32_t kv_size_requested, uint32_t n_pad) const {
-    const uint64_t need = 3ull * (uint64_t) settings.window * n_seq_max + (uint64_t) settings.n_ubatch;
+    const uint64_t seqs_per_stream = n_stream == 1 ? n_seq_max : 1;
+    const uint64_t need = 3ull * (uint64_t) settings.window * seqs_per_stream + (uint64_t) settings.n_ubatch;
     const uint64_t padded = (need + n_pad - 1) / n_pad * n_pad;
     return (uint32_t) std::min<uint64_t>(kv_size_requested, padded);
+}
+
+void logquant_cache::bind(std::vector<llama_kv_cells> & cells, const std::vector<uint32_t> & seq_stream,
+                          uint32_t size) {
+    GGML_ASSERT(cells.size() == n_stream);
+    v_cells       = &cells;
+    seq_to_stream = &seq_stream;
+    stream_size   = size;
+}
+
+llama_kv_cells & logquant_cache::cells_of(int32_t seq_id) const {
+    return (*v_cells)[(*seq_to_stream)[seq_id]];
 }
 
 void logquant_cache::add_layer(ggml_context * ctx, int32_t il, uint32_t n_embd_k_gqa, uint32_t n_embd_v_gqa,
@@ -315,7 +322,7 @@ void logquant_cache::refresh_rope_group(int64_t g) {
     lq2_rope_table(&rope, bk.slot_pos.data() + g * G, G, G, rope_table.data() + g * per_group);
 }
 
-bool logquant_cache::plan(llama_kv_cells & cells, const llama_ubatch & ubatch) {
+bool logquant_cache::plan(const llama_ubatch & ubatch) {
     if (!overrides_checked) { // every add_layer has run by now
         overrides_checked = true;
         for (const auto & lb : settings.layer_bits) {
@@ -339,6 +346,8 @@ bool logquant_cache::plan(llama_kv_cells & cells, const llama_ubatch & ubatch) {
     std::set<int64_t> touched;
     for (uint32_t i = 0; i < ubatch.n_seqs_unq; i++) {
         const int32_t s = ubatch.seq_id_unq[i];
+        auto & cells = cells_of(s);
+        const int64_t row0 = (int64_t) (*seq_to_stream)[s] * stream_size;
         const auto f16 = f16_tokens(cells, s);
         auto & q2 = bk.sorted[s];
         std::vector<int32_t> all(q2);
@@ -360,7 +369,7 @@ bool logquant_cache::plan(llama_kv_cells & cells, const llama_ubatch & ubatch) {
                 pending.clear();
                 return false;
             }
-            pending.push_back({idx, p, slot});
+            pending.push_back({row0 + idx, p, slot});
             bk.slot_pos[slot] = p;
             bk.slot_seq.clear(slot);
             bk.slot_seq.set(slot, s);
@@ -383,7 +392,7 @@ bool logquant_cache::plan(llama_kv_cells & cells, const llama_ubatch & ubatch) {
     return true;
 }
 
-bool logquant_cache::seq_rm(llama_kv_cells & cells, int32_t seq_id, int32_t p0, int32_t p1) {
+bool logquant_cache::seq_rm(int32_t seq_id, int32_t p0, int32_t p1) {
     p0 = std::max(p0, 0);
     std::vector<int32_t> seqs;
     for (int32_t s = 0; s < (int32_t) n_seq_max; s++) {
@@ -394,6 +403,7 @@ bool logquant_cache::seq_rm(llama_kv_cells & cells, int32_t seq_id, int32_t p0, 
     // All or nothing: first check every sequence, then change them.
     std::vector<std::pair<int32_t, int32_t>> todo; // (sequence, first position removed)
     for (int32_t s : seqs) {
+        const auto & cells = cells_of(s);
         const int32_t max_pos = seq_pos_max(s, cells.seq_pos_max(s));
         const int32_t e = (p1 < 0 || p1 > max_pos) ? max_pos + 1 : p1;
         if (p0 >= e) {
@@ -427,7 +437,7 @@ bool logquant_cache::seq_rm(llama_kv_cells & cells, int32_t seq_id, int32_t p0, 
         todo.emplace_back(s, p0);
     }
     for (const auto & [s, first] : todo) {
-        const int32_t max_pos = seq_pos_max(s, cells.seq_pos_max(s));
+        const int32_t max_pos = seq_pos_max(s, cells_of(s).seq_pos_max(s));
         const int32_t e = (p1 < 0 || p1 > max_pos) ? max_pos + 1 : p1;
         for (int64_t slot = 0; slot < bk.n_slots; slot++) {
             if (bk.slot_pos[slot] >= first && bk.slot_pos[slot] < e) {
@@ -499,9 +509,17 @@ bool logquant_cache::seq_div(int32_t seq_id, int32_t p0, int32_t p1, int32_t d) 
     return move_positions(seq_id, p0, p1, [d](int32_t p) { return p / d; });
 }
 
-void logquant_cache::seq_cp(int32_t seq_src, int32_t seq_dst, int32_t p0, int32_t p1) {
+void logquant_cache::seq_cp(int32_t seq_src, int32_t seq_dst, int32_t p0, int32_t p1, bool replace) {
     if (seq_src == seq_dst) {
         return;
+    }
+    if (replace) {
+        for (int64_t slot = 0; slot < bk.n_slots; slot++) {
+            drop_seq_from_slot(slot, seq_dst);
+        }
+        bk.sorted[seq_dst].clear();
+        bk.open_group[seq_dst] = -1;
+        settle_groups();
     }
     p0 = std::max(p0, 0);
     p1 = p1 < 0 ? std::numeric_limits<int32_t>::max() : p1;
@@ -520,7 +538,8 @@ void logquant_cache::seq_cp(int32_t seq_src, int32_t seq_dst, int32_t p0, int32_
 
 void logquant_cache::seq_keep(int32_t seq_id) {
     for (int32_t s = 0; s < (int32_t) n_seq_max; s++) {
-        if (s == seq_id || bk.sorted[s].empty()) {
+        // as llama.cpp's seq_keep, which clears the other sequences of seq_id's stream only
+        if (s == seq_id || bk.sorted[s].empty() || (*seq_to_stream)[s] != (*seq_to_stream)[seq_id]) {
             continue;
         }
         for (int64_t slot = 0; slot < bk.n_slots; slot++) {
@@ -746,9 +765,11 @@ bool logquant_cache::state_read(llama_io_read_i & io, int32_t seq_id) {
     return true;
 }
 
-logquant_tier_stats logquant_cache::stats(const llama_kv_cells & cells, int64_t bytes_f16) const {
+logquant_tier_stats logquant_cache::stats(int64_t bytes_f16) const {
     logquant_tier_stats s{};
-    s.n_f16     = (int64_t) cells.get_used();
+    for (const auto & cells : *v_cells) {
+        s.n_f16 += (int64_t) cells.get_used();
+    }
     s.n_q2      = (int64_t) std::count_if(bk.slot_pos.begin(), bk.slot_pos.begin() + bk.n_slots,
                                           [](int32_t p) { return p >= 0; });
     s.n_slots   = bk.n_slots;
@@ -795,14 +816,14 @@ static void logquant_demote_op(ggml_tensor * dst, int ith, int nth, void * userd
         const auto & d = lq.pending[i];
         const int64_t grp = d.slot / G;
         // values: per token
-        const ggml_fp16_t * vsrc = (const ggml_fp16_t *) ((const char *) vc->data + d.cell * vc->nb[1]);
+        const ggml_fp16_t * vsrc = (const ggml_fp16_t *) ((const char *) vc->data + d.row * vc->nb[1]);
         ggml_fp16_to_fp32_row(vsrc, row.data(), nv);
         lq2_quantize_v_row(row.data(), (char *) l.v2->data + d.slot * vrow_bytes, nv, l.v_bits);
         // keys: un-rotate, stage in the group's open rows, requantize the group when it fills or
         // this ubatch's demotions into it end (pending is in slot order: a group's are adjacent)
         auto & staging = l.staging[grp];
         staging.resize((size_t) G * nk);
-        const ggml_fp16_t * ksrc = (const ggml_fp16_t *) ((const char *) kc->data + d.cell * kc->nb[1]);
+        const ggml_fp16_t * ksrc = (const ggml_fp16_t *) ((const char *) kc->data + d.row * kc->nb[1]);
         float * staged = staging.data() + (d.slot % G) * nk;
         ggml_fp16_to_fp32_row(ksrc, staged, nk);
         if (lq.rope.n_dims > 0) {
@@ -837,14 +858,17 @@ static void logquant_attn_op(ggml_tensor * dst, int ith, int nth, void * userdat
     const auto & l  = *(const logquant_cache::layer *) userdata;
     const auto & lq = *l.owner;
     const ggml_tensor * q    = dst->src[0]; // f32 [D, n_head, n_tokens]
-    const ggml_tensor * k    = dst->src[1]; // f16 [D, n_head_kv, n_kv]
+    const ggml_tensor * k    = dst->src[1]; // f16 [D, n_head_kv, n_kv, n_stream]
     const ggml_tensor * v    = dst->src[2];
-    const ggml_tensor * mask = dst->src[3]; // [n_kv, n_tokens(padded)], f16 or f32
+    const ggml_tensor * mask = dst->src[3]; // [n_kv, n_tokens / n_stream, 1, n_stream], f16 or f32
 
     const int64_t D        = q->ne[0];
     const int64_t n_head   = q->ne[1];
     const int64_t n_tokens = q->ne[2];
     const int64_t n_kv     = k->ne[2];
+    // one stream per sequence: the ubatch holds n_tps tokens of each stream in turn (llama.cpp's
+    // split_equal), and each reads its stream's f16 tier
+    const int64_t n_tps    = n_tokens / k->ne[3];
 
     lq2_attn_params p;
     p.head_dim  = (int32_t) D;
@@ -864,9 +888,7 @@ static void logquant_attn_op(ggml_tensor * dst, int ith, int nth, void * userdat
 
     lq2_tier_f16 ta;
     ta.n    = n_kv;
-    ta.k    = (const lq2_half *) k->data;
     ta.nb_k = k->nb[2];
-    ta.v    = (const lq2_half *) v->data;
     ta.nb_v = v->nb[2];
     ta.mask = mask_a.data();
 
@@ -891,7 +913,9 @@ static void logquant_attn_op(ggml_tensor * dst, int ith, int nth, void * userdat
             const float * src = (const float *) ((const char *) q->data + t * q->nb[2] + h * q->nb[1]);
             std::memcpy(qrow.data() + h * D, src, D * sizeof(float));
         }
-        const char * mrow = (const char *) mask->data + t * mask->nb[1];
+        ta.k = (const lq2_half *) ((const char *) k->data + (t / n_tps) * k->nb[3]);
+        ta.v = (const lq2_half *) ((const char *) v->data + (t / n_tps) * v->nb[3]);
+        const char * mrow = (const char *) mask->data + t * mask->nb[1]; // streams' rows are contiguous
         for (int64_t j = 0; j < n_kv; j++) {
             mask_a[j] = mask->type == GGML_TYPE_F16 ? ggml_fp16_to_fp32(((const ggml_fp16_t *) mrow)[j])
                                                     : ((const float *) mrow)[j];
@@ -923,7 +947,7 @@ ggml_tensor * logquant_cache::build_attn(ggml_context * ctx, int32_t il, ggml_te
     l.max_bias = max_bias;
     l.softcap  = softcap;
     GGML_ASSERT(q->type == GGML_TYPE_F32 && k->type == GGML_TYPE_F16 && v->type == GGML_TYPE_F16);
-    GGML_ASSERT(k->ne[3] == 1 && "LogQuant: one stream");
+    GGML_ASSERT(q->ne[2] % k->ne[3] == 0 && kq_mask->ne[3] == k->ne[3] && ggml_is_contiguous(kq_mask));
     ggml_tensor * args[] = {q, k, v, kq_mask, demoted};
     ggml_tensor * out = ggml_custom_4d(ctx, GGML_TYPE_F32, q->ne[0], q->ne[1], q->ne[2], 1, args, 5,
                                        logquant_attn_op, GGML_N_TASKS_MAX, &l);

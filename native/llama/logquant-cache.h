@@ -13,12 +13,14 @@
 // and the attention op reads both tiers in one online-softmax pass. Both ops are ggml custom ops
 // that read this plan through their userdata: no per-step host copy of tensor data.
 //
-// Sequences: any number in one unified stream (kv_unified, as llama-cpp-python's embedding mode
-// sets it). The 2-bit tier is shared storage in groups of G slots; a group is filled by one
-// sequence at a time (its "open" group), so each sequence's tokens are grouped exactly as in a
-// single-sequence run, and every slot carries the set of sequences that hold it (seq_cp shares
-// slots, like llama.cpp's cells). One stream per context and the CPU backend for now: the cache
-// refuses the rest clearly (see logquant_cache::check_supported).
+// Sequences: any number, in one unified stream (kv_unified, as llama-cpp-python's embedding mode
+// sets it) or one stream per sequence (llama.cpp's default for n_seq_max > 1). Streams are an f16
+// tier matter: each stream has its own cells, sized as the f16 tier of the sequences it holds.
+// The 2-bit tier is one shared store for all streams, in groups of G slots; a group is filled by
+// one sequence at a time (its "open" group), so each sequence's tokens are grouped exactly as in
+// a single-sequence run, and every slot carries the set of sequences that hold it (seq_cp shares
+// slots, like llama.cpp's cells). The CPU backend for now: the cache refuses the rest clearly
+// (see logquant_cache::check_supported).
 #pragma once
 
 #include "lq2-rope.h"
@@ -115,16 +117,23 @@ public:
 
     const int G; // tokens per key group (settings.key_group): 2 + 32/64 = 2.5 bits per key value
 
-    // kv_size: cells the caller asked for (the context size); the 2-bit tier holds that many.
+    // kv_size: cells per stream the caller asked for (the context size, or a sequence's share of
+    // it with one stream per sequence); the 2-bit tier holds that many for every stream.
     logquant_cache(const llama_model & model, const llama_hparams & hparams, uint32_t kv_size,
                    uint32_t n_seq_max, bool unified);
 
     // Empty when this model and setup can use LogQuant; else the reason, for the error message.
-    std::string check_supported(const llama_hparams & hparams, uint32_t n_seq_max, bool unified, bool v_trans) const;
+    std::string check_supported(const llama_hparams & hparams, bool v_trans) const;
 
-    // How many f16 cells the full-precision tier needs (<= kv_size_requested): 3W per sequence
-    // plus one ubatch.
+    // How many f16 cells a stream's full-precision tier needs (<= kv_size_requested): 3W per
+    // sequence it holds plus one ubatch.
     uint32_t f16_cells(uint32_t kv_size_requested, uint32_t n_pad) const;
+
+    // The f16 tier's cells of llama_kv_cache (one llama_kv_cells per stream, stream_size cells
+    // each, rows s * stream_size + cell of its K/V tensors) and its sequence -> stream map. Both
+    // live in the same llama_kv_cache as this object.
+    void bind(std::vector<llama_kv_cells> & v_cells, const std::vector<uint32_t> & seq_to_stream,
+              uint32_t stream_size);
 
     // Creates layer il's 2-bit tensors in ctx (allocated with the cache's other tensors).
     void add_layer(ggml_context * ctx, int32_t il, uint32_t n_embd_k_gqa, uint32_t n_embd_v_gqa,
@@ -137,7 +146,7 @@ public:
     // After apply_ubatch placed a ubatch: decide the demotions of its sequences, free their cells
     // (or drop the leaving sequence from a cell other sequences still keep in f16). Returns false
     // if the 2-bit tier is full.
-    bool plan(llama_kv_cells & cells, const llama_ubatch & ubatch);
+    bool plan(const llama_ubatch & ubatch);
 
     // While a state is read back, its cells are placed as saved: no tier decisions then.
     struct plan_pause {
@@ -154,7 +163,7 @@ public:
     // prompt; results equal a fresh run). A range inside the sequence (a context shift's discard)
     // is removed; the 2-bit tokens after it stay 2-bit even where the policy, counting from the
     // new positions, would keep them in f16.
-    bool seq_rm(llama_kv_cells & cells, int32_t seq_id, int32_t p0, int32_t p1);
+    bool seq_rm(int32_t seq_id, int32_t p0, int32_t p1);
     // The 2-bit part of seq_add / seq_div (llama.cpp shifts the f16 cells and their keys): the
     // slots take their new positions and their keys are re-rotated there when read. Slots shared
     // with other sequences move with them, as llama.cpp's shared cells do; a position that turns
@@ -163,8 +172,9 @@ public:
     bool seq_div(int32_t seq_id, int32_t p0, int32_t p1, int32_t d);
     bool can_shift() const { return rope.n_dims > 0; }
     // The 2-bit part of llama.cpp's seq_cp / seq_keep (which handle the f16 cells): slots are
-    // shared, not copied.
-    void seq_cp(int32_t seq_src, int32_t seq_dst, int32_t p0, int32_t p1);
+    // shared, not copied; seq_keep, like llama.cpp's, leaves other streams' sequences alone. replace: the destination's own slots go first (a copy across streams
+    // replaces the destination stream whole).
+    void seq_cp(int32_t seq_src, int32_t seq_dst, int32_t p0, int32_t p1, bool replace = false);
     void seq_keep(int32_t seq_id);
     void clear();
 
@@ -190,7 +200,7 @@ public:
     void state_write(llama_io_write_i & io, int32_t seq_id) const;
     bool state_read (llama_io_read_i  & io, int32_t seq_id);
 
-    logquant_tier_stats stats(const llama_kv_cells & cells, int64_t bytes_f16) const;
+    logquant_tier_stats stats(int64_t bytes_f16) const;
 
     // Graph: the demote node for layer il (after the new rows are written: k_written/v_written are
     // the results of cpy_k/cpy_v), and the attention over both tiers. Returns [D*n_head, n_tokens].
@@ -223,7 +233,7 @@ public:
         float kq_scale, max_bias, softcap; // set when the attention node is built
     };
     struct demotion {
-        uint32_t cell;
+        int64_t  row;  // of the f16 K/V tensors: stream * stream_size + cell
         int32_t  pos;
         int64_t  slot;
     };
@@ -234,6 +244,7 @@ public:
     std::vector<demotion>   pending;    // this ubatch's demotions, in slot order
     std::vector<int32_t>    ubatch_pos; // this ubatch's positions (the queries' causal limit)
     std::vector<int32_t>    ubatch_seq; // and sequences (the first of each token's, as llama.cpp's mask)
+    uint32_t                n_stream;   // f16 tier streams: 1 (unified) or n_seq_max
 
 private:
     logquant_settings   settings;
@@ -242,6 +253,11 @@ private:
     int64_t             n_groups;   // groups allocated: capacity / G plus one open group per sequence
     std::map<int32_t, size_t> layer_of;
     std::vector<layer>  layers;
+    std::vector<llama_kv_cells> *  v_cells       = nullptr; // see bind()
+    const std::vector<uint32_t> *  seq_to_stream = nullptr;
+    uint32_t                       stream_size   = 0;
+
+    llama_kv_cells & cells_of(int32_t seq_id) const; // the f16 cells of the sequence's stream
 
     logquant_cache(const logquant_settings & s, const llama_model & model, const llama_hparams & hparams,
                    uint32_t kv_size, uint32_t n_seq_max, bool unified);
