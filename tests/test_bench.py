@@ -124,14 +124,31 @@ def test_completion_baseline_matches_itself(tiny_model, out):
     assert len(doc["results"]["per_prompt"]["q4_0"]) == 2
 
 
+def test_a_tagged_run_goes_beside_the_untagged_one(tiny_model, out):
+    """--tag T: a second run of a part (other settings) in <model>/T/, not over <model>/."""
+    untagged = out / "cpu" / tiny_model.stem.lower() / "speed.json"
+    before = untagged.read_bytes() if untagged.exists() else None
+    argv = ["speed", "--model", str(tiny_model), "--out", str(out), "--kv-types", "f16,q4_0",
+            "--threads", "1", "--depths", "0", "--pp", "4", "--tg", "1", "--reps", "1",
+            "--tag", "two-types"]
+    assert bench.main(argv) == 0
+    doc = json.loads((untagged.parent / "two-types" / "speed.json").read_text())
+    assert set(doc["results"]["summary"]["0"]) == {"f16", "q4_0"}
+    assert (untagged.read_bytes() if untagged.exists() else None) == before
+    with pytest.raises(SystemExit):
+        bench.main([*argv[:-1], "../elsewhere"])
+
+
 def test_summary_collects_every_part_written(tiny_model, out):
     assert bench.main(["summary", "--out", str(out)]) == 0
     text = (out / "cpu" / "README.md").read_text()
     slug = tiny_model.stem.lower()
     for part in ("memory", "quality", "speed", "capacity", "passkey", "completion"):
         assert f"## bench {part}: {tiny_model.name}" in text
+    assert f"## {slug}, run `two-types`" in text  # the tagged run, after the model's own parts
     if report.plots_available():
         assert f"]({slug}/memory_total.png)" in text
+        assert f"]({slug}/two-types/speed_tg.png)" in text
 
 
 @pytest.mark.skipif(env.tool_path("llama-perplexity") is None,

@@ -1,8 +1,9 @@
 """`logquant-gguf bench <part>`: memory, speed, capacity and quality of every KV type, side by side.
 
 One module per part, each with NAME, HELP, add_arguments(parser) and run(cfg, args) -> PartResult.
-Outputs go to <out>/<device>/<model>/<part>.{json,md,png}: the JSON holds every raw figure and
-where it came from (machine, build, model sha256, command line, texts used).
+Outputs go to <out>/<device>/<model>/<part>.{json,md,png} (with --tag T, to .../<model>/T/, beside
+the untagged run): the JSON holds every raw figure and where it came from (machine, build, model
+sha256, command line, texts used).
 
     logquant-gguf bench memory --model gemma-3-270m --kv-types f16,q8_0
     python -m logquant_gguf.bench all --quick
@@ -11,6 +12,7 @@ where it came from (machine, build, model sha256, command line, texts used).
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,9 +39,19 @@ def _common_arguments(p: argparse.ArgumentParser) -> None:
                    help="device tag recorded and used in the output path; anything but 'cpu' "
                         "offloads every layer (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default: %(default)s)")
+    p.add_argument("--tag", type=_tag, default=None,
+                   help="name of a run with other settings (e.g. more kv_types at fewer depths): "
+                        "its files go to OUT/DEVICE/MODEL/TAG/, beside the untagged run's")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small sizes: minutes, not tens")
     size.add_argument("--full", action="store_true", help="the optional larger sizes too")
+
+
+def _tag(s: str) -> str:
+    """argparse type: a folder name, nothing that leaves the model's folder."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", s):
+        raise argparse.ArgumentTypeError(f"--tag must be letters, digits, '.', '_' or '-', got {s!r}")
+    return s
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -64,7 +76,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def config_from_args(a: argparse.Namespace, argv: Sequence[str]) -> BenchConfig:
     return BenchConfig(model=resolve_model(a.model), kv_types=select_kv_types(a.kv_types),
                        out_root=a.out, device=a.device, quick=a.quick, full=a.full,
-                       threads=a.threads, argv=list(argv))
+                       threads=a.threads, argv=list(argv), tag=a.tag or "")
 
 
 def _defaults(mod, a: argparse.Namespace) -> argparse.Namespace:

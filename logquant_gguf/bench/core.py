@@ -30,11 +30,13 @@ class BenchConfig:
     full: bool = False
     threads: int = 2
     argv: Sequence[str] = ()
+    tag: str = ""  # a second run of a part with other settings: kept in <model>/<tag>/
 
     @property
     def out_dir(self) -> Path:
-        """bench/results/<device>/<model>/"""
-        return self.out_root / self.device / self.model.slug
+        """bench/results/<device>/<model>/, or .../<model>/<tag>/"""
+        d = self.out_root / self.device / self.model.slug
+        return d / self.tag if self.tag else d
 
     @property
     def baseline(self) -> str:

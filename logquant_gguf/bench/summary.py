@@ -19,6 +19,11 @@ def _section(md: str, model_dir: str) -> str:
     return re.sub(r"!\[([^\]]*)\]\(([^)/]+\.png)\)", rf"![\1]({model_dir}/\2)", md)
 
 
+def _parts(folder: Path, rel: str, part_order: list[str]) -> list[str]:
+    return [_section((folder / f"{part}.md").read_text(encoding="utf-8"), rel) + "\n"
+            for part in part_order if (folder / f"{part}.md").exists()]
+
+
 def write_summary(device_dir: Path, part_order: list[str]) -> Path:
     """Writes device_dir/README.md from device_dir/<model>/<part>.md; returns its path."""
     lines = [f"# Benchmark results: {device_dir.name}", "",
@@ -26,10 +31,10 @@ def write_summary(device_dir: Path, part_order: list[str]) -> Path:
               "the JSON next to each table holds every raw figure."), ""]
     for model_dir in sorted(p for p in device_dir.iterdir() if p.is_dir()):
         lines += [f"## {model_dir.name}", ""]
-        for part in part_order:
-            md = model_dir / f"{part}.md"
-            if md.exists():
-                lines += [_section(md.read_text(encoding="utf-8"), model_dir.name), ""]
+        lines += _parts(model_dir, model_dir.name, part_order)
+        for tagged in sorted(p for p in model_dir.iterdir() if p.is_dir()):  # runs with --tag
+            lines += [f"## {model_dir.name}, run `{tagged.name}`", ""]
+            lines += _parts(tagged, f"{model_dir.name}/{tagged.name}", part_order)
     out = device_dir / "README.md"
     out.write_text("\n".join(lines), encoding="utf-8")
     return out
