@@ -120,6 +120,25 @@ def test_batching_does_not_change_the_tiers(tiny_model):
         [t["tokens"] for t in b.kv_stats()["tiers"].values()]
 
 
+def test_decode_shared_by_more_threads_than_kv_heads(tiny_model):
+    """A decode step has one query row per kv head here (2): with 6 threads each row's tokens
+    are cut into 3 parts, computed apart and merged. The logits equal the one-thread run's (no
+    parts) up to float summation order, step after step across demotions."""
+    runs = {}
+    for n_threads in (1, 6):
+        llm = load(tiny_model, n_threads=n_threads, n_threads_batch=2)
+        seq = tokens(llm, 260, seed=3)
+        llm.eval(seq[:200])
+        steps = []
+        for t in seq[200:]:
+            llm.eval([t])
+            steps.append(last_logits(llm))
+        runs[n_threads] = np.array(steps)
+        llm.close()
+    np.testing.assert_allclose(runs[6], runs[1], atol=1e-3, rtol=0)
+    assert np.abs(runs[6] - runs[1]).max() > 0  # the parts did change the summation order
+
+
 @pytest.mark.parametrize("kv_type", ["logquant", "q2_window"])
 def test_state_round_trip_gives_identical_logits(tiny_model, kv_type):
     llm = load(tiny_model, kv_type)

@@ -445,12 +445,14 @@ static int all_masked(const float * mask, int64_t n) {
 
 // ---- the kernel
 
+// Heads [h0, h1). M_out / S_out NULL: rows of out normalized; else out holds the unnormalized
+// sums and M_out / S_out the softmax state (for lq2_attn_merge).
 static int attn_core(const struct lq2_attn_params * p, const float * q,
                      const struct lq2_tier_f16 * a, const struct lq2_tier_q2 * b,
-                     float * out, int ith, int nth, void * work, int simd) {
+                     float * out, float * M_out, float * S_out, int h0, int h1, void * work, int simd) {
     const int D = p->head_dim;
     if (D <= 0 || D % LQ2_QK_V != 0 || D > LQ2_ATTN_MAX_D || p->n_head_kv <= 0 ||
-        p->n_head % p->n_head_kv != 0 || nth <= 0 || ith < 0 || ith >= nth) {
+        p->n_head % p->n_head_kv != 0 || h0 < 0 || h1 < h0 || h1 > p->n_head) {
         return -1;
     }
     const int has_a = a && a->n > 0;
@@ -465,16 +467,14 @@ static int attn_core(const struct lq2_attn_params * p, const float * q,
         return -1;
     }
     const int gq = p->n_head / p->n_head_kv;
-    const int h0 = (int) ((int64_t) p->n_head * ith / nth);
-    const int h1 = (int) ((int64_t) p->n_head * (ith + 1) / nth);
 
     const int nt = imax(G, LQ2_ATTN_CHUNK);
     float * kbuf = (float *) work;
     float * vbuf = kbuf + (size_t) nt * D;
     float * sbuf = vbuf + (size_t) nt * D;
     lq2_half * csbuf = (lq2_half *) (sbuf + (size_t) nt * p->n_head);
-    float * Mv = sbuf + (size_t) nt * p->n_head + (size_t) n_dims * G; // csbuf's room, as floats
-    float * Sv = Mv + p->n_head;
+    float * Mv = M_out ? M_out : sbuf + (size_t) nt * p->n_head + (size_t) n_dims * G; // after csbuf
+    float * Sv = S_out ? S_out : Mv + p->n_head;
 
     const int kbs = LQ2_BLOCK_BYTES_B(G, kb);
     const size_t vhead_bytes = (size_t) (D / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, vb);
@@ -562,20 +562,63 @@ static int attn_core(const struct lq2_attn_params * p, const float * q,
         }
     }
 
-    for (int j = h0; j < h1; ++j) {
+    for (int j = h0; j < h1 && !M_out; ++j) {
         scal(out + (int64_t) j * D, Sv[j] > 0.0f ? 1.0f / Sv[j] : 0.0f, D);
     }
     return 0;
 }
 
+static int attn_heads(const struct lq2_attn_params * p, const float * q, const struct lq2_tier_f16 * a,
+                      const struct lq2_tier_q2 * b, float * out, int ith, int nth, void * work, int simd) {
+    if (nth <= 0 || ith < 0 || ith >= nth) {
+        return -1;
+    }
+    const int h0 = (int) ((int64_t) p->n_head * ith / nth);
+    const int h1 = (int) ((int64_t) p->n_head * (ith + 1) / nth);
+    return attn_core(p, q, a, b, out, NULL, NULL, h0, h1, work, simd);
+}
+
 int lq2_attn_heads(const struct lq2_attn_params * p, const float * q,
                    const struct lq2_tier_f16 * a, const struct lq2_tier_q2 * b,
                    float * out, int ith, int nth, void * work) {
-    return attn_core(p, q, a, b, out, ith, nth, work, LQ2_AVX2);
+    return attn_heads(p, q, a, b, out, ith, nth, work, LQ2_AVX2);
 }
 
 int lq2_attn_heads_ref(const struct lq2_attn_params * p, const float * q,
                        const struct lq2_tier_f16 * a, const struct lq2_tier_q2 * b,
                        float * out, int ith, int nth, void * work) {
-    return attn_core(p, q, a, b, out, ith, nth, work, 0);
+    return attn_heads(p, q, a, b, out, ith, nth, work, 0);
+}
+
+int lq2_attn_partial(const struct lq2_attn_params * p, const float * q,
+                     const struct lq2_tier_f16 * a, const struct lq2_tier_q2 * b,
+                     int h0, int h1, float * acc, float * M, float * S, void * work) {
+    if (!M || !S) {
+        return -1;
+    }
+    return attn_core(p, q, a, b, acc, M, S, h0, h1, work, LQ2_AVX2);
+}
+
+void lq2_attn_merge(int D, int n_part, const float * parts, size_t part_stride, float * out) {
+    float M = -INFINITY;
+    for (int i = 0; i < n_part; ++i) {
+        const float * pi = parts + (size_t) i * part_stride;
+        if (pi[D + 1] > 0.0f && pi[D] > M) {
+            M = pi[D];
+        }
+    }
+    memset(out, 0, (size_t) D * sizeof(float));
+    float S = 0.0f;
+    for (int i = 0; i < n_part; ++i) {
+        const float * pi = parts + (size_t) i * part_stride;
+        if (!(pi[D + 1] > 0.0f)) {
+            continue; // every token of this part masked, or no tokens
+        }
+        const float w = expf(pi[D] - M); // 1 exactly for a lone part: out is then its rows, scaled as unsplit
+        S += pi[D + 1] * w;
+        for (int d = 0; d < D; ++d) {
+            out[d] += w * pi[d];
+        }
+    }
+    scal(out, S > 0.0f ? 1.0f / S : 0.0f, D);
 }

@@ -81,6 +81,19 @@ int lq2_attn_heads_ref(const struct lq2_attn_params * p, const float * q,
                        const struct lq2_tier_f16 * a, const struct lq2_tier_q2 * b,
                        float * out, int ith, int nth, void * work);
 
+// A part of the attention, for splitting one query's tokens over threads (decode, where one query
+// row is too little work to share by heads): heads [h0, h1) over the tokens of the tiers given
+// (ranges of the whole tiers: pointers and masks offset, n shortened). acc: [n_head][D] rows h0..h1
+// left unnormalized; M, S: [n_head] running max and sum of the online softmax. Returns 0 or -1.
+int lq2_attn_partial(const struct lq2_attn_params * p, const float * q,
+                     const struct lq2_tier_f16 * a, const struct lq2_tier_q2 * b,
+                     int h0, int h1, float * acc, float * M, float * S, void * work);
+
+// One head's result from n_part parts over disjoint tokens: part i at parts + i * part_stride
+// floats holds acc[D], then M, then S. out[D]: normalized (zeros when every token was masked).
+// A lone part gives exactly the unsplit result.
+void lq2_attn_merge(int D, int n_part, const float * parts, size_t part_stride, float * out);
+
 #ifdef __cplusplus
 }
 #endif

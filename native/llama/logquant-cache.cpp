@@ -854,6 +854,11 @@ ggml_tensor * logquant_cache::build_demote(ggml_context * ctx, int32_t il, ggml_
 
 // Attention of every query token over the f16 tier (the cache's K/V views and KQ mask) and the
 // 2-bit tier (all slots; freed slots and causally later tokens masked) in one online softmax.
+// Work items are (token, kv head, part): the query heads sharing a kv head go together (its keys
+// are dequantized and re-rotated once for them), and when there are fewer (token, kv head) pairs
+// than threads (decode, more so with few kv heads) each pair's tokens are split into parts so
+// that no thread repeats another's dequantization. dst: [D + 2, n_head, n_tokens, P] per part the
+// unnormalized rows and the softmax state (M, S); logquant_merge_op combines the parts.
 static void logquant_attn_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const auto & l  = *(const logquant_cache::layer *) userdata;
     const auto & lq = *l.owner;
@@ -862,80 +867,113 @@ static void logquant_attn_op(ggml_tensor * dst, int ith, int nth, void * userdat
     const ggml_tensor * v    = dst->src[2];
     const ggml_tensor * mask = dst->src[3]; // [n_kv, n_tokens / n_stream, 1, n_stream], f16 or f32
 
-    const int64_t D        = q->ne[0];
-    const int64_t n_head   = q->ne[1];
-    const int64_t n_tokens = q->ne[2];
-    const int64_t n_kv     = k->ne[2];
+    const int64_t D         = q->ne[0];
+    const int64_t n_head    = q->ne[1];
+    const int64_t n_tokens  = q->ne[2];
+    const int64_t n_kv      = k->ne[2];
+    const int64_t n_head_kv = l.n_head_kv;
+    const int64_t gq        = n_head / n_head_kv;
     // one stream per sequence: the ubatch holds n_tps tokens of each stream in turn (llama.cpp's
     // split_equal), and each reads its stream's f16 tier
-    const int64_t n_tps    = n_tokens / k->ne[3];
+    const int64_t n_tps     = n_tokens / k->ne[3];
+    const int64_t n_groups  = (lq.bk.n_slots + lq.G - 1) / lq.G;
+
+    const int64_t pairs  = n_tokens * n_head_kv;
+    const int64_t n_part = std::min<int64_t>(dst->ne[3], std::max<int64_t>(1, (nth + pairs - 1) / pairs));
 
     lq2_attn_params p;
     p.head_dim  = (int32_t) D;
     p.n_head    = (int32_t) n_head;
-    p.n_head_kv = (int32_t) l.n_head_kv;
+    p.n_head_kv = (int32_t) n_head_kv;
     p.scale     = l.kq_scale;
     p.softcap   = l.softcap;
     p.max_bias  = l.max_bias;
 
     thread_local std::vector<char>  work;
-    thread_local std::vector<float> qrow, mask_a, mask_b, out;
+    thread_local std::vector<float> qrow, mask_a, mask_b, acc, M, S;
     work.resize(lq2_attn_work_size(&p, lq.G, lq.rope.n_dims));
     qrow.resize(D * n_head);
-    out.resize(D * n_head);
+    acc.resize(D * n_head);
+    M.resize(n_head);
+    S.resize(n_head);
     mask_a.resize(n_kv);
     mask_b.resize(lq.bk.n_slots);
 
-    lq2_tier_f16 ta;
-    ta.n    = n_kv;
-    ta.nb_k = k->nb[2];
-    ta.nb_v = v->nb[2];
-    ta.mask = mask_a.data();
+    for (int64_t item = ith; item < pairs * n_part; item += nth) {
+        const int64_t t    = item / (n_head_kv * n_part);
+        const int64_t hk   = item / n_part % n_head_kv;
+        const int64_t part = item % n_part;
+        const int     h0   = (int) (hk * gq), h1 = (int) ((hk + 1) * gq);
+        // this part's tokens: a share of the f16 cells and of the 2-bit groups
+        const int64_t a0 = n_kv * part / n_part, a1 = n_kv * (part + 1) / n_part;
+        const int64_t g0 = n_groups * part / n_part, g1 = n_groups * (part + 1) / n_part;
+        const int64_t b0 = g0 * lq.G, b1 = std::min<int64_t>(lq.bk.n_slots, g1 * lq.G);
 
-    lq2_tier_q2 tb;
-    tb.n          = lq.bk.n_slots;
-    tb.G          = lq.G;
-    tb.k_bits     = l.k_bits;
-    tb.v_bits     = l.v_bits;
-    tb.k          = l.k2->data;
-    tb.nb_kg      = l.k_group_bytes;
-    tb.v          = l.v2->data;
-    tb.nb_v       = l.v_row_bytes;
-    tb.pos        = lq.bk.slot_pos.data();
-    tb.rope       = lq.rope;
-    tb.rope_table = lq.rope.n_dims > 0 ? lq.rope_table.data() : nullptr;
-    tb.mask       = mask_b.data();
-
-    // many query tokens: split them over threads; one (decode): split its heads
-    const bool by_token = n_tokens >= nth;
-    for (int64_t t = by_token ? ith : 0; t < n_tokens; t += by_token ? nth : 1) {
-        for (int64_t h = 0; h < n_head; h++) {
+        for (int h = h0; h < h1; h++) {
             const float * src = (const float *) ((const char *) q->data + t * q->nb[2] + h * q->nb[1]);
             std::memcpy(qrow.data() + h * D, src, D * sizeof(float));
         }
-        ta.k = (const lq2_half *) ((const char *) k->data + (t / n_tps) * k->nb[3]);
-        ta.v = (const lq2_half *) ((const char *) v->data + (t / n_tps) * v->nb[3]);
         const char * mrow = (const char *) mask->data + t * mask->nb[1]; // streams' rows are contiguous
-        for (int64_t j = 0; j < n_kv; j++) {
+        for (int64_t j = a0; j < a1; j++) {
             mask_a[j] = mask->type == GGML_TYPE_F16 ? ggml_fp16_to_fp32(((const ggml_fp16_t *) mrow)[j])
                                                     : ((const float *) mrow)[j];
         }
         const int32_t qpos = lq.ubatch_pos[t];
         const int32_t qseq = lq.ubatch_seq[t];
-        for (int64_t s = 0; s < lq.bk.n_slots; s++) {
+        for (int64_t s = b0; s < b1; s++) {
             const int32_t kp = lq.bk.slot_pos[s];
             mask_b[s] = (kp < 0 || kp > qpos || !lq.bk.slot_seq.test(s, qseq))
                 ? -INFINITY : (l.max_bias > 0.0f ? -(float) std::abs(qpos - kp) : 0.0f);
         }
-        float * dst_t = (float *) ((char *) dst->data + t * dst->nb[2]);
-        if (by_token) {
-            lq2_attn_heads(&p, qrow.data(), &ta, &tb, dst_t, 0, 1, work.data());
-        } else {
-            // each thread writes its own heads' rows of dst
-            lq2_attn_heads(&p, qrow.data(), &ta, &tb, out.data(), ith, nth, work.data());
-            const int64_t h0 = ith * n_head / nth, h1 = (ith + 1) * n_head / nth;
-            std::memcpy(dst_t + h0 * D, out.data() + h0 * D, (h1 - h0) * D * sizeof(float));
+
+        lq2_tier_f16 ta;
+        ta.n    = a1 - a0;
+        ta.nb_k = k->nb[2];
+        ta.nb_v = v->nb[2];
+        ta.k    = (const lq2_half *) ((const char *) k->data + (t / n_tps) * k->nb[3] + a0 * k->nb[2]);
+        ta.v    = (const lq2_half *) ((const char *) v->data + (t / n_tps) * v->nb[3] + a0 * v->nb[2]);
+        ta.mask = mask_a.data() + a0;
+
+        lq2_tier_q2 tb;
+        tb.n          = b1 - b0;
+        tb.G          = lq.G;
+        tb.k_bits     = l.k_bits;
+        tb.v_bits     = l.v_bits;
+        tb.k          = (const char *) l.k2->data + g0 * l.k_group_bytes;
+        tb.nb_kg      = l.k_group_bytes;
+        tb.v          = (const char *) l.v2->data + b0 * l.v_row_bytes;
+        tb.nb_v       = l.v_row_bytes;
+        tb.pos        = lq.bk.slot_pos.data() + b0;
+        tb.rope       = lq.rope;
+        tb.rope_table = lq.rope.n_dims > 0 ? lq.rope_table.data() + g0 * lq.rope.n_dims * lq.G : nullptr;
+        tb.mask       = mask_b.data() + b0;
+
+        lq2_attn_partial(&p, qrow.data(), &ta, &tb, h0, h1, acc.data(), M.data(), S.data(), work.data());
+        for (int64_t p_out = part; p_out < dst->ne[3]; p_out += n_part) {
+            for (int h = h0; h < h1; h++) {
+                float * row = (float *) ((char *) dst->data + p_out * dst->nb[3] + t * dst->nb[2] + h * dst->nb[1]);
+                if (p_out == part) {
+                    std::memcpy(row, acc.data() + h * D, D * sizeof(float));
+                    row[D]     = M[h];
+                    row[D + 1] = S[h];
+                } else {
+                    row[D + 1] = 0.0f; // a part this thread count left unused: empty
+                }
+            }
         }
+    }
+}
+
+// Combines the parts of logquant_attn_op into normalized rows [D, n_head, n_tokens].
+static void logquant_merge_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    GGML_UNUSED(userdata);
+    const ggml_tensor * parts = dst->src[0];
+    const int64_t D = dst->ne[0], n_head = dst->ne[1], n_rows = dst->ne[1] * dst->ne[2];
+    for (int64_t r = ith; r < n_rows; r += nth) {
+        const int64_t t = r / n_head, h = r % n_head;
+        const float * src = (const float *) ((const char *) parts->data + t * parts->nb[2] + h * parts->nb[1]);
+        float * out = (float *) ((char *) dst->data + t * dst->nb[2] + h * dst->nb[1]);
+        lq2_attn_merge((int) D, (int) parts->ne[3], src, parts->nb[3] / sizeof(float), out);
     }
 }
 
@@ -948,9 +986,15 @@ ggml_tensor * logquant_cache::build_attn(ggml_context * ctx, int32_t il, ggml_te
     l.softcap  = softcap;
     GGML_ASSERT(q->type == GGML_TYPE_F32 && k->type == GGML_TYPE_F16 && v->type == GGML_TYPE_F16);
     GGML_ASSERT(q->ne[2] % k->ne[3] == 0 && kq_mask->ne[3] == k->ne[3] && ggml_is_contiguous(kq_mask));
+    // parts per (token, kv head): enough for 16 threads to share a decode step
+    const int64_t pairs  = q->ne[2] * l.n_head_kv;
+    const int64_t n_part = std::min<int64_t>(8, (16 + pairs - 1) / pairs);
     ggml_tensor * args[] = {q, k, v, kq_mask, demoted};
-    ggml_tensor * out = ggml_custom_4d(ctx, GGML_TYPE_F32, q->ne[0], q->ne[1], q->ne[2], 1, args, 5,
-                                       logquant_attn_op, GGML_N_TASKS_MAX, &l);
-    ggml_format_name(out, "lq_attn_l%d", il);
+    ggml_tensor * parts = ggml_custom_4d(ctx, GGML_TYPE_F32, q->ne[0] + 2, q->ne[1], q->ne[2], n_part, args, 5,
+                                         logquant_attn_op, GGML_N_TASKS_MAX, &l);
+    ggml_format_name(parts, "lq_attn_l%d", il);
+    ggml_tensor * out = ggml_custom_4d(ctx, GGML_TYPE_F32, q->ne[0], q->ne[1], q->ne[2], 1, &parts, 1,
+                                       logquant_merge_op, GGML_N_TASKS_MAX, nullptr);
+    ggml_format_name(out, "lq_attn_merge_l%d", il);
     return ggml_reshape_2d(ctx, out, q->ne[0] * q->ne[1], q->ne[2]);
 }

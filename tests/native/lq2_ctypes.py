@@ -64,6 +64,9 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
             F32P, ctypes.c_int, ctypes.c_int, VOIDP]
     sig["lq2_attn_heads"] = (attn, ctypes.c_int)
     sig["lq2_attn_heads_ref"] = (attn, ctypes.c_int)
+    sig["lq2_attn_partial"] = ([ctypes.POINTER(AttnParams), F32P, ctypes.POINTER(TierF16),
+                                ctypes.POINTER(TierQ2), INT, INT, F32P, F32P, F32P, VOIDP], ctypes.c_int)
+    sig["lq2_attn_merge"] = ([INT, INT, F32P, ctypes.c_size_t, F32P], None)
     for name, (args, res) in sig.items():
         f = getattr(lib, name)
         f.argtypes, f.restype = args, res

@@ -170,6 +170,65 @@ def test_attention_matches_float64(lib, ci):
     print(f"case {ci}: max |err| {worst:.2e}")
 
 
+def run_split(lib, case: Case, d, cuts_a: list[int], cuts_g: list[int]) -> np.ndarray:
+    """The attention as the cache's op runs a decode step: per kv head, parts over disjoint
+    token ranges of both tiers (lq2_attn_partial), then lq2_attn_merge per query head."""
+    D, H, Hkv, G = case.D, case.H, case.Hkv, case.G
+    params = AttnParams(D, H, Hkv, 1.0 / np.sqrt(D), case.softcap, case.max_bias)
+    rope = RopeParams(case.mode, d["n_dims"], case.base, case.fscale, 1.0)
+    tab = np.zeros(max(1, lib.lq2_rope_table_size(ctypes.byref(rope), case.nB, G)), np.float16)
+    if case.nB:
+        lib.lq2_rope_table(ctypes.byref(rope), d["pos_b"].ctypes.data, case.nB, G, tab.ctypes.data)
+    kg_bytes = Hkv * D * ref.block_bytes(G, case.k_bits)
+    v_bytes = Hkv * D // 64 * ref.block_bytes(64, case.v_bits)
+    row_a = Hkv * D * F16_BYTES
+
+    def at(a: np.ndarray | None, off_bytes: int) -> int | None:
+        return None if a is None else a.ctypes.data + int(off_bytes)
+
+    n_part = len(cuts_a) - 1
+    parts = np.full((n_part, H, D + 2), np.nan, np.float32)
+    work = np.full(lib.lq2_attn_work_size(ctypes.byref(params), G, d["n_dims"]) // 4 + 1, np.nan,
+                   np.float32)
+    for i in range(n_part):
+        a0, a1 = cuts_a[i], cuts_a[i + 1]
+        b0, b1 = cuts_g[i] * G, min(case.nB, cuts_g[i + 1] * G)
+        ta = TierF16(a1 - a0, at(d["ka"], a0 * row_a), row_a, at(d["va"], a0 * row_a), row_a,
+                     at(d["ma"], a0 * 4))
+        tb = TierQ2(max(0, b1 - b0), G, case.k_bits, case.v_bits, at(d["kb"], cuts_g[i] * kg_bytes),
+                    kg_bytes, at(d["vb"], b0 * v_bytes), v_bytes, at(d["pos_b"], b0 * 4), rope,
+                    at(tab, cuts_g[i] * d["n_dims"] * G * F16_BYTES), at(d["mb"], b0 * 4))
+        acc = np.full((H, D), np.nan, np.float32)
+        M, S = np.full(H, np.nan, np.float32), np.full(H, np.nan, np.float32)
+        gq = H // Hkv
+        for hk in range(Hkv):
+            assert lib.lq2_attn_partial(ctypes.byref(params), d["q"], ctypes.byref(ta), ctypes.byref(tb),
+                                        hk * gq, (hk + 1) * gq, acc, M, S, work.ctypes.data) == 0
+        parts[i, :, :D], parts[i, :, D], parts[i, :, D + 1] = acc, M, S
+    out = np.full((H, D), np.nan, np.float32)
+    for h in range(H):
+        row = np.ascontiguousarray(parts[:, h, :])
+        lib.lq2_attn_merge(D, n_part, row, D + 2, out[h])
+    return out
+
+
+@pytest.mark.parametrize("ci", range(len(CASES)))
+def test_attention_split_into_parts_and_merged(lib, ci):
+    """Parts over disjoint token ranges (some empty), merged, equal the float64 reference like
+    the one-pass kernel; one part is the one-pass kernel bit for bit."""
+    case = CASES[ci]
+    d = make(case, 1000 + ci)
+    ng = -(-case.nB // case.G)
+    rng = np.random.default_rng(ci)
+    cuts_a = [0, *sorted(int(c) for c in rng.integers(0, case.nA + 1, 2)), case.nA]
+    cuts_g = [0, *sorted(int(c) for c in rng.integers(0, ng + 1, 2)), ng]
+    got = run_split(lib, case, d, cuts_a, cuts_g)
+    assert np.isfinite(got).all()
+    assert float(np.abs(got - reference(case, d)).max()) <= 5e-6
+    whole = run_split(lib, case, d, [0, case.nA], [0, ng])
+    np.testing.assert_array_equal(whole, run_c(lib, lib.lq2_attn_heads, case, d, 1, True))
+
+
 def test_null_tiers_and_bad_params(lib):
     params = AttnParams(64, 4, 2, 0.125, 0.0, 0.0)
     q = np.ones((4, 64), np.float32)
