@@ -124,6 +124,23 @@ def test_completion_baseline_matches_itself(tiny_model, out):
     assert len(doc["results"]["per_prompt"]["q4_0"]) == 2
 
 
+def test_device_runs_keep_logquant_kv_in_host_memory(tiny_model):
+    """--device cuda offloads every layer; a LogQuant cache's attention is CPU code, so its KV
+    cache stays in host memory there (llama.cpp would refuse an offloaded one). On this CPU-only
+    build the context opens the same way."""
+    from logquant_gguf.bench.session import Session, placement
+
+    assert placement("cpu", "logquant") == {"n_gpu_layers": 0}
+    assert placement("cuda", "q4_0") == {"n_gpu_layers": -1}
+    for kv in ("logquant", "q2_window", "logquant+k4"):
+        assert placement("cuda", kv) == {"n_gpu_layers": -1, "offload_kqv": False}
+    s = Session(str(tiny_model), "logquant", 256, device="cuda")
+    try:
+        assert s.llm.context_params.offload_kqv is False
+    finally:
+        s.llm.close()
+
+
 def test_a_tagged_run_goes_beside_the_untagged_one(tiny_model, out):
     """--tag T: a second run of a part (other settings) in <model>/T/, not over <model>/."""
     untagged = out / "cpu" / tiny_model.stem.lower() / "speed.json"

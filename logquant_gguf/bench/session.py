@@ -17,16 +17,22 @@ from typing import Any
 import numpy as np
 
 from .. import Llama
-from ..kv_types import parse_variant
+from ..kv_types import KV_TYPES, parse_variant
 from ..llama import llama_cpp
 
 # llama.cpp's log, one line per KV cache it creates (two for iSWA models).
 _KV_SIZE_RE = re.compile(r"llama_kv_cache: size =\s*([0-9.]+) MiB")
 
 
-def gpu_layers(device: str) -> int:
-    """All layers on the accelerator unless the device tag is cpu."""
-    return 0 if device == "cpu" else -1
+def placement(device: str, kv_type: str) -> dict[str, Any]:
+    """Where a context's parts go: every layer on the accelerator unless the device tag is cpu;
+    the LogQuant caches' attention runs on the CPU for now, so their KV cache stays in host memory
+    (offload_kqv=False) while the layers run on the device."""
+    if device == "cpu":
+        return {"n_gpu_layers": 0}
+    if KV_TYPES[parse_variant(kv_type)[0]].is_logquant:
+        return {"n_gpu_layers": -1, "offload_kqv": False}
+    return {"n_gpu_layers": -1}
 
 
 class Session:
@@ -43,7 +49,7 @@ class Session:
         with contextlib.redirect_stderr(buf) if capture_log else contextlib.nullcontext():
             self.llm = Llama(str(model_path), kv_type=base, n_ctx=n_ctx, n_batch=n_batch, **levers,
                              n_ubatch=n_batch, n_threads=threads, n_threads_batch=threads,
-                             n_gpu_layers=gpu_layers(device), verbose=capture_log, **kwargs)
+                             verbose=capture_log, **placement(device, kv_type), **kwargs)
         self.log = buf.getvalue()
         self.kv_type = kv_type
         self.n_vocab = self.llm.n_vocab()
