@@ -287,6 +287,14 @@ void logquant_cache::drop_seq_from_slot(int64_t slot, int32_t seq_id) {
     }
 }
 
+void logquant_cache::forget_seq(int32_t seq_id) {
+    for (int64_t slot = 0; slot < bk.n_slots; slot++) {
+        drop_seq_from_slot(slot, seq_id);
+    }
+    bk.sorted[seq_id].clear();
+    bk.open_group[seq_id] = -1;
+}
+
 void logquant_cache::settle_groups() {
     std::set<int64_t> open;
     for (int64_t g : bk.open_group) {
@@ -514,11 +522,7 @@ void logquant_cache::seq_cp(int32_t seq_src, int32_t seq_dst, int32_t p0, int32_
         return;
     }
     if (replace) {
-        for (int64_t slot = 0; slot < bk.n_slots; slot++) {
-            drop_seq_from_slot(slot, seq_dst);
-        }
-        bk.sorted[seq_dst].clear();
-        bk.open_group[seq_dst] = -1;
+        forget_seq(seq_dst);
         settle_groups();
     }
     p0 = std::max(p0, 0);
@@ -542,11 +546,7 @@ void logquant_cache::seq_keep(int32_t seq_id) {
         if (s == seq_id || bk.sorted[s].empty() || (*seq_to_stream)[s] != (*seq_to_stream)[seq_id]) {
             continue;
         }
-        for (int64_t slot = 0; slot < bk.n_slots; slot++) {
-            drop_seq_from_slot(slot, s);
-        }
-        bk.sorted[s].clear();
-        bk.open_group[s] = -1;
+        forget_seq(s);
     }
     settle_groups();
 }

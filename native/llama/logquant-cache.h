@@ -172,8 +172,9 @@ public:
     bool seq_div(int32_t seq_id, int32_t p0, int32_t p1, int32_t d);
     bool can_shift() const { return rope.n_dims > 0; }
     // The 2-bit part of llama.cpp's seq_cp / seq_keep (which handle the f16 cells): slots are
-    // shared, not copied; seq_keep, like llama.cpp's, leaves other streams' sequences alone. replace: the destination's own slots go first (a copy across streams
-    // replaces the destination stream whole).
+    // shared, not copied. replace: the destination's own slots go first (a copy across streams
+    // replaces the destination stream whole). seq_keep, like llama.cpp's, leaves other streams'
+    // sequences alone.
     void seq_cp(int32_t seq_src, int32_t seq_dst, int32_t p0, int32_t p1, bool replace = false);
     void seq_keep(int32_t seq_id);
     void clear();
@@ -244,9 +245,9 @@ public:
     std::vector<demotion>   pending;    // this ubatch's demotions, in slot order
     std::vector<int32_t>    ubatch_pos; // this ubatch's positions (the queries' causal limit)
     std::vector<int32_t>    ubatch_seq; // and sequences (the first of each token's, as llama.cpp's mask)
-    uint32_t                n_stream;   // f16 tier streams: 1 (unified) or n_seq_max
 
 private:
+    uint32_t            n_stream;   // f16 tier streams: 1 (unified) or n_seq_max
     logquant_settings   settings;
     uint32_t            capacity;   // tokens the 2-bit tier must take: the context plus one ubatch
     uint32_t            n_seq_max;
@@ -264,6 +265,7 @@ private:
 
     int64_t alloc_slot(int32_t seq_id);    // next slot of the sequence's open group (-1: full)
     void    drop_seq_from_slot(int64_t slot, int32_t seq_id);
+    void    forget_seq(int32_t seq_id);        // drops all its slots (groups settled by the caller)
     void    settle_groups();               // frees emptied groups, recomputes n_slots
     void    refresh_rope_group(int64_t g); // rope_table of group g from its positions
     template <typename F> bool move_positions(int32_t seq_id, int32_t p0, int32_t p1, F new_pos);
