@@ -11,7 +11,10 @@ from ._runtime import library_path
 
 CDEF = """
 const char * logquant_build_info(void);
-int32_t logquant_set_params(int32_t window, int32_t policy, int32_t n_ubatch);
+int32_t logquant_set_params(int32_t window, int32_t policy);
+const char * logquant_last_error(void);
+int64_t logquant_policy_n_full(int64_t n, int32_t w);
+void logquant_clear_last_error(void);
 int32_t logquant_set_key_format(int32_t key_group, int32_t keys_post_rope);
 int32_t logquant_set_bits(int32_t key_bits, int32_t value_bits, int32_t n_layers,
                           const int32_t * layers, const int32_t * layer_key_bits,
@@ -76,12 +79,25 @@ def f16_positions(ctx_ptr: int, seq_id: int = 0) -> list[int]:
     return list(out[0:n])
 
 
-def set_logquant_params(window: int, policy: int, n_ubatch: int) -> None:
+def set_logquant_params(window: int, policy: int) -> None:
     """Settings for the next LogQuant context created in this process."""
     _, lib = _lib()
-    if lib.logquant_set_params(window, policy, n_ubatch) != 0:
-        raise ValueError(f"invalid LogQuant settings: window={window}, policy={policy}, "
-                         f"n_ubatch={n_ubatch}")
+    if lib.logquant_set_params(window, policy) != 0:
+        raise ValueError(f"invalid LogQuant settings: window={window}, policy={policy}")
+
+
+def policy_n_full(n: int, window: int) -> int:
+    """How many of a sequence's n tokens LogQuant's policy keeps in f16 (logquant-policy.h)."""
+    _, lib = _lib()
+    return int(lib.logquant_policy_n_full(n, window))
+
+
+def take_refusal() -> str:
+    """Why the last LogQuant cache created on this thread was refused ("" if none was), cleared."""
+    ffi, lib = _lib()
+    why = ffi.string(lib.logquant_last_error()).decode(errors="replace")
+    lib.logquant_clear_last_error()
+    return why
 
 
 def set_logquant_bits(bits) -> None:

@@ -97,18 +97,27 @@ class Llama(llama_cpp.Llama):
         try:
             with _context_lock, _rotation_env(attn_rotation):
                 if spec.is_logquant:
-                    n_ubatch = max(int(kwargs.get("n_batch", 512)), int(kwargs.get("n_ubatch", 512)))
-                    _capi.set_logquant_params(window, spec.policy, n_ubatch)
+                    # the f16 tier's room for a ubatch comes from the context's n_ubatch
+                    _capi.set_logquant_params(window, spec.policy)
                     _capi.set_logquant_bits(bits)
-                super().__init__(str(path), type_k=spec.type_k, type_v=spec.type_v, **kwargs)
+                    _capi.take_refusal()
+                try:
+                    super().__init__(str(path), type_k=spec.type_k, type_v=spec.type_v, **kwargs)
+                finally:
+                    refusal = _capi.take_refusal() if spec.is_logquant else ""
         except ValueError as e:
             if "Failed to load model" in str(e):
                 raise ModelFileError(
                     f"llama.cpp could not load {path} ({path.stat().st_size} bytes): the file is "
                     "truncated, corrupt, or of an architecture this llama.cpp does not know "
                     "(run with verbose=True for llama.cpp's reason)") from e
+            if refusal:  # llama.cpp only logs why the cache was refused
+                raise ValueError(f"kv_type={kv_type!r} cannot be used with {path.name}: LogQuant cache: "
+                                 f"{refusal}") from None
             raise
         self.kv_type = kv_type
+        self._prompt_pending = False
+        self._batch_ends: list[int] = []  # where each eval's batch ended: a rollback replays them
         self.logquant_window = window
         self.logquant_bits = bits
         self.attn_rotation = attn_rotation
@@ -121,8 +130,67 @@ class Llama(llama_cpp.Llama):
                                  f"{n_layer} layers (0..{n_layer - 1})")
 
     def close(self) -> None:
-        if hasattr(self, "_stack"):  # absent when __init__ refused its arguments
-            super().close()
+        """Frees the model and context; any later use raises ClosedError (not a crash)."""
+        if hasattr(self, "_stack") and not isinstance(self.__dict__.get("_ctx"), _Closed):
+            super().close()  # absent when __init__ refused its arguments
+            # every method reaches llama.cpp through these: make them say so instead of
+            # handing a freed pointer to C
+            self._ctx = self._model = self._batch = self.tokenizer_ = _Closed()
+
+    def eval(self, tokens) -> None:
+        """llama_cpp.Llama.eval, for a cache that may refuse to drop its tail: a LogQuant cache
+        refuses a truncation that would bring 2-bit tokens back to f16 (their f16 values are
+        gone), and llama-cpp-python's rollbacks (a rejected draft, a mismatching sampled token)
+        ignore the refusal. Here the cache goes back to the longest prefix it can keep and the
+        rest is evaluated again, so the result is that of a run that never saw the dropped
+        tokens."""
+        if not self._ctx.kv_cache_seq_rm(-1, self.n_tokens, -1):
+            keep = self.n_tokens
+            start = next(p for p in range(keep - 1, -1, -1) if self._ctx.kv_cache_seq_rm(-1, p, -1))
+            # again in the batches they were first evaluated in: a batch's queries see the tiers
+            # as they are after its last token, so other batches would give other K/V rows
+            ends = [e for e in self._batch_ends if start < e <= keep] + [keep]
+            self.n_tokens = start
+            for end in sorted(set(ends)):
+                self._eval_batch(self.input_ids[self.n_tokens:end].tolist())
+        if self.draft_model is None or self.logquant_window is None or self._prompt_pending:
+            self._prompt_pending = False
+            self._eval_batch(tokens)
+            return
+        # A draft is verified by reading the logits of every token of the batch, and every query
+        # of a batch sees the tiers as they are after its last token: a batch that crossed a
+        # demotion would show the tokens before it 2-bit keys that a token-by-token run still had
+        # in f16. So the draft is cut after the first token whose arrival demotes (generate()
+        # evaluates only what it was given, and drafts again from there): the draft run's greedy
+        # text is the plain run's.
+        self._eval_batch(tokens[:self._until_demotion(tokens)])
+
+    def _eval_batch(self, tokens) -> None:
+        self._batch_ends = [e for e in self._batch_ends if e <= self.n_tokens]
+        super().eval(tokens)
+        self._batch_ends.append(self.n_tokens)
+
+    def _until_demotion(self, tokens) -> int:
+        """How many of tokens, appended now, end with the first token whose arrival demotes (or
+        all of them): a batch of those gives every token the logits a token-by-token run does."""
+        return next((i + 1 for i in range(len(tokens)) if self._demotes_at(self.n_tokens + i + 1)),
+                    len(tokens))
+
+    def generate(self, *args, **kwargs):
+        self._prompt_pending = True  # its first eval is the prompt: evaluated whole
+        try:
+            yield from super().generate(*args, **kwargs)
+        finally:
+            self._prompt_pending = False
+
+    def _demotes_at(self, n: int) -> bool:
+        """Does the n-th token of a sequence (n = 1, 2, ...) send tokens to the low-bit tier? (The
+        f16 tier grows by one token except when the window's oldest W merge into the log-sparse
+        set; the window baseline keeps the newest 3W.)"""
+        w = self.logquant_window
+        if kv_types.get(self.kv_type).policy == kv_types.POLICY_WINDOW:
+            return n > 3 * w
+        return n > 1 and _capi.policy_n_full(n, w) < _capi.policy_n_full(n - 1, w) + 1
 
     # llama_cpp.Llama fills self.context_params field by field and creates the context right
     # away, with no argument for the number of sequences: set it as the struct is assigned.
@@ -160,9 +228,14 @@ class Llama(llama_cpp.Llama):
         state.kv_type = self.kv_type
         state.logquant_window = self.logquant_window
         state.logquant_bits = self.logquant_bits
+        state.n_seq_max = self._n_seq_max
+        state.kv_unified = self._kv_unified
         return state
 
     def load_state(self, state: llama_cpp.LlamaState) -> None:
+        """llama_cpp.Llama.load_state, checked first against this Llama's cache (a refusal then
+        changes nothing); if llama.cpp still fails to load it, the cache and the token list are
+        both emptied, so the next completion evaluates its prompt from scratch."""
         saved = (getattr(state, "kv_type", None), getattr(state, "logquant_window", None),
                  getattr(state, "logquant_bits", None))
         if saved[0] is not None and saved != (self.kv_type, self.logquant_window, self.logquant_bits):
@@ -173,7 +246,24 @@ class Llama(llama_cpp.Llama):
                 f"this state was saved with {describe(*saved)}; this Llama uses "
                 f"{describe(self.kv_type, self.logquant_window, self.logquant_bits)}. "
                 f"Load it into a Llama with {describe(*saved)}.")
-        super().load_state(state)
+        layout = (getattr(state, "n_seq_max", None), getattr(state, "kv_unified", None))
+        if layout[0] is not None and layout != (self._n_seq_max, self._kv_unified):
+            raise ValueError(
+                f"this state was saved with n_seq_max={layout[0]}, kv_unified={layout[1]}; this Llama "
+                f"uses n_seq_max={self._n_seq_max}, kv_unified={self._kv_unified}. Load it into a "
+                "Llama with the same sequence layout.")
+        if state.n_tokens > self.n_ctx():
+            raise ValueError(f"this state holds {state.n_tokens} tokens, more than this Llama's "
+                             f"n_ctx={self.n_ctx()}; load it into a Llama with n_ctx >= {state.n_tokens}")
+        try:
+            super().load_state(state)
+        except Exception as e:
+            # llama-cpp-python set the token list before llama.cpp refused the data: a later
+            # completion would skip evaluating a prefix the cache does not hold
+            self.n_tokens = 0
+            self._ctx.kv_cache_clear()
+            raise ValueError(f"could not load this state ({e}); the KV cache and the token list are "
+                             "now empty") from e
 
     def n_layer(self) -> int:
         return int(llama_cpp.llama_model_n_layer(self._model.model))
@@ -206,6 +296,18 @@ class Llama(llama_cpp.Llama):
             "logquant_bits": None if self.logquant_bits is None else self.logquant_bits.as_dict(),
             "tiers": tiers,
         }
+
+
+class ClosedError(RuntimeError):
+    """A Llama was used after close()."""
+
+
+class _Closed:
+    """Stands in for a closed Llama's model, context and batch: any use raises ClosedError."""
+
+    def __getattr__(self, name: str):
+        raise ClosedError("this Llama has been closed (close() freed its model and KV cache); "
+                          "create a new Llama")
 
 
 @contextlib.contextmanager

@@ -231,7 +231,7 @@ def test_llama_cpp_default_context_has_a_stream_per_sequence(llm):
     params.n_ctx, params.n_seq_max, params.n_batch, params.n_ubatch = N_CTX, 3, 256, 256
     params.type_k, params.type_v = spec.type_k, spec.type_v
     params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-    _capi.set_logquant_params(W, spec.policy, 256)
+    _capi.set_logquant_params(W, spec.policy)  # the f16 tier takes n_ubatch from the context
     ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
     assert ctx
     try:

@@ -91,16 +91,23 @@ extern "C" int32_t logquant_kv_stats_get(const llama_context * ctx, logquant_kv_
     return 0;
 }
 
-extern "C" int32_t logquant_set_params(int32_t window, int32_t policy, int32_t n_ubatch) {
-    if (window < 1 || (policy != LOGQUANT_POLICY_LOG && policy != LOGQUANT_POLICY_WINDOW) || n_ubatch < 1) {
+extern "C" int32_t logquant_set_params(int32_t window, int32_t policy) {
+    if (window < 1 || (policy != LOGQUANT_POLICY_LOG && policy != LOGQUANT_POLICY_WINDOW)) {
         return -1;
     }
     logquant_settings s = logquant_settings_current(); // the code bits stay as set
-    s.window   = window;
-    s.policy   = policy;
-    s.n_ubatch = n_ubatch;
+    s.window = window;
+    s.policy = policy;
     logquant_settings_set(s);
     return 0;
+}
+
+extern "C" const char * logquant_last_error(void) {
+    return logquant_refusal().c_str();
+}
+
+extern "C" void logquant_clear_last_error(void) {
+    logquant_clear_refusal();
 }
 
 extern "C" int32_t logquant_set_bits(int32_t key_bits, int32_t value_bits, int32_t n_layers,

@@ -15,9 +15,14 @@ extern "C" {
 LLAMA_API const char * logquant_build_info(void);
 
 // LogQuant settings for contexts created after this call (kv_type lq2): window W (>= 1), policy
-// (0: LogQuant, 1: recent window only, the paper's baseline), the largest ubatch the f16 tier
-// must take at once. Returns 0, or -1 for a bad value (nothing changed).
-LLAMA_API int32_t logquant_set_params(int32_t window, int32_t policy, int32_t n_ubatch);
+// (0: LogQuant, 1: recent window only, the paper's baseline). (The f16 tier's room for a ubatch
+// comes from the context's n_ubatch.) Returns 0, or -1 for a bad value (nothing changed).
+LLAMA_API int32_t logquant_set_params(int32_t window, int32_t policy);
+
+// Why the last LogQuant cache this thread tried to create was refused, e.g. a model shape it does
+// not handle ("" if none was). llama_init_from_model only returns NULL then; clear before creating.
+LLAMA_API const char * logquant_last_error(void);
+LLAMA_API void         logquant_clear_last_error(void);
 
 // Code bits of the low-bit tier (2, 4 or 8; LogQuant's format is 2) for contexts created after this
 // call: keys and values of every layer, then n_layers overrides (layer layers[i] gets

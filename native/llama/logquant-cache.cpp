@@ -5,6 +5,7 @@
 #include "lq2-format.h"
 #include "lq2-quants.h"
 
+#include "llama-cparams.h"
 #include "llama-hparams.h"
 #include "llama-impl.h"
 #include "llama-batch.h"
@@ -86,6 +87,24 @@ void logquant_settings_set(const logquant_settings & s) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// context parameters and refusals
+
+// Set by create_memory around the cache constructors it calls, on its own thread (see the header).
+static thread_local const llama_cparams * t_cparams = nullptr;
+static thread_local std::string           t_last_error;
+
+logquant_context_scope::logquant_context_scope(const llama_cparams & cparams) { t_cparams = &cparams; }
+logquant_context_scope::~logquant_context_scope() { t_cparams = nullptr; }
+
+const std::string & logquant_refusal() { return t_last_error; }
+void                logquant_clear_refusal() { t_last_error.clear(); }
+
+void logquant_cache::refuse(const std::string & why) {
+    t_last_error = why;
+    throw std::runtime_error("LogQuant cache: " + why);
+}
+
+// ---------------------------------------------------------------------------------------------
 // construction
 
 logquant_cache::logquant_cache(const llama_model & model, const llama_hparams & hparams, uint32_t kv_size,
@@ -95,50 +114,60 @@ logquant_cache::logquant_cache(const llama_model & model, const llama_hparams & 
 // One read of the settings (they may change between two reads by another thread's C API call).
 logquant_cache::logquant_cache(const logquant_settings & s, const llama_model & model, const llama_hparams & hparams,
                                uint32_t kv_size, uint32_t n_seq_max, bool unified)
-    : G(s.key_group), n_stream(unified ? 1 : std::max(1u, n_seq_max)), settings(s),
-      capacity(kv_size * n_stream + (uint32_t) std::max(0, settings.n_ubatch)), n_seq_max(std::max(1u, n_seq_max)) {
+    : G(s.key_group), n_stream(unified ? 1 : std::max(1u, n_seq_max)), settings(s), kv_size(kv_size),
+      // without a context (none of llama.cpp's callers), llama.cpp's default ubatch
+      n_ubatch(t_cparams ? t_cparams->n_ubatch : 512u), capacity(kv_size * n_stream + n_ubatch),
+      n_seq_max(std::max(1u, n_seq_max)) {
     if (!settings.layer_bits_error.empty()) {
-        throw std::runtime_error("logquant: cannot read LOGQUANT_LAYER_BITS=\"" + settings.layer_bits_error +
-                                 "\": write il:key_bits:value_bits,... e.g. 0:8:8,1:4:4");
+        refuse("cannot read LOGQUANT_LAYER_BITS=\"" + settings.layer_bits_error +
+               "\": write il:key_bits:value_bits,... e.g. 0:8:8,1:4:4");
     }
     if (settings.window < 1) {
-        throw std::runtime_error("logquant: window must be >= 1, got " + std::to_string(settings.window));
+        refuse("window must be >= 1, got " + std::to_string(settings.window));
     }
     bool bits_ok = LQ2_BITS_VALID(settings.key_bits) && LQ2_BITS_VALID(settings.value_bits);
     for (const auto & lb : settings.layer_bits) {
         bits_ok = bits_ok && lb.il >= 0 && LQ2_BITS_VALID(lb.key_bits) && LQ2_BITS_VALID(lb.value_bits);
     }
     if (!bits_ok) {
-        throw std::runtime_error("logquant: code bits must be 2, 4 or 8 (LOGQUANT_KEY_BITS, LOGQUANT_VALUE_BITS, "
-                                 "LOGQUANT_LAYER_BITS=il:k:v,...)");
+        refuse("code bits must be 2, 4 or 8 (LOGQUANT_KEY_BITS, LOGQUANT_VALUE_BITS, LOGQUANT_LAYER_BITS=il:k:v,...)");
     }
     bool group_ok = lq2_key_type_b(G, settings.key_bits) >= 0;
     for (const auto & lb : settings.layer_bits) {
         group_ok = group_ok && lq2_key_type_b(G, lb.key_bits) >= 0;
     }
     if (!group_ok) {
-        throw std::runtime_error("logquant: key group " + std::to_string(G) + " is not available with these key "
-                                 "bits (2-bit keys: 32, 64, 128; 4- and 8-bit keys: 64)");
+        refuse("key group " + std::to_string(G) + " is not available with these key bits (2-bit keys: 32, 64, "
+               "128; 4- and 8-bit keys: 64)");
     }
 
-    // Keys are stored before RoPE when we can undo and redo the model's RoPE exactly: plain
-    // NORM/NEOX rotation without YaRN or per-frequency factors. Otherwise (no RoPE, or a layout we
-    // do not handle) they are stored as the cache holds them, after RoPE: the explicit fallback.
+    // Keys are stored before RoPE when we can undo and redo the graph's RoPE exactly: plain
+    // NORM/NEOX rotation with the context's base and scale (its overrides, not the trained values),
+    // without YaRN or per-frequency factors. Otherwise they are stored as the cache holds them,
+    // after RoPE: the explicit fallback. A model without RoPE (ALiBi) has nothing to undo.
     rope = {};
+    no_rope = hparams.rope_type == LLAMA_ROPE_TYPE_NONE;
+    const float freq_base   = t_cparams ? t_cparams->rope_freq_base  : hparams.rope_freq_base_train;
+    const float freq_scale  = t_cparams ? t_cparams->rope_freq_scale : hparams.rope_freq_scale_train;
+    const bool  yarn        = t_cparams ? t_cparams->yarn_ext_factor != 0.0f
+                                        : hparams.rope_scaling_type_train == LLAMA_ROPE_SCALING_TYPE_YARN;
+    const float attn_factor = t_cparams ? t_cparams->yarn_attn_factor : 1.0f;
     const bool plain_rope = (hparams.rope_type == LLAMA_ROPE_TYPE_NORM || hparams.rope_type == LLAMA_ROPE_TYPE_NEOX) &&
-                            hparams.rope_scaling_type_train != LLAMA_ROPE_SCALING_TYPE_YARN &&
-                            model.layers.size() > 0 && model.layers[0].rope_freqs == nullptr;
-    if (plain_rope && !settings.keys_post_rope) {
+                            !yarn && model.layers.size() > 0 && model.layers[0].rope_freqs == nullptr;
+    if (no_rope) {
+        // keys are position-free: grouped per channel as they are, and shifts only move positions
+    } else if (plain_rope && !settings.keys_post_rope) {
         rope.mode        = hparams.rope_type == LLAMA_ROPE_TYPE_NEOX ? LQ2_ROPE_NEOX : LQ2_ROPE_NORMAL;
         rope.n_dims      = (int32_t) hparams.n_rot();
-        rope.freq_base   = hparams.rope_freq_base_train;
-        rope.freq_scale  = hparams.rope_freq_scale_train;
-        rope.attn_factor = 1.0f;
+        rope.freq_base   = freq_base;
+        rope.freq_scale  = freq_scale;
+        rope.attn_factor = attn_factor;
     } else if (settings.keys_post_rope) {
         LLAMA_LOG_INFO("%s: keys grouped per channel AFTER RoPE, as asked (LOGQUANT_KEYS_POST_ROPE)\n", __func__);
     } else {
-        LLAMA_LOG_WARN("%s: this model's RoPE is not plain NORM/NEOX: 2-bit keys are grouped per channel "
-                       "AFTER RoPE (lower quality than pre-RoPE)\n", __func__);
+        LLAMA_LOG_WARN("%s: this context's RoPE is not plain NORM/NEOX (%s): 2-bit keys are grouped per channel "
+                       "AFTER RoPE (lower quality than pre-RoPE; no context shift)\n", __func__,
+                       yarn ? "YaRN" : "rope type or frequency factors");
     }
     // Each sequence may hold a partial group open; a sequence reaches the 2-bit tier only past 2W
     // tokens, which bounds how many can at once.
@@ -158,13 +187,24 @@ logquant_cache::logquant_cache(const logquant_settings & s, const llama_model & 
     LLAMA_LOG_INFO("%s: LogQuant cache: window %d, policy %s, low-bit tier %u tokens, keys %s RoPE in groups "
                    "of %d, bits K %d V %d%s%s\n", __func__, settings.window,
                    settings.policy == LOGQUANT_POLICY_LOG ? "log" : "window", capacity,
-                   rope.n_dims > 0 ? "before" : "after", G, settings.key_bits, settings.value_bits,
+                   rope.n_dims > 0 ? "before" : no_rope ? "without" : "after", G, settings.key_bits, settings.value_bits,
                    overrides.empty() ? "" : ", layers il:K:V", overrides.c_str());
 }
 
-std::string logquant_cache::check_supported(const llama_hparams & hparams, bool v_trans) const {
+std::string logquant_cache::check_supported(const llama_model & model, const llama_hparams & hparams, bool v_trans,
+                                            bool reuses_kv) const {
     if (!hparams.causal_attn) {
         return "the model's attention is not causal (the 2-bit tier is read causally)";
+    }
+    for (const auto & layer : model.layers) {
+        if (layer.attn_sinks) {
+            return "the model's attention has sinks (gpt-oss and similar), which the 2-bit attention does not "
+                   "handle yet; use kv_type f16, q8_0 or q4_0";
+        }
+    }
+    if (reuses_kv) {
+        return "some layers of this model reuse another layer's KV cache (Gemma 3n / Gemma 4), which the 2-bit "
+               "tier does not handle yet; use kv_type f16, q8_0 or q4_0";
     }
     if (v_trans) {
         return "the LogQuant cache needs flash attention (flash_attn=True)";
@@ -181,7 +221,7 @@ std::string logquant_cache::check_supported(const llama_hparams & hparams, bool 
 
 uint32_t logquant_cache::f16_cells(uint32_t kv_size_requested, uint32_t n_pad) const {
     const uint64_t seqs_per_stream = n_stream == 1 ? n_seq_max : 1;
-    const uint64_t need = 3ull * (uint64_t) settings.window * seqs_per_stream + (uint64_t) settings.n_ubatch;
+    const uint64_t need = 3ull * (uint64_t) settings.window * seqs_per_stream + (uint64_t) n_ubatch;
     const uint64_t padded = (need + n_pad - 1) / n_pad * n_pad;
     return (uint32_t) std::min<uint64_t>(kv_size_requested, padded);
 }
@@ -248,12 +288,66 @@ static std::vector<int32_t> full_positions(const std::vector<int32_t> & all, int
     return out;
 }
 
-bool logquant_cache::has_room(uint32_t n, uint32_t n_seqs) const {
-    int64_t n_free = 0;
-    for (int32_t fill : bk.group_fill) {
-        n_free += fill == 0;
+// Groups that demoting n_leave more tokens of seq_id takes beyond its open group's free slots.
+static int64_t groups_needed(const logquant_cache::book & bk, int32_t seq_id, int64_t n_leave, int G) {
+    const int64_t g    = bk.open_group[seq_id];
+    const int64_t room = g < 0 ? 0 : G - bk.group_fill[g];
+    return (std::max<int64_t>(0, n_leave - room) + G - 1) / G;
+}
+
+static int64_t free_groups(const logquant_cache::book & bk) {
+    return std::count(bk.group_fill.begin(), bk.group_fill.end(), 0);
+}
+
+std::vector<std::pair<int32_t, uint32_t>> logquant_cache::leaving(int32_t seq_id, const std::vector<int32_t> & incoming,
+                                                                  int64_t & n_incoming_leaving) const {
+    const auto f16 = f16_tokens(cells_of(seq_id), seq_id);
+    const auto & q2 = bk.sorted[seq_id];
+    std::vector<int32_t> all(q2);
+    all.reserve(q2.size() + f16.size() + incoming.size());
+    for (const auto & [p, idx] : f16) {
+        all.push_back(p);
     }
-    return n_free >= ((int64_t) n + G - 1) / G + (int64_t) n_seqs;
+    std::inplace_merge(all.begin(), all.begin() + q2.size(), all.end());
+    const size_t n_held = all.size();
+    all.insert(all.end(), incoming.begin(), incoming.end());
+    std::sort(all.begin() + n_held, all.end());
+    std::inplace_merge(all.begin(), all.begin() + n_held, all.end());
+    const std::vector<int32_t> keep = full_positions(all, settings.window, settings.policy);
+    std::vector<std::pair<int32_t, uint32_t>> out;
+    for (const auto & [p, idx] : f16) {
+        if (!std::binary_search(keep.begin(), keep.end(), p)) {
+            out.emplace_back(p, idx);
+        }
+    }
+    n_incoming_leaving = 0;
+    for (int32_t p : incoming) {
+        n_incoming_leaving += !std::binary_search(keep.begin(), keep.end(), p);
+    }
+    return out;
+}
+
+bool logquant_cache::has_room(const llama_ubatch & ubatch) const {
+    if (!planning) {
+        return true;
+    }
+    // the same count as plan() makes once the ubatch is placed, with its positions added here
+    int64_t need = 0;
+    for (uint32_t i = 0; i < ubatch.n_seqs_unq; i++) {
+        const int32_t s = ubatch.seq_id_unq[i];
+        std::vector<int32_t> incoming;
+        for (uint32_t t = 0; t < ubatch.n_tokens; t++) {
+            for (int32_t j = 0; j < ubatch.n_seq_id[t]; j++) {
+                if (ubatch.seq_id[t][j] == s) {
+                    incoming.push_back(ubatch.pos[t]);
+                }
+            }
+        }
+        int64_t n_new_leaving = 0;
+        const int64_t n_old_leaving = (int64_t) leaving(s, incoming, n_new_leaving).size();
+        need += groups_needed(bk, s, n_old_leaving + n_new_leaving, G);
+    }
+    return free_groups(bk) >= need;
 }
 
 int64_t logquant_cache::alloc_slot(int32_t seq_id) {
@@ -346,37 +440,39 @@ bool logquant_cache::plan(const llama_ubatch & ubatch) {
         ubatch_seq[t] = ubatch.seq_id[t][0];
     }
     pending.clear();
+    plan_ok = true;
     if (!planning) {
         return true;
     }
 
     // Only the ubatch's sequences gained tokens; the others' tiers are as the policy left them.
+    // First every sequence's leaving tokens, then (if the 2-bit tier takes them all) the moves: a
+    // plan cut short would leave slots marked valid with no codes written.
+    std::vector<std::vector<std::pair<int32_t, uint32_t>>> leave(ubatch.n_seqs_unq);
+    int64_t need = 0;
+    for (uint32_t i = 0; i < ubatch.n_seqs_unq; i++) {
+        const int32_t s = ubatch.seq_id_unq[i];
+        int64_t none = 0;
+        leave[i] = leaving(s, {}, none);
+        need += groups_needed(bk, s, (int64_t) leave[i].size(), G);
+    }
+    if (need > free_groups(bk)) {
+        LLAMA_LOG_ERROR("%s: the 2-bit tier is full (%u tokens): nothing demoted\n", __func__, capacity);
+        plan_ok = false;
+        return false;
+    }
+
     std::set<int64_t> touched;
     for (uint32_t i = 0; i < ubatch.n_seqs_unq; i++) {
         const int32_t s = ubatch.seq_id_unq[i];
         auto & cells = cells_of(s);
         const int64_t row0 = (int64_t) (*seq_to_stream)[s] * stream_size;
-        const auto f16 = f16_tokens(cells, s);
         auto & q2 = bk.sorted[s];
-        std::vector<int32_t> all(q2);
-        all.reserve(q2.size() + f16.size());
-        for (const auto & [p, idx] : f16) {
-            all.push_back(p);
-        }
-        std::inplace_merge(all.begin(), all.begin() + q2.size(), all.end());
-        const std::vector<int32_t> keep = full_positions(all, settings.window, settings.policy);
 
         std::vector<int32_t> leaving;
-        for (const auto & [p, idx] : f16) {
-            if (std::binary_search(keep.begin(), keep.end(), p)) {
-                continue;
-            }
+        for (const auto & [p, idx] : leave[i]) {
             const int64_t slot = alloc_slot(s);
-            if (slot < 0) {
-                LLAMA_LOG_ERROR("%s: the 2-bit tier is full (%u tokens)\n", __func__, capacity);
-                pending.clear();
-                return false;
-            }
+            GGML_ASSERT(slot >= 0); // counted above
             pending.push_back({row0 + idx, p, slot});
             bk.slot_pos[slot] = p;
             bk.slot_seq.clear(slot);
@@ -685,44 +781,12 @@ bool logquant_cache::state_read(llama_io_read_i & io, int32_t seq_id) {
     }
     clear();
     const int64_t n_grp = (n + G - 1) / G;
-    auto fail = [&](const char * what) {
-        LLAMA_LOG_ERROR("%s: %s\n", __func__, what);
+    std::vector<int64_t> open;
+    std::string why;
+    if (!read_book(io, n, n_grp, open, why)) {
+        LLAMA_LOG_ERROR("%s: %s\n", __func__, why.c_str());
         clear();
         return false;
-    };
-    io.read(bk.slot_pos.data(), n * sizeof(int32_t));
-    for (int64_t slot = 0; slot < n; slot++) {
-        int32_t n_ids = 0;
-        io.read(&n_ids, sizeof(n_ids));
-        if (n_ids < 0 || n_ids > (int32_t) n_seq_max) {
-            return fail("corrupt slot sequences");
-        }
-        for (int32_t i = 0; i < n_ids; i++) {
-            int32_t s = -1;
-            io.read(&s, sizeof(s));
-            if (s < 0 || s >= (int32_t) n_seq_max) {
-                return fail("the state holds a sequence id this context does not have");
-            }
-            bk.slot_seq.set(slot, s);
-            bk.sorted[s].push_back(bk.slot_pos[slot]);
-        }
-        if (bk.slot_pos[slot] >= 0) {
-            bk.group_live[slot / G]++;
-        }
-    }
-    io.read(bk.group_fill.data(), n_grp * sizeof(int32_t));
-    int32_t n_open = 0;
-    io.read(&n_open, sizeof(n_open));
-    if (n_open < 0 || n_open > (int32_t) n_seq_max) {
-        return fail("corrupt open groups");
-    }
-    std::vector<int64_t> open(2 * (size_t) n_open);
-    io.read(open.data(), open.size() * sizeof(int64_t));
-    for (int32_t i = 0; i < n_open; i++) {
-        if (open[2 * i] < 0 || open[2 * i] >= (int64_t) n_seq_max || open[2 * i + 1] < 0 || open[2 * i + 1] >= n_grp) {
-            return fail("corrupt open groups");
-        }
-        bk.open_group[open[2 * i]] = open[2 * i + 1];
     }
     uint32_t n_layers = 0;
     io.read(&n_layers, sizeof(n_layers));
@@ -748,19 +812,124 @@ bool logquant_cache::state_read(llama_io_read_i & io, int32_t seq_id) {
             io.read_tensor(l.k2, 0, k_bytes);
             io.read_tensor(l.v2, 0, v_bytes);
         }
-        for (int32_t i = 0; i < n_open; i++) {
-            const int64_t grp = open[2 * i + 1];
+        for (size_t i = 0; i < open.size(); i += 2) {
+            const int64_t grp = open[i + 1];
             auto & st = l.staging[grp];
             st.assign((size_t) G * l.n_embd_k_gqa, 0.0f);
-            io.read(st.data(), (size_t) bk.group_fill[grp] * l.n_embd_k_gqa * sizeof(float));
+            io.read(st.data(), (size_t) bk.group_fill[grp] * l.n_embd_k_gqa * sizeof(float)); // fill < G: checked
         }
     }
-    for (auto & q2 : bk.sorted) {
-        std::sort(q2.begin(), q2.end());
-    }
-    bk.n_slots = n;
     for (int64_t grp = 0; grp < n_grp; grp++) {
         refresh_rope_group(grp);
+    }
+    return true;
+}
+
+// The slots, their sequences, the groups and the open groups of a state, each count and index
+// checked against this cache before it is used (a corrupt file must not make alloc_slot or the
+// attention read or write past a group), and the tokens checked against the f16 tier read just
+// before: no position twice in a sequence, no stream holding more tokens than the context has.
+bool logquant_cache::read_book(llama_io_read_i & io, int64_t n, int64_t n_grp, std::vector<int64_t> & open,
+                               std::string & why) {
+    io.read(bk.slot_pos.data(), n * sizeof(int32_t));
+    for (int64_t slot = 0; slot < n; slot++) {
+        const int32_t pos = bk.slot_pos[slot];
+        int32_t n_ids = 0;
+        io.read(&n_ids, sizeof(n_ids));
+        if (pos < -1 || n_ids < 0 || n_ids > (int32_t) n_seq_max || (pos < 0) != (n_ids == 0)) {
+            why = "corrupt slot " + std::to_string(slot) + " (position " + std::to_string(pos) + ", " +
+                  std::to_string(n_ids) + " sequences)";
+            return false;
+        }
+        for (int32_t i = 0; i < n_ids; i++) {
+            int32_t s = -1;
+            io.read(&s, sizeof(s));
+            if (s < 0 || s >= (int32_t) n_seq_max) {
+                why = "the state holds sequence id " + std::to_string(s) + ", which this context does not have";
+                return false;
+            }
+            if (bk.slot_seq.test(slot, s)) {
+                why = "corrupt slot sequences (a sequence twice)";
+                return false;
+            }
+            bk.slot_seq.set(slot, s);
+            bk.sorted[s].push_back(pos);
+        }
+        if (pos >= 0) {
+            bk.group_live[slot / G]++;
+        }
+    }
+    io.read(bk.group_fill.data(), n_grp * sizeof(int32_t));
+    for (int64_t grp = 0; grp < n_grp; grp++) {
+        const int32_t fill = bk.group_fill[grp];
+        if (fill < 0 || fill > G || grp * G + fill > n) {
+            why = "corrupt group fill";
+            return false;
+        }
+        for (int64_t slot = grp * G + fill; slot < std::min<int64_t>(n, (grp + 1) * G); slot++) {
+            if (bk.slot_pos[slot] >= 0) {
+                why = "corrupt group fill (a valid slot past it)";
+                return false;
+            }
+        }
+    }
+    int32_t n_open = 0;
+    io.read(&n_open, sizeof(n_open));
+    if (n_open < 0 || n_open > (int32_t) n_seq_max) {
+        why = "corrupt open groups";
+        return false;
+    }
+    open.assign(2 * (size_t) n_open, 0);
+    io.read(open.data(), open.size() * sizeof(int64_t));
+    for (int32_t i = 0; i < n_open; i++) {
+        const int64_t s = open[2 * i], grp = open[2 * i + 1];
+        // an open group has had a slot handed out and has room for more; one sequence fills it
+        if (s < 0 || s >= (int64_t) n_seq_max || grp < 0 || grp >= n_grp || bk.open_group[s] >= 0 ||
+            bk.group_fill[grp] < 1 || bk.group_fill[grp] >= G ||
+            std::find(bk.open_group.begin(), bk.open_group.end(), grp) != bk.open_group.end()) {
+            why = "corrupt open groups";
+            return false;
+        }
+        bk.open_group[s] = grp;
+    }
+    bk.n_slots = n;
+    std::vector<int64_t> stream_tokens(n_stream, 0);
+    for (uint32_t st = 0; st < n_stream; st++) {
+        stream_tokens[st] = (int64_t) (*v_cells)[st].get_used();
+    }
+    std::vector<int64_t> counted(n_stream, -1); // a slot shared across streams counts in each once
+    for (int64_t slot = 0; slot < n; slot++) {
+        for (int32_t s = 0; s < (int32_t) n_seq_max && bk.slot_pos[slot] >= 0; s++) {
+            const uint32_t st = (*seq_to_stream)[s];
+            if (bk.slot_seq.test(slot, s) && counted[st] != slot) {
+                counted[st] = slot;
+                stream_tokens[st]++;
+            }
+        }
+    }
+    for (uint32_t st = 0; st < n_stream; st++) {
+        if (stream_tokens[st] > (int64_t) kv_size) {
+            why = "the state holds " + std::to_string(stream_tokens[st]) + " tokens" +
+                  (n_stream > 1 ? " in stream " + std::to_string(st) : std::string()) + ", more than this context's " +
+                  std::to_string(kv_size) + " (n_ctx" + (n_stream > 1 ? " per sequence" : "") + "): load it into a "
+                  "context at least that large";
+            return false;
+        }
+    }
+    for (int32_t s = 0; s < (int32_t) n_seq_max; s++) {
+        auto & q2 = bk.sorted[s];
+        std::sort(q2.begin(), q2.end());
+        if (std::adjacent_find(q2.begin(), q2.end()) != q2.end()) {
+            why = "corrupt slot positions (a position twice in sequence " + std::to_string(s) + ")";
+            return false;
+        }
+        for (const auto & [p, idx] : f16_tokens(cells_of(s), s)) {
+            if (std::binary_search(q2.begin(), q2.end(), p)) {
+                why = "corrupt slot positions (position " + std::to_string(p) + " of sequence " + std::to_string(s) +
+                      " in both tiers)";
+                return false;
+            }
+        }
     }
     return true;
 }

@@ -35,6 +35,7 @@
 #include <vector>
 
 class  llama_kv_cells;
+struct llama_cparams;
 struct llama_hparams;
 struct llama_model;
 struct llama_ubatch;
@@ -59,7 +60,6 @@ struct logquant_layer_bits {
 struct logquant_settings {
     int32_t window     = 32;
     int32_t policy     = LOGQUANT_POLICY_LOG;
-    int32_t n_ubatch   = 512; // the largest ubatch the f16 tier must take at once
     int32_t key_bits   = 2;   // every layer's, unless overridden below
     int32_t value_bits = 2;
     std::vector<logquant_layer_bits> layer_bits; // per-layer overrides (e.g. a sensitive layer 0)
@@ -75,6 +75,20 @@ struct logquant_settings {
 
 logquant_settings logquant_settings_current();
 void              logquant_settings_set(const logquant_settings & s);
+
+// The context parameters a cache must follow: the largest ubatch (n_ubatch: the f16 tier takes one
+// at once) and the RoPE the graph applies (the context's rope_freq_base / rope_freq_scale overrides
+// and YaRN choice, not the model's trained values). llama_kv_cache's constructor does not receive
+// them, so llama_model::create_memory (patch 0007) opens this scope around the caches it creates.
+struct logquant_context_scope {
+    explicit logquant_context_scope(const llama_cparams & cparams);
+    ~logquant_context_scope();
+};
+
+// Why the last LogQuant cache creation on this thread was refused (empty if it was not): llama.cpp
+// only logs the exception, so the C API hands the reason to Python for its error message.
+const std::string & logquant_refusal();
+void                logquant_clear_refusal();
 
 // Per-tier figures for the C API's statistics.
 struct logquant_tier_stats {
@@ -123,7 +137,11 @@ public:
                    uint32_t n_seq_max, bool unified);
 
     // Empty when this model and setup can use LogQuant; else the reason, for the error message.
-    std::string check_supported(const llama_hparams & hparams, bool v_trans) const;
+    // reuses_kv: some layers read another layer's K/V (Gemma 3n / Gemma 4).
+    std::string check_supported(const llama_model & model, const llama_hparams & hparams, bool v_trans,
+                                bool reuses_kv) const;
+    // Throws the refusal (and records it for logquant_last_error).
+    [[noreturn]] static void refuse(const std::string & why);
 
     // How many f16 cells a stream's full-precision tier needs (<= kv_size_requested): 3W per
     // sequence it holds plus one ubatch.
@@ -139,14 +157,15 @@ public:
     void add_layer(ggml_context * ctx, int32_t il, uint32_t n_embd_k_gqa, uint32_t n_embd_v_gqa,
                    uint32_t n_head_kv);
 
-    // find_slot asks first: can a ubatch of n tokens of n_seqs sequences be demoted if need be?
-    // (each sequence may open a new group)
-    bool has_room(uint32_t n, uint32_t n_seqs) const;
+    // find_slot asks first: can the 2-bit tier take what placing this ubatch will demote (one merge
+    // of the window moves about W tokens for a one-token ubatch)? The count plan() will make.
+    bool has_room(const llama_ubatch & ubatch) const;
 
     // After apply_ubatch placed a ubatch: decide the demotions of its sequences, free their cells
-    // (or drop the leaving sequence from a cell other sequences still keep in f16). Returns false
-    // if the 2-bit tier is full.
+    // (or drop the leaving sequence from a cell other sequences still keep in f16). All or
+    // nothing: false (and nothing changed, planned() false) when the 2-bit tier cannot take them.
     bool plan(const llama_ubatch & ubatch);
+    bool planned() const { return plan_ok; }
 
     // While a state is read back, its cells are placed as saved: no tier decisions then.
     struct plan_pause {
@@ -170,7 +189,8 @@ public:
     // negative frees the slot. False (nothing changed) when keys are stored after RoPE.
     bool seq_add(int32_t seq_id, int32_t p0, int32_t p1, int32_t shift);
     bool seq_div(int32_t seq_id, int32_t p0, int32_t p1, int32_t d);
-    bool can_shift() const { return rope.n_dims > 0; }
+    // Pre-RoPE keys move by re-rotating them when read; a model without RoPE has nothing to move.
+    bool can_shift() const { return rope.n_dims > 0 || no_rope; }
     // The 2-bit part of llama.cpp's seq_cp / seq_keep (which handle the f16 cells): slots are
     // shared, not copied. replace: the destination's own slots go first (a copy across streams
     // replaces the destination stream whole). seq_keep, like llama.cpp's, leaves other streams'
@@ -239,7 +259,8 @@ public:
         int64_t  slot;
     };
 
-    lq2_rope_params         rope;       // n_dims 0: keys stay post-RoPE (explicit fallback)
+    lq2_rope_params         rope;       // n_dims 0: keys stay post-RoPE (explicit fallback), or no RoPE
+    bool                    no_rope = false; // the model rotates nothing (ALiBi, ...): keys are as stored
     book                    bk;
     std::vector<lq2_half>   rope_table; // lq2_rope_table layout (f16), n_dims * G per group
     std::vector<demotion>   pending;    // this ubatch's demotions, in slot order
@@ -249,6 +270,9 @@ public:
 private:
     uint32_t            n_stream;   // f16 tier streams: 1 (unified) or n_seq_max
     logquant_settings   settings;
+    uint32_t            kv_size;    // cells per stream the context asked for: a stream holds no more tokens
+    uint32_t            n_ubatch;   // the context's largest ubatch
+    bool                plan_ok = true;
     uint32_t            capacity;   // tokens the 2-bit tier must take: the context plus one ubatch
     uint32_t            n_seq_max;
     int64_t             n_groups;   // groups allocated: capacity / G plus one open group per sequence
@@ -263,6 +287,13 @@ private:
     logquant_cache(const logquant_settings & s, const llama_model & model, const llama_hparams & hparams,
                    uint32_t kv_size, uint32_t n_seq_max, bool unified);
 
+    bool read_book(llama_io_read_i & io, int64_t n, int64_t n_grp, std::vector<int64_t> & open,
+                   std::string & why); // state_read's bookkeeping part, validated
+
+    // The f16 tokens (position, cell) of seq_id that leave the f16 tier once the positions
+    // `incoming` join it; n_incoming_leaving: how many of those leave at once.
+    std::vector<std::pair<int32_t, uint32_t>> leaving(int32_t seq_id, const std::vector<int32_t> & incoming,
+                                                      int64_t & n_incoming_leaving) const;
     int64_t alloc_slot(int32_t seq_id);    // next slot of the sequence's open group (-1: full)
     void    drop_seq_from_slot(int64_t slot, int32_t seq_id);
     void    forget_seq(int32_t seq_id);        // drops all its slots (groups settled by the caller)
