@@ -6,10 +6,14 @@ import argparse
 
 from . import kv_types
 
+# The commands run the cache this package is for. The Python `Llama` keeps llama.cpp's f16
+# (kv_types.DEFAULT_KV_TYPE), so that it stays a drop-in for llama_cpp.Llama.
+CLI_KV_TYPE = "logquant"
+
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="GGUF file (default: Qwen2.5-Coder-0.5B-Instruct)")
-    p.add_argument("--kv-type", default=kv_types.DEFAULT_KV_TYPE, choices=list(kv_types.KV_TYPES),
+    p.add_argument("--kv-type", default=CLI_KV_TYPE, choices=list(kv_types.KV_TYPES),
                    help="KV cache type (default: %(default)s)")
     p.add_argument("--logquant-window", type=int, default=None, metavar="W",
                    help="W for the logquant / q2_window caches (default: %d)" % kv_types.DEFAULT_WINDOW)

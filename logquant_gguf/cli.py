@@ -19,6 +19,10 @@ def _load(a: argparse.Namespace):
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
+    # Before loading: a model without a BOS token gets no token at all from "", and
+    # llama-cpp-python then fails an assert deep inside sampling.
+    if not a.prompt:
+        raise ValueError("the prompt is empty: give the text to continue")
     llm = _load(a)
     for piece in highlevel.generate(a.prompt, llm=llm, max_tokens=a.max_tokens,
                                     temperature=a.temperature, seed=a.seed):

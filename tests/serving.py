@@ -16,7 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import logquant_gguf
+
 HOST = "127.0.0.1"
+
+
+def package_env() -> dict[str, str]:
+    """The environment for a subprocess that runs the logquant_gguf this test process imported
+    (the source tree under `python -m pytest`, with the library built into it; else the installed
+    package), not whichever one its working directory would give it."""
+    env = dict(os.environ)
+    root = str(Path(logquant_gguf.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
 
 
 @dataclass
@@ -56,13 +68,12 @@ def running_server(model: Path, workdir: Path, *, kv_type: str = "f16", n_ctx: i
                    api_key: str | None = None, startup_s: float = 90) -> Iterator[Server]:
     """Starts the server, waits until it answers, yields it, stops it."""
     port = free_port()
-    env = dict(os.environ)
+    env = package_env()
     env.pop("LOGQUANT_API_KEY", None)
     if api_key:
         env["LOGQUANT_API_KEY"] = api_key  # also tests that the key can come from the environment
     log = (workdir / "server.log").open("w")
-    # cwd=workdir: `python -m` puts the cwd first on sys.path, and a source checkout there would
-    # shadow the installed package (which holds the compiled library).
+    # cwd=workdir: `python -m` puts the cwd first on sys.path; the package is package_env()'s.
     proc = subprocess.Popen(
         [sys.executable, "-m", "logquant_gguf.server", "--model", str(model), "--host", HOST,
          "--port", str(port), "--kv-type", kv_type, "--n-ctx", str(n_ctx), "--threads", "1"],

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import tempfile
 
+from serving import package_env
+
 import logquant_gguf._runtime as rt
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    # cwd: away from the checkout, whose logquant_gguf/ source tree has no compiled lib/
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    # cwd: away from the checkout; the package run is the one these tests imported
     return subprocess.run([sys.executable, "-m", "logquant_gguf", *args], cwd=tempfile.gettempdir(),
-                          capture_output=True, text=True, timeout=300)
+                          env=package_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def test_info_names_our_library_not_llama_cpp_pythons():
@@ -66,6 +69,50 @@ def test_precision_levers_on_the_command_line(tiny_model):
                 "--layer-bits", "0:8")
     assert r.returncode == 2
     assert "expected layer:key_bits:value_bits" in r.stderr
+
+
+def test_generate_refuses_an_empty_prompt_in_one_line(tiny_model):
+    """Before loading: with a model without BOS (Qwen) "" has no token and llama-cpp-python fails
+    an assert inside sampling (the tiny model has a BOS and would generate from it)."""
+    r = run_cli("generate", "", "--model", str(tiny_model), "--n-ctx", "256", "--max-tokens", "2")
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.strip() == "logquant-gguf: error: the prompt is empty: give the text to continue"
+
+
+def test_serve_refuses_a_port_out_of_range_in_one_line(tiny_model):
+    """argparse says so, before the model loads (it used to load, then die in a traceback)."""
+    r = run_cli("serve", "--model", str(tiny_model), "--port", "70000", timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "argument --port: '70000' is not a port number" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_serve_says_the_port_is_taken_before_loading_the_model(tmp_path):
+    """The model does not exist: the answer is about the port, so it was checked first."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = run_cli("serve", "--model", str(tmp_path / "missing.gguf"), "--port", str(port),
+                    timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == (f"logquant-gguf serve: error: cannot listen on 127.0.0.1 port "
+                                f"{port}: Address already in use")
+
+
+def test_commands_default_to_the_logquant_cache_and_python_to_f16(tiny_model):
+    import inspect
+
+    from logquant_gguf import Llama
+    from logquant_gguf.cli import build_parser
+
+    for argv in (["generate", "hi"], ["chat"], ["serve"]):
+        assert build_parser().parse_args(argv).kv_type == "logquant", argv
+    assert inspect.signature(Llama).parameters["kv_type"].default == "f16"  # a drop-in
+    r = run_cli("generate", "hello", "--model", str(tiny_model), "--max-tokens", "2",
+                "--n-ctx", "256", "--verbose")
+    assert r.returncode == 0, r.stderr
+    assert "LogQuant cache: window 32" in r.stderr  # the cache llama.cpp made
 
 
 def test_missing_model_file_on_the_command_line(tmp_path):

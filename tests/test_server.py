@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -68,16 +70,24 @@ def _error(status_and_body):
 
 
 LONG = "lorem ipsum " * (N_CTX * 2)
+# Fits the context alone (one token per byte, with the tiny model's byte vocabulary), not once the
+# chat template (llama-2's, the fallback) wraps it.
+ALMOST = "a" * (N_CTX - 8)
 
 
 @pytest.mark.parametrize("case", [
     "malformed-json", "not-an-object", "messages-not-a-list", "unknown-model",
     "prompt-too-long", "prompt-too-long-streaming", "chat-too-long-streaming", "wrong-api-key",
-    "no-api-key",
+    "no-api-key", "empty-prompt", "no-prompt", "several-prompts", "empty-messages", "logprobs",
+    "chat-logprobs", "embeddings-not-enabled", "unknown-role", "role-without-its-field",
+    "chat-too-long-with-its-template", "chat-too-long-with-its-template-streaming",
 ])
 def test_bad_request_gets_a_4xx_error_body_and_the_server_keeps_serving(server, case):
+    """Each gets a 4xx that says what is wrong (upstream: a 500 with an empty or internal
+    message, a 200, an empty 200 for a stream, or a 400 naming the wrong thing)."""
     chat = "/v1/chat/completions"
     hello = [{"role": "user", "content": "hi"}]
+    almost = [{"role": "user", "content": ALMOST}]
     expected = {
         "malformed-json": lambda: (400, server.request("POST", chat, raw=b'{"messages": [')),
         "not-an-object": lambda: (400, server.request("POST", chat, raw=b"[1, 2]")),
@@ -94,14 +104,60 @@ def test_bad_request_gets_a_4xx_error_body_and_the_server_keeps_serving(server, 
             "POST", chat, {"messages": hello}, api_key="wrong")),
         "no-api-key": lambda: (401, server.request(
             "POST", chat, {"messages": hello}, api_key=None)),
+        "empty-prompt": lambda: (400, server.request(
+            "POST", "/v1/completions", {"prompt": "", "max_tokens": 2})),
+        "no-prompt": lambda: (400, server.request("POST", "/v1/completions", {"max_tokens": 2})),
+        "several-prompts": lambda: (400, server.request(
+            "POST", "/v1/completions", {"prompt": ["a", "b"], "max_tokens": 2})),
+        "empty-messages": lambda: (400, server.request(
+            "POST", chat, {"messages": [], "max_tokens": 2})),
+        "logprobs": lambda: (400, server.request(
+            "POST", "/v1/completions", {"prompt": "hi", "logprobs": 2, "max_tokens": 2})),
+        "chat-logprobs": lambda: (400, server.request(
+            "POST", chat, {"messages": hello, "logprobs": True, "top_logprobs": 2,
+                           "max_tokens": 2})),
+        "embeddings-not-enabled": lambda: (400, server.request(
+            "POST", "/v1/embeddings", {"input": "hi"})),
+        "unknown-role": lambda: (400, server.request(
+            "POST", chat, {"messages": [{"role": "wizard", "content": "hi"}]})),
+        "role-without-its-field": lambda: (400, server.request(
+            "POST", chat, {"messages": [{"role": "tool", "content": "42"}]})),
+        "chat-too-long-with-its-template": lambda: (400, server.request(
+            "POST", chat, {"messages": almost, "max_tokens": 2})),
+        "chat-too-long-with-its-template-streaming": lambda: (400, server.request(
+            "POST", chat, {"messages": almost, "max_tokens": 2, "stream": True})),
+    }
+    says = {  # what the message must name
+        "empty-prompt": "empty", "no-prompt": "empty", "several-prompts": "one prompt",
+        "empty-messages": "empty", "logprobs": "logits_all", "chat-logprobs": "logits_all",
+        "embeddings-not-enabled": "embedding=True", "unknown-role": "'wizard'",
+        "role-without-its-field": "tool_call_id",
+        "chat-too-long-with-its-template-streaming": "chat template",
     }
     want, got = expected[case]()
     status, error = _error(got)
     assert status == want, error
-    if case.startswith(("prompt-too-long", "chat-too-long")):
+    assert says.get(case, "") in error["message"], error
+    if "too-long" in case:
         assert error["code"] == "context_length_exceeded"
     status, body = server.request("POST", chat, {"messages": hello, "max_tokens": 2})
     assert status == 200 and body["choices"][0]["finish_reason"], body
+
+
+def test_responses_name_the_model_by_its_alias_not_the_servers_file(server):
+    """Upstream echoes the request's `model`, or else the server's absolute path to the file."""
+    status, body = server.request("POST", "/v1/chat/completions",
+                                  {"messages": [{"role": "user", "content": "hi"}],
+                                   "max_tokens": 2})
+    assert status == 200 and body["model"] == server.model, body
+    status, body = server.request("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+    assert status == 200 and body["model"] == server.model, body
+    status, text = server.request("POST", "/v1/completions",
+                                  {"prompt": "hi", "max_tokens": 2, "stream": True})
+    events = [json.loads(line[len("data: "):]) for line in text.splitlines()
+              if line.startswith("data: {")]
+    assert status == 200 and events, text
+    assert {e["model"] for e in events} == {server.model}
 
 
 def test_openai_client_raises_typed_errors(server):
@@ -164,7 +220,7 @@ def test_serve_parser_binds_to_loopback_by_default():
     sub = argparse.ArgumentParser().add_subparsers()
     p = server.add_serve_parser(sub)
     a = p.parse_args([])
-    assert (a.host, a.port, a.kv_type, a.func) == ("127.0.0.1", 8000, "f16", server.serve)
+    assert (a.host, a.port, a.kv_type, a.func) == ("127.0.0.1", 8000, "logquant", server.serve)
 
 
 def test_stats_answer_at_once_while_a_reply_streams(server):
@@ -190,3 +246,24 @@ def test_stats_answer_at_once_while_a_reply_streams(server):
     assert status == 200, body
     status, stats = server.request("GET", "/logquant/stats")
     assert stats["busy"] is False
+
+
+def test_a_huge_prompt_is_refused_without_stalling_the_other_clients(server):
+    """A 15 MB prompt for a 256-token context: refused from its size, while the event loop keeps
+    answering. (The gate once tokenized it on the loop: with the tiny model's vocabulary, which
+    has no merges, that takes minutes, and every client waited.) Last in the module: on a server
+    that stalls, the tests after it would fail too."""
+    huge = json.dumps({"prompt": "lorem ipsum " * (15_000_000 // 12), "max_tokens": 2,
+                       "stream": True}).encode()
+    with ThreadPoolExecutor(1) as pool:
+        big = pool.submit(server.request, "POST", "/v1/completions", raw=huge, timeout=30)
+        slowest = 0.0
+        while not big.done():
+            start = time.monotonic()
+            status, stats = server.request("GET", "/logquant/stats", timeout=10)
+            slowest = max(slowest, time.monotonic() - start)
+            assert status == 200, stats
+        status, error = _error(big.result())
+    assert status == 400 and error["code"] == "context_length_exceeded", error
+    assert "at least" in error["message"], error
+    assert slowest < 2.0
