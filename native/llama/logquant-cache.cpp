@@ -862,8 +862,9 @@ bool logquant_cache::read_book(llama_io_read_i & io, int64_t n, int64_t n_grp, s
     io.read(bk.group_fill.data(), n_grp * sizeof(int32_t));
     for (int64_t grp = 0; grp < n_grp; grp++) {
         const int32_t fill = bk.group_fill[grp];
-        if (fill < 0 || fill > G || grp * G + fill > n) {
-            why = "corrupt group fill";
+        // the scanned slots end where the last group's handed-out slots end (settle_groups)
+        if (fill < 0 || fill > G || grp * G + fill > n || (grp == n_grp - 1 && grp * G + fill != n)) {
+            why = "corrupt group fill or slot count";
             return false;
         }
         for (int64_t slot = grp * G + fill; slot < std::min<int64_t>(n, (grp + 1) * G); slot++) {
@@ -924,6 +925,10 @@ bool logquant_cache::read_book(llama_io_read_i & io, int64_t n, int64_t n_grp, s
             return false;
         }
         for (const auto & [p, idx] : f16_tokens(cells_of(s), s)) {
+            if (p < 0) { // llama.cpp's own cell data does not check this
+                why = "corrupt f16 cell position " + std::to_string(p) + " of sequence " + std::to_string(s);
+                return false;
+            }
             if (std::binary_search(q2.begin(), q2.end(), p)) {
                 why = "corrupt slot positions (position " + std::to_string(p) + " of sequence " + std::to_string(s) +
                       " in both tiers)";
