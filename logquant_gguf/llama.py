@@ -145,13 +145,14 @@ class Llama(llama_cpp.Llama):
         rest is evaluated again, so the result is that of a run that never saw the dropped
         tokens."""
         if not self._ctx.kv_cache_seq_rm(-1, self.n_tokens, -1):
+            # Back to the end of an earlier batch the cache can cut at, then again in the batches
+            # the tokens were first evaluated in: a batch's queries see the tiers as they are
+            # after its last token, so other batches would give other K/V rows.
             keep = self.n_tokens
-            start = next(p for p in range(keep - 1, -1, -1) if self._ctx.kv_cache_seq_rm(-1, p, -1))
-            # again in the batches they were first evaluated in: a batch's queries see the tiers
-            # as they are after its last token, so other batches would give other K/V rows
-            ends = [e for e in self._batch_ends if start < e <= keep] + [keep]
+            ends = sorted({e for e in self._batch_ends if e < keep} | {0}, reverse=True)
+            start = next(e for e in ends if self._ctx.kv_cache_seq_rm(-1, e, -1))  # 0 always is
             self.n_tokens = start
-            for end in sorted(set(ends)):
+            for end in sorted({e for e in self._batch_ends if start < e < keep} | {keep}):
                 self._eval_batch(self.input_ids[self.n_tokens:end].tolist())
         if self.draft_model is None or self.logquant_window is None or self._prompt_pending:
             self._prompt_pending = False
@@ -160,7 +161,7 @@ class Llama(llama_cpp.Llama):
         # A draft is verified by reading the logits of every token of the batch, and every query
         # of a batch sees the tiers as they are after its last token: a batch that crossed a
         # demotion would show the tokens before it 2-bit keys that a token-by-token run still had
-        # in f16. So the draft is cut after the first token whose arrival demotes (generate()
+        # in f16. So the draft is cut before the next token whose arrival demotes (generate()
         # evaluates only what it was given, and drafts again from there): the draft run's greedy
         # text is the plain run's.
         self._eval_batch(tokens[:self._until_demotion(tokens)])
@@ -171,9 +172,10 @@ class Llama(llama_cpp.Llama):
         self._batch_ends.append(self.n_tokens)
 
     def _until_demotion(self, tokens) -> int:
-        """How many of tokens, appended now, end with the first token whose arrival demotes (or
-        all of them): a batch of those gives every token the logits a token-by-token run does."""
-        return next((i + 1 for i in range(len(tokens)) if self._demotes_at(self.n_tokens + i + 1)),
+        """How many of tokens, appended now, come before the next token whose arrival demotes
+        (the first token may be one): a batch of those gives every token the logits a
+        token-by-token run does."""
+        return next((i for i in range(1, len(tokens)) if self._demotes_at(self.n_tokens + i + 1)),
                     len(tokens))
 
     def generate(self, *args, **kwargs):
