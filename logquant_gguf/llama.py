@@ -9,6 +9,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import _capi, kv_types
 from ._runtime import load_llama_cpp
 
@@ -115,6 +117,14 @@ class Llama(llama_cpp.Llama):
                 raise ValueError(f"kv_type={kv_type!r} cannot be used with {path.name}: LogQuant cache: "
                                  f"{refusal}") from None
             raise
+        # llama.cpp may make the context larger than asked (n_ctx=64 gives 256); llama-cpp-python
+        # sized its token and logit buffers by the request, so a prompt that fits the context
+        # overflowed them
+        n_ctx = self._n_ctx
+        if len(self.input_ids) < n_ctx:
+            self.input_ids = np.zeros(n_ctx, dtype=np.intc)
+            if self._logits_all:
+                self.scores = np.zeros((n_ctx, self._n_vocab), dtype=np.single)
         self.kv_type = kv_type
         self._prompt_pending = False
         self._batch_ends: list[int] = []  # where each eval's batch ended: a rollback replays them

@@ -47,12 +47,12 @@ def fresh_completion(path, prompt: str, **kw) -> str:
 
 
 def test_state_of_another_sequence_layout_is_refused_before_anything_changes(tiny_model):
-    """Saved with one sequence, loaded into n_seq_max=4, kv_unified=False: refused up front, and
+    """Saved with one sequence, loaded into n_seq_max=2, kv_unified=False: refused up front, and
     the Llama keeps what it held (its next completion is what it would have been)."""
     src = load(tiny_model)
     src.eval(tokens(src, 100, seed=1))
     state = src.save_state()
-    dst = load(tiny_model, n_seq_max=4, kv_unified=False)
+    dst = load(tiny_model, n_seq_max=2, kv_unified=False)
     prompt = "def f(x):\n    return"
     want = dst.create_completion(prompt, max_tokens=12, temperature=0.0)["choices"][0]["text"]
     held = dst.n_tokens
@@ -274,3 +274,12 @@ def test_a_single_sequence_fills_its_whole_context(tiny_model):
     for p in range(64, n_ctx):
         assert decode(llm, [toks[p]], p) == 0, f"refused at position {p}"
     assert llm.kv_stats()["tokens"] == n_ctx
+
+
+def test_a_context_larger_than_asked_has_buffers_for_all_of_it(tiny_model):
+    """llama.cpp makes n_ctx=64 a context of 256; llama-cpp-python sized its token and logit
+    buffers for 64, so a 100-token prompt failed with a numpy broadcast error."""
+    llm = load(tiny_model, n_ctx=64)
+    assert llm.n_ctx() == 256
+    llm.eval(tokens(llm, 100, seed=7))
+    assert llm.n_tokens == 100 and np.isfinite(np.array(llm.scores[99])).all()
