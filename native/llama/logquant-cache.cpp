@@ -714,7 +714,9 @@ void logquant_cache::state_write(llama_io_write_i & io, int32_t seq_id) const {
         }
         const int32_t n_ids = (int32_t) ids.size();
         io.write(&n_ids, sizeof(n_ids));
-        io.write(ids.data(), ids.size() * sizeof(int32_t));
+        if (n_ids > 0) { // (data() of an empty vector may be null: no memcpy from it)
+            io.write(ids.data(), ids.size() * sizeof(int32_t));
+        }
     }
     io.write(bk.group_fill.data(), n_grp * sizeof(int32_t));
     // open groups: (sequence, group) pairs
@@ -727,7 +729,9 @@ void logquant_cache::state_write(llama_io_write_i & io, int32_t seq_id) const {
     }
     const int32_t n_open = (int32_t) open.size() / 2;
     io.write(&n_open, sizeof(n_open));
-    io.write(open.data(), open.size() * sizeof(int64_t));
+    if (n_open > 0) {
+        io.write(open.data(), open.size() * sizeof(int64_t));
+    }
     const uint32_t n_layers = layers.size();
     io.write(&n_layers, sizeof(n_layers));
     for (const auto & l : layers) {
@@ -836,7 +840,9 @@ bool logquant_cache::read_book(llama_io_read_i & io, int64_t n, int64_t n_grp, s
         const int32_t pos = bk.slot_pos[slot];
         int32_t n_ids = 0;
         io.read(&n_ids, sizeof(n_ids));
-        if (pos < -1 || n_ids < 0 || n_ids > (int32_t) n_seq_max || (pos < 0) != (n_ids == 0)) {
+        // (a position must leave room for the next one: llama.cpp adds 1 to the largest)
+        if (pos < -1 || pos == std::numeric_limits<int32_t>::max() || n_ids < 0 || n_ids > (int32_t) n_seq_max ||
+            (pos < 0) != (n_ids == 0)) {
             why = "corrupt slot " + std::to_string(slot) + " (position " + std::to_string(pos) + ", " +
                   std::to_string(n_ids) + " sequences)";
             return false;
@@ -881,7 +887,9 @@ bool logquant_cache::read_book(llama_io_read_i & io, int64_t n, int64_t n_grp, s
         return false;
     }
     open.assign(2 * (size_t) n_open, 0);
-    io.read(open.data(), open.size() * sizeof(int64_t));
+    if (n_open > 0) {
+        io.read(open.data(), open.size() * sizeof(int64_t));
+    }
     for (int32_t i = 0; i < n_open; i++) {
         const int64_t s = open[2 * i], grp = open[2 * i + 1];
         // an open group has had a slot handed out and has room for more; one sequence fills it
@@ -925,7 +933,7 @@ bool logquant_cache::read_book(llama_io_read_i & io, int64_t n, int64_t n_grp, s
             return false;
         }
         for (const auto & [p, idx] : f16_tokens(cells_of(s), s)) {
-            if (p < 0) { // llama.cpp's own cell data does not check this
+            if (p < 0 || p == std::numeric_limits<int32_t>::max()) { // llama.cpp's own cell data does not check this
                 why = "corrupt f16 cell position " + std::to_string(p) + " of sequence " + std::to_string(s);
                 return false;
             }
