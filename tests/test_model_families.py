@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from serving import package_env
 from tiny_model import (
     write_tiny_alibi,
     write_tiny_k_ne_v,
@@ -37,7 +38,6 @@ from tiny_model import (
 from logquant_gguf import Llama
 from logquant_gguf.llama import llama_cpp  # the llama_cpp bound to our build
 
-ROOT = Path(__file__).resolve().parent.parent
 W = 8     # LogQuant window: the f16 tier holds at most 3W = 24 tokens
 N = 160   # prompt tokens: all but the newest ~3W in the low-bit tier (two key groups of 64)
 EIGHT_BITS = {"logquant_key_bits": 8, "logquant_value_bits": 8}
@@ -214,8 +214,9 @@ print("RESULT " + json.dumps(out))
 
 
 def construct_in_child(path: Path) -> dict:
-    env = dict(os.environ, GGML_NO_BACKTRACE="1")  # an abort should not wait for gdb
-    r = subprocess.run([sys.executable, "-c", CHILD, str(path)], cwd=ROOT, env=env,
+    env = dict(package_env(), GGML_NO_BACKTRACE="1")  # an abort should not wait for gdb
+    # cwd: `python -c` puts it first on sys.path, and the checkout's package may have no library
+    r = subprocess.run([sys.executable, "-c", CHILD, str(path)], cwd=path.parent, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, (f"constructing a LogQuant Llama killed the process (exit status "
                                f"{r.returncode}):\n{r.stderr[-3000:]}")

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from logquant_gguf import models
+from serving import package_env
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _record_hash(data: bytes) -> str:
@@ -93,8 +93,9 @@ def test_default_model_lookup_imports_no_part_package(tmp_path):
         "sys.exit(1 if mods else 0)\n")
     cache = tmp_path / "cache"
     try:
-        r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                           timeout=300, env={**os.environ, "LOGQUANT_GGUF_CACHE": str(cache)})
+        # the package this test imported (a checkout's may have no library), not the cwd's
+        r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=300, env={**package_env(), "LOGQUANT_GGUF_CACHE": str(cache)})
     finally:
         shutil.rmtree(cache, ignore_errors=True)  # 0.5 GB: not left for pytest's kept tmp dirs
     if r.returncode == 3 and not os.environ.get("CI"):

@@ -12,14 +12,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import logquant_gguf
 
 REPO = Path(__file__).resolve().parent.parent
 FUZZ = REPO / "scripts" / "fuzz_state.py"
 
 
 def run_fuzz(out: Path, *args: str) -> dict:
-    r = subprocess.run([sys.executable, str(FUZZ), "--out", str(out), *args], cwd=REPO,
-                       capture_output=True, text=True, timeout=600)
+    # the package this test imported (a checkout's may have no library of its own)
+    root = Path(logquant_gguf.__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, str(FUZZ), "--out", str(out), "--package-root", str(root), *args],
+                       cwd=out.parent, capture_output=True, text=True, timeout=600)
     if not out.exists():
         pytest.fail(f"the fuzzer wrote no result (exit {r.returncode}):\n"
                     f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
