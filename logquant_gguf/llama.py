@@ -151,9 +151,9 @@ class Llama(llama_cpp.Llama):
         """llama_cpp.Llama.eval, for a cache that may refuse to drop its tail: a LogQuant cache
         refuses a truncation that would bring 2-bit tokens back to f16 (their f16 values are
         gone), and llama-cpp-python's rollbacks (a rejected draft, a mismatching sampled token)
-        ignore the refusal. Here the cache goes back to the longest prefix it can keep and the
-        rest is evaluated again, so the result is that of a run that never saw the dropped
-        tokens."""
+        ignore the refusal. Here the cache goes back to the end of an earlier batch it can cut
+        at and the tokens up to the rollback point are evaluated again in their batches, so the
+        result is that of a run that never saw the dropped tokens."""
         if not self._ctx.kv_cache_seq_rm(-1, self.n_tokens, -1):
             # Back to the end of an earlier batch the cache can cut at, then again in the batches
             # the tokens were first evaluated in: a batch's queries see the tiers as they are
@@ -273,9 +273,11 @@ class Llama(llama_cpp.Llama):
             # llama-cpp-python set the token list before llama.cpp refused the data: a later
             # completion would skip evaluating a prefix the cache does not hold
             self.n_tokens = 0
+            self._batch_ends = []
             self._ctx.kv_cache_clear()
             raise ValueError(f"could not load this state ({e}); the KV cache and the token list are "
                              "now empty") from e
+        self._batch_ends = [state.n_tokens]  # a rollback into the state replays from its end
 
     def n_layer(self) -> int:
         return int(llama_cpp.llama_model_n_layer(self._model.model))
