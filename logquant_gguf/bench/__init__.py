@@ -17,13 +17,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import capacity, completion, levers, memory, passkey, perplexity, quality, speed, summary
+from . import (capacity, completion, levers, memory, passkey, peers, perplexity, quality, speed,
+               summary)
 from .core import BenchConfig, run_part
 from .env import resolve_model, select_kv_types
 
 # The order `all` runs them in (capacity reads memory's results).
 PARTS = {m.NAME: m for m in (memory, quality, speed, capacity, perplexity, passkey, completion,
-                              levers)}
+                              levers, peers)}
+ALL = [n for n in PARTS if n != peers.NAME]  # peers needs another llama.cpp build: by name only
 DEFAULT_OUT = Path("bench") / "results"
 
 
@@ -102,7 +104,7 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
         print(f"bench summary: {path}", file=sys.stderr)
         return 0
     cfg = config_from_args(a, _argv_from_sys() if argv is None else argv)
-    names = list(PARTS) if a.part == "all" else [a.part]
+    names = ALL if a.part == "all" else [a.part]
     for name in names:
         mod = PARTS[name]
         run_part(cfg, name, mod.run, _defaults(mod, a))
