@@ -16,6 +16,7 @@ const char * logquant_last_error(void);
 int64_t logquant_policy_n_full(int64_t n, int32_t w);
 void logquant_clear_last_error(void);
 int32_t logquant_set_key_format(int32_t key_group, int32_t keys_post_rope);
+int32_t logquant_set_prefill(int32_t fa_min_tokens);
 int32_t logquant_set_bits(int32_t key_bits, int32_t value_bits, int32_t n_layers,
                           const int32_t * layers, const int32_t * layer_key_bits,
                           const int32_t * layer_value_bits);
@@ -32,6 +33,7 @@ struct logquant_kv_stats {
     int64_t bytes_q2;
     double q2_bits_per_value;
     int64_t bytes_host;
+    int64_t bytes_aux;
 };
 int32_t logquant_kv_stats_get(const void * ctx, struct logquant_kv_stats * out);
 int64_t logquant_kv_f16_positions(const void * ctx, int32_t seq_id, int32_t * out, int64_t cap);
@@ -63,7 +65,7 @@ def kv_stats(ctx_ptr: int) -> dict:
                              "n_f16": out.n_f16, "n_q2": out.n_q2,
                              "bytes_f16": out.bytes_f16, "bytes_q2": out.bytes_q2,
                              "q2_bits_per_value": out.q2_bits_per_value,
-                             "bytes_host": out.bytes_host}
+                             "bytes_host": out.bytes_host, "bytes_aux": out.bytes_aux}
     return stats
 
 
@@ -84,6 +86,14 @@ def set_logquant_params(window: int, policy: int) -> None:
     _, lib = _lib()
     if lib.logquant_set_params(window, policy) != 0:
         raise ValueError(f"invalid LogQuant settings: window={window}, policy={policy}")
+
+
+def set_logquant_prefill(fa_min_tokens: int) -> None:
+    """The prefill path of the next LogQuant context created in this process: ubatches of at
+    least fa_min_tokens tokens go through flash attention over both tiers in f16; 0: never."""
+    _, lib = _lib()
+    if lib.logquant_set_prefill(fa_min_tokens) != 0:
+        raise ValueError(f"invalid LogQuant prefill setting: {fa_min_tokens}")
 
 
 def policy_n_full(n: int, window: int) -> int:

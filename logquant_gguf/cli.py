@@ -1,4 +1,4 @@
-"""The `logquant-gguf` command: generate, chat, serve, info, bench."""
+"""The `logquant-gguf` command: generate, chat, serve, info, bench, rpc-server."""
 
 from __future__ import annotations
 
@@ -72,6 +72,17 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rpc_server(a: argparse.Namespace) -> int:
+    from . import rpc
+
+    try:
+        return rpc.run_server(a.host, a.port, threads=a.threads, devices=a.device or (),
+                              cache=a.cache)
+    except rpc.ServerMissingError as e:
+        print(f"logquant-gguf: error: {e}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="logquant-gguf", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -98,6 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_parser as add_bench_parser
 
     add_bench_parser(sub)  # logquant-gguf bench <part> ...: see docs/bench.md
+
+    r = sub.add_parser("rpc-server", help="serve this machine's CPU (or GPU) to Llama(rpc_servers=...) "
+                       "elsewhere: llama.cpp's RPC server")
+    r.add_argument("--host", default="127.0.0.1",
+                   help="IPv4 address to listen on (default: %(default)s, this machine only; the "
+                   "protocol has no authentication: use 0.0.0.0 on a trusted network only)")
+    r.add_argument("--port", type=int, default=50052, help="default: %(default)s")
+    r.add_argument("--threads", "-t", type=int, default=None,
+                   help="CPU threads for the computation (default: half the cores)")
+    r.add_argument("--device", "-d", action="append", default=None, metavar="DEV",
+                   help="serve this ggml device (e.g. CUDA0; repeatable; default: the GPUs, else the CPU)")
+    r.add_argument("--cache", action="store_true",
+                   help="keep received tensors in a local file cache ($LLAMA_CACHE/rpc): repeated "
+                   "loads of the same model skip the transfer")
+    r.set_defaults(func=cmd_rpc_server)
 
     i = sub.add_parser("info", help="library path, build, kv types, model metadata")
     i.add_argument("--model", "-m", help="also show this GGUF file's metadata")

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _capi, kv_types
+from . import _capi, kv_types, rpc
 from ._runtime import load_llama_cpp
 
 llama_cpp = load_llama_cpp()
@@ -55,12 +55,21 @@ class Llama(llama_cpp.Llama):
     b + 0.5 bits per value (see docs/levers.md for what they buy).
     logquant_key_group (32, 64, 128) and logquant_keys_post_rope: the key layout knobs of the
     format study (defaults 64 and False: groups of 64 tokens per channel, before RoPE).
+    logquant_prefill_fa_min: ubatches of at least this many tokens (prompts) attend through
+    llama.cpp's flash attention over both tiers dequantized to f16, like an f16 cache, instead
+    of LogQuant's fused kernel that reads the 2-bit tier in place (default 0: always the fused
+    kernel, the faster on the CPU at every prompt size measured, with f32 scores that do not
+    depend on how a prompt was batched; the flash-attention path is the one for GPU backends).
     attn_rotation: False turns off llama.cpp's Hadamard rotation of quantized K/V types
     (LLAMA_ATTN_ROT_DISABLE; on by default for q8_0, q4_0, q2_0).
     n_seq_max: sequences the context holds at once (default 1), for llama.cpp's batch API on
     `self.ctx` (several sequences decoded side by side). kv_unified: with several sequences,
     True (default) shares the n_ctx cells among them; False gives each its own stream of
     n_ctx / n_seq_max cells (llama.cpp's default). Both work with every kv_type.
+    rpc_servers: "host:port,..." of llama.cpp RPC servers (`logquant-gguf rpc-server`) that
+    n_gpu_layers places layers on, each with its part of the KV cache (the LogQuant ops run on
+    the servers' CPUs); registered for this model's load only. Close this Llama before stopping
+    them.
     Every other argument and method is llama_cpp.Llama's.
     """
 
@@ -69,7 +78,8 @@ class Llama(llama_cpp.Llama):
                  logquant_value_bits: int | None = None,
                  logquant_layer_bits: dict[int, tuple[int, int]] | None = None,
                  logquant_key_group: int | None = None, logquant_keys_post_rope: bool | None = None,
-                 attn_rotation: bool = True, n_seq_max: int = 1, kv_unified: bool = True,
+                 logquant_prefill_fa_min: int | None = None, attn_rotation: bool = True,
+                 n_seq_max: int = 1, kv_unified: bool = True, rpc_servers: str | None = None,
                  **kwargs: Any):
         spec = kv_types.get(kv_type)
         max_seq = int(llama_cpp.llama_max_parallel_sequences())
@@ -78,6 +88,7 @@ class Llama(llama_cpp.Llama):
         self._n_seq_max = n_seq_max
         self._kv_unified = bool(kv_unified)
         window = _check_window(spec, logquant_window)
+        prefill_fa_min = _check_prefill(spec, logquant_prefill_fa_min)
         bits = kv_types.check_bits(spec, logquant_key_bits, logquant_value_bits, logquant_layer_bits,
                                    logquant_key_group, logquant_keys_post_rope)
         for key, want in (("type_k", spec.type_k), ("type_v", spec.type_v)):
@@ -96,15 +107,24 @@ class Llama(llama_cpp.Llama):
                     "with flash attention; drop flash_attn=False")
             kwargs["flash_attn"] = True
         path = check_model_file(model_path)
+        # "host:port,...": layers go to these llama.cpp RPC servers (n_gpu_layers); checked now
+        remote = rpc.connect(rpc_servers)
         try:
-            with _context_lock, _rotation_env(attn_rotation):
+            with _context_lock, _rotation_env(attn_rotation), remote:
                 if spec.is_logquant:
                     # the f16 tier's room for a ubatch comes from the context's n_ubatch
                     _capi.set_logquant_params(window, spec.policy)
                     _capi.set_logquant_bits(bits)
+                    _capi.set_logquant_prefill(prefill_fa_min)
                     _capi.take_refusal()
                 try:
                     super().__init__(str(path), type_k=spec.type_k, type_v=spec.type_v, **kwargs)
+                except BaseException:
+                    # what was made before the failure (the model, its buffers on RPC servers
+                    # too) goes now, while its devices are registered, not at garbage collection
+                    if hasattr(self, "_stack"):
+                        self._stack.close()
+                    raise
                 finally:
                     refusal = _capi.take_refusal() if spec.is_logquant else ""
         except ValueError as e:
@@ -130,6 +150,8 @@ class Llama(llama_cpp.Llama):
         self._batch_ends: list[int] = []  # where each eval's batch ended: a rollback replays them
         self.logquant_window = window
         self.logquant_bits = bits
+        self.logquant_prefill_fa_min = prefill_fa_min
+        self.rpc_servers = rpc_servers
         self.attn_rotation = attn_rotation
         if bits is not None:
             n_layer = self.n_layer()
@@ -223,7 +245,11 @@ class Llama(llama_cpp.Llama):
         state.pop("type_v", None)
         state["kv_type"] = self.kv_type
         state["logquant_window"] = self.logquant_window
+        if self.logquant_prefill_fa_min is not None:
+            state["logquant_prefill_fa_min"] = self.logquant_prefill_fa_min
         state["attn_rotation"] = self.attn_rotation
+        if self.rpc_servers:
+            state["rpc_servers"] = self.rpc_servers
         state["n_seq_max"] = self._n_seq_max
         state["kv_unified"] = self._kv_unified
         if self.logquant_bits is not None:
@@ -293,8 +319,9 @@ class Llama(llama_cpp.Llama):
             tiers = {"f16": {"tokens": lq["n_f16"], "bytes": lq["bytes_f16"]},
                      "q2": {"tokens": lq["n_q2"], "bytes": lq["bytes_q2"],
                             # of those bytes: host memory beside the 2-bit tensors (the
-                            # cos/sin table of pre-RoPE keys, slot bookkeeping)
-                            "host_bytes": lq["bytes_host"]}}
+                            # cos/sin table of pre-RoPE keys, slot bookkeeping), and tensors
+                            # beside the stores (staging of partial key groups, the table)
+                            "host_bytes": lq["bytes_host"], "aux_bytes": lq["bytes_aux"]}}
         return {
             "kv_type": self.kv_type,
             "n_ctx": n_ctx,
@@ -355,3 +382,18 @@ def _check_window(spec: kv_types.KVType, window: int | None) -> int | None:
     if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= 65536:
         raise ValueError(f"logquant_window must be an integer from 1 to 65536, got {window!r}")
     return window
+
+
+DEFAULT_PREFILL_FA_MIN = 0  # the native default (logquant_set_prefill): the fused kernel
+
+
+def _check_prefill(spec: kv_types.KVType, fa_min: int | None) -> int | None:
+    if not spec.is_logquant:
+        if fa_min is not None:
+            raise ValueError(f"logquant_prefill_fa_min applies to the LogQuant kv_types, not to kv_type={spec.name!r}")
+        return None
+    if fa_min is None:
+        return DEFAULT_PREFILL_FA_MIN
+    if isinstance(fa_min, bool) or not isinstance(fa_min, int) or fa_min < 0:
+        raise ValueError(f"logquant_prefill_fa_min must be an integer >= 0 (0: never), got {fa_min!r}")
+    return fa_min

@@ -214,7 +214,9 @@ def test_perplexity_tool_runs_logquant_sequences_side_by_side(tiny_model, tmp_pa
                     if Path("/usr/share/common-licenses/GPL-3").exists() else "def f(x): return x\n" * 2000)
     cmd = [str(env.tool_path("llama-perplexity")), "-m", str(tiny_model), "-f", str(text),
            "-c", "128", "--chunks", "8", "-ctk", "lq2", "-ctv", "lq2", "-fa", "on", "-t", "2"]
-    lq = {**env.tool_env("logquant"), "LOGQUANT_WINDOW": "8"}  # 2-bit tokens in every chunk
+    # 2-bit tokens in every chunk; the fused kernel for every ubatch (with flash attention over
+    # dequantized tiers, summation order follows the batch's size)
+    lq = {**env.tool_env("logquant"), "LOGQUANT_WINDOW": "8", "LOGQUANT_PREFILL_FA_MIN": "0"}
     # the tool's last lines are lost in some runs (its asynchronous logger): retried as the bench does
     alone = perplexity._run(cmd + ["-b", "128"], "Final PPL", lq)
     for layout in (["-kvu"], []):

@@ -197,3 +197,39 @@ def test_a_type_the_peer_refuses_is_a_failed_row_with_its_message(tiny_model, tm
     assert not rows["turbo9"]["ok"] and rows["turbo4"]["ok"]
     md = (tmp_path / "cpu" / tiny_model.stem.lower() / "peers.md").read_text()
     assert "| turbo9 |" in md and "FAILED" in md and "unsupported cache type turbo9" in md
+
+
+def test_speed_runs_interleave_and_compare_each_build_with_its_own_f16(tmp_path, monkeypatch):
+    """--speed-depths: both builds' llama-bench, one repetition per call, every (build, type) once
+    per repetition in a rotated order; medians and same-repetition ratios to the build's own f16;
+    a type the peer's CPU path refuses is reported, not averaged."""
+    from logquant_gguf.bench import peer_speed
+
+    runs = peer_speed.entries(["f16", "logquant"], ["turbo3"], {}, [{"TURBO_AUTO_ASYMMETRIC": "0"}])
+    assert [(r["build"], r["label"]) for r in runs] == [
+        ("ours", "f16"), ("ours", "logquant"), ("peer", "f16"), ("peer", "turbo3"),
+        ("peer", "turbo3 TURBO_AUTO_ASYMMETRIC=0")]
+    assert runs[1]["ctk"] == "lq2" and runs[1]["env"]["LOGQUANT_POLICY"] == "log"
+    speed = {("ours", "f16"): 10.0, ("ours", "logquant"): 13.0, ("peer", "f16"): 8.0,
+             ("peer", "turbo3"): 6.0}
+    calls = []
+
+    def fake_call(exe, model, ctk, ctv, depth, pp, tg, threads, extra_env):
+        build = "ours" if exe == "OURS" else "peer"
+        label = next(r["label"] for r in runs if r["build"] == build and r["ctk"] == ctk and r["env"] == extra_env)
+        calls.append((build, label))
+        if label.endswith("=0"):
+            return {"returncode": 1, "error": "unsupported cache type"}
+        v = speed[(build, label)] * (1 + 0.1 * len(calls) / 100)  # a slow drift
+        return {"returncode": 0, "pp_tps": 3 * v, "tg_tps": v}
+
+    monkeypatch.setattr(peer_speed, "_call", fake_call)
+    rows = peer_speed.measure(Path("m.gguf"), "OURS", "PEER", runs, [4096], 32, 16, 3, 2)
+    assert len(calls) == 15 and calls[0] == ("ours", "f16") and calls[5] == ("ours", "logquant")
+    summary = {(s["build"], s["label"]): s for s in peer_speed.summarize(rows)}
+    assert summary[("ours", "logquant")]["tg_vs_f16"] == pytest.approx(1.3, rel=0.01)
+    assert summary[("peer", "turbo3")]["pp_vs_f16"] == pytest.approx(0.75, rel=0.01)
+    assert summary[("peer", "f16")]["tg_vs_f16"] == pytest.approx(1.0)
+    assert "unsupported" in summary[("peer", "turbo3 TURBO_AUTO_ASYMMETRIC=0")]["error"]
+    md = peer_speed.markdown(list(summary.values()), 32, 16, 3, 2)
+    assert "| 4096 | peer | turbo3 TURBO_AUTO_ASYMMETRIC=0 | failed: unsupported cache type" in md

@@ -60,7 +60,8 @@ def test_low_bit_tier_bytes_follow_the_code_bits(tiny_model):
         llm = load(tiny_model, **kw)
         q2 = llm.kv_stats()["tiers"]["q2"]
         llm.close()
-        return q2["bytes"] - q2["host_bytes"]  # host memory does not depend on the bits
+        # host memory, the staging and the cos/sin table do not depend on the bits
+        return q2["bytes"] - q2["host_bytes"] - q2["aux_bytes"]
     base = q2_bytes()
     assert q2_bytes(logquant_key_bits=8, logquant_value_bits=8) == pytest.approx(base * 68 / 20, rel=1e-6)
     assert q2_bytes(logquant_key_bits=4) == pytest.approx(base * (36 + 20) / 40, rel=1e-6)
@@ -92,9 +93,14 @@ def test_key_layouts_of_the_format_study(tiny_model, kw, ratio):
     assert slots[0] * per_slot * 0.75 <= q2["host_bytes"] <= slots[1] * per_slot
     # and the 2-bit tensors hold whole groups of those slots at exactly that storage per value
     # (2 layers x 2 KV heads x (64 + 64) values per token on the tiny model)
-    n_slots = (q2["bytes"] - q2["host_bytes"]) * 8 / (llm.kv_stats()["bits_per_value"] * 512)
+    n_slots = (q2["bytes"] - q2["host_bytes"] - q2["aux_bytes"]) * 8 / (llm.kv_stats()["bits_per_value"] * 512)
     group = kw.get("logquant_key_group", 64)
     assert n_slots == int(n_slots) and n_slots % group == 0 and slots[0] <= n_slots <= slots[1]
+    # beside the stores, in the KV buffers: per layer one f32 staging row of G x 128 key values
+    # (one sequence: one partial group at a time), and one f16 cos/sin table of head_dim values
+    # per slot for pre-RoPE keys, shared by the layers
+    table = 0 if kw.get("logquant_keys_post_rope") else n_slots * 64 * 2
+    assert q2["aux_bytes"] == 2 * group * 128 * 4 + table
     llm.eval(seq)
     logits = last_logits(llm)
     assert np.isfinite(logits).all()

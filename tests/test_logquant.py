@@ -218,3 +218,59 @@ def test_window_on_a_non_logquant_type_is_refused(tiny_model):
 def test_logquant_without_flash_attention_is_refused(tiny_model):
     with pytest.raises(ValueError, match="flash attention"):
         load(tiny_model, flash_attn=False)
+
+
+def test_prefill_through_flash_attention_equals_f16_while_nothing_is_2bit(tiny_model):
+    """With logquant_prefill_fa_min set, prompts (ubatches of that many tokens or more) attend
+    through llama.cpp's flash attention over both tiers laid out in f16. While the window still holds every token,
+    that is exactly an f16 cache's computation: the 2-bit tier's slots are all masked, and the f16
+    tier's rows and mask are llama.cpp's own."""
+    f16 = load(tiny_model, kv_type="f16", flash_attn=True)
+    seq = tokens(f16, 150, seed=21)
+    f16.eval(seq[:100])
+    f16.eval(seq[100:])  # 50 tokens: the prefill path too
+    want = np.array(f16.scores[:150])
+    f16.close()
+    lq = load(tiny_model, logquant_window=256, logquant_prefill_fa_min=32)
+    lq.eval(seq[:100])
+    lq.eval(seq[100:])
+    assert lq.kv_stats()["tiers"]["q2"]["tokens"] == 0
+    np.testing.assert_array_equal(np.array(lq.scores[:150]), want)
+    lq.close()
+
+
+def test_prefill_path_is_a_choice(tiny_model):
+    """logquant_prefill_fa_min=0 (the default) keeps every ubatch on the fused kernel; once tokens
+    are 2-bit the two paths differ (f16 against f32 scores), and neither changes what is stored."""
+    got = {}
+    for fa_min in (0, 32):
+        llm = load(tiny_model, **({"logquant_prefill_fa_min": fa_min} if fa_min else {}))
+        assert llm.logquant_prefill_fa_min == fa_min
+        seq = tokens(llm, 200, seed=22)
+        llm.eval(seq)
+        got[fa_min] = (np.array(llm.scores[:200]), llm.kv_stats()["tiers"])
+        llm.close()
+    assert got[0][1] == got[32][1]
+    assert got[0][1]["q2"]["tokens"] > 100
+    assert not np.array_equal(got[0][0], got[32][0])
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="logquant_prefill_fa_min"):
+            load(tiny_model, logquant_prefill_fa_min=bad)
+    with pytest.raises(ValueError, match="applies to the LogQuant"):
+        load(tiny_model, kv_type="f16", logquant_prefill_fa_min=0)
+
+
+def test_decode_steps_reuse_the_graph(tiny_model):
+    """The LogQuant inputs (demotion list, 2-bit mask) are padded, so decode steps keep one graph
+    shape across demotions and llama.cpp reuses the graph, as it does for an f16 cache."""
+    from logquant_gguf.llama import llama_cpp
+
+    llm = load(tiny_model)
+    seq = tokens(llm, 200, seed=5)
+    llm.eval(seq[:60])
+    for t in seq[60:]:
+        llm.eval([t])
+    assert llm.kv_stats()["tiers"]["q2"]["tokens"] > 100  # demotions happened all along
+    perf = llama_cpp.llama_perf_context(llm._ctx.ctx)
+    assert perf.n_eval == 140 and perf.n_reused >= 135
+    llm.close()

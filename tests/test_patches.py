@@ -57,3 +57,16 @@ def test_a_corrupt_archive_is_refused(tmp_path):
     r = run(env, "materialize", tmp_path / "out", "--cache", tmp_path / "cache")
     assert r.returncode == 1
     assert "does not match the pinned" in r.stderr
+
+
+def test_the_logquant_path_has_no_custom_op():
+    """The cache's graph nodes are ggml ops whose state is in tensors (GGML_OP_LQ2_*), so any
+    backend, and RPC, can run them: no ggml_custom node (and no userdata host pointer) anywhere
+    in our native code or the patch series."""
+    files = [p for d in ("native", "patches") for p in (REPO / d).rglob("*") if p.is_file()]
+    assert len(files) > 20
+    hits = [f"{p.relative_to(REPO)}:{i}" for p in files
+            for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1) if "ggml_custom" in line]
+    assert hits == []
+    patch = (REPO / "patches").glob("*LogQuant-cache-s-ops*.patch")
+    assert "GGML_OP_LQ2_ATTN" in next(patch).read_text()

@@ -26,8 +26,10 @@ class Ctx:
     """A Llama of the test model with n_seq sequences, driven through llama.cpp's batch API."""
 
     def __init__(self, llm: Llama, n_seq: int, kv_type: str = "logquant", unified: bool = True):
+        # the fused kernel for every ubatch: its f32 scores do not depend on how tokens are batched
+        fused = {"logquant_prefill_fa_min": 0} if kv_types.get(kv_type).is_logquant else {}
         self.llm = load(llm.model_path, kv_type, n_seq_max=n_seq, kv_unified=unified, n_ctx=N_CTX,
-                        n_batch=256, n_ubatch=256, logits_all=False, flash_attn=True)
+                        n_batch=256, n_ubatch=256, logits_all=False, flash_attn=True, **fused)
         self.n_vocab = self.llm.n_vocab()
         self.ctx = self.llm._ctx.ctx
         self.batch = llama_cpp.llama_batch_init(512, 0, n_seq)
@@ -66,7 +68,7 @@ class Ctx:
 
 @pytest.fixture(scope="module")
 def llm(tiny_model):
-    model = load(tiny_model)
+    model = load(tiny_model, logquant_prefill_fa_min=0)
     yield model
     model.close()
 

@@ -31,8 +31,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import corpus, env, perplexity, report
-from .core import BenchConfig, PartResult
+from . import corpus, env, peer_speed, perplexity, report
+from .core import BenchConfig, PartResult, int_list
 
 NAME = "peers"
 HELP = "another llama.cpp build's KV types (e.g. TurboQuant's turbo2/3/4) beside ours, same KLD run"
@@ -99,6 +99,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="chunks scored (default: perplexity.json's, else 8; --quick 2)")
     p.add_argument("--text", choices=corpus.KINDS, default=None,
                    help="real text kind (default: perplexity.json's, else code)")
+    p.add_argument("--speed-depths", type=int_list, default=None, metavar="DEPTHS",
+                   help="also both builds' llama-bench at these context depths, interleaved "
+                        "(the peer's is the llama-bench beside its llama-perplexity)")
+    p.add_argument("--speed-pp", type=int, default=32, help="llama-bench -p (default: %(default)s)")
+    p.add_argument("--speed-tg", type=int, default=16, help="llama-bench -n (default: %(default)s)")
+    p.add_argument("--speed-reps", type=int, default=3, help="interleaved repetitions (default: %(default)s)")
+    p.add_argument("--skip-quality", action="store_true",
+                   help="only the speed part (use with --tag to keep the quality files)")
 
 
 # -- the peer build ------------------------------------------------------------------------------
@@ -432,6 +440,12 @@ def run(cfg: BenchConfig, args: argparse.Namespace) -> PartResult:
         tok.close()
     settings["text_sha256"] = hashlib.sha256(text.encode("utf-8")).hexdigest()
 
+    speed = _speed(cfg, args, exe, types, common_env, variants) if args.speed_depths else None
+    if args.skip_quality:
+        md = peer_speed.markdown(speed["summary"], args.speed_pp, args.speed_tg, args.speed_reps, cfg.threads) \
+            if speed and "summary" in speed else str(speed)
+        return PartResult(settings, {"peer": peer, "speed": speed}, f"Peer: `{peer['exe']}`, build "
+                          f"{peer.get('build_number')}, commit {peer.get('commit')}.\n\n" + md)
     ours: dict = {}
     if args.ours != "none":
         if args.ours == "auto":
@@ -442,7 +456,25 @@ def run(cfg: BenchConfig, args: argparse.Namespace) -> PartResult:
             ours.update(measure_ours(cfg, our_exe, text, ctx, chunks, missing))
     peer_runs = measure_peer(cfg, exe, text, ctx, chunks, types, common_env, variants)
     table_rows = rows(ours, peer_runs, declared, peer_name)
+    md = _markdown(cfg, table_rows, peer, settings, peer_runs, ours)
+    if speed and "summary" in speed:
+        md += "\n## Speed\n\n" + peer_speed.markdown(speed["summary"], args.speed_pp, args.speed_tg,
+                                                      args.speed_reps, cfg.threads)
     return PartResult(settings, {"peer": peer, "peer_runs": peer_runs, "ours": ours,
-                                 "rows": table_rows},
-                      _markdown(cfg, table_rows, peer, settings, peer_runs, ours),
-                      figures=_plot(cfg, table_rows), texts=texts)
+                                 "rows": table_rows, "speed": speed},
+                      md, figures=_plot(cfg, table_rows), texts=texts)
+
+
+def _speed(cfg: BenchConfig, args: argparse.Namespace, exe: Path, types: list[str],
+           common_env: dict[str, str], variants: list[dict[str, str]]) -> dict:
+    peer_bench = exe.parent / "llama-bench"
+    our_bench = env.tool_path("llama-bench")
+    if not (peer_bench.is_file() and os.access(peer_bench, os.X_OK)):
+        return {"skipped": f"no llama-bench beside {exe} (build the peer's llama-bench target)"}
+    if our_bench is None:
+        return {"skipped": "this build has no llama-bench (LOGQUANT_BUILD_TOOLS=ON)"}
+    runs = peer_speed.entries(cfg.kv_types, types, common_env, variants)
+    measured = peer_speed.measure(cfg.model.path, our_bench, peer_bench, runs, args.speed_depths,
+                                  args.speed_pp, args.speed_tg, args.speed_reps, cfg.threads)
+    return {"depths": args.speed_depths, "pp": args.speed_pp, "tg": args.speed_tg, "reps": args.speed_reps,
+            "rows": measured, "summary": peer_speed.summarize(measured)}

@@ -85,6 +85,7 @@ extern "C" int32_t logquant_kv_stats_get(const llama_context * ctx, logquant_kv_
         out->bytes_total += st.bytes_host; // host memory outside llama.cpp's buffers
         out->bytes_q2    = st.bytes_q2 + st.bytes_host;
         out->bytes_host  = st.bytes_host;
+        out->bytes_aux   = st.bytes_aux;
         out->q2_bits_per_value = st.q2_bits_per_value;
         out->bytes_f16   = out->bytes_total - out->bytes_q2;
     }
@@ -129,6 +130,16 @@ extern "C" int32_t logquant_set_bits(int32_t key_bits, int32_t value_bits, int32
     s.value_bits = value_bits;
     s.layer_bits = std::move(overrides);
     s.layer_bits_error.clear(); // set explicitly: an unreadable LOGQUANT_LAYER_BITS no longer applies
+    logquant_settings_set(s);
+    return 0;
+}
+
+extern "C" int32_t logquant_set_prefill(int32_t fa_min_tokens) {
+    if (fa_min_tokens < 0) {
+        return -1;
+    }
+    logquant_settings s = logquant_settings_current();
+    s.prefill_fa_min = fa_min_tokens;
     logquant_settings_set(s);
     return 0;
 }

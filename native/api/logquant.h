@@ -38,6 +38,12 @@ LLAMA_API int32_t logquant_set_bits(int32_t key_bits, int32_t value_bits, int32_
 // instead of before). Defaults 64 and 0. Returns 0, or -1 for a bad value (nothing changed).
 LLAMA_API int32_t logquant_set_key_format(int32_t key_group, int32_t keys_post_rope);
 
+// Ubatches of at least fa_min_tokens tokens attend through ggml's flash attention over both
+// tiers dequantized to f16 (the prefill path); smaller ones (decode) through the fused two-tier
+// op. 0 (the default): always the fused op, the faster on the CPU (LOGQUANT_PREFILL_FA_MIN for
+// llama.cpp's tools). Returns 0, or -1 for a negative value.
+LLAMA_API int32_t logquant_set_prefill(int32_t fa_min_tokens);
+
 // What a context's KV cache holds right now.
 struct logquant_kv_stats {
     int64_t bytes_total;   // every KV buffer of the context, all layers, all backends, plus the
@@ -56,6 +62,9 @@ struct logquant_kv_stats {
     int64_t bytes_host;    // of bytes_q2: host memory beside the stores, per 2-bit slot: the cos/sin
                            // table that re-rotates pre-RoPE keys (n_dims f16 values) and the
                            // slot bookkeeping (position, sequences, sorted position)
+    int64_t bytes_aux;     // of bytes_q2: tensors beside the stores that the code bits do not size
+                           // (in the KV buffers, on the layer's device): the f32 staging of partial
+                           // key groups and the cos/sin table the attention op reads
 };
 
 // Returns 0 on success, -1 when the context has no KV cache.

@@ -443,6 +443,30 @@ static int all_masked(const float * mask, int64_t n) {
     return 1;
 }
 
+// ---- one key group, as the kernel reads it
+
+static void keys_group_cm(const void * kg, int D, int G, int bits, const struct lq2_rope_params * rp,
+                          const lq2_half * cs, float * k, int simd) {
+#if LQ2_AVX2
+    if (simd) {
+        dequant_rope_cm_avx2((const char *) kg, D, G, bits, rp, cs, k);
+        return;
+    }
+#endif
+    lq2_dequantize_k_group_cm_ref(kg, D, G, bits, k);
+    rope_cm(rp, k, cs, G, simd);
+}
+
+void lq2_keys_group_cm(const void * kg, int D, int G, int bits, const struct lq2_rope_params * rp,
+                       const lq2_half * cs, float * k) {
+    keys_group_cm(kg, D, G, bits, rp, cs, k, LQ2_AVX2);
+}
+
+void lq2_keys_group_cm_ref(const void * kg, int D, int G, int bits, const struct lq2_rope_params * rp,
+                           const lq2_half * cs, float * k) {
+    keys_group_cm(kg, D, G, bits, rp, cs, k, 0);
+}
+
 // ---- the kernel
 
 // Heads [h0, h1). M_out / S_out NULL: rows of out normalized; else out holds the unnormalized
@@ -463,7 +487,7 @@ static int attn_core(const struct lq2_attn_params * p, const float * q,
     const int n_dims = has_b ? b->rope.n_dims : 0;
     if (has_b && (lq2_key_type_b(G, kb) < 0 || lq2_value_type(vb) < 0 || n_dims < 0 || n_dims > D || n_dims % 2 != 0 ||
                   (b->rope.mode != LQ2_ROPE_NORMAL && b->rope.mode != LQ2_ROPE_NEOX) ||
-                  (!b->rope_table && !b->pos))) {
+                  (n_dims > 0 && !b->rope_table && !b->pos))) {
         return -1;
     }
     const int gq = p->n_head / p->n_head_kv;
@@ -521,7 +545,7 @@ static int attn_core(const struct lq2_attn_params * p, const float * q,
             continue;
         }
         const lq2_half * cs = b->rope_table ? b->rope_table + g * (int64_t) n_dims * G : csbuf;
-        if (!b->rope_table) {
+        if (!b->rope_table && n_dims > 0) {
             lq2_rope_table(&b->rope, b->pos + g * G, n, G, csbuf);
         }
         for (int hk = hk0; hk < hk1; ++hk) {
@@ -597,6 +621,15 @@ int lq2_attn_partial(const struct lq2_attn_params * p, const float * q,
         return -1;
     }
     return attn_core(p, q, a, b, acc, M, S, h0, h1, work, LQ2_AVX2);
+}
+
+int lq2_attn_partial_ref(const struct lq2_attn_params * p, const float * q,
+                         const struct lq2_tier_f16 * a, const struct lq2_tier_q2 * b,
+                         int h0, int h1, float * acc, float * M, float * S, void * work) {
+    if (!M || !S) {
+        return -1;
+    }
+    return attn_core(p, q, a, b, acc, M, S, h0, h1, work, 0);
 }
 
 void lq2_attn_merge(int D, int n_part, const float * parts, size_t part_stride, float * out) {

@@ -49,7 +49,7 @@ struct lq2_tier_f16 {
 // keys: group g at (char *) k + g * nb_kg: n_head_kv * D key blocks of G codes, channel c of kv
 //       head h is block h * D + c (pre-RoPE).
 // values: token t at (char *) v + t * nb_v: n_head_kv * D / 64 value blocks.
-// pos: n positions (for RoPE). rope_table: lq2_rope_table(rope, pos, n, G) computed once per step
+// pos: n positions (for RoPE; unused when rope.n_dims is 0 or a table is given). rope_table: lq2_rope_table(rope, pos, n, G) computed once per step
 // and shared by every layer and head; NULL computes it per group here (slower).
 struct lq2_tier_q2 {
     int64_t                n;
@@ -65,6 +65,14 @@ struct lq2_tier_q2 {
     const lq2_half       * rope_table;
     const float          * mask;
 };
+
+// One kv head's keys of one 2-bit group as the attention reads them: dequantized and re-rotated
+// with the group's rows of the cos/sin table (rope n_dims 0: stored after RoPE, cs unused),
+// channel-major k[c * G + t]. kg: the head's first channel block in the group.
+void lq2_keys_group_cm    (const void * kg, int D, int G, int bits, const struct lq2_rope_params * rp,
+                           const lq2_half * cs, float * k);
+void lq2_keys_group_cm_ref(const void * kg, int D, int G, int bits, const struct lq2_rope_params * rp,
+                           const lq2_half * cs, float * k);
 
 // Scratch bytes one thread needs.
 size_t lq2_attn_work_size(const struct lq2_attn_params * p, int G, int n_dims);
@@ -88,6 +96,9 @@ int lq2_attn_heads_ref(const struct lq2_attn_params * p, const float * q,
 int lq2_attn_partial(const struct lq2_attn_params * p, const float * q,
                      const struct lq2_tier_f16 * a, const struct lq2_tier_q2 * b,
                      int h0, int h1, float * acc, float * M, float * S, void * work);
+int lq2_attn_partial_ref(const struct lq2_attn_params * p, const float * q,
+                         const struct lq2_tier_f16 * a, const struct lq2_tier_q2 * b,
+                         int h0, int h1, float * acc, float * M, float * S, void * work); // scalar code only
 
 // One head's result from n_part parts over disjoint tokens: part i at parts + i * part_stride
 // floats holds acc[D], then M, then S. out[D]: normalized (zeros when every token was masked).

@@ -9,9 +9,11 @@
 // Each ubatch: apply_ubatch places the new tokens in cells, then plan() applies the policy (a pure
 // function of the positions held, see logquant-policy.h) and frees the cells of the tokens that
 // leave the f16 tier, recording (cell, position, slot) for them. In the graph, per layer, the
-// demote op quantizes those rows into the 2-bit stores right after the new K/V rows are written,
-// and the attention op reads both tiers in one online-softmax pass. Both ops are ggml custom ops
-// that read this plan through their userdata: no per-step host copy of tensor data.
+// demote op (GGML_OP_LQ2_DEMOTE) quantizes those rows into the 2-bit stores right after the new
+// K/V rows are written, and the attention op (GGML_OP_LQ2_ATTN) reads both tiers in one
+// online-softmax pass. Everything they read is a tensor: the stores, the staging of partial key
+// groups and the cos/sin table live beside the layer's K/V (same buffer type: on the device when
+// the layer is offloaded), and the plan reaches the graph as inputs (logquant-graph.h).
 //
 // Sequences: any number, in one unified stream (kv_unified, as llama-cpp-python's embedding mode
 // sets it) or one stream per sequence (llama.cpp's default for n_seq_max > 1). Streams are an f16
@@ -19,13 +21,15 @@
 // The 2-bit tier is one shared store for all streams, in groups of G slots; a group is filled by
 // one sequence at a time (its "open" group), so each sequence's tokens are grouped exactly as in
 // a single-sequence run, and every slot carries the set of sequences that hold it (seq_cp shares
-// slots, like llama.cpp's cells). The CPU backend for now: the cache refuses the rest clearly
-// (see logquant_cache::check_supported).
+// slots, like llama.cpp's cells). A layer's tier may sit on any device whose backend runs the two
+// ops (check_device); the rest are refused clearly.
 #pragma once
 
+#include "logquant-book.h"
 #include "lq2-rope.h"
 
 #include "ggml.h"
+#include "ggml-backend.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -67,6 +71,12 @@ struct logquant_settings {
     // 64 for 4- and 8-bit keys) and grouping after RoPE instead of before (KIVI's layout).
     int32_t key_group      = 64;
     int32_t keys_post_rope = 0;
+    // Ubatches of at least this many tokens (one stream) attend through ggml's flash attention
+    // over both tiers dequantized to f16 (LQ2_DEQUANT), smaller ones (decode) through the fused
+    // LQ2_ATTN; 0 (the default): always fused (LOGQUANT_PREFILL_FA_MIN). On the CPU the fused op
+    // is the faster at every ubatch size measured (docs/bench.md); the flash-attention path is
+    // the one for backends whose FA runs on tensor cores.
+    int32_t prefill_fa_min = 0;
     std::string layer_bits_error; // LOGQUANT_LAYER_BITS as given, when it could not be read
 
     // The code bits of layer il: {key, value}.
@@ -85,6 +95,10 @@ struct logquant_context_scope {
     ~logquant_context_scope();
 };
 
+// The parameters of the context whose caches are being created on this thread (null outside
+// such a scope).
+const llama_cparams * logquant_context_cparams();
+
 // Why the last LogQuant cache creation on this thread was refused (empty if it was not): llama.cpp
 // only logs the exception, so the C API hands the reason to Python for its error message.
 const std::string & logquant_refusal();
@@ -99,35 +113,14 @@ struct logquant_tier_stats {
     int64_t bytes_q2;  // 2-bit K/V bytes allocated
     int64_t bytes_host; // host memory beside the 2-bit tensors: the slots' cos/sin table (pre-RoPE
                         // keys only) and bookkeeping (position, sequences, sorted positions)
+    int64_t bytes_aux; // of bytes_q2: the staging and cos/sin table tensors (not sized by the bits)
     double  q2_bits_per_value; // storage of the low-bit tier per K or V value, scales included,
                                // over the layers this cache holds (the code bits decide it)
 };
 
 class logquant_cache {
 public:
-    // The sequences of each 2-bit slot: n_words 64-bit words per slot (one word for up to 64
-    // sequences: 8 bytes per slot, not llama.cpp's 32-byte bitset per cell).
-    struct seq_sets {
-        int32_t               n_words = 1;
-        std::vector<uint64_t> bits;
-
-        void assign(int64_t n_slots, uint32_t n_seq) {
-            n_words = (int32_t) ((n_seq + 63) / 64);
-            bits.assign((size_t) (n_slots * n_words), 0);
-        }
-        bool test (int64_t i, int32_t s) const { return (bits[i * n_words + s / 64] >> (s % 64)) & 1; }
-        void set  (int64_t i, int32_t s) { bits[i * n_words + s / 64] |=  (1ull << (s % 64)); }
-        void reset(int64_t i, int32_t s) { bits[i * n_words + s / 64] &= ~(1ull << (s % 64)); }
-        void clear(int64_t i, int64_t n = 1) { std::fill_n(bits.begin() + i * n_words, n * n_words, 0); }
-        bool none (int64_t i) const {
-            for (int32_t w = 0; w < n_words; w++) {
-                if (bits[i * n_words + w]) {
-                    return false;
-                }
-            }
-            return true;
-        }
-    };
+    using seq_sets = logquant_seq_sets;
 
     const int G; // tokens per key group (settings.key_group): 2 + 32/64 = 2.5 bits per key value
 
@@ -202,17 +195,9 @@ public:
     int32_t seq_pos_min(int32_t seq_id, int32_t cells_min) const;
     int32_t seq_pos_max(int32_t seq_id, int32_t cells_max) const;
 
-    // The host-side bookkeeping of the 2-bit tier. prepare() in llama_kv_cache simulates all
-    // ubatches, then restores it: save / restore copy it whole.
-    struct book {
-        std::vector<int32_t> slot_pos;             // slot -> position; -1: free or never filled
-        seq_sets             slot_seq;             // slot -> the sequences that hold it
-        std::vector<std::vector<int32_t>> sorted;  // per sequence: its 2-bit positions, ascending
-        std::vector<int64_t> open_group;           // per sequence: group of its next demotion, -1: none
-        std::vector<int32_t> group_fill;           // per group: slots handed out; 0: the group is free
-        std::vector<int32_t> group_live;           // per group: valid slots
-        int64_t n_slots = 0;                       // slots [0, n_slots) are what attention scans
-    };
+    // The host-side bookkeeping of the 2-bit tier (logquant-book.h). prepare() in llama_kv_cache
+    // simulates all ubatches, then restores it: save / restore copy it whole.
+    using book = logquant_book;
     using snapshot = book;
     snapshot save() const { return bk; }
     void     restore(const snapshot & s);
@@ -223,26 +208,27 @@ public:
 
     logquant_tier_stats stats(int64_t bytes_f16) const;
 
-    // Graph: the demote node for layer il (after the new rows are written: k_written/v_written are
-    // the results of cpy_k/cpy_v), and the attention over both tiers. Returns [D*n_head, n_tokens].
-    ggml_tensor * build_demote(ggml_context * ctx, int32_t il, ggml_tensor * k_written, ggml_tensor * v_written);
-    ggml_tensor * build_attn(ggml_context * ctx, int32_t il, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v,
-                             ggml_tensor * kq_mask, ggml_tensor * demoted, float kq_scale, float max_bias,
-                             float softcap);
+
+    // Empty when the backend of dev runs the LogQuant ops (so the layer's tier may live there);
+    // else the reason. A backend without them cannot fall back to the CPU: the stores are written
+    // in place.
+    std::string check_device(ggml_backend_dev_t dev) const;
 
     bool has_layer(int32_t il) const { return layer_of.count(il) > 0; }
 
     int32_t window() const { return settings.window; }
+    int32_t prefill_fa_min() const { return settings.prefill_fa_min; }
     int32_t policy() const { return settings.policy; }
 
-    // What the custom ops read (public for their callbacks; not an API).
+    // A layer's 2-bit tier (what the graph's ops read; see logquant-graph.h).
     struct layer {
         int32_t       il;
         ggml_tensor * k2;      // I8: groups of G tokens x n_embd_k_gqa key blocks of k_bits codes
         ggml_tensor * v2;      // I8: slots x n_embd_v_gqa / 64 value blocks of v_bits codes
-        // pre-RoPE keys of the open (partial) groups, G x n_embd_k_gqa each: a group is
-        // requantized whole as it grows
-        std::map<int64_t, std::vector<float>> staging;
+        // F32 [G * n_embd_k_gqa, n_stage]: pre-RoPE keys of the open (partial) groups, one row per
+        // open group (book::stage_row): a group is requantized whole as it grows
+        ggml_tensor * staging;
+        ggml_tensor * rope;    // the cos/sin table of this layer's buffer (rope_tables), or null
         uint32_t n_embd_k_gqa;
         uint32_t n_embd_v_gqa;
         uint32_t n_head_kv;
@@ -250,20 +236,28 @@ public:
         int32_t  v_bits;
         size_t   k_group_bytes; // one group of G tokens, all channels
         size_t   v_row_bytes;   // one token, all channels
-        logquant_cache * owner;
-        float kq_scale, max_bias, softcap; // set when the attention node is built
     };
     struct demotion {
         int64_t  row;  // of the f16 K/V tensors: stream * stream_size + cell
         int32_t  pos;
         int64_t  slot;
+        int32_t  stage; // staging row of the slot's group
     };
+    const std::vector<layer> & all_layers() const { return layers; }
+    const layer & layer_at(int32_t il) const { return layers[layer_of.at(il)]; }
+    int64_t n_slot_capacity() const { return n_groups * G; }
+
+    // The cos/sin table rows changed since the last upload: groups [dirty_g0, dirty_g1). The
+    // graph input uploads them to every table (one per buffer the layers live in) before compute.
+    void upload_rope_tables();
 
     lq2_rope_params         rope;       // n_dims 0: keys stay post-RoPE (explicit fallback), or no RoPE
     bool                    no_rope = false; // the model rotates nothing (ALiBi, ...): keys are as stored
     book                    bk;
-    std::vector<lq2_half>   rope_table; // lq2_rope_table layout (f16), n_dims * G per group
-    std::vector<demotion>   pending;    // this ubatch's demotions, in slot order
+    std::vector<lq2_half>   rope_table; // lq2_rope_table layout (f16), n_dims * G per group (the
+                                        // host copy of the table tensors)
+    std::vector<demotion>   pending;    // this ubatch's demotions, in the order their slots were
+                                        // handed out (a group's are adjacent, in slot order)
     std::vector<int32_t>    ubatch_pos; // this ubatch's positions (the queries' causal limit)
     std::vector<int32_t>    ubatch_seq; // and sequences (the first of each token's, as llama.cpp's mask)
 
@@ -278,11 +272,15 @@ private:
     int64_t             n_groups;   // groups allocated: capacity / G plus one open group per sequence
     std::map<int32_t, size_t> layer_of;
     std::vector<layer>  layers;
+    std::map<ggml_context *, ggml_tensor *> rope_tables; // one per buffer the layers live in
+    int64_t             dirty_g0 = 0, dirty_g1 = 0;
     std::vector<llama_kv_cells> *  v_cells       = nullptr; // see bind()
     const std::vector<uint32_t> *  seq_to_stream = nullptr;
     uint32_t                       stream_size   = 0;
 
     llama_kv_cells & cells_of(int32_t seq_id) const; // the f16 cells of the sequence's stream
+    // The f16 tokens of seq_id in cells: (position, cell), by position.
+    static std::vector<std::pair<int32_t, uint32_t>> f16_tokens(const llama_kv_cells & cells, int32_t seq_id);
 
     logquant_cache(const logquant_settings & s, const llama_model & model, const llama_hparams & hparams,
                    uint32_t kv_size, uint32_t n_seq_max, bool unified);
@@ -294,10 +292,6 @@ private:
     // `incoming` join it; n_incoming_leaving: how many of those leave at once.
     std::vector<std::pair<int32_t, uint32_t>> leaving(int32_t seq_id, const std::vector<int32_t> & incoming,
                                                       int64_t & n_incoming_leaving) const;
-    int64_t alloc_slot(int32_t seq_id);    // next slot of the sequence's open group (-1: full)
-    void    drop_seq_from_slot(int64_t slot, int32_t seq_id);
-    void    forget_seq(int32_t seq_id);        // drops all its slots (groups settled by the caller)
-    void    settle_groups();               // frees emptied groups, recomputes n_slots
     void    refresh_rope_group(int64_t g); // rope_table of group g from its positions
     template <typename F> bool move_positions(int32_t seq_id, int32_t p0, int32_t p1, F new_pos);
 };

@@ -1,0 +1,68 @@
+// lq2-op-params.h: the op_params of GGML_OP_LQ2_DEMOTE and GGML_OP_LQ2_ATTN, and the layout of
+// their tensors, read the same way by the constructors (native/ggml), the CPU forwards
+// (native/cpu/lq2-ops-cpu.c) and later the CUDA and Metal kernels. Plain C; fits ggml's 64-byte
+// op_params.
+#pragma once
+
+#include "../cpu/lq2-rope.h"
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// Columns of one row of the demotion list (I32 [LQ2_DEMOTE_COLS, n_rows]).
+enum lq2_demote_col {
+    LQ2_DEMOTE_ROW   = 0, // row of the f16 K/V tensors: stream * stream_size + cell
+    LQ2_DEMOTE_POS   = 1, // the token's position (its key is un-rotated there)
+    LQ2_DEMOTE_SLOT  = 2, // 2-bit slot; -1: padding row (the list is padded so graphs can be reused)
+    LQ2_DEMOTE_STAGE = 3, // row of the staging tensor holding the f32 keys of the slot's open group
+    LQ2_DEMOTE_COLS  = 4,
+};
+
+// GGML_OP_LQ2_DEMOTE. srcs: 0 k2 store (I8, groups of G tokens), 1 v2 store (I8, per slot),
+// 2 staging (F32 [G * n_embd_k_gqa, n_stage]), 3 f16 K rows, 4 f16 V rows, 5 the demotion list.
+// Rows are processed in list order: a group's rows are adjacent, and when it fills or its run in
+// the list ends the group is requantized whole from staging.
+struct lq2_demote_op_params {
+    int32_t G;         // tokens per key group
+    int32_t k_bits;    // 2, 4, 8
+    int32_t v_bits;
+    int32_t n_head_kv; // of the layer: head size = n_embd_k_gqa / n_head_kv
+    struct lq2_rope_params rope; // n_dims 0: keys are stored as the cache holds them
+};
+
+// GGML_OP_LQ2_ATTN. srcs: 0 q (F32 [D, n_head, n_tokens]), 1 k, 2 v (F16 [D, n_head_kv, n_kv,
+// n_stream] views of the f16 tier), 3 kq_mask (F16/F32 [n_kv, n_tokens / n_stream, 1, n_stream]),
+// 4 k2, 5 v2 (the stores, k2 through the demote node), 6 mask2 (F16 [n_slots, n_tokens]: 0,
+// -inf, or minus the ALiBi distance), 7 rope table (F16 [n_dims * G, n_groups] as lq2_rope_table
+// lays it out; absent when rope.n_dims == 0). Slots [0, mask2->ne[0]) are scanned; groups whose
+// mask is -inf throughout are skipped.
+struct lq2_attn_op_params {
+    float   scale;
+    float   max_bias;
+    float   softcap;
+    int32_t G;
+    int32_t k_bits;
+    int32_t v_bits;
+    int32_t n_part_max; // parts a (token, kv head) pair may be split into across threads
+    struct lq2_rope_params rope;
+};
+
+// GGML_OP_LQ2_DEQUANT. srcs: 0 k2, 1 v2, 2 rope table (absent when rope.n_dims == 0), 3 k,
+// 4 v (F16 [D, n_head_kv, n_kv, 1] views of the f16 tier). Result F16 [D, n_head_kv,
+// n_slots + n_kv, 2]: index 0 of the last dimension the keys (post-RoPE, as the f16 tier's),
+// 1 the values; tokens [0, n_slots) the 2-bit slots, then the f16 cells. For the prefill path:
+// ggml_flash_attn_ext over that with the 2-bit mask and kq_mask side by side.
+struct lq2_dequant_op_params {
+    int32_t G;
+    int32_t k_bits;
+    int32_t v_bits;
+    int32_t n_slots; // a multiple of G
+    struct lq2_rope_params rope;
+};
+
+#ifdef __cplusplus
+}
+#endif

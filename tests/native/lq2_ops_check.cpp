@@ -1,0 +1,230 @@
+// lq2_ops_check.cpp: the LogQuant ggml ops as the CPU backend runs them, on random data.
+//
+// Built by test_ggml_ops.py against the patched ggml headers and the package's libraries. For
+// each case it prints one line: name, then the measured differences (max abs over the outputs,
+// and the largest output, for relative bounds) between
+//   simd_vs_ref    the ops' AVX2 forwards and their scalar reference path (use_ref)
+//   threads        1 thread and 4 threads (parts split and merged differently)
+//   fa_vs_fused    LQ2_DEQUANT + ggml_flash_attn_ext (prefill) and the fused LQ2_ATTN (decode)
+//   demote_bytes   key/value bytes of LQ2_DEMOTE that differ between the two paths (must be 0)
+#include "ggml.h"
+#include "ggml-cpu.h"
+#include "lq2-op-params.h"
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <vector>
+
+static void valid_blocks(ggml_tensor * t, int n, int bits, std::mt19937 & gen) {
+    const int bytes = LQ2_BLOCK_BYTES_B(n, bits);
+    uint8_t * b = (uint8_t *) t->data;
+    std::uniform_int_distribution<int> byte(0, 255);
+    std::uniform_real_distribution<float> d(0.01f, 0.1f), mn(-1.0f, 0.0f);
+    for (size_t i = 0; i + bytes <= ggml_nbytes(t); i += bytes) {
+        const ggml_fp16_t hd = ggml_fp32_to_fp16(d(gen)), hm = ggml_fp32_to_fp16(mn(gen));
+        memcpy(b + i, &hd, 2);
+        memcpy(b + i + 2, &hm, 2);
+        for (int j = 4; j < bytes; j++) {
+            b[i + j] = (uint8_t) byte(gen);
+        }
+    }
+}
+
+static void uniform(ggml_tensor * t, std::mt19937 & gen, float lo, float hi) {
+    std::uniform_real_distribution<float> u(lo, hi);
+    for (int64_t i = 0; i < ggml_nelements(t); i++) {
+        if (t->type == GGML_TYPE_F32) {
+            ((float *) t->data)[i] = u(gen);
+        } else {
+            ((ggml_fp16_t *) t->data)[i] = ggml_fp32_to_fp16(u(gen));
+        }
+    }
+}
+
+static void compute(ggml_context * ctx, ggml_tensor * out, int n_threads, bool use_ref) {
+    ggml_cgraph * gf = ggml_new_graph(ctx);
+    ggml_build_forward_expand(gf, out);
+    ggml_cplan plan = ggml_graph_plan(gf, n_threads, nullptr);
+    std::vector<uint8_t> work(plan.work_size + 1);
+    plan.work_data = work.data();
+    plan.use_ref   = use_ref;
+    if (ggml_graph_compute(gf, &plan) != GGML_STATUS_SUCCESS) {
+        fprintf(stderr, "compute failed\n");
+        exit(1);
+    }
+}
+
+static std::vector<float> as_f32(const ggml_tensor * t) {
+    std::vector<float> v(ggml_nelements(t));
+    for (size_t i = 0; i < v.size(); i++) {
+        v[i] = t->type == GGML_TYPE_F32 ? ((const float *) t->data)[i] : ggml_fp16_to_fp32(((const ggml_fp16_t *) t->data)[i]);
+    }
+    return v;
+}
+
+static void diff(const std::vector<float> & a, const std::vector<float> & b, double & mx, double & ref) {
+    mx = 0.0;
+    ref = 0.0;
+    for (size_t i = 0; i < a.size(); i++) {
+        mx  = std::fmax(mx, std::fabs((double) a[i] - b[i]));
+        ref = std::fmax(ref, std::fabs((double) a[i]));
+    }
+}
+
+struct shape { int D, Hkv, gq, n_kv, n_slots, nb, G, bits; bool rope; float max_bias, softcap; };
+
+static void run_attn(const shape & s, int seed) {
+    ggml_init_params ip = { (size_t) 512 << 20, nullptr, false };
+    ggml_context * ctx = ggml_init(ip);
+    std::mt19937 gen(seed);
+    const int nk = s.D * s.Hkv;
+    ggml_tensor * q  = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, s.D, s.Hkv * s.gq, s.nb);
+    ggml_tensor * k  = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, s.D, s.Hkv, s.n_kv, 1);
+    ggml_tensor * v  = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, s.D, s.Hkv, s.n_kv, 1);
+    ggml_tensor * m  = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, s.n_kv, s.nb, 1, 1);
+    ggml_tensor * k2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, (int64_t) s.n_slots / s.G * nk * LQ2_BLOCK_BYTES_B(s.G, s.bits));
+    ggml_tensor * v2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, (int64_t) s.n_slots * (nk / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, s.bits));
+    ggml_tensor * m2 = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, s.n_slots, s.nb);
+    ggml_tensor * rt = s.rope ? ggml_new_tensor_2d(ctx, GGML_TYPE_F16, (int64_t) s.D * s.G, s.n_slots / s.G) : nullptr;
+    uniform(q, gen, -1.0f, 1.0f);
+    uniform(k, gen, -1.0f, 1.0f);
+    uniform(v, gen, -1.0f, 1.0f);
+    valid_blocks(k2, s.G, s.bits, gen);
+    valid_blocks(v2, LQ2_QK_V, s.bits, gen);
+    if (rt) {
+        // a real table: cos/sin of angles (positions 0..n_slots, NEOX frequencies)
+        lq2_rope_params rp = { LQ2_ROPE_NEOX, s.D, 10000.0f, 1.0f, 1.0f };
+        std::vector<int32_t> pos(s.n_slots);
+        for (int i = 0; i < s.n_slots; i++) {
+            pos[i] = 3 * i + 1;
+        }
+        lq2_rope_table(&rp, pos.data(), s.n_slots, s.G, (lq2_half *) rt->data);
+    }
+    // masks: a causal cut per token, hidden cells, a hidden group, and (ALiBi) distances
+    for (int t = 0; t < s.nb; t++) {
+        for (int j = 0; j < s.n_kv; j++) {
+            const bool hidden = j % 5 == 1 || j > s.n_kv - s.nb + t;
+            ((ggml_fp16_t *) m->data)[t * s.n_kv + j] = ggml_fp32_to_fp16(hidden ? -INFINITY : -(float) ((s.n_kv - j) % 13));
+        }
+        for (int j = 0; j < s.n_slots; j++) {
+            const bool hidden = j % 3 == 0 || j > s.n_slots - 40 + t || (j / s.G == 1 && s.n_slots > 2 * s.G);
+            ((ggml_fp16_t *) m2->data)[t * s.n_slots + j] = ggml_fp32_to_fp16(hidden ? -INFINITY : -(float) ((s.n_slots - j) % 29));
+        }
+    }
+    const float scale = 1.0f / std::sqrt((float) s.D);
+    lq2_attn_op_params ap = {};
+    ap.scale = scale; ap.max_bias = s.max_bias; ap.softcap = s.softcap;
+    ap.G = s.G; ap.k_bits = s.bits; ap.v_bits = s.bits; ap.n_part_max = 8;
+    lq2_dequant_op_params dp = {};
+    dp.G = s.G; dp.k_bits = s.bits; dp.v_bits = s.bits; dp.n_slots = s.n_slots;
+    if (s.rope) {
+        ap.rope = { LQ2_ROPE_NEOX, s.D, 10000.0f, 1.0f, 1.0f };
+        dp.rope = ap.rope;
+    }
+    ggml_tensor * fused = ggml_lq2_attn(ctx, q, k, v, m, k2, v2, m2, rt, &ap, sizeof(ap));
+    compute(ctx, fused, 1, true);
+    const std::vector<float> ref = as_f32(fused);
+    compute(ctx, fused, 1, false);
+    const std::vector<float> simd1 = as_f32(fused);
+    compute(ctx, fused, 4, false);
+    const std::vector<float> simd4 = as_f32(fused);
+
+    ggml_tensor * both = ggml_lq2_dequant(ctx, k2, v2, rt, k, v, &dp, sizeof(dp));
+    compute(ctx, both, 1, true);
+    const std::vector<float> deq_ref = as_f32(both);
+    compute(ctx, both, 3, false);
+    const std::vector<float> deq = as_f32(both);
+    ggml_tensor * K = ggml_view_4d(ctx, both, s.D, s.Hkv, both->ne[2], 1, both->nb[1], both->nb[2], both->nb[3], 0);
+    ggml_tensor * V = ggml_view_4d(ctx, both, s.D, s.Hkv, both->ne[2], 1, both->nb[1], both->nb[2], both->nb[3], both->nb[3]);
+    ggml_tensor * M = ggml_concat(ctx, ggml_reshape_4d(ctx, m2, s.n_slots, s.nb, 1, 1), m, 0);
+    ggml_tensor * fa = ggml_flash_attn_ext(ctx, ggml_permute(ctx, q, 0, 2, 1, 3), ggml_permute(ctx, K, 0, 2, 1, 3),
+                                           ggml_permute(ctx, V, 0, 2, 1, 3), M, scale, s.max_bias, s.softcap);
+    ggml_prec_set_acc(fa, GGML_PREC_F32);
+    compute(ctx, fa, 2, false);
+    const std::vector<float> fav = as_f32(fa);
+
+    double a, ra, b, rb, c, rc, d, rd;
+    diff(ref, simd1, a, ra);
+    diff(simd1, simd4, b, rb);
+    diff(ref, fav, c, rc);
+    diff(deq_ref, deq, d, rd);
+    printf("attn D=%d Hkv=%d gq=%d n_kv=%d slots=%d nb=%d G=%d bits=%d rope=%d alibi=%g softcap=%g "
+           "simd_vs_ref %.3g threads %.3g fa_vs_fused %.3g dequant_simd_vs_ref %.3g max_out %.3g\n",
+           s.D, s.Hkv, s.gq, s.n_kv, s.n_slots, s.nb, s.G, s.bits, (int) s.rope, s.max_bias, s.softcap, a, b, c, d, ra);
+    ggml_free(ctx);
+}
+
+static void run_demote(int D, int Hkv, int G, int bits, int n_rows, int first, bool rope, int seed) {
+    ggml_init_params ip = { (size_t) 64 << 20, nullptr, false };
+    ggml_context * ctx = ggml_init(ip);
+    std::mt19937 gen(seed);
+    const int nk = D * Hkv, n_cells = n_rows + 16;
+    const int64_t n_groups = (first + n_rows + G - 1) / G + 1;
+    ggml_tensor * k2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, n_groups * nk * LQ2_BLOCK_BYTES_B(G, bits));
+    ggml_tensor * v2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, n_groups * G * (nk / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, bits));
+    ggml_tensor * st = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, (int64_t) G * nk, 2);
+    ggml_tensor * kc = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, nk, n_cells);
+    ggml_tensor * vc = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, nk, n_cells);
+    ggml_tensor * rows = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, LQ2_DEMOTE_COLS, n_rows + 4);
+    uniform(kc, gen, -3.0f, 3.0f);
+    uniform(vc, gen, -3.0f, 3.0f);
+    int32_t * r = (int32_t *) rows->data;
+    for (int i = 0; i < n_rows + 4; i++) {
+        const bool pad = i >= n_rows;
+        r[i * LQ2_DEMOTE_COLS + LQ2_DEMOTE_ROW]   = pad ? -1 : (i * 7) % n_cells;
+        r[i * LQ2_DEMOTE_COLS + LQ2_DEMOTE_POS]   = pad ? -1 : 50 + 2 * i;
+        r[i * LQ2_DEMOTE_COLS + LQ2_DEMOTE_SLOT]  = pad ? -1 : first + i;
+        r[i * LQ2_DEMOTE_COLS + LQ2_DEMOTE_STAGE] = pad ? -1 : ((first + i) / G) % 2;
+    }
+    lq2_demote_op_params p = {};
+    p.G = G; p.k_bits = bits; p.v_bits = bits; p.n_head_kv = Hkv;
+    if (rope) {
+        p.rope = { LQ2_ROPE_NEOX, D, 10000.0f, 1.0f, 1.0f };
+    }
+    std::vector<uint8_t> st0(ggml_nbytes(st));
+    uniform(st, gen, -3.0f, 3.0f); // an open group's earlier rows
+    memcpy(st0.data(), st->data, st0.size());
+    ggml_tensor * out = ggml_lq2_demote(ctx, k2, v2, st, kc, vc, rows, &p, sizeof(p));
+    std::vector<std::vector<uint8_t>> got;
+    for (bool use_ref : {true, false}) {
+        memset(k2->data, 0, ggml_nbytes(k2));
+        memset(v2->data, 0, ggml_nbytes(v2));
+        memcpy(st->data, st0.data(), st0.size());
+        compute(ctx, out, 2, use_ref);
+        std::vector<uint8_t> all((uint8_t *) k2->data, (uint8_t *) k2->data + ggml_nbytes(k2));
+        all.insert(all.end(), (uint8_t *) v2->data, (uint8_t *) v2->data + ggml_nbytes(v2));
+        got.push_back(all);
+    }
+    size_t n_diff = 0, n_set = 0;
+    for (size_t i = 0; i < got[0].size(); i++) {
+        n_diff += got[0][i] != got[1][i];
+        n_set  += got[0][i] != 0;
+    }
+    printf("demote D=%d Hkv=%d G=%d bits=%d rows=%d first=%d rope=%d demote_bytes %zu nonzero %zu\n",
+           D, Hkv, G, bits, n_rows, first, (int) rope, n_diff, n_set);
+    ggml_free(ctx);
+}
+
+int main() {
+    const shape cases[] = {
+        // D  Hkv gq n_kv slots nb  G  bits rope alibi softcap
+        { 64,  2, 2,  40, 256,   1, 64, 2, true,  0.0f,  0.0f },
+        { 64,  2, 2,  40, 256,  40, 64, 2, true,  0.0f,  0.0f },
+        { 128, 2, 7,  33, 384,   5, 64, 4, true,  0.0f,  0.0f },
+        { 128, 1, 8,  96, 256,  64, 64, 8, true,  0.0f, 30.0f },
+        { 64,  4, 1,  17, 128,   3, 32, 2, false, 8.0f,  0.0f },
+        { 256, 2, 4,  50, 256,   2, 128, 2, true, 0.0f,  0.0f },
+    };
+    int seed = 1;
+    for (const auto & s : cases) {
+        run_attn(s, seed++);
+    }
+    run_demote(64, 2, 64, 2, 150, 10, true, seed++);
+    run_demote(128, 2, 64, 4, 70, 0, true, seed++);
+    run_demote(64, 4, 32, 8, 33, 31, false, seed++);
+    run_demote(256, 1, 128, 2, 200, 127, true, seed++);
+    return 0;
+}
