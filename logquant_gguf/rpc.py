@@ -200,11 +200,26 @@ def _lib_name() -> str:
 _ggml_lib: ctypes.CDLL | None = None
 
 
+def _loaded_ggml() -> ctypes.CDLL:
+    """The libggml that libllama loaded, not another copy of it: an installed wheel holds
+    libggml.so, libggml.so.0 and libggml.so.0.x as separate files (wheels have no symlinks), and
+    a second copy would be a second, empty backend registry that model loads never see. On Linux
+    libllama's NEEDED entry is the soname, so that name finds the loaded object."""
+    if sys.platform.startswith("linux"):
+        try:
+            return ctypes.CDLL("libggml.so.0", mode=os.RTLD_NOLOAD | os.RTLD_NOW)
+        except OSError:
+            pass
+        if (LIB_DIR / "libggml.so.0").exists():
+            return ctypes.CDLL(str(LIB_DIR / "libggml.so.0"))
+    return ctypes.CDLL(str(LIB_DIR / _lib_name()))
+
+
 def _ggml() -> ctypes.CDLL:
     """ggml's backend registry, from the libggml our libllama uses (the same loaded copy)."""
     global _ggml_lib
     if _ggml_lib is None:
-        lib = ctypes.CDLL(str(LIB_DIR / _lib_name()))
+        lib = _loaded_ggml()
         vp, sz = ctypes.c_void_p, ctypes.c_size_t
         for name, res, args in (
                 ("ggml_backend_reg_by_name", vp, [ctypes.c_char_p]),
