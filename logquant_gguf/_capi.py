@@ -17,6 +17,7 @@ int64_t logquant_policy_n_full(int64_t n, int32_t w);
 void logquant_clear_last_error(void);
 int32_t logquant_set_key_format(int32_t key_group, int32_t keys_post_rope);
 int32_t logquant_set_prefill(int32_t fa_min_tokens);
+int32_t logquant_set_codes(int32_t fit, int32_t score_correction);
 int32_t logquant_set_bits(int32_t key_bits, int32_t value_bits, int32_t n_layers,
                           const int32_t * layers, const int32_t * layer_key_bits,
                           const int32_t * layer_value_bits);
@@ -120,3 +121,5 @@ def set_logquant_bits(bits) -> None:
         raise ValueError(f"invalid LogQuant code bits: {bits}")
     if lib.logquant_set_key_format(bits.key_group, int(bits.keys_post_rope)) != 0:
         raise ValueError(f"invalid LogQuant key format: {bits}")
+    if lib.logquant_set_codes(int(bits.fit), int(bits.score_correction)) != 0:
+        raise ValueError(f"invalid LogQuant code settings: {bits}")

@@ -78,13 +78,16 @@ KEY_GROUPS = (32, 64, 128)
 @dataclass(frozen=True)
 class LogQuantBits:
     """The low-bit tier's format: code bits of every layer and per-layer overrides (the precision
-    levers), and the key layout knobs of the format study (group size, before/after RoPE)."""
+    levers), the key layout knobs of the format study (group size, before/after RoPE), and how
+    codes are made and read at no memory cost: fitted scales (fit) and the score correction."""
 
     key: int = 2
     value: int = 2
     layers: tuple[tuple[int, int, int], ...] = ()  # (layer, key bits, value bits), sorted
     key_group: int = 64
     keys_post_rope: bool = False
+    fit: bool = True  # least-squares scales (docs/levers.md); False: min/max, the format before
+    score_correction: bool = False
 
     @property
     def is_default(self) -> bool:
@@ -96,13 +99,16 @@ class LogQuantBits:
     def as_dict(self) -> dict:
         return {"key_bits": self.key, "value_bits": self.value,
                 "layer_bits": {str(il): [k, v] for il, k, v in self.layers},
-                "key_group": self.key_group, "keys_post_rope": self.keys_post_rope}
+                "key_group": self.key_group, "keys_post_rope": self.keys_post_rope,
+                "fit": self.fit, "score_correction": self.score_correction}
 
     def __str__(self) -> str:
         s = f"logquant_key_bits={self.key}, logquant_value_bits={self.value}"
         s += f", logquant_layer_bits={self.layer_dict()}" if self.layers else ""
         s += f", logquant_key_group={self.key_group}" if self.key_group != 64 else ""
-        return s + (", logquant_keys_post_rope=True" if self.keys_post_rope else "")
+        s += ", logquant_keys_post_rope=True" if self.keys_post_rope else ""
+        s += ", logquant_fit=False" if not self.fit else ""
+        return s + (", logquant_score_correction=True" if self.score_correction else "")
 
 
 def _check_code_bits(name: str, b: object) -> int:
@@ -113,11 +119,14 @@ def _check_code_bits(name: str, b: object) -> int:
 
 def check_bits(spec: KVType, key_bits: int | None, value_bits: int | None,
                layer_bits: dict[int, tuple[int, int]] | None, key_group: int | None = None,
-               keys_post_rope: bool | None = None) -> LogQuantBits | None:
+               keys_post_rope: bool | None = None, fit: bool | None = None,
+               score_correction: bool | None = None) -> LogQuantBits | None:
     """The LogQuant format settings, validated; None for a kv_type without a low-bit tier."""
+    flags = (("logquant_keys_post_rope", keys_post_rope), ("logquant_fit", fit),
+             ("logquant_score_correction", score_correction))
     given = [n for n, v in (("logquant_key_bits", key_bits), ("logquant_value_bits", value_bits),
                             ("logquant_layer_bits", layer_bits), ("logquant_key_group", key_group),
-                            ("logquant_keys_post_rope", keys_post_rope)) if v is not None]
+                            *flags) if v is not None]
     if not spec.is_logquant:
         if given:
             raise ValueError(f"{given[0]} applies to the LogQuant kv_types, not to kv_type={spec.name!r}")
@@ -141,9 +150,11 @@ def check_bits(spec: KVType, key_bits: int | None, value_bits: int | None,
         raise ValueError(f"logquant_key_group must be one of {', '.join(map(str, KEY_GROUPS))}, got {g!r}")
     if g != 64 and any(b != 2 for b in [k] + [row[1] for row in layers]):
         raise ValueError(f"logquant_key_group={g} needs 2-bit keys (4- and 8-bit keys come in groups of 64)")
-    if keys_post_rope is not None and not isinstance(keys_post_rope, bool):
-        raise ValueError(f"logquant_keys_post_rope must be True or False, got {keys_post_rope!r}")
-    return LogQuantBits(k, v, tuple(sorted(layers)), g, bool(keys_post_rope))
+    for name, flag in flags:
+        if flag is not None and not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
+    return LogQuantBits(k, v, tuple(sorted(layers)), g, bool(keys_post_rope), fit is not False,
+                        bool(score_correction))
 
 
 def parse_layer_bits(text: str) -> dict[int, tuple[int, int]]:
@@ -166,7 +177,9 @@ def parse_variant(name: str) -> tuple[str, dict]:
     """A kv_type with LogQuant precision levers, as the bench and CLI name them ->
     (kv_type, Llama keyword arguments). "logquant+k4" (4-bit keys), "logquant+v4",
     "logquant+k4v4", "logquant+L0:8:8" (layer 0 with 8-bit keys and values), and the key layouts
-    of the format study: "+g32", "+g128" (tokens per key group), "+postrope"; and for any type
+    of the format study: "+g32", "+g128" (tokens per key group), "+postrope"; the code levers
+    "+minmax" (min/max scales instead of the default least-squares fit; "+fit" says the default)
+    and "+bc" (score correction); "+w64" (the window W); and for any type
     "+norot" (llama.cpp's Hadamard rotation off) and "+swa" (a sliding-window model's window
     layers cached at their window size, swa_full=False, as the LogQuant types do; llama-cpp-python
     defaults to full size); modifiers combine:
@@ -189,8 +202,14 @@ def parse_variant(name: str) -> tuple[str, dict]:
             kw["swa_full"] = False
         elif m == "postrope":
             kw["logquant_keys_post_rope"] = True
+        elif m in ("fit", "minmax"):
+            kw["logquant_fit"] = m == "fit"
+        elif m == "bc":
+            kw["logquant_score_correction"] = True
         elif m[:1] == "g" and m[1:].isdigit():
             kw["logquant_key_group"] = int(m[1:])
+        elif m[:1] == "w" and m[1:].isdigit() and spec.is_logquant:
+            kw["logquant_window"] = int(m[1:])
         elif m[:1] == "v":
             kw["logquant_value_bits"] = int(v) if v.isdigit() else v
         elif k[:1] == "k" and k[1:].isdigit() and (not v or v.isdigit()):
@@ -203,5 +222,6 @@ def parse_variant(name: str) -> tuple[str, dict]:
     if layers:
         kw["logquant_layer_bits"] = layers
     check_bits(spec, kw.get("logquant_key_bits"), kw.get("logquant_value_bits"),
-               kw.get("logquant_layer_bits"), kw.get("logquant_key_group"), kw.get("logquant_keys_post_rope"))
+               kw.get("logquant_layer_bits"), kw.get("logquant_key_group"), kw.get("logquant_keys_post_rope"),
+               kw.get("logquant_fit"), kw.get("logquant_score_correction"))
     return base, kw

@@ -55,6 +55,11 @@ class Llama(llama_cpp.Llama):
     b + 0.5 bits per value (see docs/levers.md for what they buy).
     logquant_key_group (32, 64, 128) and logquant_keys_post_rope: the key layout knobs of the
     format study (defaults 64 and False: groups of 64 tokens per channel, before RoPE).
+    logquant_fit, logquant_score_correction: how the low-bit codes are made and read, at no
+    memory cost. logquant_fit (default True) fits each group's scale and minimum by least squares
+    (False: min/max, the format before; the stored format is the same); logquant_score_correction
+    (default False) lowers each 2-bit key group's scores by the noise inflation its codes cause
+    in exp(score), measured to hurt end to end and kept for study (docs/levers.md).
     logquant_prefill_fa_min: ubatches of at least this many tokens (prompts) attend through
     llama.cpp's flash attention over both tiers dequantized to f16, like an f16 cache, instead
     of LogQuant's fused kernel that reads the 2-bit tier in place (default 0: always the fused
@@ -78,6 +83,7 @@ class Llama(llama_cpp.Llama):
                  logquant_value_bits: int | None = None,
                  logquant_layer_bits: dict[int, tuple[int, int]] | None = None,
                  logquant_key_group: int | None = None, logquant_keys_post_rope: bool | None = None,
+                 logquant_fit: bool | None = None, logquant_score_correction: bool | None = None,
                  logquant_prefill_fa_min: int | None = None, attn_rotation: bool = True,
                  n_seq_max: int = 1, kv_unified: bool = True, rpc_servers: str | None = None,
                  **kwargs: Any):
@@ -90,7 +96,8 @@ class Llama(llama_cpp.Llama):
         window = _check_window(spec, logquant_window)
         prefill_fa_min = _check_prefill(spec, logquant_prefill_fa_min)
         bits = kv_types.check_bits(spec, logquant_key_bits, logquant_value_bits, logquant_layer_bits,
-                                   logquant_key_group, logquant_keys_post_rope)
+                                   logquant_key_group, logquant_keys_post_rope, logquant_fit,
+                                   logquant_score_correction)
         for key, want in (("type_k", spec.type_k), ("type_v", spec.type_v)):
             given = kwargs.pop(key, None)
             if given is not None and given != want:
@@ -258,6 +265,8 @@ class Llama(llama_cpp.Llama):
             state["logquant_layer_bits"] = self.logquant_bits.layer_dict()
             state["logquant_key_group"] = self.logquant_bits.key_group
             state["logquant_keys_post_rope"] = self.logquant_bits.keys_post_rope
+            state["logquant_fit"] = self.logquant_bits.fit
+            state["logquant_score_correction"] = self.logquant_bits.score_correction
         return state
 
     def save_state(self) -> llama_cpp.LlamaState:

@@ -124,6 +124,24 @@ def test_completion_baseline_matches_itself(tiny_model, out):
     assert len(doc["results"]["per_prompt"]["q4_0"]) == 2
 
 
+def test_layers_ranks_every_logquant_layer_and_measures_the_recipes(tiny_model, out):
+    """Each of the tiny model's two layers alone at 8-bit codes, ranked by gain; the recipes
+    (the best layer, then both) measured whole: more layers at 8 bits cost more bits and, with
+    both, every key and value of the low-bit tier is 8-bit: closer to f16 than the base."""
+    doc = run_part(tiny_model, out, "layers", "--codes", "8:8", "--counts", "1,2",
+                   "--prompt-tokens", "128", "--steps", "8", kv=["logquant"])
+    res = doc["results"]
+    assert doc["settings"]["layers"] == [0, 1]
+    assert sorted(res["ranked"]) == [0, 1]
+    assert res["gains"][str(res["ranked"][0])] >= res["gains"][str(res["ranked"][1])]
+    one, both = res["recipes"]["1"], res["recipes"]["2"]
+    assert one["layers"] == [res["ranked"][0]] and one["layer_bits"] == f"{res['ranked'][0]}:8:8"
+    assert both["layer_bits"] == "0:8:8,1:8:8"
+    assert one["bits_per_value"] < both["bits_per_value"] == pytest.approx(8.5)
+    base_kl = res["per_layer"]["per_type"]["logquant"]["kl_mean"]
+    assert both["kl_mean"] < base_kl
+
+
 def test_device_runs_keep_logquant_kv_in_host_memory(tiny_model):
     """--device cuda offloads every layer; a LogQuant cache's attention is CPU code, so its KV
     cache stays in host memory there (llama.cpp would refuse an offloaded one). On this CPU-only

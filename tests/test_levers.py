@@ -114,7 +114,8 @@ def test_kv_stats_report_the_bits(tiny_model):
     llm = load(tiny_model, logquant_layer_bits={0: (8, 8)})
     st = llm.kv_stats()
     assert st["logquant_bits"] == {"key_bits": 2, "value_bits": 2, "layer_bits": {"0": [8, 8]},
-                                   "key_group": 64, "keys_post_rope": False}
+                                   "key_group": 64, "keys_post_rope": False, "fit": True,
+                                   "score_correction": False}
     assert st["bits_per_value"] == pytest.approx((8.5 + 2.5) / 2)  # 2 layers: one at 8.5, one at 2.5
 
 
@@ -146,6 +147,8 @@ def test_state_round_trip_with_levers(tiny_model):
     ({"logquant_key_group": 48}, "logquant_key_group must be one of 32, 64, 128"),
     ({"logquant_key_group": 32, "logquant_key_bits": 4}, "needs 2-bit keys"),
     ({"logquant_keys_post_rope": 1}, "must be True or False"),
+    ({"logquant_fit": "yes"}, "logquant_fit must be True or False"),
+    ({"logquant_score_correction": 1}, "logquant_score_correction must be True or False"),
 ])
 def test_bad_bits_are_refused(tiny_model, kw, match):
     with pytest.raises(ValueError, match=match):
@@ -168,6 +171,9 @@ def test_bits_on_a_llama_cpp_type_are_refused(tiny_model):
     ("f16+swa", ("f16", {"swa_full": False})),
     ("logquant+k4+L0:8:8+L3:4:2", ("logquant", {"logquant_key_bits": 4,
                                              "logquant_layer_bits": {0: (8, 8), 3: (4, 2)}})),
+    ("logquant+minmax+bc", ("logquant", {"logquant_fit": False, "logquant_score_correction": True})),
+    ("logquant+fit", ("logquant", {"logquant_fit": True})),
+    ("q2_window+w64+k4", ("q2_window", {"logquant_window": 64, "logquant_key_bits": 4})),
 ])
 def test_variant_names(name, want):
     assert kv_types.parse_variant(name) == want
@@ -175,10 +181,41 @@ def test_variant_names(name, want):
 
 @pytest.mark.parametrize("name", ["logquant+k3", "logquant+x", "f16+k4", "logquant+L0:8", "nope+k4",
                                   "logquant+L0:8:8,1:8:8",
-                                  "logquant+g48", "logquant+k4+g32"])
+                                  "logquant+g48", "logquant+k4+g32", "q8_0+w64"])
 def test_bad_variant_names(name):
     with pytest.raises(ValueError):
         kv_types.parse_variant(name)
+
+
+def test_code_settings_reach_the_cache_and_fit_is_closer(tiny_model):
+    """The code levers at no memory cost: least-squares scales (the default) give logits closer
+    to f16 than min/max scales over the 2-bit tier, at the same bytes; the score correction is
+    applied (it changes the logits) and is off by default; the env variables the tools use
+    name the same settings."""
+    probe = load(tiny_model, "f16")
+    seq = tokens(probe, N, seed=5)
+    probe.close()
+    ref = run_logits(tiny_model, seq, "f16")
+    default = run_logits(tiny_model, seq)
+    fit = run_logits(tiny_model, seq, logquant_fit=True)
+    minmax = run_logits(tiny_model, seq, logquant_fit=False)
+    corrected = run_logits(tiny_model, seq, logquant_score_correction=True)
+    assert np.array_equal(default, fit)
+    assert not np.array_equal(fit, minmax) and not np.array_equal(default, corrected)
+    kl_fit, kl_minmax = kl_to(ref, fit), kl_to(ref, minmax)
+    print(f"KL fit {kl_fit:.3e}, min/max {kl_minmax:.3e}, corrected {kl_to(ref, corrected):.3e}")
+    assert kl_fit < kl_minmax
+    sizes = []
+    for fit_on in (True, False):
+        llm = load(tiny_model, logquant_fit=fit_on)
+        llm.eval(seq)
+        sizes.append(llm.kv_stats()["tiers"]["q2"]["bytes"])
+        llm.close()
+    assert sizes[0] == sizes[1]
+    from logquant_gguf.bench.env import tool_env
+    assert tool_env("logquant")["LOGQUANT_FIT"] == "1"
+    assert tool_env("logquant+minmax+bc")["LOGQUANT_FIT"] == "0"
+    assert tool_env("logquant+minmax+bc")["LOGQUANT_SCORE_CORRECTION"] == "1"
 
 
 def test_rotation_off_changes_a_quantized_cache_only(tiny_model):

@@ -128,7 +128,7 @@ int main(int argc, char ** argv) {
             const int n = (int) (nB - g * G < G ? nB - g * G : G);
             for (int t = 0; t < n; ++t)
                 for (int c = 0; c < HKV * D; ++c) kpre[t * HKV * D + c] = offs[c] + frand();
-            lq2_quantize_k_group(kpre, HKV * D, n, HKV * D, G, 2, kb + g * HKV * D * kbs);
+            lq2_quantize_k_group(kpre, HKV * D, n, HKV * D, G, 2, 0, kb + g * HKV * D * kbs);
             // the f16 loop gets the same keys, roped, at tokens NA + g * G + t
             for (int t = 0; t < n; ++t) {
                 lq2_rope_rows(&rope, kpre + t * HKV * D, D, HKV, pos[g * G + t], 0);
@@ -137,7 +137,7 @@ int main(int argc, char ** argv) {
         }
         for (int64_t t = 0; t < nB; ++t) {
             for (int c = 0; c < HKV * D; ++c) vrow[c] = frand();
-            lq2_quantize_v_row(vrow, vb + t * HKV * vbs, HKV * D, 2);
+            lq2_quantize_v_row(vrow, vb + t * HKV * vbs, HKV * D, 2, 0);
             for (int c = 0; c < HKV * D; ++c) v16[(NA + t) * HKV * D + c] = lq2_fp32_to_fp16(vrow[c]);
         }
         for (size_t i = 0; i < szA; ++i) {

@@ -149,12 +149,14 @@ def tool_env(kv: str) -> dict[str, str]:
     if not spec.is_logquant:
         return rot
     return {"LOGQUANT_POLICY": "window" if spec.policy == POLICY_WINDOW else "log",
-            "LOGQUANT_WINDOW": str(DEFAULT_WINDOW),
+            "LOGQUANT_WINDOW": str(levers.get("logquant_window", DEFAULT_WINDOW)),
             "LOGQUANT_KEY_BITS": str(levers.get("logquant_key_bits", 2)),
             "LOGQUANT_VALUE_BITS": str(levers.get("logquant_value_bits", 2)),
             "LOGQUANT_LAYER_BITS": layer_bits_text(levers.get("logquant_layer_bits")),
             "LOGQUANT_KEY_GROUP": str(levers.get("logquant_key_group", 64)),
-            "LOGQUANT_KEYS_POST_ROPE": str(int(levers.get("logquant_keys_post_rope", False))), **rot}
+            "LOGQUANT_KEYS_POST_ROPE": str(int(levers.get("logquant_keys_post_rope", False))),
+            "LOGQUANT_FIT": str(int(levers.get("logquant_fit", True))),
+            "LOGQUANT_SCORE_CORRECTION": str(int(levers.get("logquant_score_correction", False))), **rot}
 
 
 def tool_path(name: str) -> Path | None:

@@ -144,6 +144,17 @@ extern "C" int32_t logquant_set_prefill(int32_t fa_min_tokens) {
     return 0;
 }
 
+extern "C" int32_t logquant_set_codes(int32_t fit, int32_t score_correction) {
+    if ((fit != 0 && fit != 1) || (score_correction != 0 && score_correction != 1)) {
+        return -1;
+    }
+    logquant_settings s = logquant_settings_current();
+    s.fit              = fit;
+    s.score_correction = score_correction;
+    logquant_settings_set(s);
+    return 0;
+}
+
 extern "C" int32_t logquant_set_key_format(int32_t key_group, int32_t keys_post_rope) {
     if (lq2_key_type_b(key_group, 2) < 0 || (keys_post_rope != 0 && keys_post_rope != 1)) {
         return -1;

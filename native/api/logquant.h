@@ -38,6 +38,14 @@ LLAMA_API int32_t logquant_set_bits(int32_t key_bits, int32_t value_bits, int32_
 // instead of before). Defaults 64 and 0. Returns 0, or -1 for a bad value (nothing changed).
 LLAMA_API int32_t logquant_set_key_format(int32_t key_group, int32_t keys_post_rope);
 
+// How the low-bit tier's codes are made and read, for contexts created after this call (no memory
+// cost, docs/levers.md): fit 1 (the default) fits each group's scale and minimum by least squares
+// instead of min/max (keys and values; the stored format is the same); score_correction 1 (off by
+// default: measured to hurt end to end) lowers each 2-bit key group's scores by the noise
+// inflation its codes cause in exp(score) (the fused attention op; the flash-attention prefill
+// path does not apply it). Returns 0, or -1 for a value other than 0 and 1 (nothing changed).
+LLAMA_API int32_t logquant_set_codes(int32_t fit, int32_t score_correction);
+
 // Ubatches of at least fa_min_tokens tokens attend through ggml's flash attention over both
 // tiers dequantized to f16 (the prefill path); smaller ones (decode) through the fused two-tier
 // op. 0 (the default): always the fused op, the faster on the CPU (LOGQUANT_PREFILL_FA_MIN for

@@ -36,6 +36,7 @@
 #    define LQ2_FLOOR(x) metal::floor(x)
 #    define LQ2_F32_BITS(x) as_type<uint32_t>(x)
 #    define LQ2_BITS_F32(u) as_type<float>(u)
+#    define LQ2_FMA(a, b, c) metal::fma(a, b, c)
 #elif defined(__CUDACC__)
 #    include <stdint.h>
 #    include <string.h>
@@ -43,6 +44,7 @@
 #    define LQ2_FLOOR(x) floorf(x)
 #    define LQ2_F32_BITS(x) lq2_f32_bits_(x)
 #    define LQ2_BITS_F32(u) lq2_bits_f32_(u)
+#    define LQ2_FMA(a, b, c) fmaf(a, b, c)
 #else
 #    include <stdint.h>
 #    include <string.h>
@@ -51,6 +53,7 @@
 #    define LQ2_FLOOR(x) floorf(x)
 #    define LQ2_F32_BITS(x) lq2_f32_bits_(x)
 #    define LQ2_BITS_F32(u) lq2_bits_f32_(u)
+#    define LQ2_FMA(a, b, c) fmaf(a, b, c)
 #endif
 
 #ifdef __cplusplus
@@ -252,6 +255,41 @@ LQ2_INLINE uint32_t lq2_group_params(float lo, float hi, int levels) {
 #define LQ2_PARAMS_D(p) ((lq2_half) ((p) & 0xffffu))
 #define LQ2_PARAMS_M(p) ((lq2_half) ((p) >> 16))
 
+// Fitted ranges (the `fit` lever, LOGQUANT_FIT, on by default): min/max codes spend their two
+// outer levels on a group's extremes; a least-squares refit of (d, m) to the codes, re-rounded,
+// trades a little error on the extremes for less on the bulk (Qwen: KL 0.21 -> 0.18 at 2 bits).
+// A round: with the current params, code every finite value of the group and add it to the sums
+// (lq2_fit_add, in the group's value order), then lq2_fit_params gives the next params; the
+// backend keeps the params of the round with the smallest squared error (the first, min/max, on
+// ties), over up to LQ2_FIT_ROUNDS refits. Every product-and-sum is an explicit fma, so no
+// compiler's contraction choice can change the bytes a backend stores.
+#define LQ2_FIT_ROUNDS 4
+
+struct lq2_fit_sums {
+    float n, sc, sx, scc, scx; // count, sum of codes c, values x, c^2, c x
+    float err;                 // sum of (d c + m - x)^2
+};
+
+LQ2_INLINE struct lq2_fit_sums lq2_fit_start(void) {
+    struct lq2_fit_sums s = { 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f };
+    return s;
+}
+
+// The (d, m) minimizing sum (x - d c - m)^2 for the codes summed in s, f16-rounded and packed as
+// lq2_group_params does; `keep` when the codes do not determine a positive scale.
+LQ2_INLINE uint32_t lq2_fit_params(struct lq2_fit_sums s, uint32_t keep) {
+    const float den = LQ2_FMA(s.n, s.scc, -(s.sc * s.sc));
+    if (!(den > 0.0f)) {
+        return keep;
+    }
+    const float d = LQ2_FMA(s.n, s.scx, -(s.sc * s.sx)) / den;
+    if (!(d > 0.0f) || !lq2_isfinite(d)) {
+        return keep;
+    }
+    const float m = LQ2_FMA(-d, s.sc, s.sx) / s.n;
+    return (uint32_t) lq2_fp32_to_fp16_sat(d) | ((uint32_t) lq2_fp32_to_fp16_sat(m) << 16);
+}
+
 // Code of x given the f16-rounded scale and minimum converted back to f32.
 LQ2_INLINE uint32_t lq2_code(float x, float d, float m, int levels) {
     if (d == 0.0f) {
@@ -259,6 +297,40 @@ LQ2_INLINE uint32_t lq2_code(float x, float d, float m, int levels) {
     }
     const float v = LQ2_FLOOR((x - m) / d + 0.5f);
     return v >= (float) levels ? (uint32_t) levels : v > 0.0f ? (uint32_t) v : 0u; // NaN fails both tests -> 0
+}
+
+// Adds one finite value x of a group to a fit round's sums (lq2-format.h's fit note above), coded
+// with the round's f16-rounded d and m (as f32).
+LQ2_INLINE struct lq2_fit_sums lq2_fit_add(struct lq2_fit_sums s, float x, float d, float m, int levels) {
+    const float c = (float) lq2_code(x, d, m, levels);
+    const float e = LQ2_FMA(d, c, m) - x; // d * c is exact: the same as the dequantized value - x
+    s.n   += 1.0f;
+    s.sc  += c;
+    s.sx  += x;
+    s.scc  = LQ2_FMA(c, c, s.scc);
+    s.scx  = LQ2_FMA(c, x, s.scx);
+    s.err  = LQ2_FMA(e, e, s.err);
+    return s;
+}
+
+// ---- bias correction of low-bit scores (lq2_tier_q2.score_correction)
+//
+// Zero-mean noise e on a score s inflates its expected weight: E[exp(s + e)] = exp(s) exp(sig2 / 2)
+// for Gaussian e of variance sig2 (Jensen), so thousands of low-bit tokens take attention mass from
+// the f16 tier. A b-bit code's rounding error is about uniform on one step d: variance d^2 / 12.
+// The score q . R k has noise q . R e; RoPE's rotation R differs per token and moves a pair's
+// share of |q|^2 between its two channels, so averaged over tokens channel c weighs
+// qbar_c = (q_a^2 + q_b^2) / 2 for its pair (a, b) (q_c^2 for a channel RoPE leaves alone). Then
+// sig2 = scale^2 * sum_c qbar_c * var_c, and every score of the group is lowered by sig2 / 2. One
+// number per (group, query head), nothing stored: the steps are the blocks' scales.
+LQ2_INLINE float lq2_code_noise_var(float d) {
+    return d * d * (1.0f / 12.0f);
+}
+
+// The correction in units of the raw dot product (the kernel scales scores afterwards): given
+// v = sum_c qbar_c * var_c, subtract scale * v / 2 from q . k.
+LQ2_INLINE float lq2_score_correction(float v, float scale) {
+    return 0.5f * scale * v;
 }
 
 #ifdef __cplusplus

@@ -31,6 +31,7 @@ struct lq2_demote_op_params {
     int32_t v_bits;
     int32_t n_head_kv; // of the layer: head size = n_embd_k_gqa / n_head_kv
     struct lq2_rope_params rope; // n_dims 0: keys are stored as the cache holds them
+    int32_t fit;       // 1: each group's (d, m) fitted by least squares (lq2_fit_params), 0: min/max
 };
 
 // GGML_OP_LQ2_ATTN. srcs: 0 q (F32 [D, n_head, n_tokens]), 1 k, 2 v (F16 [D, n_head_kv, n_kv,
@@ -48,6 +49,7 @@ struct lq2_attn_op_params {
     int32_t v_bits;
     int32_t n_part_max; // parts a (token, kv head) pair may be split into across threads
     struct lq2_rope_params rope;
+    int32_t score_correction; // 1: 2-bit scores lowered by their expected inflation (lq2-format.h)
 };
 
 // GGML_OP_LQ2_DEQUANT. srcs: 0 k2, 1 v2, 2 rope table (absent when rope.n_dims == 0), 3 k,

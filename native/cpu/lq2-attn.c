@@ -467,6 +467,36 @@ void lq2_keys_group_cm_ref(const void * kg, int D, int G, int bits, const struct
     keys_group_cm(kg, D, G, bits, rp, cs, k, 0);
 }
 
+// ---- bias correction (lq2-format.h): one group's scores lowered by their expected inflation
+
+static void correct_scores(const struct lq2_attn_params * p, const struct lq2_rope_params * rp, const char * kg,
+                           int D, int G, int bits, const float * q, int j0, int j1, float * sbuf, int nt, int n) {
+    const int   kbs  = LQ2_BLOCK_BYTES_B(G, bits), half = rp->n_dims / 2;
+    const float af2  = rp->attn_factor * rp->attn_factor; // the table's rows carry it
+    float var[LQ2_ATTN_MAX_D];
+    for (int c = 0; c < D; ++c) {
+        const float d = lq2_fp16_to_fp32(*(const lq2_half *) (kg + (int64_t) c * kbs));
+        var[c] = lq2_code_noise_var(d) * (c < rp->n_dims ? af2 : 1.0f);
+    }
+    for (int j = j0; j < j1; ++j) {
+        const float * qj = q + (int64_t) j * D;
+        float v = 0.0f;
+        for (int i = 0; i < half; ++i) {
+            const int a = rp->mode == LQ2_ROPE_NEOX ? i : 2 * i;
+            const int b = rp->mode == LQ2_ROPE_NEOX ? i + half : 2 * i + 1;
+            v += 0.5f * (qj[a] * qj[a] + qj[b] * qj[b]) * (var[a] + var[b]);
+        }
+        for (int c = rp->n_dims; c < D; ++c) {
+            v += qj[c] * qj[c] * var[c];
+        }
+        const float corr = lq2_score_correction(v, p->scale);
+        float * s = sbuf + (int64_t) j * nt;
+        for (int t = 0; t < n; ++t) {
+            s[t] -= corr;
+        }
+    }
+}
+
 // ---- the kernel
 
 // Heads [h0, h1). M_out / S_out NULL: rows of out normalized; else out holds the unnormalized
@@ -578,6 +608,9 @@ static int attn_core(const struct lq2_attn_params * p, const float * q,
 #endif
             for (; j < j1; ++j) {
                 scores_cm(q + (int64_t) j * D, kbuf, D, G, sbuf + (int64_t) j * nt, simd);
+            }
+            if (b->score_correction) {
+                correct_scores(p, &b->rope, kg, D, G, kb, q, j0, j1, sbuf, nt, n);
             }
             for (j = j0; j < j1; ++j) {
                 const struct head_ctx h = make_head_ctx(p, j);

@@ -51,6 +51,8 @@ struct lq2_tier_f16 {
 // values: token t at (char *) v + t * nb_v: n_head_kv * D / 64 value blocks.
 // pos: n positions (for RoPE; unused when rope.n_dims is 0 or a table is given). rope_table: lq2_rope_table(rope, pos, n, G) computed once per step
 // and shared by every layer and head; NULL computes it per group here (slower).
+// score_correction: 1 subtracts from every score of a group the expected inflation its key codes
+// cause in exp(score) (see lq2_score_correction in lq2-format.h); 0 off.
 struct lq2_tier_q2 {
     int64_t                n;
     int32_t                G;
@@ -64,6 +66,7 @@ struct lq2_tier_q2 {
     struct lq2_rope_params rope;
     const lq2_half       * rope_table;
     const float          * mask;
+    int32_t                score_correction;
 };
 
 // One kv head's keys of one 2-bit group as the attention reads them: dequantized and re-rotated

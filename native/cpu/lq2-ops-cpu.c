@@ -55,9 +55,9 @@ void ggml_compute_forward_lq2_demote(const struct ggml_compute_params * params, 
         ggml_fp16_to_fp32_row(vsrc, vrow, nv);
         char * vdst = (char *) v2->data + slot * vrow_bytes;
         if (ref) {
-            lq2_quantize_v_row_ref(vrow, vdst, nv, p.v_bits);
+            lq2_quantize_v_row_ref(vrow, vdst, nv, p.v_bits, p.fit);
         } else {
-            lq2_quantize_v_row(vrow, vdst, nv, p.v_bits);
+            lq2_quantize_v_row(vrow, vdst, nv, p.v_bits, p.fit);
         }
         // keys: un-rotate into the group's staging rows, requantize the group when it fills or
         // the list's run of rows into it ends (a group's rows are adjacent in the list)
@@ -75,9 +75,9 @@ void ggml_compute_forward_lq2_demote(const struct ggml_compute_params * params, 
             const int n_tok = (int) (slot % G) + 1;
             char * kdst = (char *) k2->data + grp * group_bytes;
             if (ref) {
-                lq2_quantize_k_group_ref(stage, nk, n_tok, (int) nk, (int) G, p.k_bits, kdst);
+                lq2_quantize_k_group_ref(stage, nk, n_tok, (int) nk, (int) G, p.k_bits, p.fit, kdst);
             } else {
-                lq2_quantize_k_group(stage, nk, n_tok, (int) nk, (int) G, p.k_bits, kdst);
+                lq2_quantize_k_group(stage, nk, n_tok, (int) nk, (int) G, p.k_bits, p.fit, kdst);
             }
         }
     }
@@ -226,6 +226,7 @@ void ggml_compute_forward_lq2_attn(const struct ggml_compute_params * params, st
         tb.rope       = op.rope;
         tb.rope_table = rope ? (const lq2_half *) ((const char *) rope->data + g0 * rope->nb[1]) : NULL;
         tb.mask       = mask_b + b0;
+        tb.score_correction = op.score_correction;
 
         const int rc = params->use_ref
             ? lq2_attn_partial_ref(&p, qrow, &ta, &tb, h0, h1, acc, M, S, work)

@@ -58,8 +58,37 @@ static inline void blk_set_params(uint8_t * blk, uint32_t p) {
 static inline float blk_d(const uint8_t * blk) { return lq2_fp16_to_fp32(((const lq2_half *) blk)[0]); }
 static inline float blk_m(const uint8_t * blk) { return lq2_fp16_to_fp32(((const lq2_half *) blk)[1]); }
 
+// Least-squares fitted params (lq2-format.h) from the min/max ones p: LQ2_FIT_ROUNDS refits, the
+// params with the smallest squared error kept (p when nothing beats it). n values at x with stride
+// sx, non-finite ones (NaN marks an absent token) left out. Scalar and shared by both paths, so
+// they store the same bytes.
+static uint32_t fit_params(const float * x, int64_t sx, int n, int L, uint32_t p) {
+    uint32_t best = p;
+    float best_err = INFINITY;
+    for (int r = 0; r <= LQ2_FIT_ROUNDS; ++r) {
+        const float d = lq2_fp16_to_fp32(LQ2_PARAMS_D(p)), m = lq2_fp16_to_fp32(LQ2_PARAMS_M(p));
+        struct lq2_fit_sums s = lq2_fit_start();
+        for (int j = 0; j < n; ++j) {
+            const float v = x[j * sx];
+            if (lq2_isfinite(v)) {
+                s = lq2_fit_add(s, v, d, m, L);
+            }
+        }
+        if (s.err < best_err) {
+            best_err = s.err;
+            best = p;
+        }
+        const uint32_t next = lq2_fit_params(s, p);
+        if (next == p) {
+            break;
+        }
+        p = next;
+    }
+    return best;
+}
+
 // n values at x with stride sx, of which the first n_valid are present; b-bit codes.
-static void quant_block_ref(const float * x, int64_t sx, int n_valid, int n, int b, uint8_t * blk) {
+static void quant_block_ref(const float * x, int64_t sx, int n_valid, int n, int b, int fit, uint8_t * blk) {
     float lo = INFINITY, hi = -INFINITY;
     for (int j = 0; j < n_valid; ++j) {
         const float v = x[j * sx];
@@ -69,7 +98,8 @@ static void quant_block_ref(const float * x, int64_t sx, int n_valid, int n, int
         }
     }
     const int L = LQ2_LEVELS_B(b);
-    blk_set_params(blk, lq2_group_params(lo, hi, L));
+    const uint32_t p = lq2_group_params(lo, hi, L);
+    blk_set_params(blk, fit ? fit_params(x, sx, n_valid, L, p) : p);
     const float d = blk_d(blk), m = blk_m(blk);
     uint8_t * qs = blk + 4;
     memset(qs, 0, (size_t) n * b / 8);
@@ -92,7 +122,7 @@ static void dequant_block_ref(const uint8_t * blk, int n, int b, float * y) {
 
 #if LQ2_AVX2
 // n contiguous values; absent values are NaN (left out of min/max, code 0: same as the reference).
-static void quant_block_avx2(const float * x, int n, int b, uint8_t * blk) {
+static void quant_block_avx2(const float * x, int n, int b, int fit, uint8_t * blk) {
     const __m256 inf  = _mm256_set1_ps(INFINITY);
     const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256 lo = inf, hi = _mm256_set1_ps(-INFINITY);
@@ -109,7 +139,8 @@ static void quant_block_avx2(const float * x, int n, int b, uint8_t * blk) {
     l4 = _mm_min_ss(l4, _mm_shuffle_ps(l4, l4, 1));
     h4 = _mm_max_ss(h4, _mm_shuffle_ps(h4, h4, 1));
     const int L = LQ2_LEVELS_B(b);
-    blk_set_params(blk, lq2_group_params(_mm_cvtss_f32(l4), _mm_cvtss_f32(h4), L));
+    const uint32_t p = lq2_group_params(_mm_cvtss_f32(l4), _mm_cvtss_f32(h4), L);
+    blk_set_params(blk, fit ? fit_params(x, 1, n, L, p) : p);
 
     uint8_t * qs = blk + 4;
     const int nb = n * b / 8, per_byte = 8 / b; // code j -> byte j % nb, bits b * (j / nb)
@@ -153,10 +184,10 @@ static void dequant_block_avx2(const uint8_t * blk, int n, int b, float * y) {
 
 #define V_BLOCK_BYTES(b) LQ2_BLOCK_BYTES_B(LQ2_QK_V, b)
 
-void lq2_quantize_v_row_ref(const float * x, void * y, int64_t n, int bits) {
+void lq2_quantize_v_row_ref(const float * x, void * y, int64_t n, int bits, int fit) {
     assert(n % LQ2_QK_V == 0 && LQ2_BITS_VALID(bits));
     for (int64_t i = 0; i < n / LQ2_QK_V; ++i) {
-        quant_block_ref(x + i * LQ2_QK_V, 1, LQ2_QK_V, LQ2_QK_V, bits, (uint8_t *) y + i * V_BLOCK_BYTES(bits));
+        quant_block_ref(x + i * LQ2_QK_V, 1, LQ2_QK_V, LQ2_QK_V, bits, fit, (uint8_t *) y + i * V_BLOCK_BYTES(bits));
     }
 }
 
@@ -167,14 +198,14 @@ void lq2_dequantize_v_row_ref(const void * x, float * y, int64_t n, int bits) {
     }
 }
 
-void lq2_quantize_v_row(const float * x, void * y, int64_t n, int bits) {
+void lq2_quantize_v_row(const float * x, void * y, int64_t n, int bits, int fit) {
 #if LQ2_AVX2
     assert(n % LQ2_QK_V == 0 && LQ2_BITS_VALID(bits));
     for (int64_t i = 0; i < n / LQ2_QK_V; ++i) {
-        quant_block_avx2(x + i * LQ2_QK_V, LQ2_QK_V, bits, (uint8_t *) y + i * V_BLOCK_BYTES(bits));
+        quant_block_avx2(x + i * LQ2_QK_V, LQ2_QK_V, bits, fit, (uint8_t *) y + i * V_BLOCK_BYTES(bits));
     }
 #else
-    lq2_quantize_v_row_ref(x, y, n, bits);
+    lq2_quantize_v_row_ref(x, y, n, bits, fit);
 #endif
 }
 
@@ -191,15 +222,15 @@ void lq2_dequantize_v_row(const void * x, float * y, int64_t n, int bits) {
 
 // ---- keys
 
-void lq2_quantize_k_group_ref(const float * x, int64_t ldx, int n_tok, int n_ch, int G, int bits, void * y) {
+void lq2_quantize_k_group_ref(const float * x, int64_t ldx, int n_tok, int n_ch, int G, int bits, int fit, void * y) {
     assert(lq2_key_type_b(G, bits) >= 0 && n_tok >= 0 && n_tok <= G);
     const int bs = LQ2_BLOCK_BYTES_B(G, bits);
     for (int c = 0; c < n_ch; ++c) {
-        quant_block_ref(x + c, ldx, n_tok, G, bits, (uint8_t *) y + (int64_t) c * bs);
+        quant_block_ref(x + c, ldx, n_tok, G, bits, fit, (uint8_t *) y + (int64_t) c * bs);
     }
 }
 
-void lq2_quantize_k_group(const float * x, int64_t ldx, int n_tok, int n_ch, int G, int bits, void * y) {
+void lq2_quantize_k_group(const float * x, int64_t ldx, int n_tok, int n_ch, int G, int bits, int fit, void * y) {
 #if LQ2_AVX2
     assert(lq2_key_type_b(G, bits) >= 0 && n_tok >= 0 && n_tok <= G);
     const int bs = LQ2_BLOCK_BYTES_B(G, bits);
@@ -212,11 +243,11 @@ void lq2_quantize_k_group(const float * x, int64_t ldx, int n_tok, int n_ch, int
             }
         }
         for (int c = 0; c < nc; ++c) {
-            quant_block_avx2(slab + c * G, G, bits, (uint8_t *) y + (int64_t) (c0 + c) * bs);
+            quant_block_avx2(slab + c * G, G, bits, fit, (uint8_t *) y + (int64_t) (c0 + c) * bs);
         }
     }
 #else
-    lq2_quantize_k_group_ref(x, ldx, n_tok, n_ch, G, bits, y);
+    lq2_quantize_k_group_ref(x, ldx, n_tok, n_ch, G, bits, fit, y);
 #endif
 }
 

@@ -1,6 +1,7 @@
 // lq2-quants.h: CPU quantize / dequantize of the LogQuant formats (see lq2-format.h).
 //
-// `bits` is the code width: 2 (the default formats), 4 or 8 (the precision levers).
+// `bits` is the code width: 2 (the default formats), 4 or 8 (the precision levers). `fit` 1 fits
+// each group's (d, m) by least squares instead of min/max (lq2_fit_params in lq2-format.h).
 //
 // Every entry point has a scalar reference (`_ref`, always compiled: the tests compare against it)
 // and a dispatching version that takes the AVX2 path when this file was compiled with AVX2 + F16C
@@ -22,8 +23,8 @@ int lq2_cpu_has_avx2(void);
 int lq2_type_traits_check(void);
 
 // Values: one token's row of n channels (n % 64 == 0) <-> n / 64 value blocks of `bits`-bit codes.
-void lq2_quantize_v_row    (const float * x, void * y, int64_t n, int bits);
-void lq2_quantize_v_row_ref(const float * x, void * y, int64_t n, int bits);
+void lq2_quantize_v_row    (const float * x, void * y, int64_t n, int bits, int fit);
+void lq2_quantize_v_row_ref(const float * x, void * y, int64_t n, int bits, int fit);
 void lq2_dequantize_v_row    (const void * x, float * y, int64_t n, int bits);
 void lq2_dequantize_v_row_ref(const void * x, float * y, int64_t n, int bits);
 
@@ -31,8 +32,8 @@ void lq2_dequantize_v_row_ref(const void * x, float * y, int64_t n, int bits);
 // x: n_tok <= G token rows, row t at x + t * ldx (floats). Tokens n_tok..G-1 of a partial group are
 // absent: they do not take part in min/max and get code 0.
 // y: n_ch blocks of G codes (block_lq2_k32/64/128, block_lq4_k64, block_lq8_k64), block c = channel c.
-void lq2_quantize_k_group    (const float * x, int64_t ldx, int n_tok, int n_ch, int G, int bits, void * y);
-void lq2_quantize_k_group_ref(const float * x, int64_t ldx, int n_tok, int n_ch, int G, int bits, void * y);
+void lq2_quantize_k_group    (const float * x, int64_t ldx, int n_tok, int n_ch, int G, int bits, int fit, void * y);
+void lq2_quantize_k_group_ref(const float * x, int64_t ldx, int n_tok, int n_ch, int G, int bits, int fit, void * y);
 
 // Token-major dequantization of the first n_tok tokens: row t written to y + t * ldy.
 void lq2_dequantize_k_group(const void * x, int n_ch, int G, int bits, int n_tok, float * y, int64_t ldy);

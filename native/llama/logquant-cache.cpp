@@ -150,8 +150,8 @@ std::string logquant_cache::check_device(ggml_backend_dev_t dev) const {
     ggml_tensor * m2  = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, n_slots, 1);
     ggml_tensor * tab = rope.n_dims > 0 ? ggml_new_tensor_2d(ctx, GGML_TYPE_F16, (int64_t) rope.n_dims * G, n_groups)
                                         : nullptr;
-    lq2_demote_op_params dp = { G, l.k_bits, l.v_bits, (int32_t) l.n_head_kv, rope };
-    lq2_attn_op_params   ap = { 1.0f, 0.0f, 0.0f, G, l.k_bits, l.v_bits, 1, rope };
+    lq2_demote_op_params dp = { G, l.k_bits, l.v_bits, (int32_t) l.n_head_kv, rope, settings.fit };
+    lq2_attn_op_params   ap = { 1.0f, 0.0f, 0.0f, G, l.k_bits, l.v_bits, 1, rope, settings.score_correction };
     ggml_tensor * dem  = ggml_lq2_demote(ctx, k2, v2, st, kr, vr, rws, &dp, sizeof(dp));
     ggml_tensor * attn = ggml_lq2_attn(ctx, q, k, v, m, dem, v2, m2, tab, &ap, sizeof(ap));
     lq2_dequant_op_params qp = { G, l.k_bits, l.v_bits, (int32_t) n_slots, rope };

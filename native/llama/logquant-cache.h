@@ -77,6 +77,12 @@ struct logquant_settings {
     // is the faster at every ubatch size measured (docs/bench.md); the flash-attention path is
     // the one for backends whose FA runs on tensor cores.
     int32_t prefill_fa_min = 0;
+    // Code quality levers at no memory cost (docs/levers.md): fit each group's scale and minimum
+    // by least squares instead of min/max (keys and values; LOGQUANT_FIT=0 turns it off; the
+    // default since it cut Qwen's KL 0.21 -> 0.18), and lower the scores of 2-bit keys by their
+    // expected noise inflation (LOGQUANT_SCORE_CORRECTION; off: it made the KL worse end to end).
+    int32_t fit              = 1;
+    int32_t score_correction = 0;
     std::string layer_bits_error; // LOGQUANT_LAYER_BITS as given, when it could not be read
 
     // The code bits of layer il: {key, value}.
@@ -218,6 +224,8 @@ public:
 
     int32_t window() const { return settings.window; }
     int32_t prefill_fa_min() const { return settings.prefill_fa_min; }
+    int32_t fit() const { return settings.fit; }
+    int32_t score_correction() const { return settings.score_correction; }
     int32_t policy() const { return settings.policy; }
 
     // A layer's 2-bit tier (what the graph's ops read; see logquant-graph.h).

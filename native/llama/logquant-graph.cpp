@@ -98,6 +98,7 @@ logquant_attn_nodes logquant_build_attn(ggml_context * ctx, ggml_cgraph * gf, ll
     dp.k_bits    = l.k_bits;
     dp.v_bits    = l.v_bits;
     dp.n_head_kv = (int32_t) l.n_head_kv;
+    dp.fit       = lq->fit();
     dp.rope      = lq->rope;
     ggml_tensor * demoted = ggml_lq2_demote(ctx, l.k2, l.v2, l.staging, k_written, v_written, inp->demotions,
                                             &dp, sizeof(dp));
@@ -135,6 +136,7 @@ logquant_attn_nodes logquant_build_attn(ggml_context * ctx, ggml_cgraph * gf, ll
     ap.v_bits     = l.v_bits;
     ap.n_part_max = (int32_t) std::min<int64_t>(8, (16 + pairs - 1) / pairs);
     ap.rope       = lq->rope;
+    ap.score_correction = lq->score_correction();
     // k2 through the demote node: the attention runs after it
     ggml_tensor * out = ggml_lq2_attn(ctx, q, k, v, kq_mask, demoted, l.v2, inp->mask2, l.rope, &ap, sizeof(ap));
     ggml_format_name(out, "lq_attn_l%d", il);

@@ -40,6 +40,12 @@ static logquant_settings g_settings = [] {
     if (const char * f = std::getenv("LOGQUANT_PREFILL_FA_MIN")) {
         s.prefill_fa_min = std::atoi(f);
     }
+    if (const char * f = std::getenv("LOGQUANT_FIT")) {
+        s.fit = std::atoi(f) != 0;
+    }
+    if (const char * c = std::getenv("LOGQUANT_SCORE_CORRECTION")) {
+        s.score_correction = std::atoi(c) != 0;
+    }
     // "il:key_bits:value_bits,..." e.g. "0:8:8" keeps layer 0 near full precision
     if (const char * l = std::getenv("LOGQUANT_LAYER_BITS")) {
         for (const char * p = l; *p;) {

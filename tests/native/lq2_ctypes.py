@@ -28,7 +28,7 @@ class TierQ2(ctypes.Structure):
                 ("v_bits", ctypes.c_int32), ("k", ctypes.c_void_p),
                 ("nb_kg", ctypes.c_size_t), ("v", ctypes.c_void_p), ("nb_v", ctypes.c_size_t),
                 ("pos", ctypes.c_void_p), ("rope", RopeParams), ("rope_table", ctypes.c_void_p),
-                ("mask", ctypes.c_void_p)]
+                ("mask", ctypes.c_void_p), ("score_correction", ctypes.c_int32)]
 
 
 F32P = np.ctypeslib.ndpointer(np.float32, flags="C")
@@ -41,12 +41,12 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     sig = {
         "lq2_cpu_has_avx2": ([], ctypes.c_int),
         "lq2_type_traits_check": ([], ctypes.c_int),
-        "lq2_quantize_v_row": ([F32P, VOIDP, I64, INT], None),
-        "lq2_quantize_v_row_ref": ([F32P, VOIDP, I64, INT], None),
+        "lq2_quantize_v_row": ([F32P, VOIDP, I64, INT, INT], None),
+        "lq2_quantize_v_row_ref": ([F32P, VOIDP, I64, INT, INT], None),
         "lq2_dequantize_v_row": ([VOIDP, F32P, I64, INT], None),
         "lq2_dequantize_v_row_ref": ([VOIDP, F32P, I64, INT], None),
-        "lq2_quantize_k_group": ([F32P, I64, INT, INT, INT, INT, VOIDP], None),
-        "lq2_quantize_k_group_ref": ([F32P, I64, INT, INT, INT, INT, VOIDP], None),
+        "lq2_quantize_k_group": ([F32P, I64, INT, INT, INT, INT, INT, VOIDP], None),
+        "lq2_quantize_k_group_ref": ([F32P, I64, INT, INT, INT, INT, INT, VOIDP], None),
         "lq2_dequantize_k_group": ([VOIDP, INT, INT, INT, INT, F32P, I64], None),
         "lq2_dequantize_k_group_cm": ([VOIDP, INT, INT, INT, F32P], None),
         "lq2_dequantize_k_group_cm_ref": ([VOIDP, INT, INT, INT, F32P], None),

@@ -74,7 +74,7 @@ static void diff(const std::vector<float> & a, const std::vector<float> & b, dou
     }
 }
 
-struct shape { int D, Hkv, gq, n_kv, n_slots, nb, G, bits; bool rope; float max_bias, softcap; };
+struct shape { int D, Hkv, gq, n_kv, n_slots, nb, G, bits; bool rope; float max_bias, softcap; bool bc = false; };
 
 static void run_attn(const shape & s, int seed) {
     ggml_init_params ip = { (size_t) 512 << 20, nullptr, false };
@@ -117,7 +117,7 @@ static void run_attn(const shape & s, int seed) {
     const float scale = 1.0f / std::sqrt((float) s.D);
     lq2_attn_op_params ap = {};
     ap.scale = scale; ap.max_bias = s.max_bias; ap.softcap = s.softcap;
-    ap.G = s.G; ap.k_bits = s.bits; ap.v_bits = s.bits; ap.n_part_max = 8;
+    ap.G = s.G; ap.k_bits = s.bits; ap.v_bits = s.bits; ap.n_part_max = 8; ap.score_correction = s.bc;
     lq2_dequant_op_params dp = {};
     dp.G = s.G; dp.k_bits = s.bits; dp.v_bits = s.bits; dp.n_slots = s.n_slots;
     if (s.rope) {
@@ -131,6 +131,12 @@ static void run_attn(const shape & s, int seed) {
     const std::vector<float> simd1 = as_f32(fused);
     compute(ctx, fused, 4, false);
     const std::vector<float> simd4 = as_f32(fused);
+    // the same op without the score correction: how far the correction moved the result
+    lq2_attn_op_params ap0 = ap;
+    ap0.score_correction = 0;
+    ggml_tensor * plain = ggml_lq2_attn(ctx, q, k, v, m, k2, v2, m2, rt, &ap0, sizeof(ap0));
+    compute(ctx, plain, 1, false);
+    const std::vector<float> plain1 = as_f32(plain);
 
     ggml_tensor * both = ggml_lq2_dequant(ctx, k2, v2, rt, k, v, &dp, sizeof(dp));
     compute(ctx, both, 1, true);
@@ -146,18 +152,20 @@ static void run_attn(const shape & s, int seed) {
     compute(ctx, fa, 2, false);
     const std::vector<float> fav = as_f32(fa);
 
-    double a, ra, b, rb, c, rc, d, rd;
+    double a, ra, b, rb, c, rc, d, rd, e, re;
     diff(ref, simd1, a, ra);
     diff(simd1, simd4, b, rb);
     diff(ref, fav, c, rc);
     diff(deq_ref, deq, d, rd);
-    printf("attn D=%d Hkv=%d gq=%d n_kv=%d slots=%d nb=%d G=%d bits=%d rope=%d alibi=%g softcap=%g "
-           "simd_vs_ref %.3g threads %.3g fa_vs_fused %.3g dequant_simd_vs_ref %.3g max_out %.3g\n",
-           s.D, s.Hkv, s.gq, s.n_kv, s.n_slots, s.nb, s.G, s.bits, (int) s.rope, s.max_bias, s.softcap, a, b, c, d, ra);
+    diff(simd1, plain1, e, re);
+    printf("attn D=%d Hkv=%d gq=%d n_kv=%d slots=%d nb=%d G=%d bits=%d rope=%d alibi=%g softcap=%g bc=%d "
+           "simd_vs_ref %.3g threads %.3g fa_vs_fused %.3g dequant_simd_vs_ref %.3g max_out %.3g bc_effect %.3g\n",
+           s.D, s.Hkv, s.gq, s.n_kv, s.n_slots, s.nb, s.G, s.bits, (int) s.rope, s.max_bias, s.softcap, (int) s.bc,
+           a, b, c, d, ra, e);
     ggml_free(ctx);
 }
 
-static void run_demote(int D, int Hkv, int G, int bits, int n_rows, int first, bool rope, int seed) {
+static void run_demote(int D, int Hkv, int G, int bits, int n_rows, int first, bool rope, int seed, bool fit = false) {
     ggml_init_params ip = { (size_t) 64 << 20, nullptr, false };
     ggml_context * ctx = ggml_init(ip);
     std::mt19937 gen(seed);
@@ -180,7 +188,7 @@ static void run_demote(int D, int Hkv, int G, int bits, int n_rows, int first, b
         r[i * LQ2_DEMOTE_COLS + LQ2_DEMOTE_STAGE] = pad ? -1 : ((first + i) / G) % 2;
     }
     lq2_demote_op_params p = {};
-    p.G = G; p.k_bits = bits; p.v_bits = bits; p.n_head_kv = Hkv;
+    p.G = G; p.k_bits = bits; p.v_bits = bits; p.n_head_kv = Hkv; p.fit = fit;
     if (rope) {
         p.rope = { LQ2_ROPE_NEOX, D, 10000.0f, 1.0f, 1.0f };
     }
@@ -203,8 +211,8 @@ static void run_demote(int D, int Hkv, int G, int bits, int n_rows, int first, b
         n_diff += got[0][i] != got[1][i];
         n_set  += got[0][i] != 0;
     }
-    printf("demote D=%d Hkv=%d G=%d bits=%d rows=%d first=%d rope=%d demote_bytes %zu nonzero %zu\n",
-           D, Hkv, G, bits, n_rows, first, (int) rope, n_diff, n_set);
+    printf("demote D=%d Hkv=%d G=%d bits=%d rows=%d first=%d rope=%d fit=%d demote_bytes %zu nonzero %zu\n",
+           D, Hkv, G, bits, n_rows, first, (int) rope, (int) fit, n_diff, n_set);
     ggml_free(ctx);
 }
 
@@ -217,6 +225,9 @@ int main() {
         { 128, 1, 8,  96, 256,  64, 64, 8, true,  0.0f, 30.0f },
         { 64,  4, 1,  17, 128,   3, 32, 2, false, 8.0f,  0.0f },
         { 256, 2, 4,  50, 256,   2, 128, 2, true, 0.0f,  0.0f },
+        // the score correction (2-bit keys, NEOX table; 4-bit without RoPE, ALiBi)
+        { 64,  2, 7,  40, 256,   3, 64, 2, true,  0.0f,  0.0f, true },
+        { 128, 1, 4,  33, 128,   2, 64, 4, false, 8.0f,  0.0f, true },
     };
     int seed = 1;
     for (const auto & s : cases) {
@@ -226,5 +237,7 @@ int main() {
     run_demote(128, 2, 64, 4, 70, 0, true, seed++);
     run_demote(64, 4, 32, 8, 33, 31, false, seed++);
     run_demote(256, 1, 128, 2, 200, 127, true, seed++);
+    run_demote(64, 2, 64, 2, 150, 10, true, seed++, true);    // fitted scales
+    run_demote(128, 2, 64, 4, 70, 0, true, seed++, true);
     return 0;
 }

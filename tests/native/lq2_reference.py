@@ -133,10 +133,12 @@ def alibi_slopes(n_head: int, max_bias: float) -> np.ndarray:
 
 
 def attention(q, ka, va, mask_a, kb_blocks, vb_blocks, pos_b, mask_b, *, G, n_head_kv, scale,
-              softcap, max_bias, rope_mode, n_dims, base, fscale, attn_factor=1.0, k_bits=2, v_bits=2):
+              softcap, max_bias, rope_mode, n_dims, base, fscale, attn_factor=1.0, k_bits=2, v_bits=2,
+              score_correction=False):
     """q [H, D] f32; tier A: ka, va [nA, Hkv, D] f16 post-RoPE; tier B: kb_blocks
     [n_groups, Hkv * D, 4 + G*k_bits/8], vb_blocks [nB, Hkv * D / 64, 4 + 8*v_bits], pos_b [nB].
-    -> [H, D] f64."""
+    score_correction: tier B's raw dot products lowered by scale * v / 2, v the query-weighted
+    code noise variance of the token's group (lq2-format.h). -> [H, D] f64."""
     H, D = q.shape
     nA, nB = len(ka), len(pos_b)
     keys = [np.asarray(ka, dtype=np.float64).reshape(nA, n_head_kv, D)]
@@ -153,8 +155,19 @@ def attention(q, ka, va, mask_a, kb_blocks, vb_blocks, pos_b, mask_b, *, G, n_he
     slopes = alibi_slopes(H, max_bias)
     out = np.zeros((H, D))
     gq = H // n_head_kv
+    corr = np.zeros((H, nA + nB))
+    if score_correction and nB:
+        pa, pb = rope_pairs(rope_mode, n_dims)
+        for g, blocks in enumerate(kb_blocks):
+            d = blocks[:, 0:2].copy().view("<f2")[:, 0].astype(np.float64).reshape(n_head_kv, D)
+            var = d * d / 12.0
+            var[:, :n_dims] *= np.float64(np.float32(attn_factor)) ** 2
+            for h in range(H):
+                qh, vh = q[h].astype(np.float64), var[h // gq]
+                w = (0.5 * (qh[pa] ** 2 + qh[pb] ** 2) * (vh[pa] + vh[pb])).sum() + (qh[n_dims:] ** 2 * vh[n_dims:]).sum()
+                corr[h, nA + g * G:nA + min((g + 1) * G, nB)] = 0.5 * scale * w
     for h in range(H):
-        s = k[:, h // gq, :] @ q[h].astype(np.float64) * scale
+        s = (k[:, h // gq, :] @ q[h].astype(np.float64) - corr[h]) * scale
         if softcap:
             s = softcap * np.tanh(s / softcap)
         s = s + slopes[h] * mask

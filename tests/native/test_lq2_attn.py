@@ -63,6 +63,7 @@ class Case:
     fscale: float = 1.0
     k_bits: int = 2
     v_bits: int = 2
+    score_correction: int = 0
 
 
 CASES = [
@@ -83,6 +84,10 @@ CASES = [
     Case(128, 8, 2, 20, 130, 64, k_bits=8, v_bits=8, mode=0, n_dims=64, softcap=30.0),
     Case(64, 4, 4, 37, 130, 64, k_bits=2, v_bits=4, max_bias=8.0),
     Case(256, 4, 1, 3, 100, 64, k_bits=4, v_bits=8, mask="first_group"),
+    # the score correction: NEOX and normal RoPE, partial rotation, softcap, ALiBi, wider codes
+    Case(64, 14, 2, 96, 1000, 64, mask="none", base=1e6, score_correction=1),
+    Case(128, 8, 2, 20, 130, 32, mode=0, n_dims=64, softcap=30.0, score_correction=1),
+    Case(64, 4, 4, 37, 130, 64, k_bits=4, v_bits=4, max_bias=8.0, score_correction=1),
 ]
 
 
@@ -135,7 +140,7 @@ def run_c(lib, fn, case: Case, d, nth: int, table: bool) -> np.ndarray:
     ta = TierF16(case.nA, ptr(d["ka"]), Hkv * D * F16_BYTES, ptr(d["va"]), Hkv * D * F16_BYTES, ptr(d["ma"]))
     tb = TierQ2(case.nB, G, case.k_bits, case.v_bits, ptr(d["kb"]), Hkv * D * ref.block_bytes(G, case.k_bits),
                 ptr(d["vb"]), Hkv * D // 64 * ref.block_bytes(64, case.v_bits), ptr(d["pos_b"]), rope,
-                ptr(tab), ptr(d["mb"]))
+                ptr(tab), ptr(d["mb"]), case.score_correction)
     out = np.full((H, D), np.nan, np.float32)
     ws = lib.lq2_attn_work_size(ctypes.byref(params), G, d["n_dims"])
     for ith in range(nth):
@@ -145,12 +150,13 @@ def run_c(lib, fn, case: Case, d, nth: int, table: bool) -> np.ndarray:
     return out
 
 
-def reference(case: Case, d) -> np.ndarray:
+def reference(case: Case, d, score_correction: int | None = None) -> np.ndarray:
+    sc = case.score_correction if score_correction is None else score_correction
     return ref.attention(d["q"], d["ka"], d["va"], d["ma"], d["kb"], d["vb"], d["pos_b"], d["mb"],
                          G=case.G, n_head_kv=case.Hkv, scale=1.0 / np.sqrt(case.D),
                          softcap=case.softcap, max_bias=case.max_bias, rope_mode=case.mode,
                          n_dims=d["n_dims"], base=case.base, fscale=case.fscale,
-                         k_bits=case.k_bits, v_bits=case.v_bits)
+                         k_bits=case.k_bits, v_bits=case.v_bits, score_correction=bool(sc))
 
 
 @pytest.mark.parametrize("ci", range(len(CASES)))
@@ -167,6 +173,8 @@ def test_attention_matches_float64(lib, ci):
     assert worst <= 5e-6, worst
     if case.mask == "all" or case.nA + case.nB == 0:
         assert not want.any()
+    if case.score_correction:  # the correction moves the result far more than the tolerance
+        assert np.abs(reference(case, d, 0) - want).max() > 10 * 5e-6
     print(f"case {ci}: max |err| {worst:.2e}")
 
 
@@ -197,7 +205,8 @@ def run_split(lib, case: Case, d, cuts_a: list[int], cuts_g: list[int]) -> np.nd
                      at(d["ma"], a0 * 4))
         tb = TierQ2(max(0, b1 - b0), G, case.k_bits, case.v_bits, at(d["kb"], cuts_g[i] * kg_bytes),
                     kg_bytes, at(d["vb"], b0 * v_bytes), v_bytes, at(d["pos_b"], b0 * 4), rope,
-                    at(tab, cuts_g[i] * d["n_dims"] * G * F16_BYTES), at(d["mb"], b0 * 4))
+                    at(tab, cuts_g[i] * d["n_dims"] * G * F16_BYTES), at(d["mb"], b0 * 4),
+                    case.score_correction)
         acc = np.full((H, D), np.nan, np.float32)
         M, S = np.full(H, np.nan, np.float32), np.full(H, np.nan, np.float32)
         gq = H // Hkv

@@ -1,0 +1,283 @@
+"""Where LogQuant's 2-bit keys lose quality: attention mass per tier, and two cures, per layer.
+
+An exact float32 numpy forward pass of Qwen2.5-Coder-0.5B (weights dequantized from the GGUF) over
+N tokens of real code. At every layer, for the last Q queries, attention is recomputed with the
+runtime's tiers: the f16 set of LogQuant's rule (W = 32: sink, log-spaced, recent) keeps exact
+keys, every other token gets 2-bit keys (per channel, before RoPE, groups of 64 of the 2-bit
+tokens in position order; values exact, so this isolates the keys). Measured per layer, mean over
+queries and heads:
+
+- mass: share of the softmax on the 2-bit tier, the sink, the log-spaced and the recent tokens,
+  with exact keys and with 2-bit keys (noise on a key inflates its expected exp(score): Jensen);
+- KL(exact || 2-bit) of the attention probabilities for the key codes below, without and with the
+  bias correction (each 2-bit score minus sigma^2 / 2, sigma^2 the score noise variance predicted
+  per (group, query head) from the group's per-channel error variance and the query: for a RoPE
+  pair (a, b), sigma^2 += scale^2 * (q_a^2 + q_b^2) / 2 * (var_a + var_b), the rotation averaged out):
+    minmax: codes over [min, max] (today's format), error variance step^2 / 12;
+    lsq:    from [min, max], a few rounds of least-squares refit of (d, m) to the codes and re-rounding;
+    mse:    the group's [lo, hi] chosen by grid search for the least squared error (clipping),
+            error variance as measured at quantization time (+bc), or step^2 / 12 (+bc_step: what
+            the kernel can compute from the stored scale alone).
+
+The residual stream is continued with exact attention, so each layer sees exact inputs.
+
+    python bench/studies/key_noise_study.py --tokens 2048 --queries 64 --out bench/results/cpu/qwen2.5-coder-0.5b/key-noise
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from gguf import GGUFReader
+from gguf.quants import dequantize
+
+from logquant_gguf import Llama, models
+from logquant_gguf.bench import corpus
+
+HD, NH, NKV, THETA, EPS, W, G = 64, 14, 2, 1e6, 1e-6, 32, 64
+SCALE = 1.0 / np.sqrt(HD)
+
+
+def full_set(n: int, w: int = W) -> np.ndarray:
+    """Indices kept in f16 among n tokens fed one at a time (logquant-policy.h's rule), as
+    (sparse, local) so the study can tell the log-spaced tokens from the recent ones."""
+    local: list[int] = []
+    sparse: list[int] = []
+    for t in range(n):
+        local.append(t)
+        if len(local) > 2 * w:
+            sparse = (sparse + local[:w])[::2] if sparse else local[:w]
+            local = local[w:]
+    return np.array(sparse, dtype=np.int64), np.array(local, dtype=np.int64)
+
+
+def rope(v: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """NEOX RoPE (Qwen2) of v [..., n, heads, HD] at positions pos [n]."""
+    ang = pos[:, None] * (THETA ** (-np.arange(0, HD, 2) / HD))[None, :]
+    c, s = np.cos(ang)[:, None, :].astype(np.float32), np.sin(ang)[:, None, :].astype(np.float32)
+    a, b = v[..., : HD // 2], v[..., HD // 2:]
+    return np.concatenate([a * c - b * s, a * s + b * c], -1)
+
+
+def quant_minmax(x: np.ndarray, levels: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """x [..., n] -> (dequantized, error variance per group) with codes over [min, max]."""
+    lo, hi = x.min(-1, keepdims=True), x.max(-1, keepdims=True)
+    d = (hi - lo) / levels
+    safe = np.where(d > 0, d, 1.0)
+    y = np.clip(np.floor((x - lo) / safe + 0.5), 0, levels) * d + lo
+    v = (d ** 2 / 12.0)[..., 0]
+    return y, v, v
+
+
+def quant_mse(x: np.ndarray, levels: int = 3, steps: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Codes over the [lo, hi] inside [min, max] with the least squared error, searched on a
+    grid of shrinks lo = min + i r / (2 steps), hi = max - j r / (2 steps); error variance as
+    measured."""
+    lo0, hi0 = x.min(-1, keepdims=True), x.max(-1, keepdims=True)
+    r = hi0 - lo0
+    best_y, best_e, best_d = None, None, None
+    for i in range(steps):
+        for j in range(steps):
+            lo = lo0 + r * (i / (2 * steps))
+            hi = hi0 - r * (j / (2 * steps))
+            d = (hi - lo) / levels
+            safe = np.where(d > 0, d, 1.0)
+            y = np.clip(np.floor((x - lo) / safe + 0.5), 0, levels) * d + lo
+            e = ((y - x) ** 2).sum(-1)
+            if best_e is None:
+                best_y, best_e, best_d = y, e, d[..., 0]
+            else:
+                better = e < best_e
+                best_y = np.where(better[..., None], y, best_y)
+                best_e = np.where(better, e, best_e)
+                best_d = np.where(better, d[..., 0], best_d)
+    return best_y, best_e / x.shape[-1], best_d ** 2 / 12.0
+
+
+def quant_lsq(x: np.ndarray, levels: int = 3, iters: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Codes from [min, max], then a few rounds of: refit (d, m) to the codes by least squares,
+    re-round; the best round kept (llama.cpp's k-quants search the same way). O(n) per round."""
+    lo, hi = x.min(-1, keepdims=True), x.max(-1, keepdims=True)
+    d, m = (hi - lo) / levels, lo
+    best_y, best_e, best_d = None, None, None
+    n = x.shape[-1]
+    for _ in range(iters + 1):
+        safe = np.where(d > 0, d, 1.0)
+        c = np.clip(np.floor((x - m) / safe + 0.5), 0, levels)
+        y = c * d + m
+        e = ((y - x) ** 2).sum(-1)
+        if best_e is None:
+            best_y, best_e, best_d = y, e, d[..., 0]
+        else:
+            better = e < best_e
+            best_y = np.where(better[..., None], y, best_y)
+            best_e = np.where(better, e, best_e)
+            best_d = np.where(better, d[..., 0], best_d)
+        sc, sx = c.sum(-1, keepdims=True), x.sum(-1, keepdims=True)
+        scc, scx = (c * c).sum(-1, keepdims=True), (c * x).sum(-1, keepdims=True)
+        den = n * scc - sc * sc
+        ok = den > 0
+        d = np.where(ok, (n * scx - sc * sx) / np.where(ok, den, 1.0), d)
+        m = np.where(ok, (sx - d * sc) / n, m)
+    return best_y, best_e / n, best_d ** 2 / 12.0
+
+
+def quantize_tier(kp: np.ndarray, idx: np.ndarray, method):
+    """Pre-RoPE keys kp [N, NKV, HD]; 2-bit tokens idx (ascending) in groups of G. Returns the
+    dequantized keys of those tokens and each token's per-channel error variance [len, NKV, HD],
+    as measured and as the uniform model step^2 / 12 gives it."""
+    out = np.empty((len(idx), NKV, HD), np.float32)
+    var = np.empty((len(idx), NKV, HD), np.float32)
+    var_step = np.empty((len(idx), NKV, HD), np.float32)
+    for g0 in range(0, len(idx), G):
+        sel = idx[g0:g0 + G]
+        x = np.moveaxis(kp[sel], 0, -1)  # [NKV, HD, n]
+        y, v, vs = method(x)
+        out[g0:g0 + len(sel)] = np.moveaxis(y, -1, 0)
+        var[g0:g0 + len(sel)] = v[None]
+        var_step[g0:g0 + len(sel)] = vs[None]
+    return out, var, var_step
+
+
+def noise_variance(q: np.ndarray, var: np.ndarray) -> np.ndarray:
+    """Score noise variance per token for one query head: q [HD], var [n, HD] (one kv head)."""
+    qp = (q[: HD // 2] ** 2 + q[HD // 2:] ** 2) / 2.0          # [HD/2]
+    vp = var[:, : HD // 2] + var[:, HD // 2:]                   # [n, HD/2]
+    return SCALE ** 2 * (vp @ qp)
+
+
+def softmax(s: np.ndarray) -> np.ndarray:
+    p = np.exp(s - s.max())
+    return p / p.sum()
+
+
+def layer_stats(q, k, kp, queries, methods) -> dict:
+    """Per-layer means over queries x heads."""
+    acc: dict[str, list[float]] = {}
+
+    def add(name, v):
+        acc.setdefault(name, []).append(float(v))
+
+    n_last = queries[-1] + 1
+    sparse, local = full_set(n_last)
+    low_final = np.setdiff1d(np.arange(n_last), np.concatenate([sparse, local]))
+    coded = {}
+    for name, m in methods.items():
+        kq, var, var_step = quantize_tier(kp, low_final, m)
+        full_k = k[:n_last].copy()
+        full_k[low_final] = rope(kq, low_final.astype(np.float64))
+        full_var = np.zeros((2, n_last, NKV, HD), np.float32)
+        full_var[0, low_final] = var
+        full_var[1, low_final] = var_step
+        coded[name] = (full_k, full_var)
+    for i in queries:
+        n = i + 1
+        sp, lo = full_set(n)
+        is_low = np.ones(n, bool)
+        is_low[sp] = False
+        is_low[lo] = False
+        sink = np.zeros(n, bool)
+        sink[0] = True
+        logsp = np.zeros(n, bool)
+        logsp[sp] = True
+        logsp[0] = False
+        recent = np.zeros(n, bool)
+        recent[lo] = True
+        for h in range(NH):
+            g = h // (NH // NKV)
+            s = k[:n, g] @ q[i, h] * SCALE
+            p = softmax(s)
+            for tier, msk in (("low", is_low), ("sink", sink), ("logsparse", logsp), ("recent", recent)):
+                add(f"mass_{tier}_exact", p[msk].sum())
+            for name, (full_k, full_var) in coded.items():
+                kk = np.where(is_low[:, None], full_k[:n, g], k[:n, g])
+                sq = kk @ q[i, h] * SCALE
+                pq = softmax(sq)
+                add(f"mass_low_{name}", pq[is_low].sum())
+                add(f"mass_sink_{name}", pq[0])
+                add(f"kl_{name}", (p * (np.log(p + 1e-30) - np.log(pq + 1e-30))).sum())
+                for tag, fv in (("+bc", full_var[0]), ("+bc_step", full_var[1])):
+                    sig2 = noise_variance(q[i, h], fv[:n, g])
+                    pc = softmax(np.where(is_low, sq - sig2 / 2.0, sq))
+                    add(f"mass_low_{name}{tag}", pc[is_low].sum())
+                    add(f"kl_{name}{tag}", (p * (np.log(p + 1e-30) - np.log(pc + 1e-30))).sum())
+                    if tag == "+bc":
+                        add(f"sigma2_{name}", sig2[is_low].mean() if is_low.any() else 0.0)
+    return {k_: float(np.mean(v)) for k_, v in acc.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="qwen2.5-coder-0.5b")
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--queries", type=int, default=64, help="last queries measured per layer")
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+    t0 = time.time()
+    path = models.model_path(a.model)
+    llm = Llama(str(path), n_ctx=256, verbose=False)
+    ids, used = corpus.token_stream(lambda s: llm.tokenize(s.encode(), add_bos=False), "code", a.tokens)
+    llm.close()
+    r = GGUFReader(path)
+    T = {t.name: t for t in r.tensors}
+
+    def Wt(name):
+        t = T[name]
+        return dequantize(t.data, t.tensor_type).reshape(tuple(int(x) for x in reversed(t.shape))).astype(np.float32)
+
+    def rms(x, w):
+        return (x / np.sqrt((x * x).mean(-1, keepdims=True) + EPS)) * w
+
+    N = len(ids)
+    x = Wt("token_embd.weight")[np.array(ids)]
+    posN = np.arange(N, dtype=np.float64)
+    mask = np.triu(np.full((N, N), -np.inf, dtype=np.float32), 1)
+    queries = list(range(N - a.queries, N))
+    methods = {"minmax": quant_minmax, "mse": quant_mse, "lsq": quant_lsq}
+    n_layer = int(r.fields["qwen2.block_count"].parts[-1][0])
+    report = {"model": a.model, "tokens": N, "queries": a.queries, "window": W, "group": G, "layers": {}}
+    for il in range(n_layer):
+        pre = f"blk.{il}."
+        h = rms(x, Wt(pre + "attn_norm.weight"))
+        q = (h @ Wt(pre + "attn_q.weight").T + Wt(pre + "attn_q.bias")).reshape(N, NH, HD)
+        kp = (h @ Wt(pre + "attn_k.weight").T + Wt(pre + "attn_k.bias")).reshape(N, NKV, HD)
+        v = (h @ Wt(pre + "attn_v.weight").T + Wt(pre + "attn_v.bias")).reshape(N, NKV, HD)
+        q, k = rope(q, posN), rope(kp, posN)
+        report["layers"][il] = layer_stats(q, k, kp, queries, methods)
+        print(il, {kk: round(vv, 4) for kk, vv in report["layers"][il].items()}, f"{time.time() - t0:.0f}s",
+              flush=True)
+        out = np.empty((N, NH, HD), dtype=np.float32)
+        for hh in range(NH):
+            g = hh // (NH // NKV)
+            s = q[:, hh] @ k[:, g].T * SCALE + mask
+            p = np.exp(s - s.max(1, keepdims=True))
+            p /= p.sum(1, keepdims=True)
+            out[:, hh] = p @ v[:, g]
+        x = x + out.reshape(N, -1) @ Wt(pre + "attn_output.weight").T
+        h2 = rms(x, Wt(pre + "ffn_norm.weight"))
+        gt, up = h2 @ Wt(pre + "ffn_gate.weight").T, h2 @ Wt(pre + "ffn_up.weight").T
+        x = x + ((gt / (1 + np.exp(-gt))) * up) @ Wt(pre + "ffn_down.weight").T
+    a.out.mkdir(parents=True, exist_ok=True)
+    report["texts"] = used
+    (a.out / "key_noise.json").write_text(json.dumps(report, indent=1))
+    write_markdown(report, a.out / "key_noise.md")
+
+
+def write_markdown(rep: dict, path: Path) -> None:
+    cols = ["mass_low_exact", "mass_low_minmax", "mass_low_minmax+bc", "mass_sink_exact", "mass_sink_minmax",
+            "mass_logsparse_exact", "mass_recent_exact", "kl_minmax", "kl_minmax+bc", "kl_mse", "kl_mse+bc", "kl_mse+bc_step", "kl_lsq", "kl_lsq+bc_step"]
+    lines = ["| layer | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for il, row in rep["layers"].items():
+        lines.append(f"| {il} | " + " | ".join(f"{row[c]:.4f}" for c in cols) + " |")
+    mean = {c: np.mean([row[c] for row in rep["layers"].values()]) for c in cols}
+    lines.append("| mean | " + " | ".join(f"{mean[c]:.4f}" for c in cols) + " |")
+    path.write_text(f"Qwen2.5-Coder-0.5B, {rep['tokens']} tokens of code, last {rep['queries']} queries, "
+                    f"W = {rep['window']}, G = {rep['group']}; means over queries and heads.\n\n"
+                    + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
