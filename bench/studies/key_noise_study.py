@@ -72,13 +72,22 @@ def quant_minmax(x: np.ndarray, levels: int = 3) -> tuple[np.ndarray, np.ndarray
     return y, v, v
 
 
+def keep_best(best, y, e, d):
+    """Per group, the candidate (codes' values y, squared error e, step d) with the smaller error."""
+    if best is None:
+        return y, e, d[..., 0]
+    better = e < best[1]
+    return (np.where(better[..., None], y, best[0]), np.where(better, e, best[1]),
+            np.where(better, d[..., 0], best[2]))
+
+
 def quant_mse(x: np.ndarray, levels: int = 3, steps: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """Codes over the [lo, hi] inside [min, max] with the least squared error, searched on a
     grid of shrinks lo = min + i r / (2 steps), hi = max - j r / (2 steps); error variance as
     measured."""
     lo0, hi0 = x.min(-1, keepdims=True), x.max(-1, keepdims=True)
     r = hi0 - lo0
-    best_y, best_e, best_d = None, None, None
+    best = None
     for i in range(steps):
         for j in range(steps):
             lo = lo0 + r * (i / (2 * steps))
@@ -86,15 +95,8 @@ def quant_mse(x: np.ndarray, levels: int = 3, steps: int = 8) -> tuple[np.ndarra
             d = (hi - lo) / levels
             safe = np.where(d > 0, d, 1.0)
             y = np.clip(np.floor((x - lo) / safe + 0.5), 0, levels) * d + lo
-            e = ((y - x) ** 2).sum(-1)
-            if best_e is None:
-                best_y, best_e, best_d = y, e, d[..., 0]
-            else:
-                better = e < best_e
-                best_y = np.where(better[..., None], y, best_y)
-                best_e = np.where(better, e, best_e)
-                best_d = np.where(better, d[..., 0], best_d)
-    return best_y, best_e / x.shape[-1], best_d ** 2 / 12.0
+            best = keep_best(best, y, ((y - x) ** 2).sum(-1), d)
+    return best[0], best[1] / x.shape[-1], best[2] ** 2 / 12.0
 
 
 def quant_lsq(x: np.ndarray, levels: int = 3, iters: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -102,27 +104,20 @@ def quant_lsq(x: np.ndarray, levels: int = 3, iters: int = 4) -> tuple[np.ndarra
     re-round; the best round kept (llama.cpp's k-quants search the same way). O(n) per round."""
     lo, hi = x.min(-1, keepdims=True), x.max(-1, keepdims=True)
     d, m = (hi - lo) / levels, lo
-    best_y, best_e, best_d = None, None, None
+    best = None
     n = x.shape[-1]
     for _ in range(iters + 1):
         safe = np.where(d > 0, d, 1.0)
         c = np.clip(np.floor((x - m) / safe + 0.5), 0, levels)
         y = c * d + m
-        e = ((y - x) ** 2).sum(-1)
-        if best_e is None:
-            best_y, best_e, best_d = y, e, d[..., 0]
-        else:
-            better = e < best_e
-            best_y = np.where(better[..., None], y, best_y)
-            best_e = np.where(better, e, best_e)
-            best_d = np.where(better, d[..., 0], best_d)
+        best = keep_best(best, y, ((y - x) ** 2).sum(-1), d)
         sc, sx = c.sum(-1, keepdims=True), x.sum(-1, keepdims=True)
         scc, scx = (c * c).sum(-1, keepdims=True), (c * x).sum(-1, keepdims=True)
         den = n * scc - sc * sc
         ok = den > 0
         d = np.where(ok, (n * scx - sc * sx) / np.where(ok, den, 1.0), d)
         m = np.where(ok, (sx - d * sc) / n, m)
-    return best_y, best_e / n, best_d ** 2 / 12.0
+    return best[0], best[1] / n, best[2] ** 2 / 12.0
 
 
 def quantize_tier(kp: np.ndarray, idx: np.ndarray, method):
