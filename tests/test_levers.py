@@ -8,6 +8,7 @@ import pytest
 from test_logquant import W, last_logits, load, tokens
 
 from logquant_gguf import kv_types
+from logquant_gguf.bench.env import tool_env
 
 N = 300  # tokens: most of them in the low-bit tier (the f16 tier holds at most 3W = 24)
 
@@ -212,7 +213,6 @@ def test_code_settings_reach_the_cache_and_fit_is_closer(tiny_model):
         sizes.append(llm.kv_stats()["tiers"]["q2"]["bytes"])
         llm.close()
     assert sizes[0] == sizes[1]
-    from logquant_gguf.bench.env import tool_env
     assert tool_env("logquant")["LOGQUANT_FIT"] == "1"
     assert tool_env("logquant+minmax+bc")["LOGQUANT_FIT"] == "0"
     assert tool_env("logquant+minmax+bc")["LOGQUANT_SCORE_CORRECTION"] == "1"

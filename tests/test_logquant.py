@@ -141,7 +141,7 @@ def test_decode_shared_by_more_threads_than_kv_heads(tiny_model):
 
 @pytest.mark.parametrize("kv_type", ["logquant", "q2_window"])
 @pytest.mark.parametrize("fit", [False, True])
-def test_state_round_trip_gives_identical_logits(tiny_model, kv_type, fit):
+def test_state_round_trip_continues_the_saved_context(tiny_model, kv_type, fit):
     """A restored context continues as the saved one would have: the cache's bytes after the
     continuation are identical, but some logits differ at float-rounding level (up to 2e-5 on
     this model, some steps only), with min/max scales too (there this test's last step happens

@@ -49,11 +49,10 @@ def variant(base: str, layers: list[int], codes: str) -> str:
     return base + "".join(f"+L{il}:{codes}" for il in sorted(layers))
 
 
-def logquant_layers(cfg: BenchConfig, base: str, codes: str, n_layer: int) -> list[int]:
-    """The layers the cache holds in its low-bit tier: those whose override changes the bits
-    (Gemma's sliding-window layers stay f16 and ignore one)."""
-    b0 = bits_per_value(cfg, base)
-    return [il for il in range(n_layer) if bits_per_value(cfg, variant(base, [il], codes)) != b0]
+def logquant_layers(cfg: BenchConfig, base: str, base_bits: float, codes: str, n_layer: int) -> list[int]:
+    """The layers the cache holds in its low-bit tier: those whose override changes the base's
+    bits per value (Gemma's sliding-window layers stay f16 and ignore one)."""
+    return [il for il in range(n_layer) if bits_per_value(cfg, variant(base, [il], codes)) != base_bits]
 
 
 def _counts(text: str | None, n: int) -> list[int]:
@@ -72,7 +71,8 @@ def run(cfg: BenchConfig, args: argparse.Namespace) -> PartResult:
     probe = cfg.session("f16", 64)
     n_layer = probe.llm.n_layer()
     probe.close()
-    layers = logquant_layers(cfg, args.base, codes, n_layer)
+    base_bits = bits_per_value(cfg, args.base)
+    layers = logquant_layers(cfg, args.base, base_bits, codes, n_layer)
     if not layers:
         raise ValueError(f"{args.base}: no layer of this model is in a LogQuant low-bit tier")
 
@@ -102,14 +102,14 @@ def run(cfg: BenchConfig, args: argparse.Namespace) -> PartResult:
                         f"`{r['layer_bits']}`"] for n, r in recipes.items()])
     md = (f"Prompt {n_prompt} tokens, then {steps} teacher-forced decode steps, KL(f16 || cache) per "
           f"step. Base `{args.base}`: KL mean {report.fmt(base_kl)}, "
-          f"{report.fmt(bits_per_value(cfg, args.base))} bits/value (low-bit tier). One layer at a "
+          f"{report.fmt(base_bits)} bits/value (low-bit tier). One layer at a "
           f"time with {codes} codes:\n\n{t1}\n\n"
           f"The best layers together (use with `logquant_layer_bits` or `--layer-bits`):\n\n{t2}\n")
     fig = report.bar_plot(cfg.out_dir / "layers.png", f"KL gain from {codes} codes per layer, {cfg.model.slug}",
                           [str(il) for il in layers], {"gain": [gains[il] for il in layers]},
                           "mean KL gain (nats)")
     return PartResult(settings={"prompt_tokens": n_prompt, "steps": steps, "text": args.text, "base": args.base,
-                                "codes": codes, "layers": layers},
+                                "base_bits_per_value": base_bits, "codes": codes, "layers": layers},
                       results={"per_layer": res, "gains": {str(il): g for il, g in gains.items()},
                                "ranked": ranked, "recipes": {str(n): r for n, r in recipes.items()},
                                "recipes_measured": res_whole},
