@@ -143,15 +143,20 @@ def test_layers_ranks_every_logquant_layer_and_measures_the_recipes(tiny_model, 
 
 
 def test_device_runs_keep_logquant_kv_in_host_memory(tiny_model):
-    """--device cuda offloads every layer; a LogQuant cache's attention is CPU code, so its KV
-    cache stays in host memory there (llama.cpp would refuse an offloaded one). On this CPU-only
-    build the context opens the same way."""
+    """--device cuda offloads every layer; without the LogQuant CUDA kernels (this build: the
+    build info lists none) a LogQuant cache's attention is CPU code, so its KV cache stays in
+    host memory there (llama.cpp would refuse an offloaded one); a -DLOGQUANT_CUDA=ON build keeps
+    it in VRAM. On this CPU-only build the context opens the same way."""
+    from logquant_gguf._capi import build_info
     from logquant_gguf.bench.session import Session, placement
 
+    assert build_info()["logquant_gpu_kernels"] == []
     assert placement("cpu", "logquant") == {"n_gpu_layers": 0}
     assert placement("cuda", "q4_0") == {"n_gpu_layers": -1}
     for kv in ("logquant", "q2_window", "logquant+k4"):
         assert placement("cuda", kv) == {"n_gpu_layers": -1, "offload_kqv": False}
+        assert placement("cuda", kv, gpu_kernels=["cuda"]) == {"n_gpu_layers": -1}
+        assert placement("metal", kv, gpu_kernels=["cuda"]) == {"n_gpu_layers": -1, "offload_kqv": False}
     s = Session(str(tiny_model), "logquant", 256, device="cuda")
     try:
         assert s.llm.context_params.offload_kqv is False

@@ -24,14 +24,19 @@ from ..llama import llama_cpp
 _KV_SIZE_RE = re.compile(r"llama_kv_cache: size =\s*([0-9.]+) MiB")
 
 
-def placement(device: str, kv_type: str) -> dict[str, Any]:
-    """Where a context's parts go: every layer on the accelerator unless the device tag is cpu;
-    the LogQuant caches' attention runs on the CPU for now, so their KV cache stays in host memory
-    (offload_kqv=False) while the layers run on the device."""
+def placement(device: str, kv_type: str, gpu_kernels: Sequence[str] | None = None) -> dict[str, Any]:
+    """Where a context's parts go: every layer on the accelerator unless the device tag is cpu.
+    A LogQuant cache stays in host memory there (offload_kqv=False: its attention runs on the
+    CPU) unless this build has the LogQuant kernels for that device (`gpu_kernels`, by default
+    the build info's `logquant_gpu_kernels`: a -DLOGQUANT_CUDA=ON build has "cuda")."""
     if device == "cpu":
         return {"n_gpu_layers": 0}
     if KV_TYPES[parse_variant(kv_type)[0]].is_logquant:
-        return {"n_gpu_layers": -1, "offload_kqv": False}
+        if gpu_kernels is None:
+            from .._capi import build_info
+            gpu_kernels = build_info().get("logquant_gpu_kernels", [])
+        if device not in gpu_kernels:
+            return {"n_gpu_layers": -1, "offload_kqv": False}
     return {"n_gpu_layers": -1}
 
 

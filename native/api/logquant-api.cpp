@@ -25,9 +25,14 @@ extern "C" const char * logquant_build_info(void) {
         }
         // which code path our CPU kernels were compiled with: "avx2" or "scalar"
         const char * kernels = lq2_cpu_has_avx2() ? "avx2" : "scalar";
+#ifdef LOGQUANT_CUDA_KERNELS
+        const char * gpu_kernels = "[\"cuda\"]"; // -DLOGQUANT_CUDA=ON: never run on a GPU by us yet
+#else
+        const char * gpu_kernels = "[]";
+#endif
         return std::string("{\"llama_cpp_pin\": \"") + LOGQUANT_PIN + "\", \"patches\": [" +
                LOGQUANT_PATCHES + "], \"backends\": [" + backends + "], \"logquant_cpu_kernels\": \"" +
-               kernels + "\", \"system_info\": \"" + llama_print_system_info() + "\"}";
+               kernels + "\", \"logquant_gpu_kernels\": " + gpu_kernels + ", \"system_info\": \"" + llama_print_system_info() + "\"}";
     }();
     return info.c_str();
 }

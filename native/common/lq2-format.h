@@ -37,6 +37,8 @@
 #    define LQ2_F32_BITS(x) as_type<uint32_t>(x)
 #    define LQ2_BITS_F32(u) as_type<float>(u)
 #    define LQ2_FMA(a, b, c) metal::fma(a, b, c)
+#    define LQ2_DIV(a, b) metal::precise::divide(a, b)
+#    define LQ2_DEV device
 #elif defined(__CUDACC__)
 #    include <stdint.h>
 #    include <string.h>
@@ -45,6 +47,12 @@
 #    define LQ2_F32_BITS(x) lq2_f32_bits_(x)
 #    define LQ2_BITS_F32(u) lq2_bits_f32_(u)
 #    define LQ2_FMA(a, b, c) fmaf(a, b, c)
+#    if defined(__CUDA_ARCH__)
+#        define LQ2_DIV(a, b) __fdiv_rn(a, b) // ggml-cuda builds with -use_fast_math: keep / exact
+#    else
+#        define LQ2_DIV(a, b) ((a) / (b))
+#    endif
+#    define LQ2_DEV
 #else
 #    include <stdint.h>
 #    include <string.h>
@@ -54,7 +62,12 @@
 #    define LQ2_F32_BITS(x) lq2_f32_bits_(x)
 #    define LQ2_BITS_F32(u) lq2_bits_f32_(u)
 #    define LQ2_FMA(a, b, c) fmaf(a, b, c)
+#    define LQ2_DIV(a, b) ((a) / (b))
+#    define LQ2_DEV
 #endif
+// LQ2_DIV: IEEE division whatever the backend's math flags (CUDA's -use_fast_math turns a plain /
+// into an approximation, and the codes must be the CPU's bytes). LQ2_DEV: the address space of
+// global memory (Metal's `device`; empty elsewhere).
 
 #ifdef __cplusplus
 extern "C" {
@@ -248,7 +261,7 @@ LQ2_INLINE uint32_t lq2_group_params(float lo, float hi, int levels) {
         lo = 0.0f;
         hi = 0.0f;
     }
-    const lq2_half d = lq2_fp32_to_fp16_sat((hi - lo) / (float) levels);
+    const lq2_half d = lq2_fp32_to_fp16_sat(LQ2_DIV(hi - lo, (float) levels));
     const lq2_half m = lq2_fp32_to_fp16_sat(lo);
     return (uint32_t) d | ((uint32_t) m << 16);
 }
@@ -283,11 +296,11 @@ LQ2_INLINE uint32_t lq2_fit_params(struct lq2_fit_sums s, uint32_t keep) {
     if (!(den > 0.0f)) {
         return keep;
     }
-    const float d = LQ2_FMA(s.n, s.scx, -(s.sc * s.sx)) / den;
+    const float d = LQ2_DIV(LQ2_FMA(s.n, s.scx, -(s.sc * s.sx)), den);
     if (!(d > 0.0f) || !lq2_isfinite(d)) {
         return keep;
     }
-    const float m = LQ2_FMA(-d, s.sc, s.sx) / s.n;
+    const float m = LQ2_DIV(LQ2_FMA(-d, s.sc, s.sx), s.n);
     return (uint32_t) lq2_fp32_to_fp16_sat(d) | ((uint32_t) lq2_fp32_to_fp16_sat(m) << 16);
 }
 
@@ -296,7 +309,7 @@ LQ2_INLINE uint32_t lq2_code(float x, float d, float m, int levels) {
     if (d == 0.0f) {
         return 0;
     }
-    const float v = LQ2_FLOOR((x - m) / d + 0.5f);
+    const float v = LQ2_FLOOR(LQ2_DIV(x - m, d) + 0.5f);
     return v >= (float) levels ? (uint32_t) levels : v > 0.0f ? (uint32_t) v : 0u; // NaN fails both tests -> 0
 }
 
@@ -312,6 +325,92 @@ LQ2_INLINE struct lq2_fit_sums lq2_fit_add(struct lq2_fit_sums s, float x, float
     s.scx  = LQ2_FMA(c, x, s.scx);
     s.err  = LQ2_FMA(e, e, s.err);
     return s;
+}
+
+// ---- one block, as every backend quantizes it
+
+// The fitted params (the rounds above) of n values at x with stride sx, from the min/max params p;
+// non-finite values (NaN marks an absent token) are left out.
+LQ2_INLINE uint32_t lq2_fit_block(const LQ2_DEV float * x, int64_t sx, int n, int L, uint32_t p) {
+    uint32_t best = p;
+    float best_err = INFINITY;
+    for (int r = 0; r <= LQ2_FIT_ROUNDS; ++r) {
+        const float d = lq2_fp16_to_fp32(LQ2_PARAMS_D(p)), m = lq2_fp16_to_fp32(LQ2_PARAMS_M(p));
+        struct lq2_fit_sums s = lq2_fit_start();
+        for (int j = 0; j < n; ++j) {
+            const float v = x[j * sx];
+            if (lq2_isfinite(v)) {
+                s = lq2_fit_add(s, v, d, m, L);
+            }
+        }
+        if (s.err < best_err) {
+            best_err = s.err;
+            best = p;
+        }
+        const uint32_t next = lq2_fit_params(s, p);
+        if (next == p) {
+            break;
+        }
+        p = next;
+    }
+    return best;
+}
+
+// One block of n b-bit codes from n values at x with stride sx, of which the first n_valid are
+// present (the rest get code 0); fit: fitted params instead of min/max. The CPU's reference and
+// the CUDA demotion both run this, so they store the same bytes.
+LQ2_INLINE void lq2_quantize_block(const LQ2_DEV float * x, int64_t sx, int n_valid, int n, int b, int fit,
+                                   LQ2_DEV uint8_t * blk) {
+    float lo = INFINITY, hi = -INFINITY;
+    for (int j = 0; j < n_valid; ++j) {
+        const float v = x[j * sx];
+        if (lq2_isfinite(v)) {
+            lo = v < lo ? v : lo;
+            hi = v > hi ? v : hi;
+        }
+    }
+    const int L = LQ2_LEVELS_B(b);
+    uint32_t p = lq2_group_params(lo, hi, L);
+    p = fit ? lq2_fit_block(x, sx, n_valid, L, p) : p;
+    LQ2_DEV lq2_half * h = (LQ2_DEV lq2_half *) blk;
+    h[0] = LQ2_PARAMS_D(p);
+    h[1] = LQ2_PARAMS_M(p);
+    const float d = lq2_fp16_to_fp32(LQ2_PARAMS_D(p)), m = lq2_fp16_to_fp32(LQ2_PARAMS_M(p));
+    LQ2_DEV uint8_t * qs = blk + 4;
+    const int nb = n * b / 8;
+    for (int l = 0; l < nb; ++l) { // byte l: codes l, l + nb, l + 2 nb, ...
+        uint32_t byte = 0;
+        for (int k = 0; k < 8 / b; ++k) {
+            const int j = l + k * nb;
+            byte |= (j < n_valid ? lq2_code(x[j * sx], d, m, L) : 0u) << (b * k);
+        }
+        qs[l] = (uint8_t) byte;
+    }
+}
+
+// ---- RoPE at demotion: keys leave the f16 tier post-RoPE and are un-rotated at their position
+// before they are quantized; the CPU and CUDA demotions share this arithmetic so that they store
+// the same codes.
+
+#if !defined(__METAL_VERSION__)
+// Angle per unit of position of rotation pair i, in double (Metal, without double, will need its
+// own rule and an error bound).
+LQ2_INLINE double lq2_rope_freq(int i, int n_dims, float freq_base, float freq_scale) {
+    return (double) freq_scale * pow((double) freq_base, -2.0 * (double) i / (double) n_dims);
+}
+#endif
+
+struct lq2_pair {
+    float a, b;
+};
+
+// R^T (x0, x1) / mscale for a pair rotated by (c, s) = (cos, sin) of its angle: explicit fmas and
+// IEEE division, so no compiler's contraction or fast-math flag changes the result.
+LQ2_INLINE struct lq2_pair lq2_unrotate_pair(float x0, float x1, float c, float s, float mscale) {
+    struct lq2_pair r;
+    r.a = LQ2_DIV(LQ2_FMA(x0, c, x1 * s), mscale);
+    r.b = LQ2_DIV(LQ2_FMA(x1, c, -(x0 * s)), mscale);
+    return r;
 }
 
 // ---- bias correction of low-bit scores (lq2_tier_q2.score_correction)

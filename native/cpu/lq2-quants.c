@@ -58,54 +58,10 @@ static inline void blk_set_params(uint8_t * blk, uint32_t p) {
 static inline float blk_d(const uint8_t * blk) { return lq2_fp16_to_fp32(((const lq2_half *) blk)[0]); }
 static inline float blk_m(const uint8_t * blk) { return lq2_fp16_to_fp32(((const lq2_half *) blk)[1]); }
 
-// Least-squares fitted params (lq2-format.h) from the min/max ones p: LQ2_FIT_ROUNDS refits, the
-// params with the smallest squared error kept (p when nothing beats it). n values at x with stride
-// sx, non-finite ones (NaN marks an absent token) left out. Scalar and shared by both paths, so
-// they store the same bytes.
-static uint32_t fit_params(const float * x, int64_t sx, int n, int L, uint32_t p) {
-    uint32_t best = p;
-    float best_err = INFINITY;
-    for (int r = 0; r <= LQ2_FIT_ROUNDS; ++r) {
-        const float d = lq2_fp16_to_fp32(LQ2_PARAMS_D(p)), m = lq2_fp16_to_fp32(LQ2_PARAMS_M(p));
-        struct lq2_fit_sums s = lq2_fit_start();
-        for (int j = 0; j < n; ++j) {
-            const float v = x[j * sx];
-            if (lq2_isfinite(v)) {
-                s = lq2_fit_add(s, v, d, m, L);
-            }
-        }
-        if (s.err < best_err) {
-            best_err = s.err;
-            best = p;
-        }
-        const uint32_t next = lq2_fit_params(s, p);
-        if (next == p) {
-            break;
-        }
-        p = next;
-    }
-    return best;
-}
-
-// n values at x with stride sx, of which the first n_valid are present; b-bit codes.
+// The scalar block quantizer is lq2-format.h's lq2_quantize_block (shared with the CUDA demotion);
+// the AVX2 one below stores the same bytes (its params come from the same lq2_fit_block).
 static void quant_block_ref(const float * x, int64_t sx, int n_valid, int n, int b, int fit, uint8_t * blk) {
-    float lo = INFINITY, hi = -INFINITY;
-    for (int j = 0; j < n_valid; ++j) {
-        const float v = x[j * sx];
-        if (lq2_isfinite(v)) {
-            lo = v < lo ? v : lo;
-            hi = v > hi ? v : hi;
-        }
-    }
-    const int L = LQ2_LEVELS_B(b);
-    const uint32_t p = lq2_group_params(lo, hi, L);
-    blk_set_params(blk, fit ? fit_params(x, sx, n_valid, L, p) : p);
-    const float d = blk_d(blk), m = blk_m(blk);
-    uint8_t * qs = blk + 4;
-    memset(qs, 0, (size_t) n * b / 8);
-    for (int j = 0; j < n_valid; ++j) {
-        qs[LQ2_CODE_BYTE_B(j, n, b)] |= (uint8_t) (lq2_code(x[j * sx], d, m, L) << LQ2_CODE_SHIFT_B(j, n, b));
-    }
+    lq2_quantize_block(x, sx, n_valid, n, b, fit, blk);
 }
 
 static void dequant_block_ref(const uint8_t * blk, int n, int b, float * y) {
@@ -140,7 +96,7 @@ static void quant_block_avx2(const float * x, int n, int b, int fit, uint8_t * b
     h4 = _mm_max_ss(h4, _mm_shuffle_ps(h4, h4, 1));
     const int L = LQ2_LEVELS_B(b);
     const uint32_t p = lq2_group_params(_mm_cvtss_f32(l4), _mm_cvtss_f32(h4), L);
-    blk_set_params(blk, fit ? fit_params(x, 1, n, L, p) : p);
+    blk_set_params(blk, fit ? lq2_fit_block(x, 1, n, L, p) : p);
 
     uint8_t * qs = blk + 4;
     const int nb = n * b / 8, per_byte = 8 / b; // code j -> byte j % nb, bits b * (j / nb)

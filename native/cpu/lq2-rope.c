@@ -5,7 +5,7 @@
 
 // Angle per unit of position for pair i (the position multiplies it).
 static double rope_freq(const struct lq2_rope_params * p, int i) {
-    return (double) p->freq_scale * pow((double) p->freq_base, -2.0 * (double) i / (double) p->n_dims);
+    return lq2_rope_freq(i, p->n_dims, p->freq_base, p->freq_scale);
 }
 
 // Channels of pair i.
@@ -31,9 +31,10 @@ void lq2_rope_rows(const struct lq2_rope_params * p, float * x, int head_dim, in
         for (int h = 0; h < n_head; ++h) {
             float * r = x + (int64_t) h * head_dim;
             const float x0 = r[a], x1 = r[b];
-            if (inverse) { // R^T x / mscale
-                r[a] = (x0 * c + x1 * s) / ms;
-                r[b] = (x1 * c - x0 * s) / ms;
+            if (inverse) { // R^T x / mscale, as the CUDA demotion computes it
+                const struct lq2_pair u = lq2_unrotate_pair(x0, x1, c, s, ms);
+                r[a] = u.a;
+                r[b] = u.b;
             } else {
                 r[a] = (x0 * c - x1 * s) * ms;
                 r[b] = (x0 * s + x1 * c) * ms;

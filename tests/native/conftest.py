@@ -14,7 +14,8 @@ import pytest
 from lq2_ctypes import declare
 
 ROOT = Path(__file__).resolve().parents[2]
-C_SOURCES = ["native/cpu/lq2-quants.c", "native/cpu/lq2-rope.c", "native/cpu/lq2-attn.c"]
+C_SOURCES = ["native/cpu/lq2-quants.c", "native/cpu/lq2-rope.c", "native/cpu/lq2-attn.c",
+             "tests/native/lq2_attn_block_host.c"]  # the GPU kernels' per-thread work, run on the host
 CXX_SOURCES = ["native/common/logquant-policy.cpp"]
 WARN = ["-Wall", "-Wextra", "-Werror"]
 

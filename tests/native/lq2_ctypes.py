@@ -67,6 +67,10 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     sig["lq2_attn_partial"] = ([ctypes.POINTER(AttnParams), F32P, ctypes.POINTER(TierF16),
                                 ctypes.POINTER(TierQ2), INT, INT, F32P, F32P, F32P, VOIDP], ctypes.c_int)
     sig["lq2_attn_merge"] = ([INT, INT, F32P, ctypes.c_size_t, F32P], None)
+    # the GPU decode attention's per-thread functions run on the host (lq2_attn_block_host.c)
+    sig["lq2_ab_emulate_block"] = ([ctypes.POINTER(AttnParams), F32P, ctypes.POINTER(TierF16),
+                                    ctypes.POINTER(TierQ2), INT, INT, F32P], ctypes.c_int)
+    sig["lq2_ab_emulate_combine"] = ([INT, INT, F32P, I64, INT, F32P], None)
     for name, (args, res) in sig.items():
         f = getattr(lib, name)
         f.argtypes, f.restype = args, res

@@ -1,0 +1,365 @@
+// lq2-attn-block.h: the per-thread work of the GPU decode attention over LogQuant's two tiers.
+//
+// One thread block (CUDA) / threadgroup (Metal) of LQ2_AB_THREADS threads computes one part of
+// one query token's attention for the query heads of ONE kv head: a share of the f16 tier's cells
+// and of the 2-bit key groups (the same shares as the CPU op's parts), leaving unnormalized rows
+// and the online-softmax state (M, S) that a combine step merges, as lq2_attn_merge does on the
+// CPU. The kernels (native/cuda/lq2-attn.cu, later Metal) are thin loops that call the phase
+// functions below with a barrier after each; the host tests (tests/native/lq2_attn_block_host.c)
+// run the same functions over every thread index, phase by phase, in several thread orders, and
+// compare with the CPU reference (lq2_attn_partial_ref). Written once for C, CUDA and Metal: the
+// address-space macros are empty outside Metal.
+//
+// A chunk is up to LQ2_AB_CHUNK f16 tokens or one 2-bit key group (G <= LQ2_AB_CHUNK tokens);
+// per chunk, between barriers:
+//   1. score   thread t < n: token t's raw dot products with every query head of the kv head,
+//              finished as ggml's flash attention does (scale, softcap, + slope * mask). A 2-bit
+//              key is dequantized and re-rotated in registers: thread t reads byte
+//              LQ2_CODE_BYTE_B(t) of each channel's block, both channels of a RoPE pair at once,
+//              and the group's cos/sin rows (f16, the cache's table) at index t.
+//              (2-bit with score correction: phase 0, threads jj < gq, computes each head's
+//              correction first.)
+//   2. max     thread jj < gq: the chunk's max for query head jj, the new running max, and the
+//              factor alpha that rescales the head's sums.
+//   3. weight  thread t < n: exp(score - M) for every head (0 for masked tokens).
+//   4. fold    thread i: channels i, i + T, ... of every head's running output: rescaled by alpha,
+//              plus the chunk's weighted values (2-bit values dequantized per (token, channel));
+//              threads jj < gq also update S.
+// Nothing a thread writes in a phase is read by another thread in the same phase.
+#pragma once
+
+#include "lq2-format.h"
+
+#if defined(__METAL_VERSION__)
+#    define LQ2_DEV device       // global memory
+#    define LQ2_TG  threadgroup  // memory shared by the block
+#    define LQ2_TH  thread       // a thread's own registers / stack
+#    define LQ2_EXPF(x)  metal::precise::exp(x)
+#    define LQ2_TANHF(x) metal::precise::tanh(x)
+#    define LQ2_POWF(x, y) metal::precise::pow(x, y)
+#    define LQ2_LOG2F(x) metal::precise::log2(x)
+#else
+#    define LQ2_DEV
+#    define LQ2_TG
+#    define LQ2_TH
+#    define LQ2_EXPF(x)  expf(x)
+#    define LQ2_TANHF(x) tanhf(x)
+#    define LQ2_POWF(x, y) powf(x, y)
+#    define LQ2_LOG2F(x) log2f(x)
+#    if !defined(__CUDACC__)
+#        include <math.h>
+#    endif
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define LQ2_AB_THREADS 128 // threads per block
+#define LQ2_AB_CHUNK   128 // f16 tokens per chunk (one per thread); 2-bit chunks are one key group
+#define LQ2_AB_MAX_GQ  8   // query heads per kv head
+#define LQ2_AB_MAX_D   512 // head size
+#define LQ2_AB_MAX_R   (LQ2_AB_MAX_D / LQ2_AB_THREADS) // channels per thread and head
+#define LQ2_AB_ACC     (LQ2_AB_MAX_GQ * LQ2_AB_MAX_R)  // a thread's running-output registers
+
+// What one block needs to know besides its pointers (plain values: a kernel argument).
+struct lq2_ab_shape {
+    int32_t D;        // head size, a multiple of 64, <= LQ2_AB_MAX_D
+    int32_t gq;       // query heads per kv head, <= LQ2_AB_MAX_GQ
+    int32_t n_head;   // query heads in all (ALiBi slopes depend on it)
+    int32_t hk;       // this block's kv head: query heads hk * gq .. hk * gq + gq - 1
+    float   scale;
+    float   softcap;  // 0: off
+    float   max_bias; // ALiBi, 0: off
+    int32_t G;        // 2-bit tier: tokens per key group, code bits
+    int32_t k_bits;
+    int32_t v_bits;
+    int32_t rope_mode;   // LQ2_ROPE_NORMAL (0) or LQ2_ROPE_NEOX (2), as lq2-rope.h
+    int32_t rope_n_dims; // 0: keys stored post-RoPE (no table)
+    float   rope_attn_factor;
+    int32_t score_correction;
+};
+
+// The block's shared memory.
+struct lq2_ab_shared {
+    float q[LQ2_AB_MAX_GQ * LQ2_AB_MAX_D]; // the query heads, [jj][D]
+    float s[LQ2_AB_MAX_GQ * LQ2_AB_CHUNK]; // scores of the chunk, then their weights, [jj][t]
+    float M[LQ2_AB_MAX_GQ];                // running max, sum, the chunk's rescale factor
+    float S[LQ2_AB_MAX_GQ];
+    float alpha[LQ2_AB_MAX_GQ];
+    float slope[LQ2_AB_MAX_GQ];            // ALiBi slope (1 without max_bias)
+    float corr[LQ2_AB_MAX_GQ];             // score correction of the current 2-bit group
+};
+
+LQ2_INLINE int lq2_ab_channels_per_thread(int D) {
+    return (D + LQ2_AB_THREADS - 1) / LQ2_AB_THREADS;
+}
+
+// The shapes the kernels take; anything else stays on the CPU (supports_op says no).
+LQ2_INLINE int lq2_ab_supported(int D, int gq, int G, int k_bits, int v_bits, int rope_mode, int n_dims) {
+    return D > 0 && D % LQ2_QK_V == 0 && D <= LQ2_AB_MAX_D && gq >= 1 && gq <= LQ2_AB_MAX_GQ &&
+           G <= LQ2_AB_CHUNK && lq2_key_type_b(G, k_bits) >= 0 && lq2_value_type(v_bits) >= 0 &&
+           (rope_mode == 0 || rope_mode == 2) && n_dims >= 0 && n_dims <= D && n_dims % 2 == 0;
+}
+
+// ALiBi slope of query head h, as ggml defines it (heads past the largest power of two get odd
+// powers of m1); lq2-attn.c's make_head_ctx computes the same.
+LQ2_INLINE float lq2_ab_slope(float max_bias, int n_head, int h) {
+    if (!(max_bias > 0.0f)) {
+        return 1.0f;
+    }
+    const int   n2 = 1 << (int) LQ2_FLOOR(LQ2_LOG2F((float) n_head));
+    const float m0 = LQ2_POWF(2.0f, -max_bias / (float) n2);
+    const float m1 = LQ2_POWF(2.0f, -(max_bias / 2.0f) / (float) n2);
+    return h < n2 ? LQ2_POWF(m0, (float) (h + 1)) : LQ2_POWF(m1, (float) (2 * (h - n2) + 1));
+}
+
+// A raw dot product -> the score flash attention folds.
+LQ2_INLINE float lq2_ab_finish(const LQ2_TH struct lq2_ab_shape * sh, float dot, float slope, float mask) {
+    float v;
+    if (sh->softcap != 0.0f) {
+        v = sh->softcap * LQ2_TANHF(dot * (sh->scale / sh->softcap));
+    } else {
+        v = dot * sh->scale;
+    }
+    return v + slope * mask;
+}
+
+// Code j of a block of n b-bit codes, and the value it stands for.
+LQ2_INLINE float lq2_ab_block_value(const LQ2_DEV uint8_t * blk, int n, int b, int j) {
+    const LQ2_DEV lq2_half * h = (const LQ2_DEV lq2_half *) blk;
+    const int q = (blk[4 + LQ2_CODE_BYTE_B(j, n, b)] >> LQ2_CODE_SHIFT_B(j, n, b)) & LQ2_LEVELS_B(b);
+    return lq2_fp16_to_fp32(h[0]) * (float) q + lq2_fp16_to_fp32(h[1]);
+}
+
+// ---- phase 0 of the block: the query heads into shared memory, the softmax state reset.
+// q: query head hk * gq at q, head jj at q + jj * q_head_stride (floats). acc: the thread's
+// running-output registers (LQ2_AB_ACC floats).
+LQ2_INLINE void lq2_ab_begin(int ith, const LQ2_TH struct lq2_ab_shape * sh, const LQ2_DEV float * q,
+                             int64_t q_head_stride, LQ2_TG struct lq2_ab_shared * sm, LQ2_TH float * acc) {
+    for (int i = ith; i < sh->gq * sh->D; i += LQ2_AB_THREADS) {
+        sm->q[i] = q[(int64_t) (i / sh->D) * q_head_stride + i % sh->D];
+    }
+    if (ith < sh->gq) {
+        sm->M[ith]     = -INFINITY;
+        sm->S[ith]     = 0.0f;
+        sm->alpha[ith] = 1.0f;
+        sm->slope[ith] = lq2_ab_slope(sh->max_bias, sh->n_head, sh->hk * sh->gq + ith);
+        sm->corr[ith]  = 0.0f;
+    }
+    for (int r = 0; r < LQ2_AB_ACC; ++r) {
+        acc[r] = 0.0f;
+    }
+}
+
+// ---- phase 1, f16 tier: thread t scores its token; k: the token's key row of this kv head (f16,
+// post-RoPE), mask: its kq_mask entry.
+LQ2_INLINE void lq2_ab_score_f16(int t, const LQ2_TH struct lq2_ab_shape * sh, const LQ2_DEV lq2_half * k,
+                                 float mask, LQ2_TG struct lq2_ab_shared * sm) {
+    float dot[LQ2_AB_MAX_GQ];
+    for (int jj = 0; jj < sh->gq; ++jj) {
+        dot[jj] = 0.0f;
+    }
+    for (int c = 0; c < sh->D; ++c) {
+        const float kc = lq2_fp16_to_fp32(k[c]);
+        for (int jj = 0; jj < sh->gq; ++jj) {
+            dot[jj] = LQ2_FMA(sm->q[jj * sh->D + c], kc, dot[jj]);
+        }
+    }
+    for (int jj = 0; jj < sh->gq; ++jj) {
+        sm->s[jj * LQ2_AB_CHUNK + t] = lq2_ab_finish(sh, dot[jj], sm->slope[jj], mask);
+    }
+}
+
+// ---- phase 0b, 2-bit tier with score correction: thread jj < gq computes its head's correction
+// for the group (lq2-format.h; lq2-attn.c's correct_scores computes the same). kg: this kv head's
+// first channel block in the group.
+LQ2_INLINE void lq2_ab_correction(int jj, const LQ2_TH struct lq2_ab_shape * sh, const LQ2_DEV uint8_t * kg,
+                                  LQ2_TG struct lq2_ab_shared * sm) {
+    const int   kbs  = LQ2_BLOCK_BYTES_B(sh->G, sh->k_bits);
+    const int   nd   = sh->rope_n_dims, half = nd / 2;
+    const float af2  = sh->rope_attn_factor * sh->rope_attn_factor;
+    const LQ2_TG float * q = sm->q + jj * sh->D;
+    float v = 0.0f;
+    for (int i = 0; i < half; ++i) {
+        const int a = sh->rope_mode == 2 ? i : 2 * i;
+        const int b = sh->rope_mode == 2 ? i + half : 2 * i + 1;
+        const float va = lq2_code_noise_var(lq2_fp16_to_fp32(*(const LQ2_DEV lq2_half *) (kg + a * kbs))) * af2;
+        const float vb = lq2_code_noise_var(lq2_fp16_to_fp32(*(const LQ2_DEV lq2_half *) (kg + b * kbs))) * af2;
+        v += 0.5f * (q[a] * q[a] + q[b] * q[b]) * (va + vb);
+    }
+    for (int c = nd; c < sh->D; ++c) {
+        v += q[c] * q[c] * lq2_code_noise_var(lq2_fp16_to_fp32(*(const LQ2_DEV lq2_half *) (kg + c * kbs)));
+    }
+    sm->corr[jj] = sh->score_correction ? lq2_score_correction(v, sh->scale) : 0.0f;
+}
+
+// ---- phase 1, 2-bit tier: thread t < n scores token t of the group: its key dequantized from
+// each channel's block and re-rotated with the group's cos/sin rows cs (pair i: G cosines, then G
+// sines; unused when rope_n_dims is 0). mask: the token's entry of the 2-bit mask.
+LQ2_INLINE void lq2_ab_score_q2(int t, const LQ2_TH struct lq2_ab_shape * sh, const LQ2_DEV uint8_t * kg,
+                                const LQ2_DEV lq2_half * cs, float mask, LQ2_TG struct lq2_ab_shared * sm) {
+    const int G = sh->G, kb = sh->k_bits, kbs = LQ2_BLOCK_BYTES_B(G, kb);
+    const int nd = sh->rope_n_dims, half = nd / 2, D = sh->D;
+    float dot[LQ2_AB_MAX_GQ];
+    for (int jj = 0; jj < sh->gq; ++jj) {
+        dot[jj] = 0.0f;
+    }
+    for (int i = 0; i < half; ++i) { // a RoPE pair: both channels in this thread's registers
+        const int a = sh->rope_mode == 2 ? i : 2 * i;
+        const int b = sh->rope_mode == 2 ? i + half : 2 * i + 1;
+        const float x0 = lq2_ab_block_value(kg + a * kbs, G, kb, t);
+        const float x1 = lq2_ab_block_value(kg + b * kbs, G, kb, t);
+        const float ct = lq2_fp16_to_fp32(cs[2 * i * G + t]), st = lq2_fp16_to_fp32(cs[2 * i * G + G + t]);
+        const float ka = x0 * ct - x1 * st, kb2 = x0 * st + x1 * ct;
+        for (int jj = 0; jj < sh->gq; ++jj) {
+            dot[jj] = LQ2_FMA(sm->q[jj * D + a], ka, dot[jj]);
+            dot[jj] = LQ2_FMA(sm->q[jj * D + b], kb2, dot[jj]);
+        }
+    }
+    for (int c = nd; c < D; ++c) { // channels RoPE leaves alone (all of them when keys are post-RoPE)
+        const float kc = lq2_ab_block_value(kg + c * kbs, G, kb, t);
+        for (int jj = 0; jj < sh->gq; ++jj) {
+            dot[jj] = LQ2_FMA(sm->q[jj * D + c], kc, dot[jj]);
+        }
+    }
+    for (int jj = 0; jj < sh->gq; ++jj) {
+        sm->s[jj * LQ2_AB_CHUNK + t] = lq2_ab_finish(sh, dot[jj] - sm->corr[jj], sm->slope[jj], mask);
+    }
+}
+
+// ---- phase 2: thread jj < gq, over the chunk's n scores of its head.
+LQ2_INLINE void lq2_ab_max(int jj, int n, LQ2_TG struct lq2_ab_shared * sm) {
+    float mx = -INFINITY;
+    for (int t = 0; t < n; ++t) {
+        const float v = sm->s[jj * LQ2_AB_CHUNK + t];
+        mx = v > mx ? v : mx; // a NaN score is ignored here, as on the CPU
+    }
+    const float M = sm->M[jj];
+    if (mx > M) {
+        sm->alpha[jj] = M == -INFINITY ? 0.0f : LQ2_EXPF(M - mx); // nothing summed yet: any factor
+        sm->M[jj]     = mx;
+    } else {
+        sm->alpha[jj] = 1.0f;
+    }
+}
+
+// ---- phase 3: thread t < n turns its token's scores into weights.
+LQ2_INLINE void lq2_ab_weight(int t, const LQ2_TH struct lq2_ab_shape * sh, LQ2_TG struct lq2_ab_shared * sm) {
+    for (int jj = 0; jj < sh->gq; ++jj) {
+        const float v = sm->s[jj * LQ2_AB_CHUNK + t];
+        sm->s[jj * LQ2_AB_CHUNK + t] = v == -INFINITY ? 0.0f : LQ2_EXPF(v - sm->M[jj]);
+    }
+}
+
+// Threads jj < gq in phase 4: the running sum.
+LQ2_INLINE void lq2_ab_sum(int jj, int n, LQ2_TG struct lq2_ab_shared * sm) {
+    float s = 0.0f;
+    for (int t = 0; t < n; ++t) {
+        s += sm->s[jj * LQ2_AB_CHUNK + t];
+    }
+    sm->S[jj] = LQ2_FMA(sm->S[jj], sm->alpha[jj], s);
+}
+
+// ---- phase 4, f16 tier: thread i folds channels i, i + T, ... of the chunk's n value rows
+// (v: token 0's row of this kv head, rows nb_v bytes apart).
+LQ2_INLINE void lq2_ab_fold_f16(int ith, const LQ2_TH struct lq2_ab_shape * sh, const LQ2_DEV uint8_t * v,
+                                int64_t nb_v, int n, LQ2_TG struct lq2_ab_shared * sm, LQ2_TH float * acc) {
+    const int R = lq2_ab_channels_per_thread(sh->D);
+    for (int r = 0; r < R; ++r) {
+        const int c = ith + r * LQ2_AB_THREADS;
+        if (c >= sh->D) {
+            break;
+        }
+        float o[LQ2_AB_MAX_GQ];
+        for (int jj = 0; jj < sh->gq; ++jj) {
+            o[jj] = acc[jj * LQ2_AB_MAX_R + r] * sm->alpha[jj];
+        }
+        for (int t = 0; t < n; ++t) {
+            const float vc = lq2_fp16_to_fp32(((const LQ2_DEV lq2_half *) (v + t * nb_v))[c]);
+            for (int jj = 0; jj < sh->gq; ++jj) {
+                o[jj] = LQ2_FMA(sm->s[jj * LQ2_AB_CHUNK + t], vc, o[jj]);
+            }
+        }
+        for (int jj = 0; jj < sh->gq; ++jj) {
+            acc[jj * LQ2_AB_MAX_R + r] = o[jj];
+        }
+    }
+    if (ith < sh->gq) {
+        lq2_ab_sum(ith, n, sm);
+    }
+}
+
+// ---- phase 4, 2-bit tier: the same with 2-bit value rows (v: token 0's first value block of this
+// kv head, rows nb_v bytes apart).
+LQ2_INLINE void lq2_ab_fold_q2(int ith, const LQ2_TH struct lq2_ab_shape * sh, const LQ2_DEV uint8_t * v,
+                               int64_t nb_v, int n, LQ2_TG struct lq2_ab_shared * sm, LQ2_TH float * acc) {
+    const int R = lq2_ab_channels_per_thread(sh->D), vbs = LQ2_BLOCK_BYTES_B(LQ2_QK_V, sh->v_bits);
+    for (int r = 0; r < R; ++r) {
+        const int c = ith + r * LQ2_AB_THREADS;
+        if (c >= sh->D) {
+            break;
+        }
+        float o[LQ2_AB_MAX_GQ];
+        for (int jj = 0; jj < sh->gq; ++jj) {
+            o[jj] = acc[jj * LQ2_AB_MAX_R + r] * sm->alpha[jj];
+        }
+        for (int t = 0; t < n; ++t) {
+            const float vc = lq2_ab_block_value(v + t * nb_v + (c / LQ2_QK_V) * vbs, LQ2_QK_V, sh->v_bits, c % LQ2_QK_V);
+            for (int jj = 0; jj < sh->gq; ++jj) {
+                o[jj] = LQ2_FMA(sm->s[jj * LQ2_AB_CHUNK + t], vc, o[jj]);
+            }
+        }
+        for (int jj = 0; jj < sh->gq; ++jj) {
+            acc[jj * LQ2_AB_MAX_R + r] = o[jj];
+        }
+    }
+    if (ith < sh->gq) {
+        lq2_ab_sum(ith, n, sm);
+    }
+}
+
+// ---- last phase: the part's rows, unnormalized, and (M, S), as lq2_attn_merge reads them: head
+// jj's row at out + jj * (D + 2): D floats, then M, then S.
+LQ2_INLINE void lq2_ab_store(int ith, const LQ2_TH struct lq2_ab_shape * sh, const LQ2_TG struct lq2_ab_shared * sm,
+                             const LQ2_TH float * acc, LQ2_DEV float * out) {
+    const int D = sh->D, R = lq2_ab_channels_per_thread(D);
+    for (int r = 0; r < R; ++r) {
+        const int c = ith + r * LQ2_AB_THREADS;
+        for (int jj = 0; c < D && jj < sh->gq; ++jj) {
+            out[jj * (D + 2) + c] = acc[jj * LQ2_AB_MAX_R + r];
+        }
+    }
+    if (ith < sh->gq) {
+        out[ith * (D + 2) + D]     = sm->M[ith];
+        out[ith * (D + 2) + D + 1] = sm->S[ith];
+    }
+}
+
+// ---- the combine step (its own kernel, one thread per channel): channel c of one head's result
+// from n_part parts part_stride floats apart (lq2_attn_merge's rule: parts whose tokens were all
+// masked are left out; zero when every part was).
+LQ2_INLINE float lq2_ab_combine(int c, int D, int n_part, const LQ2_DEV float * parts, int64_t part_stride) {
+    float M = -INFINITY;
+    for (int i = 0; i < n_part; ++i) {
+        const LQ2_DEV float * pi = parts + i * part_stride;
+        if (pi[D + 1] > 0.0f && pi[D] > M) {
+            M = pi[D];
+        }
+    }
+    float S = 0.0f, o = 0.0f;
+    for (int i = 0; i < n_part; ++i) {
+        const LQ2_DEV float * pi = parts + i * part_stride;
+        if (!(pi[D + 1] > 0.0f)) {
+            continue;
+        }
+        const float w = LQ2_EXPF(pi[D] - M);
+        S = LQ2_FMA(pi[D + 1], w, S);
+        o = LQ2_FMA(w, pi[c], o);
+    }
+    return S > 0.0f ? o / S : 0.0f;
+}
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# scripts/gpu_check.sh: every check of the LogQuant CUDA kernels, on a machine with an NVIDIA GPU.
+#
+#   1. build: the package with -DGGML_CUDA=ON -DLOGQUANT_CUDA=ON and the tools, for this GPU's
+#      architecture only (minutes on 16 cores); LOGQUANT_SKIP_BUILD=1 takes what is installed
+#   2. test-backend-ops for GGML_OP_LQ2_DEMOTE / _ATTN / _DEQUANT: every case, CUDA against the CPU
+#      (demoted codes must be the CPU's bytes: NMSE 0)
+#   3. pytest -m cuda: the cache in VRAM against the same model on the CPU, state round trip
+#   4. bench speed --device cuda at 4k, 16k, 32k for f16, q8_0, q4_0 and logquant (one run)
+# Each step's output goes to bench/results/cuda/ as well as to the terminal: commit that folder.
+# A failing step does not stop the later ones; the exit status is the number of failed steps.
+#
+# Usage, from the repository root with python3 (a venv) on PATH: bash scripts/gpu_check.sh
+# Env: LOGQUANT_CUDA_ARCH (default native), LOGQUANT_SKIP_BUILD=1, GPU_CHECK_DEPTHS (4096,16384,32768)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=bench/results/cuda
+mkdir -p "$OUT"
+failed=0
+step() { # step NAME CMD...: runs CMD, tees its output to $OUT/NAME.txt, counts a failure
+    local name=$1; shift
+    echo "== $name: $*" | tee "$OUT/$name.txt"
+    local t0=$(date +%s)
+    "$@" 2>&1 | tee -a "$OUT/$name.txt"
+    local rc=${PIPESTATUS[0]}
+    echo "== $name: exit $rc in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/$name.txt"
+    [ "$rc" -eq 0 ] || failed=$((failed + 1))
+    return 0
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv > "$OUT/gpu.txt" 2>&1 || true
+cat "$OUT/gpu.txt"
+
+if [ "${LOGQUANT_SKIP_BUILD:-0}" != 1 ]; then
+    step build env CMAKE_ARGS="-DLLAMA_BUILD=OFF -DGGML_CUDA=ON -DLOGQUANT_CUDA=ON -DLOGQUANT_BUILD_TOOLS=ON -DCMAKE_CUDA_ARCHITECTURES=${LOGQUANT_CUDA_ARCH:-native}" \
+        python3 -m pip install -q -C build-dir=build/cuda ".[model,bench,test]"
+fi
+# run the installed package, not the checkout's logquant_gguf (which has no CUDA build)
+PKG=$(cd /tmp && python3 -c 'import logquant_gguf, os; print(os.path.dirname(logquant_gguf.__file__))')
+python3 -c 'import logquant_gguf._capi as c, json; print(json.dumps(c.build_info(), indent=1))' > "$OUT/build-info.json" 2>&1
+cat "$OUT/build-info.json"
+
+step test-backend-ops "$PKG/bin/test-backend-ops" test -b CUDA0 -o LQ2_DEMOTE,LQ2_ATTN,LQ2_DEQUANT
+step pytest-cuda bash -c "cd /tmp && python3 -m pytest -q -m cuda -rs '$PWD/tests/test_cuda.py'"
+step bench-speed bash -c "cd /tmp && python3 -m logquant_gguf bench speed --device cuda --depths ${GPU_CHECK_DEPTHS:-4096,16384,32768} --kv-types f16,q8_0,q4_0,logquant --out '$PWD/bench/results'"
+
+echo "gpu_check: $failed step(s) failed; results in $OUT"
+exit "$failed"
