@@ -116,6 +116,9 @@ LQ2_INLINE float lq2_ab_slope(float max_bias, int n_head, int h) {
 
 // A raw dot product -> the score flash attention folds.
 LQ2_INLINE float lq2_ab_finish(const LQ2_TH struct lq2_ab_shape * sh, float dot, float slope, float mask) {
+    if (mask == -INFINITY) {
+        return -INFINITY; // whatever the key: an unused slot's bytes may be anything
+    }
     float v;
     if (sh->softcap != 0.0f) {
         v = sh->softcap * LQ2_TANHF(dot * (sh->scale / sh->softcap));
@@ -123,13 +126,6 @@ LQ2_INLINE float lq2_ab_finish(const LQ2_TH struct lq2_ab_shape * sh, float dot,
         v = dot * sh->scale;
     }
     return v + slope * mask;
-}
-
-// Code j of a block of n b-bit codes, and the value it stands for.
-LQ2_INLINE float lq2_ab_block_value(const LQ2_DEV uint8_t * blk, int n, int b, int j) {
-    const LQ2_DEV lq2_half * h = (const LQ2_DEV lq2_half *) blk;
-    const int q = (blk[4 + LQ2_CODE_BYTE_B(j, n, b)] >> LQ2_CODE_SHIFT_B(j, n, b)) & LQ2_LEVELS_B(b);
-    return lq2_fp16_to_fp32(h[0]) * (float) q + lq2_fp16_to_fp32(h[1]);
 }
 
 // ---- phase 0 of the block: the query heads into shared memory, the softmax state reset.
@@ -208,8 +204,8 @@ LQ2_INLINE void lq2_ab_score_q2(int t, const LQ2_TH struct lq2_ab_shape * sh, co
     for (int i = 0; i < half; ++i) { // a RoPE pair: both channels in this thread's registers
         const int a = sh->rope_mode == 2 ? i : 2 * i;
         const int b = sh->rope_mode == 2 ? i + half : 2 * i + 1;
-        const float x0 = lq2_ab_block_value(kg + a * kbs, G, kb, t);
-        const float x1 = lq2_ab_block_value(kg + b * kbs, G, kb, t);
+        const float x0 = lq2_block_value(kg + a * kbs, G, kb, t);
+        const float x1 = lq2_block_value(kg + b * kbs, G, kb, t);
         const float ct = lq2_fp16_to_fp32(cs[2 * i * G + t]), st = lq2_fp16_to_fp32(cs[2 * i * G + G + t]);
         const float ka = x0 * ct - x1 * st, kb2 = x0 * st + x1 * ct;
         for (int jj = 0; jj < sh->gq; ++jj) {
@@ -218,7 +214,7 @@ LQ2_INLINE void lq2_ab_score_q2(int t, const LQ2_TH struct lq2_ab_shape * sh, co
         }
     }
     for (int c = nd; c < D; ++c) { // channels RoPE leaves alone (all of them when keys are post-RoPE)
-        const float kc = lq2_ab_block_value(kg + c * kbs, G, kb, t);
+        const float kc = lq2_block_value(kg + c * kbs, G, kb, t);
         for (int jj = 0; jj < sh->gq; ++jj) {
             dot[jj] = LQ2_FMA(sm->q[jj * D + c], kc, dot[jj]);
         }
@@ -277,8 +273,9 @@ LQ2_INLINE void lq2_ab_fold_f16(int ith, const LQ2_TH struct lq2_ab_shape * sh, 
         }
         for (int t = 0; t < n; ++t) {
             const float vc = lq2_fp16_to_fp32(((const LQ2_DEV lq2_half *) (v + t * nb_v))[c]);
-            for (int jj = 0; jj < sh->gq; ++jj) {
-                o[jj] = LQ2_FMA(sm->s[jj * LQ2_AB_CHUNK + t], vc, o[jj]);
+            for (int jj = 0; jj < sh->gq; ++jj) { // a masked token adds nothing, whatever its value
+                const float w = sm->s[jj * LQ2_AB_CHUNK + t];
+                o[jj] = w != 0.0f ? LQ2_FMA(w, vc, o[jj]) : o[jj];
             }
         }
         for (int jj = 0; jj < sh->gq; ++jj) {
@@ -305,9 +302,10 @@ LQ2_INLINE void lq2_ab_fold_q2(int ith, const LQ2_TH struct lq2_ab_shape * sh, c
             o[jj] = acc[jj * LQ2_AB_MAX_R + r] * sm->alpha[jj];
         }
         for (int t = 0; t < n; ++t) {
-            const float vc = lq2_ab_block_value(v + t * nb_v + (c / LQ2_QK_V) * vbs, LQ2_QK_V, sh->v_bits, c % LQ2_QK_V);
-            for (int jj = 0; jj < sh->gq; ++jj) {
-                o[jj] = LQ2_FMA(sm->s[jj * LQ2_AB_CHUNK + t], vc, o[jj]);
+            const float vc = lq2_block_value(v + t * nb_v + (c / LQ2_QK_V) * vbs, LQ2_QK_V, sh->v_bits, c % LQ2_QK_V);
+            for (int jj = 0; jj < sh->gq; ++jj) { // a masked token adds nothing, whatever its value
+                const float w = sm->s[jj * LQ2_AB_CHUNK + t];
+                o[jj] = w != 0.0f ? LQ2_FMA(w, vc, o[jj]) : o[jj];
             }
         }
         for (int jj = 0; jj < sh->gq; ++jj) {
@@ -359,6 +357,127 @@ LQ2_INLINE float lq2_ab_combine(int c, int D, int n_part, const LQ2_DEV float * 
     }
     return S > 0.0f ? o / S : 0.0f;
 }
+
+#if !defined(__METAL_VERSION__)
+// ---- the block's whole program, for the C and CUDA builds (Metal passes its buffers one by one)
+
+// The tensors of GGML_OP_LQ2_ATTN (lq2-op-params.h) as pointers and byte strides; filled from the
+// op by lq2_attn_args_of (native/ggml/lq2-op-args.h), the same for the CUDA glue and the host tests.
+struct lq2_attn_args {
+    const float * q;     int64_t q_nb1, q_nb2;           // F32 [D, n_head, n_tokens]
+    const void  * k;     int64_t k_nb2, k_nb3;           // F16 [D, n_head_kv, n_kv, n_stream]
+    const void  * v;     int64_t v_nb2, v_nb3;
+    int64_t       n_kv;
+    const void  * mask;  int64_t mask_nb1; int32_t mask_f16; // row per token (streams' rows contiguous)
+    const void  * k2;    int64_t kg_bytes;               // the 2-bit stores: key groups, value rows
+    const void  * v2;    int64_t vrow_bytes;
+    const void  * mask2; int64_t mask2_nb1;              // F16 [n_slots, >= n_tokens]
+    const void  * rope;  int64_t rope_nb1;               // F16 table rows per group; NULL: post-RoPE keys
+    int64_t       n_slots;                               // a multiple of G (unused slots: -inf in mask2)
+    int64_t       n_tokens, n_tps;                       // query tokens, tokens per stream
+    int32_t       n_head_kv;
+    int32_t       n_part;                                // parts each (token, kv head) is split into
+    float       * parts;                                 // [n_part][n_tokens][n_head][D + 2]
+    float       * dst;   int64_t dst_nb1, dst_nb2;       // F32 [D, n_head, n_tokens]
+    struct lq2_ab_shape shape;                           // hk: set per block
+};
+
+LQ2_INLINE float lq2_ab_mask_at(const char * row, int f16, int64_t j) {
+    return f16 ? lq2_fp16_to_fp32(((const lq2_half *) row)[j]) : ((const float *) row)[j];
+}
+
+// Step `step` of block (part, kv head sh->hk, token tok) for thread ith: the work between two
+// barriers. Step 0 loads the query; then 4 steps per f16 chunk (score, max, weight, fold), 4 per
+// 2-bit group (5 with the score correction); then the store. Returns 0 past the last step. The
+// kernel is: for (s = 0; lq2_ab_step(..., s, ...); ++s) barrier(); every thread takes the same
+// steps, so the barriers are uniform.
+LQ2_INLINE int lq2_ab_step(const struct lq2_attn_args * a, const struct lq2_ab_shape * sh, int part, int64_t tok,
+                           int step, int ith, LQ2_TG struct lq2_ab_shared * sm, float * acc) {
+    const int D = sh->D, gq = sh->gq, G = sh->G, hk = sh->hk;
+    if (step == 0) {
+        const float * q = (const float *) ((const char *) a->q + tok * a->q_nb2 + (int64_t) hk * gq * a->q_nb1);
+        lq2_ab_begin(ith, sh, q, a->q_nb1 / (int64_t) sizeof(float), sm, acc);
+        return 1;
+    }
+    int64_t s = step - 1;
+    // this part's share of the f16 cells and of the 2-bit groups (the CPU op's shares)
+    const int64_t a0 = a->n_kv * part / a->n_part, a1 = a->n_kv * (part + 1) / a->n_part;
+    const int64_t n_fc = (a1 - a0 + LQ2_AB_CHUNK - 1) / LQ2_AB_CHUNK;
+    if (s < 4 * n_fc) {
+        const int64_t t0 = a0 + (s / 4) * LQ2_AB_CHUNK;
+        const int n = (int) (a1 - t0 < LQ2_AB_CHUNK ? a1 - t0 : LQ2_AB_CHUNK);
+        const int64_t stream = tok / a->n_tps;
+        const char * kbase = (const char *) a->k + stream * a->k_nb3 + (int64_t) hk * D * (int64_t) sizeof(lq2_half);
+        const char * vbase = (const char *) a->v + stream * a->v_nb3 + (int64_t) hk * D * (int64_t) sizeof(lq2_half);
+        switch (s % 4) {
+            case 0:
+                if (ith < n) {
+                    lq2_ab_score_f16(ith, sh, (const lq2_half *) (kbase + (t0 + ith) * a->k_nb2),
+                                     lq2_ab_mask_at((const char *) a->mask + tok * a->mask_nb1, a->mask_f16, t0 + ith), sm);
+                }
+                break;
+            case 1: if (ith < gq) lq2_ab_max(ith, n, sm); break;
+            case 2: if (ith < n) lq2_ab_weight(ith, sh, sm); break;
+            default: lq2_ab_fold_f16(ith, sh, (const uint8_t *) (vbase + t0 * a->v_nb2), a->v_nb2, n, sm, acc); break;
+        }
+        return 1;
+    }
+    s -= 4 * n_fc;
+    const int64_t ng = a->n_slots / G, g0 = ng * part / a->n_part, g1 = ng * (part + 1) / a->n_part;
+    const int per_group = sh->score_correction ? 5 : 4;
+    if (s < per_group * (g1 - g0)) {
+        const int64_t g = g0 + s / per_group;
+        int phase = (int) (s % per_group) + (sh->score_correction ? 0 : 1);
+        const int kbs = LQ2_BLOCK_BYTES_B(G, sh->k_bits);
+        const uint8_t * kg = (const uint8_t *) a->k2 + g * a->kg_bytes + (int64_t) hk * D * kbs;
+        switch (phase) {
+            case 0: if (ith < gq) lq2_ab_correction(ith, sh, kg, sm); break;
+            case 1:
+                if (ith < G) {
+                    const lq2_half * cs = a->rope ? (const lq2_half *) ((const char *) a->rope + g * a->rope_nb1) : NULL;
+                    const lq2_half * m2 = (const lq2_half *) ((const char *) a->mask2 + tok * a->mask2_nb1);
+                    lq2_ab_score_q2(ith, sh, kg, cs, lq2_fp16_to_fp32(m2[g * G + ith]), sm);
+                }
+                break;
+            case 2: if (ith < gq) lq2_ab_max(ith, G, sm); break;
+            case 3: if (ith < G) lq2_ab_weight(ith, sh, sm); break;
+            default: {
+                const int64_t vhead = (int64_t) (D / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, sh->v_bits);
+                lq2_ab_fold_q2(ith, sh, (const uint8_t *) a->v2 + g * G * a->vrow_bytes + hk * vhead, a->vrow_bytes, G, sm, acc);
+                break;
+            }
+        }
+        return 1;
+    }
+    if (s == per_group * (g1 - g0)) {
+        const int64_t n_head = (int64_t) gq * a->n_head_kv;
+        lq2_ab_store(ith, sh, sm, acc, a->parts + (((int64_t) part * a->n_tokens + tok) * n_head + (int64_t) hk * gq) * (D + 2));
+        return 1;
+    }
+    return 0;
+}
+
+// The block's shape: the op's, for kv head hk (d, gq > 0: those as constants, which a specialised
+// kernel passes so that the loops unroll).
+LQ2_INLINE struct lq2_ab_shape lq2_ab_block_shape(const struct lq2_attn_args * a, int hk, int d, int gq) {
+    struct lq2_ab_shape sh = a->shape;
+    sh.hk = hk;
+    if (d > 0) {
+        sh.D  = d;
+        sh.gq = gq;
+    }
+    return sh;
+}
+
+// The combine step for query head h of token tok, channel c: the normalized output.
+LQ2_INLINE void lq2_ab_combine_at(const struct lq2_attn_args * a, int h, int64_t tok, int c) {
+    const int D = a->shape.D;
+    const int64_t n_head = (int64_t) a->shape.gq * a->n_head_kv;
+    const float * row = a->parts + (tok * n_head + h) * (D + 2);
+    float * out = (float *) ((char *) a->dst + tok * a->dst_nb2 + h * a->dst_nb1);
+    out[c] = lq2_ab_combine(c, D, a->n_part, row, a->n_tokens * n_head * (D + 2));
+}
+#endif // !__METAL_VERSION__
 
 #ifdef __cplusplus
 }

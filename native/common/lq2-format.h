@@ -327,6 +327,13 @@ LQ2_INLINE struct lq2_fit_sums lq2_fit_add(struct lq2_fit_sums s, float x, float
     return s;
 }
 
+// Code j of a block of n b-bit codes, and the value it stands for (d * code + m: exact product).
+LQ2_INLINE float lq2_block_value(const LQ2_DEV uint8_t * blk, int n, int b, int j) {
+    const LQ2_DEV lq2_half * h = (const LQ2_DEV lq2_half *) blk;
+    const int q = (blk[4 + LQ2_CODE_BYTE_B(j, n, b)] >> LQ2_CODE_SHIFT_B(j, n, b)) & LQ2_LEVELS_B(b);
+    return lq2_fp16_to_fp32(h[0]) * (float) q + lq2_fp16_to_fp32(h[1]);
+}
+
 // ---- one block, as every backend quantizes it
 
 // The fitted params (the rounds above) of n values at x with stride sx, from the min/max params p;

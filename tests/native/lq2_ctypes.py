@@ -31,6 +31,30 @@ class TierQ2(ctypes.Structure):
                 ("mask", ctypes.c_void_p), ("score_correction", ctypes.c_int32)]
 
 
+class AbShape(ctypes.Structure):  # lq2-attn-block.h
+    _fields_ = [("D", ctypes.c_int32), ("gq", ctypes.c_int32), ("n_head", ctypes.c_int32),
+                ("hk", ctypes.c_int32), ("scale", ctypes.c_float), ("softcap", ctypes.c_float),
+                ("max_bias", ctypes.c_float), ("G", ctypes.c_int32), ("k_bits", ctypes.c_int32),
+                ("v_bits", ctypes.c_int32), ("rope_mode", ctypes.c_int32), ("rope_n_dims", ctypes.c_int32),
+                ("rope_attn_factor", ctypes.c_float), ("score_correction", ctypes.c_int32)]
+
+
+class AttnArgs(ctypes.Structure):  # lq2-attn-block.h: GGML_OP_LQ2_ATTN as pointers and byte strides
+    _fields_ = [("q", ctypes.c_void_p), ("q_nb1", ctypes.c_int64), ("q_nb2", ctypes.c_int64),
+                ("k", ctypes.c_void_p), ("k_nb2", ctypes.c_int64), ("k_nb3", ctypes.c_int64),
+                ("v", ctypes.c_void_p), ("v_nb2", ctypes.c_int64), ("v_nb3", ctypes.c_int64),
+                ("n_kv", ctypes.c_int64),
+                ("mask", ctypes.c_void_p), ("mask_nb1", ctypes.c_int64), ("mask_f16", ctypes.c_int32),
+                ("k2", ctypes.c_void_p), ("kg_bytes", ctypes.c_int64),
+                ("v2", ctypes.c_void_p), ("vrow_bytes", ctypes.c_int64),
+                ("mask2", ctypes.c_void_p), ("mask2_nb1", ctypes.c_int64),
+                ("rope", ctypes.c_void_p), ("rope_nb1", ctypes.c_int64),
+                ("n_slots", ctypes.c_int64), ("n_tokens", ctypes.c_int64), ("n_tps", ctypes.c_int64),
+                ("n_head_kv", ctypes.c_int32), ("n_part", ctypes.c_int32),
+                ("parts", ctypes.c_void_p), ("dst", ctypes.c_void_p), ("dst_nb1", ctypes.c_int64),
+                ("dst_nb2", ctypes.c_int64), ("shape", AbShape)]
+
+
 F32P = np.ctypeslib.ndpointer(np.float32, flags="C")
 VOIDP = ctypes.c_void_p
 I64 = ctypes.c_int64
@@ -67,10 +91,9 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     sig["lq2_attn_partial"] = ([ctypes.POINTER(AttnParams), F32P, ctypes.POINTER(TierF16),
                                 ctypes.POINTER(TierQ2), INT, INT, F32P, F32P, F32P, VOIDP], ctypes.c_int)
     sig["lq2_attn_merge"] = ([INT, INT, F32P, ctypes.c_size_t, F32P], None)
-    # the GPU decode attention's per-thread functions run on the host (lq2_attn_block_host.c)
-    sig["lq2_ab_emulate_block"] = ([ctypes.POINTER(AttnParams), F32P, ctypes.POINTER(TierF16),
-                                    ctypes.POINTER(TierQ2), INT, INT, F32P], ctypes.c_int)
-    sig["lq2_ab_emulate_combine"] = ([INT, INT, F32P, I64, INT, F32P], None)
+    # the GPU decode attention's program run on the host (lq2_attn_block_host.c)
+    sig["lq2_ab_emulate"] = ([ctypes.POINTER(AttnArgs), INT], ctypes.c_int)
+    sig["lq2_ab_args_size"] = ([], ctypes.c_size_t)
     for name, (args, res) in sig.items():
         f = getattr(lib, name)
         f.argtypes, f.restype = args, res

@@ -7,9 +7,17 @@
 //   threads        1 thread and 4 threads (parts split and merged differently)
 //   fa_vs_fused    LQ2_DEQUANT + ggml_flash_attn_ext (prefill) and the fused LQ2_ATTN (decode)
 //   demote_bytes   key/value bytes of LQ2_DEMOTE that differ between the two paths (must be 0)
+// and the GPU kernels' per-thread code (lq2-attn-block.h, lq2-demote-block.h) run here for every
+// thread index, on the op's own tensors through lq2-op-args.h as the CUDA glue passes them:
+//   gpu_vs_ref          LQ2_ATTN's GPU program (3 parts) against the CPU op's scalar path
+//   gpu_dequant_vs_ref  LQ2_DEQUANT's GPU code against the CPU op (f16 outputs)
+//   gpu_demote_bytes    stored bytes of LQ2_DEMOTE's GPU code that differ from the CPU op's
 #include "ggml.h"
 #include "ggml-cpu.h"
+#include "lq2-op-args.h"
 #include "lq2-op-params.h"
+
+extern "C" int lq2_ab_emulate(const struct lq2_attn_args * a, int order); // lq2_attn_block_host.c
 
 #include <cmath>
 #include <cstdio>
@@ -152,16 +160,52 @@ static void run_attn(const shape & s, int seed) {
     compute(ctx, fa, 2, false);
     const std::vector<float> fav = as_f32(fa);
 
-    double a, ra, b, rb, c, rc, d, rd, e, re;
+    // the GPU program on the same tensors: 3 parts, every block, step and thread
+    std::vector<float> gpu_parts((size_t) lq2_attn_parts_floats(fused, 3));
+    ggml_tensor * gpu_out = ggml_dup_tensor(ctx, fused);
+    struct lq2_attn_args ga = lq2_attn_args_of(fused, 3, gpu_parts.data());
+    ga.dst = (float *) gpu_out->data;
+    if (lq2_ab_emulate(&ga, 0) != 0) {
+        fprintf(stderr, "the GPU program refused the case\n");
+        exit(1);
+    }
+    const std::vector<float> gpu = as_f32(gpu_out);
+    // LQ2_DEQUANT's GPU code into a tensor of its own
+    ggml_tensor * gpu_both = ggml_dup_tensor(ctx, both);
+    struct lq2_dequant_args gd = lq2_dequant_args_of(both);
+    gd.dst = (lq2_half *) gpu_both->data;
+    for (int64_t g = 0; g < gd.n_slots / gd.G; g++) {
+        for (int hk = 0; hk < gd.n_head_kv; hk++) {
+            for (int t = 0; t < gd.G; t++) {
+                lq2_dequant_key(&gd, g, hk, t);
+            }
+        }
+    }
+    for (int64_t e = 0; e < gd.n_slots * gd.D * gd.n_head_kv; e++) {
+        lq2_dequant_value(&gd, e);
+    }
+    for (int which = 0; which < 2; which++) {
+        for (int64_t j = 0; j < gd.n_kv; j++) {
+            for (int64_t w = 0; w < (int64_t) gd.D * gd.n_head_kv; w++) {
+                lq2_dequant_copy(&gd, which, j, w);
+            }
+        }
+    }
+    const std::vector<float> gpu_deq = as_f32(gpu_both);
+
+    double a, ra, b, rb, c, rc, d, rd, e, re, g1, rg1, g2, rg2;
+    diff(ref, gpu, g1, rg1);
+    diff(deq_ref, gpu_deq, g2, rg2);
     diff(ref, simd1, a, ra);
     diff(simd1, simd4, b, rb);
     diff(ref, fav, c, rc);
     diff(deq_ref, deq, d, rd);
     diff(simd1, plain1, e, re);
     printf("attn D=%d Hkv=%d gq=%d n_kv=%d slots=%d nb=%d G=%d bits=%d rope=%d alibi=%g softcap=%g bc=%d "
-           "simd_vs_ref %.3g threads %.3g fa_vs_fused %.3g dequant_simd_vs_ref %.3g max_out %.3g bc_effect %.3g\n",
+           "simd_vs_ref %.3g threads %.3g fa_vs_fused %.3g dequant_simd_vs_ref %.3g max_out %.3g bc_effect %.3g "
+           "gpu_vs_ref %.3g gpu_dequant_vs_ref %.3g\n",
            s.D, s.Hkv, s.gq, s.n_kv, s.n_slots, s.nb, s.G, s.bits, (int) s.rope, s.max_bias, s.softcap, (int) s.bc,
-           a, b, c, d, ra, e);
+           a, b, c, d, ra, e, g1, g2);
     ggml_free(ctx);
 }
 
@@ -197,22 +241,65 @@ static void run_demote(int D, int Hkv, int G, int bits, int n_rows, int first, b
     memcpy(st0.data(), st->data, st0.size());
     ggml_tensor * out = ggml_lq2_demote(ctx, k2, v2, st, kc, vc, rows, &p, sizeof(p));
     std::vector<std::vector<uint8_t>> got;
+    std::vector<uint8_t> staged_cpu, staged_gpu;
     for (bool use_ref : {true, false}) {
         memset(k2->data, 0, ggml_nbytes(k2));
         memset(v2->data, 0, ggml_nbytes(v2));
         memcpy(st->data, st0.data(), st0.size());
         compute(ctx, out, 2, use_ref);
+        staged_cpu.assign((uint8_t *) st->data, (uint8_t *) st->data + ggml_nbytes(st));
         std::vector<uint8_t> all((uint8_t *) k2->data, (uint8_t *) k2->data + ggml_nbytes(k2));
         all.insert(all.end(), (uint8_t *) v2->data, (uint8_t *) v2->data + ggml_nbytes(v2));
         got.push_back(all);
     }
-    size_t n_diff = 0, n_set = 0;
+    { // the GPU code: launch 1 (rows), then launch 2 (groups), 128 threads a block
+        memset(k2->data, 0, ggml_nbytes(k2));
+        memset(v2->data, 0, ggml_nbytes(v2));
+        memcpy(st->data, st0.data(), st0.size());
+        struct lq2_demote_args da = lq2_demote_args_of(out);
+        std::vector<float> scratch((size_t) (da.n_rows * da.nk));
+        da.scratch = scratch.data();
+        if (!lq2_demote_supported(&da)) {
+            fprintf(stderr, "the GPU demotion refused the case\n");
+            exit(1);
+        }
+        for (int64_t i = 0; i < da.n_rows; i++) {
+            for (int ith = 0; ith < 128; ith++) {
+                lq2_demote_row(&da, i, ith, 128);
+            }
+        }
+        for (int64_t i = 0; i < da.n_rows; i++) {
+            for (int ith = 127; ith >= 0; ith--) {
+                lq2_demote_group(&da, i, ith, 128);
+            }
+        }
+        for (int64_t i = da.n_rows - 1; i >= 0; i--) { // blocks run in any order
+            for (int ith = 0; ith < 128; ith++) {
+                lq2_demote_stage(&da, i, ith, 128);
+            }
+        }
+        staged_gpu.assign((uint8_t *) st->data, (uint8_t *) st->data + ggml_nbytes(st));
+        std::vector<uint8_t> all((uint8_t *) k2->data, (uint8_t *) k2->data + ggml_nbytes(k2));
+        all.insert(all.end(), (uint8_t *) v2->data, (uint8_t *) v2->data + ggml_nbytes(v2));
+        got.push_back(all);
+    }
+    // the group the list leaves open: its staging (read by the next demotion) must be the CPU's
+    size_t n_stage = 0;
+    const int32_t * last = r + (n_rows - 1) * LQ2_DEMOTE_COLS;
+    if (last[LQ2_DEMOTE_SLOT] % G != G - 1) {
+        const size_t off = (size_t) last[LQ2_DEMOTE_STAGE] * st->nb[1];
+        const size_t len = (size_t) (last[LQ2_DEMOTE_SLOT] % G + 1) * nk * sizeof(float);
+        n_stage = (size_t) memcmp(staged_cpu.data() + off, staged_gpu.data() + off, len) != 0;
+    }
+    size_t n_diff = 0, n_set = 0, n_gpu = 0;
     for (size_t i = 0; i < got[0].size(); i++) {
         n_diff += got[0][i] != got[1][i];
+        n_gpu  += got[0][i] != got[2][i];
         n_set  += got[0][i] != 0;
     }
-    printf("demote D=%d Hkv=%d G=%d bits=%d rows=%d first=%d rope=%d fit=%d demote_bytes %zu nonzero %zu\n",
-           D, Hkv, G, bits, n_rows, first, (int) rope, (int) fit, n_diff, n_set);
+    printf("demote D=%d Hkv=%d G=%d bits=%d rows=%d first=%d rope=%d fit=%d demote_bytes %zu nonzero %zu "
+           "gpu_demote_bytes %zu gpu_staging_differs %zu\n", D, Hkv, G, bits, n_rows, first, (int) rope, (int) fit, n_diff,
+           n_set, n_gpu, n_stage);
     ggml_free(ctx);
 }
 

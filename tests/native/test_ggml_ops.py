@@ -46,11 +46,15 @@ def report(ggml_include, tmp_path_factory) -> list[str]:
 
     libdir = _runtime.library_path().parent
     assert (libdir / "libggml-cpu.so").exists() or list(libdir.glob("libggml-cpu*")), libdir
-    exe = tmp_path_factory.mktemp("ops") / "lq2_ops_check"
+    out_dir = tmp_path_factory.mktemp("ops")
+    exe = out_dir / "lq2_ops_check"
+    host = out_dir / "lq2_attn_block_host.o"  # the GPU attention's program, run on the host
+    subprocess.run([shutil.which("cc") or "cc", "-std=c11", "-O1", "-Wall", "-Werror", "-c",
+                    str(ROOT / "tests" / "native" / "lq2_attn_block_host.c"), "-o", str(host)], check=True)
     cmd = [shutil.which("c++") or "c++", "-std=c++17", "-O1", "-Wall", "-Werror", "-Wno-deprecated-declarations",
-           str(ROOT / "tests" / "native" / "lq2_ops_check.cpp"), f"-I{ggml_include}",
-           f"-I{ROOT / 'native' / 'common'}", f"-I{ROOT / 'native' / 'cpu'}", f"-L{libdir}",
-           "-lggml", "-lggml-base", "-lggml-cpu", f"-Wl,-rpath,{libdir}", "-o", str(exe)]
+           str(ROOT / "tests" / "native" / "lq2_ops_check.cpp"), str(host), f"-I{ggml_include}",
+           f"-I{ROOT / 'native' / 'common'}", f"-I{ROOT / 'native' / 'cpu'}", f"-I{ROOT / 'native' / 'ggml'}",
+           f"-L{libdir}", "-lggml", "-lggml-base", "-lggml-cpu", "-lm", f"-Wl,-rpath,{libdir}", "-o", str(exe)]
     subprocess.run(cmd, check=True)
     out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120, check=True).stdout
     print(f"(package: {Path(logquant_gguf.__file__).parent})\n{out}")
@@ -70,6 +74,10 @@ def test_attention_op_paths_agree(report):
         assert f["simd_vs_ref"] <= 1e-4 * scale, ln       # AVX2 vs scalar: float summation order
         assert f["threads"] <= 1e-5 * scale, ln           # parts merged exactly (up to rounding)
         assert f["dequant_simd_vs_ref"] == 0.0, ln        # dequantization is exact arithmetic
+        # the GPU kernels' code on the op's tensors: the attention within float summation order,
+        # the dequantized f16 within one f16 rounding of the rotation (fma vs separate products)
+        assert f["gpu_vs_ref"] <= 1e-4 * scale, ln
+        assert f["gpu_dequant_vs_ref"] <= 2e-3 * scale, ln
         if " bc=1 " in ln:
             # the op applies the score correction (the flash-attention path does not have it):
             # a change well above the two paths' rounding differences
@@ -88,4 +96,6 @@ def test_demote_op_stores_the_same_bytes_on_both_paths(report):
     for ln in lines:
         f = fields(ln)
         assert f["demote_bytes"] == 0, ln
+        assert f["gpu_demote_bytes"] == 0, ln  # the GPU demotion's code stores the CPU's bytes
+        assert f["gpu_staging_differs"] == 0, ln  # and leaves the open group's staging as the CPU does
         assert f["nonzero"] > 1000, ln  # and it did write the stores

@@ -1,0 +1,209 @@
+// lq2-demote-block.h: the per-thread work of the GPU demotion (GGML_OP_LQ2_DEMOTE) and of the
+// prefill path's dequantization (GGML_OP_LQ2_DEQUANT), for the C and CUDA builds. The CUDA kernels
+// (native/cuda/lq2-demote.cu) call one function per thread; the host check
+// (tests/native/lq2_ops_check.cpp) calls the same functions for every thread index on the CPU op's
+// own tensors and compares with the CPU op: the demotion byte for byte.
+//
+// Demotion, in three launches, each needing what the one before wrote:
+//   rows    block i, thread ith of nth: list row i's value blocks ith, ith + nth, ... quantized, and
+//           its key row's RoPE pairs / plain channels ith, ith + nth, ... un-rotated into row i of
+//           a scratch buffer (not into staging: a staging row freed by a group that closes in this
+//           list may be handed to a group opened later in the same list, which the CPU, going row
+//           by row, handles and parallel blocks would not);
+//   groups  block i: when row i ends its group's run (as the CPU forward decides), thread ith
+//           requantizes channels ith, ith + nth, ... of the group from the group's earlier tokens
+//           (in staging, from earlier steps) and the run's scratch rows;
+//   stage   block i: when row i ends a run that leaves its group open, the run's rows go to the
+//           group's staging row for the steps to come.
+// The arithmetic is lq2-format.h's (lq2_quantize_block, lq2_unrotate_pair), which the CPU runs too.
+#pragma once
+
+#include "lq2-format.h"
+#include "lq2-op-params.h"
+
+#if !defined(__METAL_VERSION__)
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// GGML_OP_LQ2_DEMOTE's tensors as pointers and byte strides (lq2_demote_args_of fills them).
+struct lq2_demote_args {
+    uint8_t       * k2;      int64_t k_group_bytes; // key groups: n_head_kv * D blocks each
+    uint8_t       * v2;      int64_t v_row_bytes;   // value rows, one per slot
+    float         * staging; int64_t staging_nb1;   // f32 keys of the open groups, [G * nk] per row
+    const void    * k;       int64_t k_nb1;         // f16 rows of the f16 tier
+    const void    * v;       int64_t v_nb1;
+    const int32_t * rows;    int64_t n_rows;        // the demotion list [LQ2_DEMOTE_COLS, n_rows]
+    float         * scratch;                         // n_rows * nk floats: the un-rotated keys per row
+    int64_t nk, nv;                                  // key / value row lengths (all kv heads)
+    int32_t n_head_kv, G, k_bits, v_bits, fit;
+    struct lq2_rope_params rope;                     // n_dims 0: keys are stored as they come
+};
+
+// GGML_OP_LQ2_DEQUANT's tensors: both tiers into one f16 tensor [D, n_head_kv, n_slots + n_kv, 2].
+struct lq2_dequant_args {
+    const uint8_t * k2;   int64_t k_group_bytes;
+    const uint8_t * v2;   int64_t v_row_bytes;
+    const void    * rope_table; int64_t rope_table_nb1; // NULL when rope.n_dims is 0
+    const void    * k;    int64_t k_nb2;            // f16 tier views [D, n_head_kv, n_kv, 1]
+    const void    * v;    int64_t v_nb2;
+    int64_t n_kv, n_slots;
+    int32_t D, n_head_kv, G, k_bits, v_bits;
+    struct lq2_rope_params rope;
+    lq2_half * dst;       int64_t dst_nb3;          // keys at dst, values dst_nb3 bytes further
+};
+
+LQ2_INLINE int lq2_demote_supported(const struct lq2_demote_args * a) {
+    // any key group size and width the block code handles, as the CPU forward does
+    return (a->G == 32 || a->G == 64 || a->G == 128) && LQ2_BITS_VALID(a->k_bits) && LQ2_BITS_VALID(a->v_bits) &&
+           a->nv % LQ2_QK_V == 0 &&
+           a->n_head_kv > 0 && a->nk % a->n_head_kv == 0 && a->rope.n_dims % 2 == 0 &&
+           a->rope.n_dims <= a->nk / a->n_head_kv && (a->rope.mode == 0 || a->rope.mode == 2);
+}
+
+// Launch 1, list row i, thread ith of nth.
+LQ2_INLINE void lq2_demote_row(const struct lq2_demote_args * a, int64_t i, int ith, int nth) {
+    const int32_t * d = a->rows + i * LQ2_DEMOTE_COLS;
+    const int64_t slot = d[LQ2_DEMOTE_SLOT];
+    if (slot < 0) {
+        return; // padding
+    }
+    const lq2_half * vsrc = (const lq2_half *) ((const char *) a->v + d[LQ2_DEMOTE_ROW] * a->v_nb1);
+    const int vbs = LQ2_BLOCK_BYTES_B(LQ2_QK_V, a->v_bits);
+    for (int64_t b = ith; b < a->nv / LQ2_QK_V; b += nth) {
+        float x[LQ2_QK_V];
+        for (int j = 0; j < LQ2_QK_V; ++j) {
+            x[j] = lq2_fp16_to_fp32(vsrc[b * LQ2_QK_V + j]);
+        }
+        lq2_quantize_block(x, 1, LQ2_QK_V, LQ2_QK_V, a->v_bits, a->fit, a->v2 + slot * a->v_row_bytes + b * vbs);
+    }
+    const lq2_half * ksrc = (const lq2_half *) ((const char *) a->k + d[LQ2_DEMOTE_ROW] * a->k_nb1);
+    float * un = a->scratch + i * a->nk;
+    const int64_t D = a->nk / a->n_head_kv;
+    const int nd = a->rope.n_dims, half = nd / 2;
+    for (int64_t w = ith; w < a->n_head_kv * D; w += nth) {
+        const int64_t h = w / D, e = w % D; // e < half: RoPE pair e; e >= n_dims: a plain channel
+        if (e >= nd) {
+            un[h * D + e] = lq2_fp16_to_fp32(ksrc[h * D + e]);
+        } else if (e < half) {
+            const int ip = (int) e;
+            const int ca = a->rope.mode == 2 ? ip : 2 * ip, cb = a->rope.mode == 2 ? ip + half : 2 * ip + 1;
+            const double th = (double) d[LQ2_DEMOTE_POS] * lq2_rope_freq(ip, nd, a->rope.freq_base, a->rope.freq_scale);
+            const struct lq2_pair u = lq2_unrotate_pair(lq2_fp16_to_fp32(ksrc[h * D + ca]), lq2_fp16_to_fp32(ksrc[h * D + cb]),
+                                                        (float) cos(th), (float) sin(th), a->rope.attn_factor);
+            un[h * D + ca] = u.a;
+            un[h * D + cb] = u.b;
+        }
+    }
+}
+
+// The run of list rows (same group, adjacent in the list) that row i ends: its first row, or -1
+// when row i does not end one (padding, or the next row continues the group).
+LQ2_INLINE int64_t lq2_demote_run_start(const struct lq2_demote_args * a, int64_t i) {
+    const int32_t * d = a->rows + i * LQ2_DEMOTE_COLS;
+    const int64_t slot = d[LQ2_DEMOTE_SLOT];
+    if (slot < 0) {
+        return -1;
+    }
+    const int32_t * next = i + 1 < a->n_rows ? d + LQ2_DEMOTE_COLS : NULL;
+    const int last_of_group = slot % a->G == a->G - 1;
+    const int last_of_run   = !next || next[LQ2_DEMOTE_SLOT] < 0 || next[LQ2_DEMOTE_SLOT] / a->G != slot / a->G;
+    if (!last_of_group && !last_of_run) {
+        return -1;
+    }
+    int64_t r0 = i;
+    while (r0 > 0 && a->rows[(r0 - 1) * LQ2_DEMOTE_COLS + LQ2_DEMOTE_SLOT] >= 0 &&
+           a->rows[(r0 - 1) * LQ2_DEMOTE_COLS + LQ2_DEMOTE_SLOT] / a->G == slot / a->G) {
+        --r0;
+    }
+    return r0;
+}
+
+// Launch 2, list row i, thread ith of nth: the group requantized when row i ends its run. The
+// group's values as the CPU's staging holds them at that point: its rows from earlier steps, and
+// this run's rows.
+LQ2_INLINE void lq2_demote_group(const struct lq2_demote_args * a, int64_t i, int ith, int nth) {
+    const int64_t r0 = lq2_demote_run_start(a, i);
+    if (r0 < 0) {
+        return;
+    }
+    const int32_t * d = a->rows + i * LQ2_DEMOTE_COLS;
+    const int64_t slot = d[LQ2_DEMOTE_SLOT];
+    const int n_tok = (int) (slot % a->G) + 1;
+    const float * stage = (const float *) ((const char *) a->staging + d[LQ2_DEMOTE_STAGE] * a->staging_nb1);
+    const int kbs = LQ2_BLOCK_BYTES_B(a->G, a->k_bits);
+    uint8_t * kdst = a->k2 + (slot / a->G) * a->k_group_bytes;
+    for (int64_t c = ith; c < a->nk; c += nth) {
+        float x[128]; // G <= 128 (lq2_key_type_b)
+        for (int t = 0; t < n_tok; ++t) {
+            x[t] = stage[t * a->nk + c];
+        }
+        for (int64_t j = r0; j <= i; ++j) {
+            x[a->rows[j * LQ2_DEMOTE_COLS + LQ2_DEMOTE_SLOT] % a->G] = a->scratch[j * a->nk + c];
+        }
+        lq2_quantize_block(x, 1, n_tok, a->G, a->k_bits, a->fit, kdst + c * kbs);
+    }
+}
+
+// Launch 3, list row i, thread ith of nth: when row i ends a run that leaves its group open, the
+// run's un-rotated keys go to the group's staging row.
+LQ2_INLINE void lq2_demote_stage(const struct lq2_demote_args * a, int64_t i, int ith, int nth) {
+    const int64_t r0 = lq2_demote_run_start(a, i);
+    const int32_t * d = a->rows + i * LQ2_DEMOTE_COLS;
+    if (r0 < 0 || d[LQ2_DEMOTE_SLOT] % a->G == a->G - 1) {
+        return; // no run ends here, or the group is full: its staging row is free now
+    }
+    float * stage = (float *) ((char *) a->staging + d[LQ2_DEMOTE_STAGE] * a->staging_nb1);
+    for (int64_t w = ith; w < (i - r0 + 1) * a->nk; w += nth) {
+        const int64_t j = r0 + w / a->nk, c = w % a->nk;
+        stage[(a->rows[j * LQ2_DEMOTE_COLS + LQ2_DEMOTE_SLOT] % a->G) * a->nk + c] = a->scratch[j * a->nk + c];
+    }
+}
+
+LQ2_INLINE int lq2_dequant_supported(const struct lq2_dequant_args * a) {
+    return lq2_key_type_b(a->G, a->k_bits) >= 0 && lq2_value_type(a->v_bits) >= 0 && a->D % LQ2_QK_V == 0 &&
+           a->n_slots % a->G == 0 && (a->rope.n_dims == 0 || a->rope_table) && a->rope.n_dims <= a->D &&
+           (a->rope.mode == 0 || a->rope.mode == 2);
+}
+
+// Keys: token t of group g, kv head hk: dequantized, re-rotated with the group's table rows, f16.
+LQ2_INLINE void lq2_dequant_key(const struct lq2_dequant_args * a, int64_t g, int hk, int t) {
+    const int D = a->D, G = a->G, nd = a->rope.n_dims, half = nd / 2, kbs = LQ2_BLOCK_BYTES_B(G, a->k_bits);
+    const uint8_t * kg = a->k2 + g * a->k_group_bytes + (int64_t) hk * D * kbs;
+    const lq2_half * cs = a->rope_table ? (const lq2_half *) ((const char *) a->rope_table + g * a->rope_table_nb1) : NULL;
+    lq2_half * row = a->dst + ((g * G + t) * a->n_head_kv + hk) * D;
+    for (int i = 0; i < half; ++i) {
+        const int ca = a->rope.mode == 2 ? i : 2 * i, cb = a->rope.mode == 2 ? i + half : 2 * i + 1;
+        const float x0 = lq2_block_value(kg + ca * kbs, G, a->k_bits, t);
+        const float x1 = lq2_block_value(kg + cb * kbs, G, a->k_bits, t);
+        const float ct = lq2_fp16_to_fp32(cs[2 * i * G + t]), st = lq2_fp16_to_fp32(cs[2 * i * G + G + t]);
+        row[ca] = lq2_fp32_to_fp16(LQ2_FMA(x0, ct, -(x1 * st)));
+        row[cb] = lq2_fp32_to_fp16(LQ2_FMA(x0, st, x1 * ct));
+    }
+    for (int c = nd; c < D; ++c) {
+        row[c] = lq2_fp32_to_fp16(lq2_block_value(kg + c * kbs, G, a->k_bits, t));
+    }
+}
+
+// Values: element e of the 2-bit rows (slot e / nv, channel e % nv over all kv heads), f16.
+LQ2_INLINE void lq2_dequant_value(const struct lq2_dequant_args * a, int64_t e) {
+    const int64_t nv = (int64_t) a->D * a->n_head_kv, s = e / nv, c = e % nv;
+    const uint8_t * b = a->v2 + s * a->v_row_bytes + (c / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, a->v_bits);
+    lq2_half * vout = (lq2_half *) ((char *) a->dst + a->dst_nb3);
+    vout[s * nv + c] = lq2_fp32_to_fp16(lq2_block_value(b, LQ2_QK_V, a->v_bits, (int) (c % LQ2_QK_V)));
+}
+
+// The f16 tier's cell j, byte chunk w of its keys or values (which = 0, 1): the rows after the slots.
+LQ2_INLINE void lq2_dequant_copy(const struct lq2_dequant_args * a, int which, int64_t j, int64_t w) {
+    const int64_t nv = (int64_t) a->D * a->n_head_kv;
+    const lq2_half * src = (const lq2_half *) ((const char *) (which ? a->v : a->k) + j * (which ? a->v_nb2 : a->k_nb2));
+    lq2_half * out = (lq2_half *) ((char *) a->dst + which * a->dst_nb3) + (a->n_slots + j) * nv;
+    out[w] = src[w];
+}
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif // !__METAL_VERSION__

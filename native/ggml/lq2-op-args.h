@@ -1,0 +1,142 @@
+// lq2-op-args.h: the LogQuant ops' tensors and params (lq2-op-params.h) as the GPU kernels'
+// argument structs (lq2-attn-block.h, lq2-demote-block.h). One place for the mapping: the CUDA
+// glue (native/cuda/lq2-ops-cuda.cu) and the host check that runs the kernels' per-thread code on
+// the CPU op's tensors (tests/native/lq2_ops_check.cpp) both call these.
+#pragma once
+
+#include "ggml.h"
+
+#include "lq2-attn-block.h"
+#include "lq2-demote-block.h"
+#include "lq2-op-params.h"
+
+#include <string.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// parts: lq2_attn_parts_floats() floats of scratch for n_part parts.
+static inline struct lq2_attn_args lq2_attn_args_of(const struct ggml_tensor * dst, int32_t n_part, float * parts) {
+    struct lq2_attn_op_params op;
+    memcpy(&op, dst->op_params, sizeof(op));
+    const struct ggml_tensor * q = dst->src[0], * k = dst->src[1], * v = dst->src[2], * mask = dst->src[3];
+    const struct ggml_tensor * k2 = dst->src[4], * v2 = dst->src[5], * mask2 = dst->src[6], * rope = dst->src[7];
+    const int64_t D = q->ne[0], n_head = q->ne[1], n_head_kv = k->ne[1];
+    struct lq2_attn_args a;
+    memset(&a, 0, sizeof(a));
+    a.q          = (const float *) q->data;
+    a.q_nb1      = (int64_t) q->nb[1];
+    a.q_nb2      = (int64_t) q->nb[2];
+    a.k          = k->data;
+    a.k_nb2      = (int64_t) k->nb[2];
+    a.k_nb3      = (int64_t) k->nb[3];
+    a.v          = v->data;
+    a.v_nb2      = (int64_t) v->nb[2];
+    a.v_nb3      = (int64_t) v->nb[3];
+    a.n_kv       = k->ne[2];
+    a.mask       = mask->data;
+    a.mask_nb1   = (int64_t) mask->nb[1]; // the streams' rows are contiguous, as the CPU forward reads them
+    a.mask_f16   = mask->type == GGML_TYPE_F16;
+    a.k2         = k2->data;
+    a.kg_bytes   = n_head_kv * D * LQ2_BLOCK_BYTES_B(op.G, op.k_bits);
+    a.v2         = v2->data;
+    a.vrow_bytes = n_head_kv * (D / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, op.v_bits);
+    a.mask2      = mask2->data;
+    a.mask2_nb1  = (int64_t) mask2->nb[1];
+    a.rope       = rope ? rope->data : NULL;
+    a.rope_nb1   = rope ? (int64_t) rope->nb[1] : 0;
+    a.n_slots    = mask2->ne[0];
+    a.n_tokens   = q->ne[2];
+    a.n_tps      = q->ne[2] / k->ne[3];
+    a.n_head_kv  = (int32_t) n_head_kv;
+    a.n_part     = n_part;
+    a.parts      = parts;
+    a.dst        = (float *) dst->data;
+    a.dst_nb1    = (int64_t) dst->nb[1];
+    a.dst_nb2    = (int64_t) dst->nb[2];
+    a.shape.D                = (int32_t) D;
+    a.shape.gq               = (int32_t) (n_head / n_head_kv);
+    a.shape.n_head           = (int32_t) n_head;
+    a.shape.scale            = op.scale;
+    a.shape.softcap          = op.softcap;
+    a.shape.max_bias         = op.max_bias;
+    a.shape.G                = op.G;
+    a.shape.k_bits           = op.k_bits;
+    a.shape.v_bits           = op.v_bits;
+    a.shape.rope_mode        = op.rope.mode;
+    a.shape.rope_n_dims      = op.rope.n_dims;
+    a.shape.rope_attn_factor = op.rope.attn_factor;
+    a.shape.score_correction = op.score_correction;
+    return a;
+}
+
+static inline int64_t lq2_attn_parts_floats(const struct ggml_tensor * dst, int32_t n_part) {
+    const struct ggml_tensor * q = dst->src[0];
+    return (int64_t) n_part * q->ne[2] * q->ne[1] * (q->ne[0] + 2);
+}
+
+// scratch (n_rows * nk floats) is the caller's to set.
+static inline struct lq2_demote_args lq2_demote_args_of(const struct ggml_tensor * dst) {
+    struct lq2_demote_op_params p;
+    memcpy(&p, dst->op_params, sizeof(p));
+    const struct ggml_tensor * k2 = dst->src[0], * v2 = dst->src[1], * staging = dst->src[2];
+    const struct ggml_tensor * k = dst->src[3], * v = dst->src[4], * rows = dst->src[5];
+    struct lq2_demote_args a;
+    memset(&a, 0, sizeof(a));
+    a.nk            = k->ne[0];
+    a.nv            = v->ne[0];
+    a.k2            = (uint8_t *) k2->data;
+    a.k_group_bytes = a.nk * LQ2_BLOCK_BYTES_B(p.G, p.k_bits);
+    a.v2            = (uint8_t *) v2->data;
+    a.v_row_bytes   = (a.nv / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, p.v_bits);
+    a.staging       = (float *) staging->data;
+    a.staging_nb1   = (int64_t) staging->nb[1];
+    a.k             = k->data;
+    a.k_nb1         = (int64_t) k->nb[1];
+    a.v             = v->data;
+    a.v_nb1         = (int64_t) v->nb[1];
+    a.rows          = (const int32_t *) rows->data;
+    a.n_rows        = rows->ne[1];
+    a.n_head_kv     = p.n_head_kv;
+    a.G             = p.G;
+    a.k_bits        = p.k_bits;
+    a.v_bits        = p.v_bits;
+    a.fit           = p.fit;
+    a.rope          = p.rope;
+    return a;
+}
+
+static inline struct lq2_dequant_args lq2_dequant_args_of(const struct ggml_tensor * dst) {
+    struct lq2_dequant_op_params p;
+    memcpy(&p, dst->op_params, sizeof(p));
+    const struct ggml_tensor * k2 = dst->src[0], * v2 = dst->src[1], * rope = dst->src[2];
+    const struct ggml_tensor * k = dst->src[3], * v = dst->src[4];
+    struct lq2_dequant_args a;
+    memset(&a, 0, sizeof(a));
+    a.D              = (int32_t) dst->ne[0];
+    a.n_head_kv      = (int32_t) dst->ne[1];
+    a.k2             = (const uint8_t *) k2->data;
+    a.k_group_bytes  = (int64_t) a.D * a.n_head_kv * LQ2_BLOCK_BYTES_B(p.G, p.k_bits);
+    a.v2             = (const uint8_t *) v2->data;
+    a.v_row_bytes    = (int64_t) a.n_head_kv * (a.D / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, p.v_bits);
+    a.rope_table     = rope ? rope->data : NULL;
+    a.rope_table_nb1 = rope ? (int64_t) rope->nb[1] : 0;
+    a.k              = k->data;
+    a.k_nb2          = (int64_t) k->nb[2];
+    a.v              = v->data;
+    a.v_nb2          = (int64_t) v->nb[2];
+    a.n_kv           = k->ne[2];
+    a.n_slots        = p.n_slots;
+    a.G              = p.G;
+    a.k_bits         = p.k_bits;
+    a.v_bits         = p.v_bits;
+    a.rope           = p.rope;
+    a.dst            = (lq2_half *) dst->data;
+    a.dst_nb3        = (int64_t) dst->nb[3];
+    return a;
+}
+
+#ifdef __cplusplus
+}
+#endif
