@@ -8,7 +8,7 @@
 // functions below with a barrier after each; the host tests (tests/native/lq2_attn_block_host.c)
 // run the same functions over every thread index, phase by phase, in several thread orders, and
 // compare with the CPU reference (lq2_attn_partial_ref). Written once for C, CUDA and Metal: the
-// address-space macros are empty outside Metal.
+// address-space macros (lq2-format.h) are empty outside Metal.
 //
 // A chunk is up to LQ2_AB_CHUNK f16 tokens or one 2-bit key group (G <= LQ2_AB_CHUNK tokens);
 // per chunk, between barriers:
@@ -31,17 +31,11 @@
 #include "lq2-format.h"
 
 #if defined(__METAL_VERSION__)
-#    define LQ2_DEV device       // global memory
-#    define LQ2_TG  threadgroup  // memory shared by the block
-#    define LQ2_TH  thread       // a thread's own registers / stack
 #    define LQ2_EXPF(x)  metal::precise::exp(x)
 #    define LQ2_TANHF(x) metal::precise::tanh(x)
 #    define LQ2_POWF(x, y) metal::precise::pow(x, y)
 #    define LQ2_LOG2F(x) metal::precise::log2(x)
 #else
-#    define LQ2_DEV
-#    define LQ2_TG
-#    define LQ2_TH
 #    define LQ2_EXPF(x)  expf(x)
 #    define LQ2_TANHF(x) tanhf(x)
 #    define LQ2_POWF(x, y) powf(x, y)
@@ -51,7 +45,7 @@
 #    endif
 #endif
 
-#ifdef __cplusplus
+#if defined(__cplusplus) && !defined(__METAL_VERSION__)
 extern "C" {
 #endif
 
@@ -358,32 +352,48 @@ LQ2_INLINE float lq2_ab_combine(int c, int D, int n_part, const LQ2_DEV float * 
     return S > 0.0f ? o / S : 0.0f;
 }
 
-#if !defined(__METAL_VERSION__)
-// ---- the block's whole program, for the C and CUDA builds (Metal passes its buffers one by one)
+// ---- the block's whole program, for every backend
 
 // The tensors of GGML_OP_LQ2_ATTN (lq2-op-params.h) as pointers and byte strides; filled from the
-// op by lq2_attn_args_of (native/ggml/lq2-op-args.h), the same for the CUDA glue and the host tests.
-struct lq2_attn_args {
-    const float * q;     int64_t q_nb1, q_nb2;           // F32 [D, n_head, n_tokens]
-    const void  * k;     int64_t k_nb2, k_nb3;           // F16 [D, n_head_kv, n_kv, n_stream]
-    const void  * v;     int64_t v_nb2, v_nb3;
-    int64_t       n_kv;
-    const void  * mask;  int64_t mask_nb1; int32_t mask_f16; // row per token (streams' rows contiguous)
-    const void  * k2;    int64_t kg_bytes;               // the 2-bit stores: key groups, value rows
-    const void  * v2;    int64_t vrow_bytes;
-    const void  * mask2; int64_t mask2_nb1;              // F16 [n_slots, >= n_tokens]
-    const void  * rope;  int64_t rope_nb1;               // F16 table rows per group; NULL: post-RoPE keys
-    int64_t       n_slots;                               // a multiple of G (unused slots: -inf in mask2)
-    int64_t       n_tokens, n_tps;                       // query tokens, tokens per stream
-    int32_t       n_head_kv;
-    int32_t       n_part;                                // parts each (token, kv head) is split into
-    float       * parts;                                 // [n_part][n_tokens][n_head][D + 2]
-    float       * dst;   int64_t dst_nb1, dst_nb2;       // F32 [D, n_head, n_tokens]
-    struct lq2_ab_shape shape;                           // hk: set per block
+// op by lq2_attn_args_of (native/ggml/lq2-op-args.h) for the CUDA glue and the host tests, and by
+// the Metal kernel from its buffers (a struct of device pointers in the thread's own memory).
+// The scalars (a Metal kernel takes them as one constant buffer, as ggml-metal's kargs).
+struct lq2_attn_geom {
+    int64_t q_nb1, q_nb2;              // q: F32 [D, n_head, n_tokens]
+    int64_t k_nb2, k_nb3;              // k, v: F16 [D, n_head_kv, n_kv, n_stream]
+    int64_t v_nb2, v_nb3;
+    int64_t n_kv;
+    int64_t mask_nb1;                  // kq_mask: a row per token (the streams' rows contiguous)
+    int64_t kg_bytes, vrow_bytes;      // the 2-bit stores: key group, value row
+    int64_t mask2_nb1;                 // F16 [n_slots, >= n_tokens]
+    int64_t rope_nb1;                  // F16 table rows per group
+    int64_t n_slots;                   // a multiple of G (unused slots: -inf in mask2)
+    int64_t n_tokens, n_tps;           // query tokens, tokens per stream
+    int64_t dst_nb1, dst_nb2;          // F32 [D, n_head, n_tokens]
+    int32_t mask_f16;
+    int32_t n_head_kv;
+    int32_t n_part;                    // parts each (token, kv head) is split into
+    int32_t unused;
+    struct lq2_ab_shape shape;         // hk: set per block
 };
 
-LQ2_INLINE float lq2_ab_mask_at(const char * row, int f16, int64_t j) {
-    return f16 ? lq2_fp16_to_fp32(((const lq2_half *) row)[j]) : ((const float *) row)[j];
+// The op: its tensors' pointers and the scalars.
+struct lq2_attn_args {
+    const LQ2_DEV char * q;
+    const LQ2_DEV char * k;
+    const LQ2_DEV char * v;
+    const LQ2_DEV char * mask;
+    const LQ2_DEV char * k2;
+    const LQ2_DEV char * v2;
+    const LQ2_DEV char * mask2;
+    const LQ2_DEV char * rope;  // 0: keys stored post-RoPE
+    LQ2_DEV float      * parts; // [n_part][n_tokens][n_head][D + 2]
+    LQ2_DEV char       * dst;
+    struct lq2_attn_geom g;
+};
+
+LQ2_INLINE float lq2_ab_mask_at(const LQ2_DEV char * row, int f16, int64_t j) {
+    return f16 ? lq2_fp16_to_fp32(((const LQ2_DEV lq2_half *) row)[j]) : ((const LQ2_DEV float *) row)[j];
 }
 
 // Step `step` of block (part, kv head sh->hk, token tok) for thread ith: the work between two
@@ -391,51 +401,51 @@ LQ2_INLINE float lq2_ab_mask_at(const char * row, int f16, int64_t j) {
 // 2-bit group (5 with the score correction); then the store. Returns 0 past the last step. The
 // kernel is: for (s = 0; lq2_ab_step(..., s, ...); ++s) barrier(); every thread takes the same
 // steps, so the barriers are uniform.
-LQ2_INLINE int lq2_ab_step(const struct lq2_attn_args * a, const struct lq2_ab_shape * sh, int part, int64_t tok,
-                           int step, int ith, LQ2_TG struct lq2_ab_shared * sm, float * acc) {
+LQ2_INLINE int lq2_ab_step(const LQ2_TH struct lq2_attn_args * a, const LQ2_TH struct lq2_ab_shape * sh, int part,
+                           int64_t tok, int step, int ith, LQ2_TG struct lq2_ab_shared * sm, LQ2_TH float * acc) {
     const int D = sh->D, gq = sh->gq, G = sh->G, hk = sh->hk;
     if (step == 0) {
-        const float * q = (const float *) ((const char *) a->q + tok * a->q_nb2 + (int64_t) hk * gq * a->q_nb1);
-        lq2_ab_begin(ith, sh, q, a->q_nb1 / (int64_t) sizeof(float), sm, acc);
+        const LQ2_DEV float * q = (const LQ2_DEV float *) (a->q + tok * a->g.q_nb2 + (int64_t) hk * gq * a->g.q_nb1);
+        lq2_ab_begin(ith, sh, q, a->g.q_nb1 / 4, sm, acc);
         return 1;
     }
     int64_t s = step - 1;
     // this part's share of the f16 cells and of the 2-bit groups (the CPU op's shares)
-    const int64_t a0 = a->n_kv * part / a->n_part, a1 = a->n_kv * (part + 1) / a->n_part;
+    const int64_t a0 = a->g.n_kv * part / a->g.n_part, a1 = a->g.n_kv * (part + 1) / a->g.n_part;
     const int64_t n_fc = (a1 - a0 + LQ2_AB_CHUNK - 1) / LQ2_AB_CHUNK;
     if (s < 4 * n_fc) {
         const int64_t t0 = a0 + (s / 4) * LQ2_AB_CHUNK;
         const int n = (int) (a1 - t0 < LQ2_AB_CHUNK ? a1 - t0 : LQ2_AB_CHUNK);
-        const int64_t stream = tok / a->n_tps;
-        const char * kbase = (const char *) a->k + stream * a->k_nb3 + (int64_t) hk * D * (int64_t) sizeof(lq2_half);
-        const char * vbase = (const char *) a->v + stream * a->v_nb3 + (int64_t) hk * D * (int64_t) sizeof(lq2_half);
+        const int64_t stream = tok / a->g.n_tps;
+        const LQ2_DEV char * kbase = a->k + stream * a->g.k_nb3 + (int64_t) hk * D * 2;
+        const LQ2_DEV char * vbase = a->v + stream * a->g.v_nb3 + (int64_t) hk * D * 2;
         switch (s % 4) {
             case 0:
                 if (ith < n) {
-                    lq2_ab_score_f16(ith, sh, (const lq2_half *) (kbase + (t0 + ith) * a->k_nb2),
-                                     lq2_ab_mask_at((const char *) a->mask + tok * a->mask_nb1, a->mask_f16, t0 + ith), sm);
+                    lq2_ab_score_f16(ith, sh, (const LQ2_DEV lq2_half *) (kbase + (t0 + ith) * a->g.k_nb2),
+                                     lq2_ab_mask_at(a->mask + tok * a->g.mask_nb1, a->g.mask_f16, t0 + ith), sm);
                 }
                 break;
             case 1: if (ith < gq) lq2_ab_max(ith, n, sm); break;
             case 2: if (ith < n) lq2_ab_weight(ith, sh, sm); break;
-            default: lq2_ab_fold_f16(ith, sh, (const uint8_t *) (vbase + t0 * a->v_nb2), a->v_nb2, n, sm, acc); break;
+            default: lq2_ab_fold_f16(ith, sh, (const LQ2_DEV uint8_t *) (vbase + t0 * a->g.v_nb2), a->g.v_nb2, n, sm, acc); break;
         }
         return 1;
     }
     s -= 4 * n_fc;
-    const int64_t ng = a->n_slots / G, g0 = ng * part / a->n_part, g1 = ng * (part + 1) / a->n_part;
+    const int64_t ng = a->g.n_slots / G, g0 = ng * part / a->g.n_part, g1 = ng * (part + 1) / a->g.n_part;
     const int per_group = sh->score_correction ? 5 : 4;
     if (s < per_group * (g1 - g0)) {
         const int64_t g = g0 + s / per_group;
-        int phase = (int) (s % per_group) + (sh->score_correction ? 0 : 1);
+        const int phase = (int) (s % per_group) + (sh->score_correction ? 0 : 1);
         const int kbs = LQ2_BLOCK_BYTES_B(G, sh->k_bits);
-        const uint8_t * kg = (const uint8_t *) a->k2 + g * a->kg_bytes + (int64_t) hk * D * kbs;
+        const LQ2_DEV uint8_t * kg = (const LQ2_DEV uint8_t *) (a->k2 + g * a->g.kg_bytes + (int64_t) hk * D * kbs);
         switch (phase) {
             case 0: if (ith < gq) lq2_ab_correction(ith, sh, kg, sm); break;
             case 1:
                 if (ith < G) {
-                    const lq2_half * cs = a->rope ? (const lq2_half *) ((const char *) a->rope + g * a->rope_nb1) : NULL;
-                    const lq2_half * m2 = (const lq2_half *) ((const char *) a->mask2 + tok * a->mask2_nb1);
+                    const LQ2_DEV lq2_half * cs = (const LQ2_DEV lq2_half *) (a->rope ? a->rope + g * a->g.rope_nb1 : a->rope);
+                    const LQ2_DEV lq2_half * m2 = (const LQ2_DEV lq2_half *) (a->mask2 + tok * a->g.mask2_nb1);
                     lq2_ab_score_q2(ith, sh, kg, cs, lq2_fp16_to_fp32(m2[g * G + ith]), sm);
                 }
                 break;
@@ -443,15 +453,16 @@ LQ2_INLINE int lq2_ab_step(const struct lq2_attn_args * a, const struct lq2_ab_s
             case 3: if (ith < G) lq2_ab_weight(ith, sh, sm); break;
             default: {
                 const int64_t vhead = (int64_t) (D / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, sh->v_bits);
-                lq2_ab_fold_q2(ith, sh, (const uint8_t *) a->v2 + g * G * a->vrow_bytes + hk * vhead, a->vrow_bytes, G, sm, acc);
+                lq2_ab_fold_q2(ith, sh, (const LQ2_DEV uint8_t *) (a->v2 + g * G * a->g.vrow_bytes + hk * vhead),
+                               a->g.vrow_bytes, G, sm, acc);
                 break;
             }
         }
         return 1;
     }
     if (s == per_group * (g1 - g0)) {
-        const int64_t n_head = (int64_t) gq * a->n_head_kv;
-        lq2_ab_store(ith, sh, sm, acc, a->parts + (((int64_t) part * a->n_tokens + tok) * n_head + (int64_t) hk * gq) * (D + 2));
+        const int64_t n_head = (int64_t) gq * a->g.n_head_kv;
+        lq2_ab_store(ith, sh, sm, acc, a->parts + (((int64_t) part * a->g.n_tokens + tok) * n_head + (int64_t) hk * gq) * (D + 2));
         return 1;
     }
     return 0;
@@ -459,8 +470,8 @@ LQ2_INLINE int lq2_ab_step(const struct lq2_attn_args * a, const struct lq2_ab_s
 
 // The block's shape: the op's, for kv head hk (d, gq > 0: those as constants, which a specialised
 // kernel passes so that the loops unroll).
-LQ2_INLINE struct lq2_ab_shape lq2_ab_block_shape(const struct lq2_attn_args * a, int hk, int d, int gq) {
-    struct lq2_ab_shape sh = a->shape;
+LQ2_INLINE struct lq2_ab_shape lq2_ab_block_shape(const LQ2_TH struct lq2_attn_args * a, int hk, int d, int gq) {
+    struct lq2_ab_shape sh = a->g.shape;
     sh.hk = hk;
     if (d > 0) {
         sh.D  = d;
@@ -470,15 +481,15 @@ LQ2_INLINE struct lq2_ab_shape lq2_ab_block_shape(const struct lq2_attn_args * a
 }
 
 // The combine step for query head h of token tok, channel c: the normalized output.
-LQ2_INLINE void lq2_ab_combine_at(const struct lq2_attn_args * a, int h, int64_t tok, int c) {
-    const int D = a->shape.D;
-    const int64_t n_head = (int64_t) a->shape.gq * a->n_head_kv;
-    const float * row = a->parts + (tok * n_head + h) * (D + 2);
-    float * out = (float *) ((char *) a->dst + tok * a->dst_nb2 + h * a->dst_nb1);
-    out[c] = lq2_ab_combine(c, D, a->n_part, row, a->n_tokens * n_head * (D + 2));
+LQ2_INLINE void lq2_ab_combine_at(const LQ2_TH struct lq2_attn_args * a, int h, int64_t tok, int c) {
+    const int D = a->g.shape.D;
+    const int64_t n_head = (int64_t) a->g.shape.gq * a->g.n_head_kv;
+    const LQ2_DEV float * row = a->parts + (tok * n_head + h) * (D + 2);
+    LQ2_DEV float * out = (LQ2_DEV float *) (a->dst + tok * a->g.dst_nb2 + h * a->g.dst_nb1);
+    out[c] = lq2_ab_combine(c, D, a->g.n_part, row, a->g.n_tokens * n_head * (D + 2));
 }
-#endif // !__METAL_VERSION__
 
-#ifdef __cplusplus
+
+#if defined(__cplusplus) && !defined(__METAL_VERSION__)
 }
 #endif

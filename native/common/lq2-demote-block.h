@@ -1,8 +1,8 @@
-// lq2-demote-block.h: the per-thread work of the GPU demotion (GGML_OP_LQ2_DEMOTE) and of the
-// prefill path's dequantization (GGML_OP_LQ2_DEQUANT), for the C and CUDA builds. The CUDA kernels
-// (native/cuda/lq2-demote.cu) call one function per thread; the host check
+// lq2-demote-block.h: the per-thread work of the GPU demotion (GGML_OP_LQ2_DEMOTE), for the C and
+// CUDA builds (Metal has no double for the RoPE angles: its demotion is still to come). The CUDA
+// kernels (native/cuda/lq2-demote.cu) call one function per thread; the host check
 // (tests/native/lq2_ops_check.cpp) calls the same functions for every thread index on the CPU op's
-// own tensors and compares with the CPU op: the demotion byte for byte.
+// own tensors and compares with the CPU op byte for byte.
 //
 // Demotion, in three launches, each needing what the one before wrote:
 //   rows    block i, thread ith of nth: list row i's value blocks ith, ith + nth, ... quantized, and
@@ -39,19 +39,6 @@ struct lq2_demote_args {
     int64_t nk, nv;                                  // key / value row lengths (all kv heads)
     int32_t n_head_kv, G, k_bits, v_bits, fit;
     struct lq2_rope_params rope;                     // n_dims 0: keys are stored as they come
-};
-
-// GGML_OP_LQ2_DEQUANT's tensors: both tiers into one f16 tensor [D, n_head_kv, n_slots + n_kv, 2].
-struct lq2_dequant_args {
-    const uint8_t * k2;   int64_t k_group_bytes;
-    const uint8_t * v2;   int64_t v_row_bytes;
-    const void    * rope_table; int64_t rope_table_nb1; // NULL when rope.n_dims is 0
-    const void    * k;    int64_t k_nb2;            // f16 tier views [D, n_head_kv, n_kv, 1]
-    const void    * v;    int64_t v_nb2;
-    int64_t n_kv, n_slots;
-    int32_t D, n_head_kv, G, k_bits, v_bits;
-    struct lq2_rope_params rope;
-    lq2_half * dst;       int64_t dst_nb3;          // keys at dst, values dst_nb3 bytes further
 };
 
 LQ2_INLINE int lq2_demote_supported(const struct lq2_demote_args * a) {
@@ -159,47 +146,6 @@ LQ2_INLINE void lq2_demote_stage(const struct lq2_demote_args * a, int64_t i, in
         const int64_t j = r0 + w / a->nk, c = w % a->nk;
         stage[(a->rows[j * LQ2_DEMOTE_COLS + LQ2_DEMOTE_SLOT] % a->G) * a->nk + c] = a->scratch[j * a->nk + c];
     }
-}
-
-LQ2_INLINE int lq2_dequant_supported(const struct lq2_dequant_args * a) {
-    return lq2_key_type_b(a->G, a->k_bits) >= 0 && lq2_value_type(a->v_bits) >= 0 && a->D % LQ2_QK_V == 0 &&
-           a->n_slots % a->G == 0 && (a->rope.n_dims == 0 || a->rope_table) && a->rope.n_dims <= a->D &&
-           (a->rope.mode == 0 || a->rope.mode == 2);
-}
-
-// Keys: token t of group g, kv head hk: dequantized, re-rotated with the group's table rows, f16.
-LQ2_INLINE void lq2_dequant_key(const struct lq2_dequant_args * a, int64_t g, int hk, int t) {
-    const int D = a->D, G = a->G, nd = a->rope.n_dims, half = nd / 2, kbs = LQ2_BLOCK_BYTES_B(G, a->k_bits);
-    const uint8_t * kg = a->k2 + g * a->k_group_bytes + (int64_t) hk * D * kbs;
-    const lq2_half * cs = a->rope_table ? (const lq2_half *) ((const char *) a->rope_table + g * a->rope_table_nb1) : NULL;
-    lq2_half * row = a->dst + ((g * G + t) * a->n_head_kv + hk) * D;
-    for (int i = 0; i < half; ++i) {
-        const int ca = a->rope.mode == 2 ? i : 2 * i, cb = a->rope.mode == 2 ? i + half : 2 * i + 1;
-        const float x0 = lq2_block_value(kg + ca * kbs, G, a->k_bits, t);
-        const float x1 = lq2_block_value(kg + cb * kbs, G, a->k_bits, t);
-        const float ct = lq2_fp16_to_fp32(cs[2 * i * G + t]), st = lq2_fp16_to_fp32(cs[2 * i * G + G + t]);
-        row[ca] = lq2_fp32_to_fp16(LQ2_FMA(x0, ct, -(x1 * st)));
-        row[cb] = lq2_fp32_to_fp16(LQ2_FMA(x0, st, x1 * ct));
-    }
-    for (int c = nd; c < D; ++c) {
-        row[c] = lq2_fp32_to_fp16(lq2_block_value(kg + c * kbs, G, a->k_bits, t));
-    }
-}
-
-// Values: element e of the 2-bit rows (slot e / nv, channel e % nv over all kv heads), f16.
-LQ2_INLINE void lq2_dequant_value(const struct lq2_dequant_args * a, int64_t e) {
-    const int64_t nv = (int64_t) a->D * a->n_head_kv, s = e / nv, c = e % nv;
-    const uint8_t * b = a->v2 + s * a->v_row_bytes + (c / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, a->v_bits);
-    lq2_half * vout = (lq2_half *) ((char *) a->dst + a->dst_nb3);
-    vout[s * nv + c] = lq2_fp32_to_fp16(lq2_block_value(b, LQ2_QK_V, a->v_bits, (int) (c % LQ2_QK_V)));
-}
-
-// The f16 tier's cell j, byte chunk w of its keys or values (which = 0, 1): the rows after the slots.
-LQ2_INLINE void lq2_dequant_copy(const struct lq2_dequant_args * a, int which, int64_t j, int64_t w) {
-    const int64_t nv = (int64_t) a->D * a->n_head_kv;
-    const lq2_half * src = (const lq2_half *) ((const char *) (which ? a->v : a->k) + j * (which ? a->v_nb2 : a->k_nb2));
-    lq2_half * out = (lq2_half *) ((char *) a->dst + which * a->dst_nb3) + (a->n_slots + j) * nv;
-    out[w] = src[w];
 }
 
 #ifdef __cplusplus

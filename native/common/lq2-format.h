@@ -34,11 +34,13 @@
 #    include <metal_stdlib>
 #    define LQ2_INLINE static inline
 #    define LQ2_FLOOR(x) metal::floor(x)
-#    define LQ2_F32_BITS(x) as_type<uint32_t>(x)
-#    define LQ2_BITS_F32(u) as_type<float>(u)
+#    define LQ2_F32_BITS(x) metal::as_type<uint32_t>(x)
+#    define LQ2_BITS_F32(u) metal::as_type<float>(u)
 #    define LQ2_FMA(a, b, c) metal::fma(a, b, c)
 #    define LQ2_DIV(a, b) metal::precise::divide(a, b)
 #    define LQ2_DEV device
+#    define LQ2_TH thread
+#    define LQ2_TG threadgroup
 #elif defined(__CUDACC__)
 #    include <stdint.h>
 #    include <string.h>
@@ -53,6 +55,8 @@
 #        define LQ2_DIV(a, b) ((a) / (b))
 #    endif
 #    define LQ2_DEV
+#    define LQ2_TH
+#    define LQ2_TG
 #else
 #    include <stdint.h>
 #    include <string.h>
@@ -64,12 +68,15 @@
 #    define LQ2_FMA(a, b, c) fmaf(a, b, c)
 #    define LQ2_DIV(a, b) ((a) / (b))
 #    define LQ2_DEV
+#    define LQ2_TH
+#    define LQ2_TG
 #endif
 // LQ2_DIV: IEEE division whatever the backend's math flags (CUDA's -use_fast_math turns a plain /
 // into an approximation, and the codes must be the CPU's bytes). LQ2_DEV: the address space of
-// global memory (Metal's `device`; empty elsewhere).
+// global memory (Metal's `device`); LQ2_TH: of a thread's own variables (`thread`); LQ2_TG: of
+// memory shared by a thread block (`threadgroup`); all empty elsewhere.
 
-#ifdef __cplusplus
+#if defined(__cplusplus) && !defined(__METAL_VERSION__)
 extern "C" {
 #endif
 
@@ -440,6 +447,6 @@ LQ2_INLINE float lq2_score_correction(float v, float scale) {
     return 0.5f * scale * v;
 }
 
-#ifdef __cplusplus
+#if defined(__cplusplus) && !defined(__METAL_VERSION__)
 }
 #endif

@@ -19,7 +19,7 @@ static __global__ void __launch_bounds__(LQ2_AB_THREADS) lq2_attn_block_kernel(c
 }
 
 static __global__ void lq2_attn_combine_kernel(const struct lq2_attn_args a) {
-    for (int c = threadIdx.x; c < a.shape.D; c += blockDim.x) {
+    for (int c = threadIdx.x; c < a.g.shape.D; c += blockDim.x) {
         lq2_ab_combine_at(&a, blockIdx.x, blockIdx.y, c);
     }
 }
@@ -27,7 +27,7 @@ static __global__ void lq2_attn_combine_kernel(const struct lq2_attn_args a) {
 // The specialised kernels for the common shapes (head sizes 64, 128, 256; 1, 2, 4, 6, 7, 8 query
 // heads per kv head), the generic one otherwise.
 template <int D_T> static bool lq2_attn_launch_d(const struct lq2_attn_args & a, dim3 blocks, cudaStream_t stream) {
-    switch (a.shape.gq) {
+    switch (a.g.shape.gq) {
         case 1: lq2_attn_block_kernel<D_T, 1><<<blocks, LQ2_AB_THREADS, 0, stream>>>(a); return true;
         case 2: lq2_attn_block_kernel<D_T, 2><<<blocks, LQ2_AB_THREADS, 0, stream>>>(a); return true;
         case 4: lq2_attn_block_kernel<D_T, 4><<<blocks, LQ2_AB_THREADS, 0, stream>>>(a); return true;
@@ -48,15 +48,15 @@ extern "C" int32_t lq2_cuda_attn_n_part(int64_t n_tokens, int32_t n_head_kv, int
 }
 
 extern "C" int lq2_cuda_attn(const struct lq2_attn_args * a, cudaStream_t stream) {
-    const struct lq2_ab_shape * sh = &a->shape;
+    const struct lq2_ab_shape * sh = &a->g.shape;
     if (!lq2_ab_supported(sh->D, sh->gq, sh->G, sh->k_bits, sh->v_bits, sh->rope_mode, sh->rope_n_dims) ||
-        (sh->rope_n_dims > 0 && !a->rope) || a->n_part < 1 || a->n_slots % sh->G != 0 || a->n_tokens > 65535) {
+        (sh->rope_n_dims > 0 && !a->rope) || a->g.n_part < 1 || a->g.n_slots % sh->G != 0 || a->g.n_tokens > 65535) {
         return -1;
     }
-    if (a->n_tokens == 0) {
+    if (a->g.n_tokens == 0) {
         return 0;
     }
-    const dim3 blocks((unsigned) a->n_part, (unsigned) a->n_head_kv, (unsigned) a->n_tokens);
+    const dim3 blocks((unsigned) a->g.n_part, (unsigned) a->g.n_head_kv, (unsigned) a->g.n_tokens);
     const bool special = sh->D == 64  ? lq2_attn_launch_d<64>(*a, blocks, stream)
                        : sh->D == 128 ? lq2_attn_launch_d<128>(*a, blocks, stream)
                        : sh->D == 256 ? lq2_attn_launch_d<256>(*a, blocks, stream)
@@ -64,7 +64,7 @@ extern "C" int lq2_cuda_attn(const struct lq2_attn_args * a, cudaStream_t stream
     if (!special) {
         lq2_attn_block_kernel<0, 0><<<blocks, LQ2_AB_THREADS, 0, stream>>>(*a);
     }
-    const dim3 heads((unsigned) (sh->gq * a->n_head_kv), (unsigned) a->n_tokens);
+    const dim3 heads((unsigned) (sh->gq * a->g.n_head_kv), (unsigned) a->g.n_tokens);
     lq2_attn_combine_kernel<<<heads, sh->D < 256 ? sh->D : 256, 0, stream>>>(*a);
     return 0;
 }

@@ -16,7 +16,7 @@ extern "C" {
 // with fewer than two chunks of tokens.
 int32_t lq2_cuda_attn_n_part(int64_t n_tokens, int32_t n_head_kv, int64_t n_kv, int64_t n_slots, int32_t n_sm);
 
-// Runs the attention on `stream` (a->parts: scratch for a->n_part parts): 0, or -1 for a shape
+// Runs the attention on `stream` (a->parts: scratch for a->g.n_part parts): 0, or -1 for a shape
 // the kernel does not take (lq2_ab_supported).
 int lq2_cuda_attn(const struct lq2_attn_args * a, cudaStream_t stream);
 

@@ -54,7 +54,8 @@ extern "C" int lq2_cuda_demote(const struct lq2_demote_args * a, cudaStream_t st
 }
 
 extern "C" int lq2_cuda_dequant(const struct lq2_dequant_args * a, cudaStream_t stream) {
-    if (!lq2_dequant_supported(a)) {
+    if (!lq2_dequant_shape_ok(a->D, a->G, a->k_bits, a->v_bits, a->rope_mode, a->rope_n_dims, a->n_slots) ||
+        (a->rope_n_dims > 0 && !a->rope_table)) {
         return -1;
     }
     const int64_t n_groups = a->n_slots / a->G;

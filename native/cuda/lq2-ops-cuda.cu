@@ -32,9 +32,9 @@ bool ggml_cuda_lq2_supports_op(const ggml_tensor * op) {
         }
         case GGML_OP_LQ2_DEQUANT: {
             const lq2_dequant_args a = lq2_dequant_args_of(op);
-            // supports_op is asked before the graph is allocated: NULL data means "will be there"
-            return lq2_key_type_b(a.G, a.k_bits) >= 0 && lq2_value_type(a.v_bits) >= 0 && a.D % LQ2_QK_V == 0 &&
-                   a.n_slots % a.G == 0 && a.G <= 1024;
+            // (asked before the graph is allocated: the data pointers may still be NULL)
+            return lq2_dequant_shape_ok(a.D, a.G, a.k_bits, a.v_bits, a.rope_mode, a.rope_n_dims, a.n_slots) &&
+                   (a.rope_n_dims == 0 || op->src[2] != nullptr);
         }
         default:
             return false;

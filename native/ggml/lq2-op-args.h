@@ -8,6 +8,7 @@
 
 #include "lq2-attn-block.h"
 #include "lq2-demote-block.h"
+#include "lq2-dequant-block.h"
 #include "lq2-op-params.h"
 
 #include <string.h>
@@ -25,49 +26,49 @@ static inline struct lq2_attn_args lq2_attn_args_of(const struct ggml_tensor * d
     const int64_t D = q->ne[0], n_head = q->ne[1], n_head_kv = k->ne[1];
     struct lq2_attn_args a;
     memset(&a, 0, sizeof(a));
-    a.q          = (const float *) q->data;
-    a.q_nb1      = (int64_t) q->nb[1];
-    a.q_nb2      = (int64_t) q->nb[2];
-    a.k          = k->data;
-    a.k_nb2      = (int64_t) k->nb[2];
-    a.k_nb3      = (int64_t) k->nb[3];
-    a.v          = v->data;
-    a.v_nb2      = (int64_t) v->nb[2];
-    a.v_nb3      = (int64_t) v->nb[3];
-    a.n_kv       = k->ne[2];
-    a.mask       = mask->data;
-    a.mask_nb1   = (int64_t) mask->nb[1]; // the streams' rows are contiguous, as the CPU forward reads them
-    a.mask_f16   = mask->type == GGML_TYPE_F16;
-    a.k2         = k2->data;
-    a.kg_bytes   = n_head_kv * D * LQ2_BLOCK_BYTES_B(op.G, op.k_bits);
-    a.v2         = v2->data;
-    a.vrow_bytes = n_head_kv * (D / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, op.v_bits);
-    a.mask2      = mask2->data;
-    a.mask2_nb1  = (int64_t) mask2->nb[1];
-    a.rope       = rope ? rope->data : NULL;
-    a.rope_nb1   = rope ? (int64_t) rope->nb[1] : 0;
-    a.n_slots    = mask2->ne[0];
-    a.n_tokens   = q->ne[2];
-    a.n_tps      = q->ne[2] / k->ne[3];
-    a.n_head_kv  = (int32_t) n_head_kv;
-    a.n_part     = n_part;
+    a.q          = (const char *) q->data;
+    a.g.q_nb1      = (int64_t) q->nb[1];
+    a.g.q_nb2      = (int64_t) q->nb[2];
+    a.k          = (const char *) k->data;
+    a.g.k_nb2      = (int64_t) k->nb[2];
+    a.g.k_nb3      = (int64_t) k->nb[3];
+    a.v          = (const char *) v->data;
+    a.g.v_nb2      = (int64_t) v->nb[2];
+    a.g.v_nb3      = (int64_t) v->nb[3];
+    a.g.n_kv       = k->ne[2];
+    a.mask       = (const char *) mask->data;
+    a.g.mask_nb1   = (int64_t) mask->nb[1]; // the streams' rows are contiguous, as the CPU forward reads them
+    a.g.mask_f16   = mask->type == GGML_TYPE_F16;
+    a.k2         = (const char *) k2->data;
+    a.g.kg_bytes   = n_head_kv * D * LQ2_BLOCK_BYTES_B(op.G, op.k_bits);
+    a.v2         = (const char *) v2->data;
+    a.g.vrow_bytes = n_head_kv * (D / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, op.v_bits);
+    a.mask2      = (const char *) mask2->data;
+    a.g.mask2_nb1  = (int64_t) mask2->nb[1];
+    a.rope       = rope ? (const char *) rope->data : NULL;
+    a.g.rope_nb1   = rope ? (int64_t) rope->nb[1] : 0;
+    a.g.n_slots    = mask2->ne[0];
+    a.g.n_tokens   = q->ne[2];
+    a.g.n_tps      = q->ne[2] / k->ne[3];
+    a.g.n_head_kv  = (int32_t) n_head_kv;
+    a.g.n_part     = n_part;
     a.parts      = parts;
-    a.dst        = (float *) dst->data;
-    a.dst_nb1    = (int64_t) dst->nb[1];
-    a.dst_nb2    = (int64_t) dst->nb[2];
-    a.shape.D                = (int32_t) D;
-    a.shape.gq               = (int32_t) (n_head / n_head_kv);
-    a.shape.n_head           = (int32_t) n_head;
-    a.shape.scale            = op.scale;
-    a.shape.softcap          = op.softcap;
-    a.shape.max_bias         = op.max_bias;
-    a.shape.G                = op.G;
-    a.shape.k_bits           = op.k_bits;
-    a.shape.v_bits           = op.v_bits;
-    a.shape.rope_mode        = op.rope.mode;
-    a.shape.rope_n_dims      = op.rope.n_dims;
-    a.shape.rope_attn_factor = op.rope.attn_factor;
-    a.shape.score_correction = op.score_correction;
+    a.dst        = (char *) dst->data;
+    a.g.dst_nb1    = (int64_t) dst->nb[1];
+    a.g.dst_nb2    = (int64_t) dst->nb[2];
+    a.g.shape.D                = (int32_t) D;
+    a.g.shape.gq               = (int32_t) (n_head / n_head_kv);
+    a.g.shape.n_head           = (int32_t) n_head;
+    a.g.shape.scale            = op.scale;
+    a.g.shape.softcap          = op.softcap;
+    a.g.shape.max_bias         = op.max_bias;
+    a.g.shape.G                = op.G;
+    a.g.shape.k_bits           = op.k_bits;
+    a.g.shape.v_bits           = op.v_bits;
+    a.g.shape.rope_mode        = op.rope.mode;
+    a.g.shape.rope_n_dims      = op.rope.n_dims;
+    a.g.shape.rope_attn_factor = op.rope.attn_factor;
+    a.g.shape.score_correction = op.score_correction;
     return a;
 }
 
@@ -120,18 +121,19 @@ static inline struct lq2_dequant_args lq2_dequant_args_of(const struct ggml_tens
     a.k_group_bytes  = (int64_t) a.D * a.n_head_kv * LQ2_BLOCK_BYTES_B(p.G, p.k_bits);
     a.v2             = (const uint8_t *) v2->data;
     a.v_row_bytes    = (int64_t) a.n_head_kv * (a.D / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, p.v_bits);
-    a.rope_table     = rope ? rope->data : NULL;
+    a.rope_table     = rope ? (const char *) rope->data : NULL;
     a.rope_table_nb1 = rope ? (int64_t) rope->nb[1] : 0;
-    a.k              = k->data;
+    a.k              = (const char *) k->data;
     a.k_nb2          = (int64_t) k->nb[2];
-    a.v              = v->data;
+    a.v              = (const char *) v->data;
     a.v_nb2          = (int64_t) v->nb[2];
     a.n_kv           = k->ne[2];
     a.n_slots        = p.n_slots;
     a.G              = p.G;
     a.k_bits         = p.k_bits;
     a.v_bits         = p.v_bits;
-    a.rope           = p.rope;
+    a.rope_mode      = p.rope.mode;
+    a.rope_n_dims    = p.rope.n_dims;
     a.dst            = (lq2_half *) dst->data;
     a.dst_nb3        = (int64_t) dst->nb[3];
     return a;

@@ -26,16 +26,16 @@ static int thread_at(int i, int order) {
 // threads of a block disagree on the number of steps, else 0 with the parts in a->parts and the
 // result in a->dst.
 int lq2_ab_emulate(const struct lq2_attn_args * a, int order) {
-    const struct lq2_ab_shape * s = &a->shape;
+    const struct lq2_ab_shape * s = &a->g.shape;
     if (!lq2_ab_supported(s->D, s->gq, s->G, s->k_bits, s->v_bits, s->rope_mode, s->rope_n_dims) ||
-        (s->rope_n_dims > 0 && !a->rope) || a->n_part < 1 || a->n_slots % s->G != 0) {
+        (s->rope_n_dims > 0 && !a->rope) || a->g.n_part < 1 || a->g.n_slots % s->G != 0) {
         return -1;
     }
     static struct lq2_ab_shared sm;               // the block's shared memory
     static float acc[LQ2_AB_THREADS][LQ2_AB_ACC]; // each thread's registers
-    for (int64_t tok = 0; tok < a->n_tokens; ++tok) {
-        for (int hk = 0; hk < a->n_head_kv; ++hk) {
-            for (int part = 0; part < a->n_part; ++part) {
+    for (int64_t tok = 0; tok < a->g.n_tokens; ++tok) {
+        for (int hk = 0; hk < a->g.n_head_kv; ++hk) {
+            for (int part = 0; part < a->g.n_part; ++part) {
                 memset(&sm, 0xff, sizeof(sm)); // NaN garbage: a read before a write shows
                 memset(acc, 0xff, sizeof(acc));
                 const struct lq2_ab_shape sh = lq2_ab_block_shape(a, hk, 0, 0);
@@ -56,8 +56,8 @@ int lq2_ab_emulate(const struct lq2_attn_args * a, int order) {
             }
         }
     }
-    const int n_head = s->gq * a->n_head_kv;
-    for (int64_t tok = 0; tok < a->n_tokens; ++tok) {
+    const int n_head = s->gq * a->g.n_head_kv;
+    for (int64_t tok = 0; tok < a->g.n_tokens; ++tok) {
         for (int h = 0; h < n_head; ++h) {
             for (int i = 0; i < s->D; ++i) {
                 lq2_ab_combine_at(a, h, tok, order == ORDER_REVERSE ? s->D - 1 - i : i);

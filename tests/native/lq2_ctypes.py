@@ -39,20 +39,16 @@ class AbShape(ctypes.Structure):  # lq2-attn-block.h
                 ("rope_attn_factor", ctypes.c_float), ("score_correction", ctypes.c_int32)]
 
 
-class AttnArgs(ctypes.Structure):  # lq2-attn-block.h: GGML_OP_LQ2_ATTN as pointers and byte strides
-    _fields_ = [("q", ctypes.c_void_p), ("q_nb1", ctypes.c_int64), ("q_nb2", ctypes.c_int64),
-                ("k", ctypes.c_void_p), ("k_nb2", ctypes.c_int64), ("k_nb3", ctypes.c_int64),
-                ("v", ctypes.c_void_p), ("v_nb2", ctypes.c_int64), ("v_nb3", ctypes.c_int64),
-                ("n_kv", ctypes.c_int64),
-                ("mask", ctypes.c_void_p), ("mask_nb1", ctypes.c_int64), ("mask_f16", ctypes.c_int32),
-                ("k2", ctypes.c_void_p), ("kg_bytes", ctypes.c_int64),
-                ("v2", ctypes.c_void_p), ("vrow_bytes", ctypes.c_int64),
-                ("mask2", ctypes.c_void_p), ("mask2_nb1", ctypes.c_int64),
-                ("rope", ctypes.c_void_p), ("rope_nb1", ctypes.c_int64),
-                ("n_slots", ctypes.c_int64), ("n_tokens", ctypes.c_int64), ("n_tps", ctypes.c_int64),
-                ("n_head_kv", ctypes.c_int32), ("n_part", ctypes.c_int32),
-                ("parts", ctypes.c_void_p), ("dst", ctypes.c_void_p), ("dst_nb1", ctypes.c_int64),
-                ("dst_nb2", ctypes.c_int64), ("shape", AbShape)]
+class AttnGeom(ctypes.Structure):  # lq2-attn-block.h: the scalars of GGML_OP_LQ2_ATTN
+    _fields_ = [(n, ctypes.c_int64) for n in (
+                    "q_nb1", "q_nb2", "k_nb2", "k_nb3", "v_nb2", "v_nb3", "n_kv", "mask_nb1", "kg_bytes",
+                    "vrow_bytes", "mask2_nb1", "rope_nb1", "n_slots", "n_tokens", "n_tps", "dst_nb1", "dst_nb2")] + \
+               [(n, ctypes.c_int32) for n in ("mask_f16", "n_head_kv", "n_part", "unused")] + [("shape", AbShape)]
+
+
+class AttnArgs(ctypes.Structure):  # lq2-attn-block.h: the op's pointers and its scalars
+    _fields_ = [(n, ctypes.c_void_p) for n in ("q", "k", "v", "mask", "k2", "v2", "mask2", "rope", "parts", "dst")] + \
+               [("g", AttnGeom)]
 
 
 F32P = np.ctypeslib.ndpointer(np.float32, flags="C")

@@ -164,7 +164,7 @@ static void run_attn(const shape & s, int seed) {
     std::vector<float> gpu_parts((size_t) lq2_attn_parts_floats(fused, 3));
     ggml_tensor * gpu_out = ggml_dup_tensor(ctx, fused);
     struct lq2_attn_args ga = lq2_attn_args_of(fused, 3, gpu_parts.data());
-    ga.dst = (float *) gpu_out->data;
+    ga.dst = (char *) gpu_out->data;
     if (lq2_ab_emulate(&ga, 0) != 0) {
         fprintf(stderr, "the GPU program refused the case\n");
         exit(1);

@@ -12,7 +12,7 @@ import ctypes
 
 import numpy as np
 import pytest
-from lq2_ctypes import AbShape, AttnArgs, AttnParams, RopeParams, TierF16, TierQ2
+from lq2_ctypes import AbShape, AttnArgs, AttnGeom, AttnParams, RopeParams, TierF16, TierQ2
 from test_lq2_attn import CASES, F16_BYTES, Case, make, reference
 
 import lq2_reference as ref
@@ -70,14 +70,15 @@ class Op:
         nd = self.rope.n_dims
         shape = AbShape(D, H // Hkv, H, 0, 1.0 / np.sqrt(D), c.softcap, c.max_bias, c.G, c.k_bits, c.v_bits,
                         c.mode, nd, 1.0, c.score_correction)
-        return AttnArgs(self.q.ctypes.data, D * 4, H * D * 4,
-                        self.ka.ctypes.data, row, c.nA * row, self.va.ctypes.data, row, c.nA * row, c.nA,
-                        self.ma.ctypes.data, self.ma.strides[0], int(self.ma.dtype == np.float16),
-                        self.kb.ctypes.data, self.kb[0].nbytes, self.vb.ctypes.data, self.vb[0].nbytes,
-                        self.mb.ctypes.data, self.mb.strides[0],
-                        self.tab.ctypes.data if nd > 0 else None, nd * c.G * F16_BYTES,
-                        self.n_slots, self.T, self.T // self.S, Hkv, n_part,
-                        self.parts.ctypes.data, self.dst.ctypes.data, D * 4, H * D * 4, shape)
+        g = AttnGeom(q_nb1=D * 4, q_nb2=H * D * 4, k_nb2=row, k_nb3=c.nA * row, v_nb2=row, v_nb3=c.nA * row,
+                     n_kv=c.nA, mask_nb1=self.ma.strides[0], kg_bytes=self.kb[0].nbytes,
+                     vrow_bytes=self.vb[0].nbytes, mask2_nb1=self.mb.strides[0], rope_nb1=nd * c.G * F16_BYTES,
+                     n_slots=self.n_slots, n_tokens=self.T, n_tps=self.T // self.S, dst_nb1=D * 4,
+                     dst_nb2=H * D * 4, mask_f16=int(self.ma.dtype == np.float16), n_head_kv=Hkv,
+                     n_part=n_part, shape=shape)
+        return AttnArgs(self.q.ctypes.data, self.ka.ctypes.data, self.va.ctypes.data, self.ma.ctypes.data,
+                        self.kb.ctypes.data, self.vb.ctypes.data, self.mb.ctypes.data,
+                        self.tab.ctypes.data if nd > 0 else None, self.parts.ctypes.data, self.dst.ctypes.data, g)
 
     def tiers(self, tok: int, a0: int, a1: int, g0: int, g1: int):
         """Token tok's tiers over the f16 cells [a0, a1) and the slots of groups [g0, g1), as the CPU

@@ -1,0 +1,71 @@
+// lq2-dequant-block.h: the per-thread work of the prefill path's dequantization
+// (GGML_OP_LQ2_DEQUANT) on a GPU: both tiers laid out in f16 for the backend's own flash
+// attention. Written for C, CUDA and Metal (the pointers carry their address space); the CUDA and
+// Metal kernels call one function per thread, and the host check (tests/native/lq2_ops_check.cpp)
+// calls them for every index on the CPU op's own tensors.
+#pragma once
+
+#include "lq2-format.h"
+
+#if defined(__cplusplus) && !defined(__METAL_VERSION__)
+extern "C" {
+#endif
+
+// GGML_OP_LQ2_DEQUANT's tensors: both tiers into one f16 tensor [D, n_head_kv, n_slots + n_kv, 2]
+// (lq2_dequant_args_of fills it from the op; the Metal kernel from its buffers).
+struct lq2_dequant_args {
+    const LQ2_DEV uint8_t * k2;         int64_t k_group_bytes;
+    const LQ2_DEV uint8_t * v2;         int64_t v_row_bytes;
+    const LQ2_DEV char    * rope_table; int64_t rope_table_nb1; // 0 when rope_n_dims is 0
+    const LQ2_DEV char    * k;          int64_t k_nb2;          // f16 tier views [D, n_head_kv, n_kv, 1]
+    const LQ2_DEV char    * v;          int64_t v_nb2;
+    int64_t n_kv, n_slots;
+    int32_t D, n_head_kv, G, k_bits, v_bits;
+    int32_t rope_mode, rope_n_dims;                              // as lq2_rope_params
+    LQ2_DEV lq2_half      * dst;        int64_t dst_nb3;        // keys at dst, values dst_nb3 bytes further
+};
+
+// The shapes the kernels take (given a table when the keys are pre-RoPE).
+LQ2_INLINE int lq2_dequant_shape_ok(int D, int G, int k_bits, int v_bits, int rope_mode, int n_dims, int64_t n_slots) {
+    return lq2_key_type_b(G, k_bits) >= 0 && lq2_value_type(v_bits) >= 0 && D % LQ2_QK_V == 0 && n_slots % G == 0 &&
+           n_dims >= 0 && n_dims <= D && n_dims % 2 == 0 && (rope_mode == 0 || rope_mode == 2);
+}
+
+// Keys: token t of group g, kv head hk: dequantized, re-rotated with the group's table rows, f16.
+LQ2_INLINE void lq2_dequant_key(const LQ2_TH struct lq2_dequant_args * a, int64_t g, int hk, int t) {
+    const int D = a->D, G = a->G, nd = a->rope_n_dims, half = nd / 2, kbs = LQ2_BLOCK_BYTES_B(G, a->k_bits);
+    const LQ2_DEV uint8_t * kg = a->k2 + g * a->k_group_bytes + (int64_t) hk * D * kbs;
+    const LQ2_DEV lq2_half * cs = (const LQ2_DEV lq2_half *) (a->rope_table ? a->rope_table + g * a->rope_table_nb1 : a->rope_table);
+    LQ2_DEV lq2_half * row = a->dst + ((g * G + t) * a->n_head_kv + hk) * D;
+    for (int i = 0; i < half; ++i) {
+        const int ca = a->rope_mode == 2 ? i : 2 * i, cb = a->rope_mode == 2 ? i + half : 2 * i + 1;
+        const float x0 = lq2_block_value(kg + ca * kbs, G, a->k_bits, t);
+        const float x1 = lq2_block_value(kg + cb * kbs, G, a->k_bits, t);
+        const float ct = lq2_fp16_to_fp32(cs[2 * i * G + t]), st = lq2_fp16_to_fp32(cs[2 * i * G + G + t]);
+        row[ca] = lq2_fp32_to_fp16(LQ2_FMA(x0, ct, -(x1 * st)));
+        row[cb] = lq2_fp32_to_fp16(LQ2_FMA(x0, st, x1 * ct));
+    }
+    for (int c = nd; c < D; ++c) {
+        row[c] = lq2_fp32_to_fp16(lq2_block_value(kg + c * kbs, G, a->k_bits, t));
+    }
+}
+
+// Values: element e of the 2-bit rows (slot e / nv, channel e % nv over all kv heads), f16.
+LQ2_INLINE void lq2_dequant_value(const LQ2_TH struct lq2_dequant_args * a, int64_t e) {
+    const int64_t nv = (int64_t) a->D * a->n_head_kv, s = e / nv, c = e % nv;
+    const LQ2_DEV uint8_t * b = a->v2 + s * a->v_row_bytes + (c / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, a->v_bits);
+    LQ2_DEV lq2_half * vout = (LQ2_DEV lq2_half *) ((LQ2_DEV char *) a->dst + a->dst_nb3);
+    vout[s * nv + c] = lq2_fp32_to_fp16(lq2_block_value(b, LQ2_QK_V, a->v_bits, (int) (c % LQ2_QK_V)));
+}
+
+// The f16 tier's cell j, element w of its keys or values (which = 0, 1): the rows after the slots.
+LQ2_INLINE void lq2_dequant_copy(const LQ2_TH struct lq2_dequant_args * a, int which, int64_t j, int64_t w) {
+    const int64_t nv = (int64_t) a->D * a->n_head_kv;
+    const LQ2_DEV lq2_half * src = (const LQ2_DEV lq2_half *) ((which ? a->v : a->k) + j * (which ? a->v_nb2 : a->k_nb2));
+    LQ2_DEV lq2_half * out = (LQ2_DEV lq2_half *) ((LQ2_DEV char *) a->dst + which * a->dst_nb3) + (a->n_slots + j) * nv;
+    out[w] = src[w];
+}
+
+#if defined(__cplusplus) && !defined(__METAL_VERSION__)
+}
+#endif

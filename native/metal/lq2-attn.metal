@@ -1,0 +1,143 @@
+// lq2-attn.metal: the Metal decode attention over LogQuant's two tiers (GGML_OP_LQ2_ATTN) and the
+// prefill path's dequantization (GGML_OP_LQ2_DEQUANT), on the per-thread code the CUDA kernels
+// and the host tests share (lq2-attn-block.h, lq2-dequant-block.h): one threadgroup of
+// LQ2_AB_THREADS threads per (part, kv head, query token) runs lq2_ab_step with a threadgroup
+// barrier after each step, then a combine kernel merges the parts.
+//
+// Status: never compiled by Apple's Metal compiler, never run on a Mac. It is checked on Linux
+// with clang against a small metal_stdlib stand-in (tests/native/test_metal_sources.py: syntax,
+// types, address spaces), and its per-thread code runs on the host in the tests. Not yet
+// registered in ggml-metal (pipelines, encoder, supports_op), so no build uses it.
+//
+// Buffers: the op's tensors by index, as ggml-metal binds them; the scalars in one constant
+// struct (lq2_attn_geom / lq2_dequant_geom below), as ggml-metal's kargs. The block's shared
+// memory is the threadgroup buffer 0 (sizeof(struct lq2_ab_shared) bytes).
+#include <metal_stdlib>
+
+#include "lq2-attn-block.h"
+#include "lq2-dequant-block.h"
+
+using namespace metal;
+
+kernel void kernel_lq2_attn_block(
+        constant struct lq2_attn_geom & g     [[buffer(0)]],
+        device const char             * q     [[buffer(1)]],
+        device const char             * k     [[buffer(2)]],
+        device const char             * v     [[buffer(3)]],
+        device const char             * mask  [[buffer(4)]],
+        device const char             * k2    [[buffer(5)]],
+        device const char             * v2    [[buffer(6)]],
+        device const char             * mask2 [[buffer(7)]],
+        device const char             * rope  [[buffer(8)]],  // ignored when rope_n_dims is 0
+        device       float            * parts [[buffer(9)]],
+        threadgroup  char             * shmem [[threadgroup(0)]],
+        uint3  tgpig [[threadgroup_position_in_grid]],
+        ushort tiitg [[thread_index_in_threadgroup]]) {
+    struct lq2_attn_args a;
+    a.q     = q;
+    a.k     = k;
+    a.v     = v;
+    a.mask  = mask;
+    a.k2    = k2;
+    a.v2    = v2;
+    a.mask2 = mask2;
+    a.rope  = g.shape.rope_n_dims > 0 ? rope : nullptr;
+    a.parts = parts;
+    a.dst   = nullptr; // the combine kernel writes it
+    a.g     = g;
+    threadgroup struct lq2_ab_shared * sm = (threadgroup struct lq2_ab_shared *) shmem;
+    float acc[LQ2_AB_ACC];
+    const struct lq2_ab_shape sh = lq2_ab_block_shape(&a, (int) tgpig.y, 0, 0);
+    for (int s = 0; lq2_ab_step(&a, &sh, (int) tgpig.x, (int64_t) tgpig.z, s, (int) tiitg, sm, acc); ++s) {
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+}
+
+// Grid (n_head, n_tokens); a thread per channel, strided.
+kernel void kernel_lq2_attn_combine(
+        constant struct lq2_attn_geom & g     [[buffer(0)]],
+        device       float            * parts [[buffer(1)]],
+        device       char             * dst   [[buffer(2)]],
+        uint3  tgpig [[threadgroup_position_in_grid]],
+        ushort tiitg [[thread_index_in_threadgroup]],
+        ushort ntg   [[threads_per_threadgroup]]) {
+    struct lq2_attn_args a;
+    a.parts = parts;
+    a.dst   = dst;
+    a.g     = g;
+    for (int c = tiitg; c < g.shape.D; c += ntg) {
+        lq2_ab_combine_at(&a, (int) tgpig.x, (int64_t) tgpig.y, c);
+    }
+}
+
+// The scalars of GGML_OP_LQ2_DEQUANT (the pointers come as buffers).
+struct lq2_dequant_geom {
+    int64_t k_group_bytes, v_row_bytes, rope_table_nb1, k_nb2, v_nb2, n_kv, n_slots, dst_nb3;
+    int32_t D, n_head_kv, G, k_bits, v_bits, rope_mode, rope_n_dims, unused;
+};
+
+static struct lq2_dequant_args lq2_dequant_args_from(constant struct lq2_dequant_geom & g, device const char * k2,
+                                                     device const char * v2, device const char * rope,
+                                                     device const char * k, device const char * v, device char * dst) {
+    struct lq2_dequant_args a;
+    a.k2             = (device const uint8_t *) k2;
+    a.k_group_bytes  = g.k_group_bytes;
+    a.v2             = (device const uint8_t *) v2;
+    a.v_row_bytes    = g.v_row_bytes;
+    a.rope_table     = g.rope_n_dims > 0 ? rope : nullptr;
+    a.rope_table_nb1 = g.rope_table_nb1;
+    a.k              = k;
+    a.k_nb2          = g.k_nb2;
+    a.v              = v;
+    a.v_nb2          = g.v_nb2;
+    a.n_kv           = g.n_kv;
+    a.n_slots        = g.n_slots;
+    a.D              = g.D;
+    a.n_head_kv      = g.n_head_kv;
+    a.G              = g.G;
+    a.k_bits         = g.k_bits;
+    a.v_bits         = g.v_bits;
+    a.rope_mode      = g.rope_mode;
+    a.rope_n_dims    = g.rope_n_dims;
+    a.dst            = (device lq2_half *) dst;
+    a.dst_nb3        = g.dst_nb3;
+    return a;
+}
+
+// Grid (n_groups, n_head_kv), G threads: token t of the group.
+kernel void kernel_lq2_dequant_keys(
+        constant struct lq2_dequant_geom & g    [[buffer(0)]],
+        device const char                * k2   [[buffer(1)]],
+        device const char                * v2   [[buffer(2)]],
+        device const char                * rope [[buffer(3)]],
+        device const char                * k    [[buffer(4)]],
+        device const char                * v    [[buffer(5)]],
+        device       char                * dst  [[buffer(6)]],
+        uint3  tgpig [[threadgroup_position_in_grid]],
+        ushort tiitg [[thread_index_in_threadgroup]]) {
+    const struct lq2_dequant_args a = lq2_dequant_args_from(g, k2, v2, rope, k, v, dst);
+    lq2_dequant_key(&a, (int64_t) tgpig.x, (int) tgpig.y, (int) tiitg);
+}
+
+// One thread per 2-bit value, then one per f16 cell element of the keys and of the values.
+kernel void kernel_lq2_dequant_rest(
+        constant struct lq2_dequant_geom & g    [[buffer(0)]],
+        device const char                * k2   [[buffer(1)]],
+        device const char                * v2   [[buffer(2)]],
+        device const char                * rope [[buffer(3)]],
+        device const char                * k    [[buffer(4)]],
+        device const char                * v    [[buffer(5)]],
+        device       char                * dst  [[buffer(6)]],
+        uint tpig [[thread_position_in_grid]]) {
+    const struct lq2_dequant_args a = lq2_dequant_args_from(g, k2, v2, rope, k, v, dst);
+    const int64_t nv = (int64_t) g.D * g.n_head_kv, n_values = g.n_slots * nv;
+    int64_t e = tpig;
+    if (e < n_values) {
+        lq2_dequant_value(&a, e);
+        return;
+    }
+    e -= n_values;
+    if (e < 2 * g.n_kv * nv) {
+        lq2_dequant_copy(&a, (int) (e / (g.n_kv * nv)), (e / nv) % g.n_kv, e % nv);
+    }
+}
