@@ -1,8 +1,7 @@
-// lq2-demote-block.h: the per-thread work of the GPU demotion (GGML_OP_LQ2_DEMOTE), for the C and
-// CUDA builds (Metal has no double for the RoPE angles: its demotion is still to come). The CUDA
-// kernels (native/cuda/lq2-demote.cu) call one function per thread; the host check
-// (tests/native/lq2_ops_check.cpp) calls the same functions for every thread index on the CPU op's
-// own tensors and compares with the CPU op byte for byte.
+// lq2-demote-block.h: the per-thread work of the GPU demotion (GGML_OP_LQ2_DEMOTE), for C, CUDA and
+// Metal. The kernels (native/cuda/lq2-demote.cu, native/metal/lq2-demote.metal) call one function
+// per thread; the host check (tests/native/lq2_ops_check.cpp) calls the same functions for every
+// thread index on the CPU op's own tensors and compares with the CPU op byte for byte.
 //
 // Demotion, in three launches, each needing what the one before wrote:
 //   rows    block i, thread ith of nth: list row i's value blocks ith, ith + nth, ... quantized, and
@@ -16,47 +15,51 @@
 //   stage   block i: when row i ends a run that leaves its group open, the run's rows go to the
 //           group's staging row for the steps to come.
 // The arithmetic is lq2-format.h's (lq2_quantize_block, lq2_unrotate_pair), which the CPU runs too.
+// RoPE angles: in double as on the CPU (C, CUDA); Metal has no double and takes each pair's
+// frequency split in two floats (rope_freq, lq2_rope_cos_sin_f32), within 1e-6 of the double.
 #pragma once
 
 #include "lq2-format.h"
 #include "lq2-op-params.h"
 
-#if !defined(__METAL_VERSION__)
-
-#ifdef __cplusplus
+#if defined(__cplusplus) && !defined(__METAL_VERSION__)
 extern "C" {
 #endif
 
 // GGML_OP_LQ2_DEMOTE's tensors as pointers and byte strides (lq2_demote_args_of fills them).
 struct lq2_demote_args {
-    uint8_t       * k2;      int64_t k_group_bytes; // key groups: n_head_kv * D blocks each
-    uint8_t       * v2;      int64_t v_row_bytes;   // value rows, one per slot
-    float         * staging; int64_t staging_nb1;   // f32 keys of the open groups, [G * nk] per row
-    const void    * k;       int64_t k_nb1;         // f16 rows of the f16 tier
-    const void    * v;       int64_t v_nb1;
-    const int32_t * rows;    int64_t n_rows;        // the demotion list [LQ2_DEMOTE_COLS, n_rows]
-    float         * scratch;                         // n_rows * nk floats: the un-rotated keys per row
-    int64_t nk, nv;                                  // key / value row lengths (all kv heads)
+    LQ2_DEV uint8_t       * k2;      int64_t k_group_bytes; // key groups: n_head_kv * D blocks each
+    LQ2_DEV uint8_t       * v2;      int64_t v_row_bytes;   // value rows, one per slot
+    LQ2_DEV char          * staging; int64_t staging_nb1;   // f32 keys of the open groups, [G * nk] per row
+    const LQ2_DEV char    * k;       int64_t k_nb1;         // f16 rows of the f16 tier
+    const LQ2_DEV char    * v;       int64_t v_nb1;
+    const LQ2_DEV int32_t * rows;    int64_t n_rows;        // the demotion list [LQ2_DEMOTE_COLS, n_rows]
+    LQ2_DEV float         * scratch;                         // n_rows * nk floats: the un-rotated keys per row
+    const LQ2_CONST float * rope_freq;                       // Metal: pair i's frequency as [2 i], [2 i + 1]
+    int64_t nk, nv;                                          // key / value row lengths (all kv heads)
     int32_t n_head_kv, G, k_bits, v_bits, fit;
-    struct lq2_rope_params rope;                     // n_dims 0: keys are stored as they come
+    struct lq2_rope_params rope;                             // n_dims 0: keys are stored as they come
 };
 
-LQ2_INLINE int lq2_demote_supported(const struct lq2_demote_args * a) {
+LQ2_INLINE int lq2_demote_supported(const LQ2_TH struct lq2_demote_args * a) {
     // any key group size and width the block code handles, as the CPU forward does
     return (a->G == 32 || a->G == 64 || a->G == 128) && LQ2_BITS_VALID(a->k_bits) && LQ2_BITS_VALID(a->v_bits) &&
-           a->nv % LQ2_QK_V == 0 &&
-           a->n_head_kv > 0 && a->nk % a->n_head_kv == 0 && a->rope.n_dims % 2 == 0 &&
+           a->nv % LQ2_QK_V == 0 && a->n_head_kv > 0 && a->nk % a->n_head_kv == 0 && a->rope.n_dims % 2 == 0 &&
            a->rope.n_dims <= a->nk / a->n_head_kv && (a->rope.mode == 0 || a->rope.mode == 2);
 }
 
+LQ2_INLINE int32_t lq2_demote_col(const LQ2_TH struct lq2_demote_args * a, int64_t i, int col) {
+    return a->rows[i * LQ2_DEMOTE_COLS + col];
+}
+
 // Launch 1, list row i, thread ith of nth.
-LQ2_INLINE void lq2_demote_row(const struct lq2_demote_args * a, int64_t i, int ith, int nth) {
-    const int32_t * d = a->rows + i * LQ2_DEMOTE_COLS;
-    const int64_t slot = d[LQ2_DEMOTE_SLOT];
+LQ2_INLINE void lq2_demote_row(const LQ2_TH struct lq2_demote_args * a, int64_t i, int ith, int nth) {
+    const int64_t slot = lq2_demote_col(a, i, LQ2_DEMOTE_SLOT);
     if (slot < 0) {
         return; // padding
     }
-    const lq2_half * vsrc = (const lq2_half *) ((const char *) a->v + d[LQ2_DEMOTE_ROW] * a->v_nb1);
+    const int64_t src_row = lq2_demote_col(a, i, LQ2_DEMOTE_ROW);
+    const LQ2_DEV lq2_half * vsrc = (const LQ2_DEV lq2_half *) (a->v + src_row * a->v_nb1);
     const int vbs = LQ2_BLOCK_BYTES_B(LQ2_QK_V, a->v_bits);
     for (int64_t b = ith; b < a->nv / LQ2_QK_V; b += nth) {
         float x[LQ2_QK_V];
@@ -65,10 +68,11 @@ LQ2_INLINE void lq2_demote_row(const struct lq2_demote_args * a, int64_t i, int 
         }
         lq2_quantize_block(x, 1, LQ2_QK_V, LQ2_QK_V, a->v_bits, a->fit, a->v2 + slot * a->v_row_bytes + b * vbs);
     }
-    const lq2_half * ksrc = (const lq2_half *) ((const char *) a->k + d[LQ2_DEMOTE_ROW] * a->k_nb1);
-    float * un = a->scratch + i * a->nk;
+    const LQ2_DEV lq2_half * ksrc = (const LQ2_DEV lq2_half *) (a->k + src_row * a->k_nb1);
+    LQ2_DEV float * un = a->scratch + i * a->nk;
     const int64_t D = a->nk / a->n_head_kv;
     const int nd = a->rope.n_dims, half = nd / 2;
+    const int32_t pos = lq2_demote_col(a, i, LQ2_DEMOTE_POS);
     for (int64_t w = ith; w < a->n_head_kv * D; w += nth) {
         const int64_t h = w / D, e = w % D; // e < half: RoPE pair e; e >= n_dims: a plain channel
         if (e >= nd) {
@@ -76,9 +80,16 @@ LQ2_INLINE void lq2_demote_row(const struct lq2_demote_args * a, int64_t i, int 
         } else if (e < half) {
             const int ip = (int) e;
             const int ca = a->rope.mode == 2 ? ip : 2 * ip, cb = a->rope.mode == 2 ? ip + half : 2 * ip + 1;
-            const double th = (double) d[LQ2_DEMOTE_POS] * lq2_rope_freq(ip, nd, a->rope.freq_base, a->rope.freq_scale);
+#if defined(__METAL_VERSION__)
+            const struct lq2_pair cs = lq2_rope_cos_sin_f32(pos, a->rope_freq[2 * ip], a->rope_freq[2 * ip + 1]);
+#else
+            const double th = (double) pos * lq2_rope_freq(ip, nd, a->rope.freq_base, a->rope.freq_scale);
+            struct lq2_pair cs;
+            cs.a = (float) cos(th);
+            cs.b = (float) sin(th);
+#endif
             const struct lq2_pair u = lq2_unrotate_pair(lq2_fp16_to_fp32(ksrc[h * D + ca]), lq2_fp16_to_fp32(ksrc[h * D + cb]),
-                                                        (float) cos(th), (float) sin(th), a->rope.attn_factor);
+                                                        cs.a, cs.b, a->rope.attn_factor);
             un[h * D + ca] = u.a;
             un[h * D + cb] = u.b;
         }
@@ -87,21 +98,20 @@ LQ2_INLINE void lq2_demote_row(const struct lq2_demote_args * a, int64_t i, int 
 
 // The run of list rows (same group, adjacent in the list) that row i ends: its first row, or -1
 // when row i does not end one (padding, or the next row continues the group).
-LQ2_INLINE int64_t lq2_demote_run_start(const struct lq2_demote_args * a, int64_t i) {
-    const int32_t * d = a->rows + i * LQ2_DEMOTE_COLS;
-    const int64_t slot = d[LQ2_DEMOTE_SLOT];
+LQ2_INLINE int64_t lq2_demote_run_start(const LQ2_TH struct lq2_demote_args * a, int64_t i) {
+    const int64_t slot = lq2_demote_col(a, i, LQ2_DEMOTE_SLOT);
     if (slot < 0) {
         return -1;
     }
-    const int32_t * next = i + 1 < a->n_rows ? d + LQ2_DEMOTE_COLS : NULL;
+    const int64_t next = i + 1 < a->n_rows ? lq2_demote_col(a, i + 1, LQ2_DEMOTE_SLOT) : -1;
     const int last_of_group = slot % a->G == a->G - 1;
-    const int last_of_run   = !next || next[LQ2_DEMOTE_SLOT] < 0 || next[LQ2_DEMOTE_SLOT] / a->G != slot / a->G;
+    const int last_of_run   = next < 0 || next / a->G != slot / a->G;
     if (!last_of_group && !last_of_run) {
         return -1;
     }
     int64_t r0 = i;
-    while (r0 > 0 && a->rows[(r0 - 1) * LQ2_DEMOTE_COLS + LQ2_DEMOTE_SLOT] >= 0 &&
-           a->rows[(r0 - 1) * LQ2_DEMOTE_COLS + LQ2_DEMOTE_SLOT] / a->G == slot / a->G) {
+    while (r0 > 0 && lq2_demote_col(a, r0 - 1, LQ2_DEMOTE_SLOT) >= 0 &&
+           lq2_demote_col(a, r0 - 1, LQ2_DEMOTE_SLOT) / a->G == slot / a->G) {
         --r0;
     }
     return r0;
@@ -110,24 +120,23 @@ LQ2_INLINE int64_t lq2_demote_run_start(const struct lq2_demote_args * a, int64_
 // Launch 2, list row i, thread ith of nth: the group requantized when row i ends its run. The
 // group's values as the CPU's staging holds them at that point: its rows from earlier steps, and
 // this run's rows.
-LQ2_INLINE void lq2_demote_group(const struct lq2_demote_args * a, int64_t i, int ith, int nth) {
+LQ2_INLINE void lq2_demote_group(const LQ2_TH struct lq2_demote_args * a, int64_t i, int ith, int nth) {
     const int64_t r0 = lq2_demote_run_start(a, i);
     if (r0 < 0) {
         return;
     }
-    const int32_t * d = a->rows + i * LQ2_DEMOTE_COLS;
-    const int64_t slot = d[LQ2_DEMOTE_SLOT];
+    const int64_t slot = lq2_demote_col(a, i, LQ2_DEMOTE_SLOT);
     const int n_tok = (int) (slot % a->G) + 1;
-    const float * stage = (const float *) ((const char *) a->staging + d[LQ2_DEMOTE_STAGE] * a->staging_nb1);
+    const LQ2_DEV float * stage = (const LQ2_DEV float *) (a->staging + lq2_demote_col(a, i, LQ2_DEMOTE_STAGE) * a->staging_nb1);
     const int kbs = LQ2_BLOCK_BYTES_B(a->G, a->k_bits);
-    uint8_t * kdst = a->k2 + (slot / a->G) * a->k_group_bytes;
+    LQ2_DEV uint8_t * kdst = a->k2 + (slot / a->G) * a->k_group_bytes;
     for (int64_t c = ith; c < a->nk; c += nth) {
-        float x[128]; // G <= 128 (lq2_key_type_b)
+        float x[128]; // G <= 128
         for (int t = 0; t < n_tok; ++t) {
             x[t] = stage[t * a->nk + c];
         }
         for (int64_t j = r0; j <= i; ++j) {
-            x[a->rows[j * LQ2_DEMOTE_COLS + LQ2_DEMOTE_SLOT] % a->G] = a->scratch[j * a->nk + c];
+            x[lq2_demote_col(a, j, LQ2_DEMOTE_SLOT) % a->G] = a->scratch[j * a->nk + c];
         }
         lq2_quantize_block(x, 1, n_tok, a->G, a->k_bits, a->fit, kdst + c * kbs);
     }
@@ -135,21 +144,18 @@ LQ2_INLINE void lq2_demote_group(const struct lq2_demote_args * a, int64_t i, in
 
 // Launch 3, list row i, thread ith of nth: when row i ends a run that leaves its group open, the
 // run's un-rotated keys go to the group's staging row.
-LQ2_INLINE void lq2_demote_stage(const struct lq2_demote_args * a, int64_t i, int ith, int nth) {
+LQ2_INLINE void lq2_demote_stage(const LQ2_TH struct lq2_demote_args * a, int64_t i, int ith, int nth) {
     const int64_t r0 = lq2_demote_run_start(a, i);
-    const int32_t * d = a->rows + i * LQ2_DEMOTE_COLS;
-    if (r0 < 0 || d[LQ2_DEMOTE_SLOT] % a->G == a->G - 1) {
+    if (r0 < 0 || lq2_demote_col(a, i, LQ2_DEMOTE_SLOT) % a->G == a->G - 1) {
         return; // no run ends here, or the group is full: its staging row is free now
     }
-    float * stage = (float *) ((char *) a->staging + d[LQ2_DEMOTE_STAGE] * a->staging_nb1);
+    LQ2_DEV float * stage = (LQ2_DEV float *) (a->staging + lq2_demote_col(a, i, LQ2_DEMOTE_STAGE) * a->staging_nb1);
     for (int64_t w = ith; w < (i - r0 + 1) * a->nk; w += nth) {
         const int64_t j = r0 + w / a->nk, c = w % a->nk;
-        stage[(a->rows[j * LQ2_DEMOTE_COLS + LQ2_DEMOTE_SLOT] % a->G) * a->nk + c] = a->scratch[j * a->nk + c];
+        stage[(lq2_demote_col(a, j, LQ2_DEMOTE_SLOT) % a->G) * a->nk + c] = a->scratch[j * a->nk + c];
     }
 }
 
-#ifdef __cplusplus
+#if defined(__cplusplus) && !defined(__METAL_VERSION__)
 }
 #endif
-
-#endif // !__METAL_VERSION__

@@ -38,9 +38,12 @@
 #    define LQ2_BITS_F32(u) metal::as_type<float>(u)
 #    define LQ2_FMA(a, b, c) metal::fma(a, b, c)
 #    define LQ2_DIV(a, b) metal::precise::divide(a, b)
+#    define LQ2_COSF(x) metal::precise::cos(x)
+#    define LQ2_SINF(x) metal::precise::sin(x)
 #    define LQ2_DEV device
 #    define LQ2_TH thread
 #    define LQ2_TG threadgroup
+#    define LQ2_CONST constant
 #elif defined(__CUDACC__)
 #    include <stdint.h>
 #    include <string.h>
@@ -49,6 +52,8 @@
 #    define LQ2_F32_BITS(x) lq2_f32_bits_(x)
 #    define LQ2_BITS_F32(u) lq2_bits_f32_(u)
 #    define LQ2_FMA(a, b, c) fmaf(a, b, c)
+#    define LQ2_COSF(x) cosf(x)
+#    define LQ2_SINF(x) sinf(x)
 #    if defined(__CUDA_ARCH__)
 #        define LQ2_DIV(a, b) __fdiv_rn(a, b) // ggml-cuda builds with -use_fast_math: keep / exact
 #    else
@@ -57,6 +62,7 @@
 #    define LQ2_DEV
 #    define LQ2_TH
 #    define LQ2_TG
+#    define LQ2_CONST
 #else
 #    include <stdint.h>
 #    include <string.h>
@@ -67,14 +73,18 @@
 #    define LQ2_BITS_F32(u) lq2_bits_f32_(u)
 #    define LQ2_FMA(a, b, c) fmaf(a, b, c)
 #    define LQ2_DIV(a, b) ((a) / (b))
+#    define LQ2_COSF(x) cosf(x)
+#    define LQ2_SINF(x) sinf(x)
 #    define LQ2_DEV
 #    define LQ2_TH
 #    define LQ2_TG
+#    define LQ2_CONST
 #endif
 // LQ2_DIV: IEEE division whatever the backend's math flags (CUDA's -use_fast_math turns a plain /
 // into an approximation, and the codes must be the CPU's bytes). LQ2_DEV: the address space of
 // global memory (Metal's `device`); LQ2_TH: of a thread's own variables (`thread`); LQ2_TG: of
-// memory shared by a thread block (`threadgroup`); all empty elsewhere.
+// memory shared by a thread block (`threadgroup`); LQ2_CONST: Metal's `constant`; all empty
+// elsewhere.
 
 #if defined(__cplusplus) && !defined(__METAL_VERSION__)
 extern "C" {
@@ -343,9 +353,19 @@ LQ2_INLINE float lq2_block_value(const LQ2_DEV uint8_t * blk, int n, int b, int 
 
 // ---- one block, as every backend quantizes it
 
+// The values may be in global memory or in a thread's own array: for Metal, whose pointers carry
+// their address space, the two functions below are templates over the pointer type (C and CUDA
+// pointers need no such thing).
+#if defined(__METAL_VERSION__)
+#    define LQ2_VALUES_TEMPLATE template <typename LQ2_VALUES_PTR>
+#else
+#    define LQ2_VALUES_TEMPLATE
+#    define LQ2_VALUES_PTR const float *
+#endif
+
 // The fitted params (the rounds above) of n values at x with stride sx, from the min/max params p;
 // non-finite values (NaN marks an absent token) are left out.
-LQ2_INLINE uint32_t lq2_fit_block(const LQ2_DEV float * x, int64_t sx, int n, int L, uint32_t p) {
+LQ2_VALUES_TEMPLATE LQ2_INLINE uint32_t lq2_fit_block(LQ2_VALUES_PTR x, int64_t sx, int n, int L, uint32_t p) {
     uint32_t best = p;
     float best_err = INFINITY;
     for (int r = 0; r <= LQ2_FIT_ROUNDS; ++r) {
@@ -373,8 +393,8 @@ LQ2_INLINE uint32_t lq2_fit_block(const LQ2_DEV float * x, int64_t sx, int n, in
 // One block of n b-bit codes from n values at x with stride sx, of which the first n_valid are
 // present (the rest get code 0); fit: fitted params instead of min/max. The CPU's reference and
 // the CUDA demotion both run this, so they store the same bytes.
-LQ2_INLINE void lq2_quantize_block(const LQ2_DEV float * x, int64_t sx, int n_valid, int n, int b, int fit,
-                                   LQ2_DEV uint8_t * blk) {
+LQ2_VALUES_TEMPLATE LQ2_INLINE void lq2_quantize_block(LQ2_VALUES_PTR x, int64_t sx, int n_valid, int n, int b, int fit,
+                                                       LQ2_DEV uint8_t * blk) {
     float lo = INFINITY, hi = -INFINITY;
     for (int j = 0; j < n_valid; ++j) {
         const float v = x[j * sx];
@@ -417,6 +437,24 @@ LQ2_INLINE double lq2_rope_freq(int i, int n_dims, float freq_base, float freq_s
 struct lq2_pair {
     float a, b;
 };
+
+// (cos, sin) of pos * f without double (Metal), f given as f_hi + f_lo (the host splits the double
+// frequency): the product in two floats (an fma recovers the rounding error of p * f_hi), then
+// reduced by 2 pi in two parts. |error| <= 1e-6 against the double computation for positions below
+// 2^20 (tests/native/test_lq2_attn_block.py), where the un-rotated key is then quantized to 2 bits.
+#define LQ2_TWO_PI_HI 6.28318548202514648438f   // float(2 pi)
+#define LQ2_TWO_PI_LO -1.7484555314695172e-07f  // 2 pi - LQ2_TWO_PI_HI
+LQ2_INLINE struct lq2_pair lq2_rope_cos_sin_f32(int32_t pos, float f_hi, float f_lo) {
+    const float p  = (float) pos; // exact below 2^24
+    const float t  = p * f_hi;
+    const float tl = LQ2_FMA(p, f_lo, LQ2_FMA(p, f_hi, -t)); // p * f = t + tl
+    const float k  = LQ2_FLOOR(t * 0.15915494309189535f + 0.5f);
+    const float r  = LQ2_FMA(-k, LQ2_TWO_PI_LO, LQ2_FMA(-k, LQ2_TWO_PI_HI, t)) + tl;
+    struct lq2_pair cs;
+    cs.a = LQ2_COSF(r);
+    cs.b = LQ2_SINF(r);
+    return cs;
+}
 
 // R^T (x0, x1) / mscale for a pair rotated by (c, s) = (cos, sin) of its angle: explicit fmas and
 // IEEE division, so no compiler's contraction or fast-math flag changes the result.

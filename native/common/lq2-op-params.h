@@ -1,14 +1,12 @@
 // lq2-op-params.h: the op_params of GGML_OP_LQ2_DEMOTE and GGML_OP_LQ2_ATTN, and the layout of
 // their tensors, read the same way by the constructors (native/ggml), the CPU forwards
-// (native/cpu/lq2-ops-cpu.c) and later the CUDA and Metal kernels. Plain C; fits ggml's 64-byte
+// (native/cpu/lq2-ops-cpu.c) and the GPU kernels. Plain C (Metal too); fits ggml's 64-byte
 // op_params.
 #pragma once
 
-#include "../cpu/lq2-rope.h"
+#include "lq2-rope-params.h"
 
-#include <stdint.h>
-
-#ifdef __cplusplus
+#if defined(__cplusplus) && !defined(__METAL_VERSION__)
 extern "C" {
 #endif
 
@@ -65,6 +63,6 @@ struct lq2_dequant_op_params {
     struct lq2_rope_params rope;
 };
 
-#ifdef __cplusplus
+#if defined(__cplusplus) && !defined(__METAL_VERSION__)
 }
 #endif

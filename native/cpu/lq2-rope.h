@@ -15,6 +15,7 @@
 #pragma once
 
 #include "../common/lq2-format.h"
+#include "../common/lq2-rope-params.h"
 
 #include <stddef.h>
 #include <stdint.h>
@@ -22,24 +23,6 @@
 #ifdef __cplusplus
 extern "C" {
 #endif
-
-// Same values as GGML_ROPE_TYPE_NORMAL / GGML_ROPE_TYPE_NEOX.
-enum lq2_rope_mode {
-    LQ2_ROPE_NORMAL = 0, // rotates pairs (2i, 2i + 1)
-    LQ2_ROPE_NEOX   = 2, // rotates pairs (i, i + n_dims / 2)
-};
-
-// Rotation of pair i at position p: angle p * freq_scale * freq_base^(-2i / n_dims), result times
-// attn_factor (ggml's mscale). Dimensions n_dims..head_dim-1 pass through unchanged.
-// YaRN (ext_factor, beta_fast, beta_slow, n_ctx_orig) would extend this struct; it is not needed
-// by the models targeted now, so the angle above is the whole rule.
-struct lq2_rope_params {
-    int32_t mode;     // enum lq2_rope_mode
-    int32_t n_dims;   // even, <= head_dim
-    float freq_base;
-    float freq_scale;
-    float attn_factor;
-};
 
 // In place, n_head heads of head_dim floats each (one token's row), at position pos.
 // inverse = 0 applies RoPE, inverse = 1 undoes it.

@@ -91,11 +91,11 @@ static inline struct lq2_demote_args lq2_demote_args_of(const struct ggml_tensor
     a.k_group_bytes = a.nk * LQ2_BLOCK_BYTES_B(p.G, p.k_bits);
     a.v2            = (uint8_t *) v2->data;
     a.v_row_bytes   = (a.nv / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, p.v_bits);
-    a.staging       = (float *) staging->data;
+    a.staging       = (char *) staging->data;
     a.staging_nb1   = (int64_t) staging->nb[1];
-    a.k             = k->data;
+    a.k             = (const char *) k->data;
     a.k_nb1         = (int64_t) k->nb[1];
-    a.v             = v->data;
+    a.v             = (const char *) v->data;
     a.v_nb1         = (int64_t) v->nb[1];
     a.rows          = (const int32_t *) rows->data;
     a.n_rows        = rows->ne[1];

@@ -71,3 +71,10 @@ int lq2_ab_emulate(const struct lq2_attn_args * a, int order) {
 size_t lq2_ab_args_size(void) {
     return sizeof(struct lq2_attn_args);
 }
+
+// Metal's RoPE angle without double (lq2-format.h), for the tests' error bound.
+void lq2_test_rope_cos_sin_f32(int32_t pos, float f_hi, float f_lo, float * out) {
+    const struct lq2_pair cs = lq2_rope_cos_sin_f32(pos, f_hi, f_lo);
+    out[0] = cs.a;
+    out[1] = cs.b;
+}

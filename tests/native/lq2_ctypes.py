@@ -90,6 +90,7 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     # the GPU decode attention's program run on the host (lq2_attn_block_host.c)
     sig["lq2_ab_emulate"] = ([ctypes.POINTER(AttnArgs), INT], ctypes.c_int)
     sig["lq2_ab_args_size"] = ([], ctypes.c_size_t)
+    sig["lq2_test_rope_cos_sin_f32"] = ([ctypes.c_int32, ctypes.c_float, ctypes.c_float, F32P], None)
     for name, (args, res) in sig.items():
         f = getattr(lib, name)
         f.argtypes, f.restype = args, res

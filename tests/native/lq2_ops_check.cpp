@@ -16,6 +16,7 @@
 #include "ggml-cpu.h"
 #include "lq2-op-args.h"
 #include "lq2-op-params.h"
+#include "lq2-rope.h"
 
 extern "C" int lq2_ab_emulate(const struct lq2_attn_args * a, int order); // lq2_attn_block_host.c
 

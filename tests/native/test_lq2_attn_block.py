@@ -234,3 +234,25 @@ def test_shapes_the_program_does_not_take(lib):
     a = op.args(1)
     a.rope = None  # pre-RoPE keys need the table on the GPU path
     assert lib.lq2_ab_emulate(ctypes.byref(a), 0) == -1
+
+
+def test_rope_angle_without_double_is_within_1e_6(lib):
+    """Metal has no double: its demotion takes (cos, sin) of pos * f from f split in two floats
+    (lq2_rope_cos_sin_f32). Against float64, over the frequencies of a 128-channel NEOX RoPE
+    (bases 1e4 and 1e6) and positions up to 2^20: within 1e-6, where casting the float64 value to
+    float32 (what the CPU stores) is within 6e-8."""
+    rng = np.random.default_rng(0)
+    pos = np.concatenate([np.arange(0, 4096), rng.integers(0, 1 << 20, 4000)]).astype(np.int32)
+    worst = 0.0
+    out = np.zeros(2, np.float32)
+    for base in (1e4, 1e6):
+        for i in range(0, 64, 3):
+            f = base ** (-2.0 * i / 128)
+            hi = np.float32(f)
+            lo = np.float32(f - np.float64(hi))
+            for p in pos[::7]:
+                lib.lq2_test_rope_cos_sin_f32(int(p), float(hi), float(lo), out)
+                th = float(p) * f
+                worst = max(worst, abs(out[0] - np.cos(th)), abs(out[1] - np.sin(th)))
+    print(f"max |error| {worst:.2e}")
+    assert worst <= 1e-6

@@ -36,7 +36,7 @@ def test_metal_source_has_no_diagnostics(metal: Path):
 
 
 def test_metal_sources_exist():
-    assert {"lq2-attn.metal"} <= {p.name for p in METAL_FILES}
+    assert {"lq2-attn.metal", "lq2-demote.metal"} <= {p.name for p in METAL_FILES}
 
 
 KERNEL = """#include <metal_stdlib>

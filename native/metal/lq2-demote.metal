@@ -1,0 +1,75 @@
+// lq2-demote.metal: the Metal demotion (GGML_OP_LQ2_DEMOTE) on the per-thread code the CUDA kernels
+// and the host check share (lq2-demote-block.h): three kernels, one threadgroup per list row each
+// (rows, then groups, then staging), dispatched in that order. The RoPE angles are computed
+// without double (lq2_rope_cos_sin_f32, from each pair's frequency split in two floats by the
+// host), within 1e-6 of the CPU's, so the stored codes can differ from the CPU's where a value
+// sits on a rounding boundary.
+//
+// Status: never compiled by Apple's Metal compiler, never run on a Mac; checked on Linux with clang
+// against a metal_stdlib stand-in (tests/native/test_metal_sources.py). Not registered in
+// ggml-metal yet.
+#include <metal_stdlib>
+
+#include "lq2-demote-block.h"
+
+using namespace metal;
+
+// The scalars of the op (its pointers come as buffers).
+struct lq2_demote_geom {
+    int64_t k_group_bytes, v_row_bytes, staging_nb1, k_nb1, v_nb1, n_rows, nk, nv;
+    int32_t n_head_kv, G, k_bits, v_bits, fit, unused;
+    struct lq2_rope_params rope;
+};
+
+static struct lq2_demote_args lq2_demote_args_from(constant struct lq2_demote_geom & g, device char * k2,
+                                                   device char * v2, device char * staging, device const char * k,
+                                                   device const char * v, device const char * rows,
+                                                   device char * scratch, constant float * rope_freq) {
+    struct lq2_demote_args a;
+    a.k2            = (device uint8_t *) k2;
+    a.k_group_bytes = g.k_group_bytes;
+    a.v2            = (device uint8_t *) v2;
+    a.v_row_bytes   = g.v_row_bytes;
+    a.staging       = staging;
+    a.staging_nb1   = g.staging_nb1;
+    a.k             = k;
+    a.k_nb1         = g.k_nb1;
+    a.v             = v;
+    a.v_nb1         = g.v_nb1;
+    a.rows          = (device const int32_t *) rows;
+    a.n_rows        = g.n_rows;
+    a.scratch       = (device float *) scratch;
+    a.rope_freq     = rope_freq;
+    a.nk            = g.nk;
+    a.nv            = g.nv;
+    a.n_head_kv     = g.n_head_kv;
+    a.G             = g.G;
+    a.k_bits        = g.k_bits;
+    a.v_bits        = g.v_bits;
+    a.fit           = g.fit;
+    a.rope          = g.rope;
+    return a;
+}
+
+// Buffers: 0 the scalars, 1 k2, 2 v2, 3 staging, 4 f16 K rows, 5 f16 V rows, 6 the list, 7 scratch
+// (n_rows * nk floats), 8 the frequencies (2 floats per RoPE pair). Grid: n_rows threadgroups.
+#define LQ2_DEMOTE_KERNEL(name, fn)                                                                    \
+    kernel void name(constant struct lq2_demote_geom & g         [[buffer(0)]],                       \
+                     device char                     * k2        [[buffer(1)]],                       \
+                     device char                     * v2        [[buffer(2)]],                       \
+                     device char                     * staging   [[buffer(3)]],                       \
+                     device const char               * k         [[buffer(4)]],                       \
+                     device const char               * v         [[buffer(5)]],                       \
+                     device const char               * rows      [[buffer(6)]],                       \
+                     device char                     * scratch   [[buffer(7)]],                       \
+                     constant float                  * rope_freq [[buffer(8)]],                       \
+                     uint3  tgpig [[threadgroup_position_in_grid]],                                    \
+                     ushort tiitg [[thread_index_in_threadgroup]],                                     \
+                     ushort ntg   [[threads_per_threadgroup]]) {                                       \
+        const struct lq2_demote_args a = lq2_demote_args_from(g, k2, v2, staging, k, v, rows, scratch, rope_freq); \
+        fn(&a, (int64_t) tgpig.x, (int) tiitg, (int) ntg);                                             \
+    }
+
+LQ2_DEMOTE_KERNEL(kernel_lq2_demote_rows,   lq2_demote_row)
+LQ2_DEMOTE_KERNEL(kernel_lq2_demote_groups, lq2_demote_group)
+LQ2_DEMOTE_KERNEL(kernel_lq2_demote_stage,  lq2_demote_stage)
