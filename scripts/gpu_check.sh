@@ -41,7 +41,7 @@ python3 -c 'import logquant_gguf._capi as c, json; print(json.dumps(c.build_info
 cat "$OUT/build-info.json"
 
 step test-backend-ops "$PKG/bin/test-backend-ops" test -b CUDA0 -o LQ2_DEMOTE,LQ2_ATTN,LQ2_DEQUANT
-step pytest-cuda bash -c "cd /tmp && python3 -m pytest -q -m cuda -rs '$PWD/tests/test_cuda.py'"
+step pytest-cuda bash -c "cd /tmp && python3 -m pytest -q -m cuda -rs '$PWD/tests/test_gpu.py'"
 step bench-speed bash -c "cd /tmp && python3 -m logquant_gguf bench speed --device cuda --depths ${GPU_CHECK_DEPTHS:-4096,16384,32768} --kv-types f16,q8_0,q4_0,logquant --out '$PWD/bench/results'"
 
 echo "gpu_check: $failed step(s) failed; results in $OUT"

@@ -142,7 +142,7 @@ def test_layers_ranks_every_logquant_layer_and_measures_the_recipes(tiny_model, 
     assert both["kl_mean"] < base_kl
 
 
-def test_device_runs_keep_logquant_kv_in_host_memory(tiny_model):
+def test_device_runs_keep_logquant_kv_in_host_memory(tiny_model, monkeypatch):
     """--device cuda offloads every layer; without the LogQuant CUDA kernels (this build: the
     build info lists none) a LogQuant cache's attention is CPU code, so its KV cache stays in
     host memory there (llama.cpp would refuse an offloaded one); a -DLOGQUANT_CUDA=ON build keeps
@@ -157,6 +157,11 @@ def test_device_runs_keep_logquant_kv_in_host_memory(tiny_model):
         assert placement("cuda", kv) == {"n_gpu_layers": -1, "offload_kqv": False}
         assert placement("cuda", kv, gpu_kernels=["cuda"]) == {"n_gpu_layers": -1}
         assert placement("metal", kv, gpu_kernels=["cuda"]) == {"n_gpu_layers": -1, "offload_kqv": False}
+        monkeypatch.delenv("LOGQUANT_METAL", raising=False)
+        assert placement("metal", kv, gpu_kernels=["metal"]) == {"n_gpu_layers": -1, "offload_kqv": False}
+        monkeypatch.setenv("LOGQUANT_METAL", "1")
+        assert placement("metal", kv, gpu_kernels=["metal"]) == {"n_gpu_layers": -1}
+        monkeypatch.delenv("LOGQUANT_METAL")
     s = Session(str(tiny_model), "logquant", 256, device="cuda")
     try:
         assert s.llm.context_params.offload_kqv is False

@@ -28,14 +28,18 @@ def placement(device: str, kv_type: str, gpu_kernels: Sequence[str] | None = Non
     """Where a context's parts go: every layer on the accelerator unless the device tag is cpu.
     A LogQuant cache stays in host memory there (offload_kqv=False: its attention runs on the
     CPU) unless this build has the LogQuant kernels for that device (`gpu_kernels`, by default
-    the build info's `logquant_gpu_kernels`: a -DLOGQUANT_CUDA=ON build has "cuda")."""
+    the build info's `logquant_gpu_kernels`: a -DLOGQUANT_CUDA=ON build has "cuda"; Metal's are
+    used only with LOGQUANT_METAL=1, as ggml-metal's supports_op says)."""
     if device == "cpu":
         return {"n_gpu_layers": 0}
     if KV_TYPES[parse_variant(kv_type)[0]].is_logquant:
         if gpu_kernels is None:
             from .._capi import build_info
             gpu_kernels = build_info().get("logquant_gpu_kernels", [])
-        if device not in gpu_kernels:
+        import os
+
+        metal_off = device == "metal" and os.environ.get("LOGQUANT_METAL") != "1"  # off unless asked
+        if device not in gpu_kernels or metal_off:
             return {"n_gpu_layers": -1, "offload_kqv": False}
     return {"n_gpu_layers": -1}
 

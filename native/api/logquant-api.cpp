@@ -25,11 +25,15 @@ extern "C" const char * logquant_build_info(void) {
         }
         // which code path our CPU kernels were compiled with: "avx2" or "scalar"
         const char * kernels = lq2_cpu_has_avx2() ? "avx2" : "scalar";
+        // -DLOGQUANT_CUDA=ON / -DLOGQUANT_METAL=ON: never run on a GPU by us yet
+        std::string gpu_kernels = "[";
 #ifdef LOGQUANT_CUDA_KERNELS
-        const char * gpu_kernels = "[\"cuda\"]"; // -DLOGQUANT_CUDA=ON: never run on a GPU by us yet
-#else
-        const char * gpu_kernels = "[]";
+        gpu_kernels += "\"cuda\"";
 #endif
+#ifdef LOGQUANT_METAL_KERNELS
+        gpu_kernels += gpu_kernels.size() > 1 ? ", \"metal\"" : "\"metal\"";
+#endif
+        gpu_kernels += "]";
         return std::string("{\"llama_cpp_pin\": \"") + LOGQUANT_PIN + "\", \"patches\": [" +
                LOGQUANT_PATCHES + "], \"backends\": [" + backends + "], \"logquant_cpu_kernels\": \"" +
                kernels + "\", \"logquant_gpu_kernels\": " + gpu_kernels + ", \"system_info\": \"" + llama_print_system_info() + "\"}";

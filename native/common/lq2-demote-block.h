@@ -41,6 +41,14 @@ struct lq2_demote_args {
     struct lq2_rope_params rope;                             // n_dims 0: keys are stored as they come
 };
 
+// The scalars of the op, as one constant buffer for Metal (its pointers come as buffers, the RoPE
+// frequencies as a second constant buffer).
+struct lq2_demote_geom {
+    int64_t k_group_bytes, v_row_bytes, staging_nb1, k_nb1, v_nb1, n_rows, nk, nv;
+    int32_t n_head_kv, G, k_bits, v_bits, fit, unused;
+    struct lq2_rope_params rope;
+};
+
 LQ2_INLINE int lq2_demote_supported(const LQ2_TH struct lq2_demote_args * a) {
     // any key group size and width the block code handles, as the CPU forward does
     return (a->G == 32 || a->G == 64 || a->G == 128) && LQ2_BITS_VALID(a->k_bits) && LQ2_BITS_VALID(a->v_bits) &&
@@ -52,14 +60,13 @@ LQ2_INLINE int32_t lq2_demote_col(const LQ2_TH struct lq2_demote_args * a, int64
     return a->rows[i * LQ2_DEMOTE_COLS + col];
 }
 
-// Launch 1, list row i, thread ith of nth.
-LQ2_INLINE void lq2_demote_row(const LQ2_TH struct lq2_demote_args * a, int64_t i, int ith, int nth) {
+// List row i's value blocks ith, ith + nth, ... quantized into its slot's value row.
+LQ2_INLINE void lq2_demote_values(const LQ2_TH struct lq2_demote_args * a, int64_t i, int ith, int nth) {
     const int64_t slot = lq2_demote_col(a, i, LQ2_DEMOTE_SLOT);
     if (slot < 0) {
         return; // padding
     }
-    const int64_t src_row = lq2_demote_col(a, i, LQ2_DEMOTE_ROW);
-    const LQ2_DEV lq2_half * vsrc = (const LQ2_DEV lq2_half *) (a->v + src_row * a->v_nb1);
+    const LQ2_DEV lq2_half * vsrc = (const LQ2_DEV lq2_half *) (a->v + lq2_demote_col(a, i, LQ2_DEMOTE_ROW) * a->v_nb1);
     const int vbs = LQ2_BLOCK_BYTES_B(LQ2_QK_V, a->v_bits);
     for (int64_t b = ith; b < a->nv / LQ2_QK_V; b += nth) {
         float x[LQ2_QK_V];
@@ -68,31 +75,43 @@ LQ2_INLINE void lq2_demote_row(const LQ2_TH struct lq2_demote_args * a, int64_t 
         }
         lq2_quantize_block(x, 1, LQ2_QK_V, LQ2_QK_V, a->v_bits, a->fit, a->v2 + slot * a->v_row_bytes + b * vbs);
     }
-    const LQ2_DEV lq2_half * ksrc = (const LQ2_DEV lq2_half *) (a->k + src_row * a->k_nb1);
-    LQ2_DEV float * un = a->scratch + i * a->nk;
-    const int64_t D = a->nk / a->n_head_kv;
+}
+
+// Key element w of list row i (kv head w / D; w % D < n_dims / 2: that RoPE pair, >= n_dims: a
+// plain channel, else nothing) un-rotated into un (the row's nk floats).
+LQ2_INLINE void lq2_demote_key(const LQ2_TH struct lq2_demote_args * a, int64_t i, int64_t w, LQ2_DEV float * un) {
+    const LQ2_DEV lq2_half * ksrc = (const LQ2_DEV lq2_half *) (a->k + lq2_demote_col(a, i, LQ2_DEMOTE_ROW) * a->k_nb1);
+    const int64_t D = a->nk / a->n_head_kv, h = w / D, e = w % D;
     const int nd = a->rope.n_dims, half = nd / 2;
-    const int32_t pos = lq2_demote_col(a, i, LQ2_DEMOTE_POS);
-    for (int64_t w = ith; w < a->n_head_kv * D; w += nth) {
-        const int64_t h = w / D, e = w % D; // e < half: RoPE pair e; e >= n_dims: a plain channel
-        if (e >= nd) {
-            un[h * D + e] = lq2_fp16_to_fp32(ksrc[h * D + e]);
-        } else if (e < half) {
-            const int ip = (int) e;
-            const int ca = a->rope.mode == 2 ? ip : 2 * ip, cb = a->rope.mode == 2 ? ip + half : 2 * ip + 1;
+    if (e >= nd) {
+        un[h * D + e] = lq2_fp16_to_fp32(ksrc[h * D + e]);
+    } else if (e < half) {
+        const int ip = (int) e;
+        const int ca = a->rope.mode == 2 ? ip : 2 * ip, cb = a->rope.mode == 2 ? ip + half : 2 * ip + 1;
+        const int32_t pos = lq2_demote_col(a, i, LQ2_DEMOTE_POS);
 #if defined(__METAL_VERSION__)
-            const struct lq2_pair cs = lq2_rope_cos_sin_f32(pos, a->rope_freq[2 * ip], a->rope_freq[2 * ip + 1]);
+        const struct lq2_pair cs = lq2_rope_cos_sin_f32(pos, a->rope_freq[2 * ip], a->rope_freq[2 * ip + 1]);
 #else
-            const double th = (double) pos * lq2_rope_freq(ip, nd, a->rope.freq_base, a->rope.freq_scale);
-            struct lq2_pair cs;
-            cs.a = (float) cos(th);
-            cs.b = (float) sin(th);
+        const double th = (double) pos * lq2_rope_freq(ip, nd, a->rope.freq_base, a->rope.freq_scale);
+        struct lq2_pair cs;
+        cs.a = (float) cos(th);
+        cs.b = (float) sin(th);
 #endif
-            const struct lq2_pair u = lq2_unrotate_pair(lq2_fp16_to_fp32(ksrc[h * D + ca]), lq2_fp16_to_fp32(ksrc[h * D + cb]),
-                                                        cs.a, cs.b, a->rope.attn_factor);
-            un[h * D + ca] = u.a;
-            un[h * D + cb] = u.b;
-        }
+        const struct lq2_pair u = lq2_unrotate_pair(lq2_fp16_to_fp32(ksrc[h * D + ca]), lq2_fp16_to_fp32(ksrc[h * D + cb]),
+                                                    cs.a, cs.b, a->rope.attn_factor);
+        un[h * D + ca] = u.a;
+        un[h * D + cb] = u.b;
+    }
+}
+
+// Launch 1, list row i, thread ith of nth: values, and the keys into the row's scratch row.
+LQ2_INLINE void lq2_demote_row(const LQ2_TH struct lq2_demote_args * a, int64_t i, int ith, int nth) {
+    if (lq2_demote_col(a, i, LQ2_DEMOTE_SLOT) < 0) {
+        return;
+    }
+    lq2_demote_values(a, i, ith, nth);
+    for (int64_t w = ith; w < a->nk; w += nth) {
+        lq2_demote_key(a, i, w, a->scratch + i * a->nk);
     }
 }
 
@@ -154,6 +173,47 @@ LQ2_INLINE void lq2_demote_stage(const LQ2_TH struct lq2_demote_args * a, int64_
         const int64_t j = r0 + w / a->nk, c = w % a->nk;
         stage[(lq2_demote_col(a, j, LQ2_DEMOTE_SLOT) % a->G) * a->nk + c] = a->scratch[j * a->nk + c];
     }
+}
+
+// ---- the one-threadgroup form (Metal: no scratch buffer): after the values (lq2_demote_values,
+// a threadgroup per row), ONE threadgroup walks the list's runs in order, as the CPU forward does:
+// step 2 r un-rotates run r's keys into its group's staging row, step 2 r + 1 requantizes the
+// group from staging, with a device-memory barrier after each step. Returns 0 past the last step.
+LQ2_INLINE int lq2_demote_seq_step(const LQ2_TH struct lq2_demote_args * a, int step, int ith, int nth) {
+    // the (step / 2)-th row that ends a run
+    int64_t i1 = -1;
+    for (int64_t i = 0, r = 0; i < a->n_rows; ++i) {
+        const int64_t slot = lq2_demote_col(a, i, LQ2_DEMOTE_SLOT);
+        if (slot < 0) {
+            continue;
+        }
+        const int64_t next = i + 1 < a->n_rows ? lq2_demote_col(a, i + 1, LQ2_DEMOTE_SLOT) : -1;
+        if (slot % a->G == a->G - 1 || next < 0 || next / a->G != slot / a->G) {
+            if (r++ == step / 2) {
+                i1 = i;
+                break;
+            }
+        }
+    }
+    if (i1 < 0) {
+        return 0;
+    }
+    const int64_t slot = lq2_demote_col(a, i1, LQ2_DEMOTE_SLOT);
+    LQ2_DEV float * stage = (LQ2_DEV float *) (a->staging + lq2_demote_col(a, i1, LQ2_DEMOTE_STAGE) * a->staging_nb1);
+    if (step % 2 == 0) {
+        const int64_t i0 = lq2_demote_run_start(a, i1);
+        for (int64_t w = ith; w < (i1 - i0 + 1) * a->nk; w += nth) {
+            const int64_t j = i0 + w / a->nk;
+            lq2_demote_key(a, j, w % a->nk, stage + (lq2_demote_col(a, j, LQ2_DEMOTE_SLOT) % a->G) * a->nk);
+        }
+    } else {
+        const int kbs = LQ2_BLOCK_BYTES_B(a->G, a->k_bits);
+        LQ2_DEV uint8_t * kdst = a->k2 + (slot / a->G) * a->k_group_bytes;
+        for (int64_t c = ith; c < a->nk; c += nth) {
+            lq2_quantize_block(stage + c, a->nk, (int) (slot % a->G) + 1, a->G, a->k_bits, a->fit, kdst + c * kbs);
+        }
+    }
+    return 1;
 }
 
 #if defined(__cplusplus) && !defined(__METAL_VERSION__)

@@ -25,6 +25,12 @@ struct lq2_dequant_args {
     LQ2_DEV lq2_half      * dst;        int64_t dst_nb3;        // keys at dst, values dst_nb3 bytes further
 };
 
+// The scalars of the op, as one constant buffer for Metal (its pointers come as buffers).
+struct lq2_dequant_geom {
+    int64_t k_group_bytes, v_row_bytes, rope_table_nb1, k_nb2, v_nb2, n_kv, n_slots, dst_nb3;
+    int32_t D, n_head_kv, G, k_bits, v_bits, rope_mode, rope_n_dims, unused;
+};
+
 // The shapes the kernels take (given a table when the keys are pre-RoPE).
 LQ2_INLINE int lq2_dequant_shape_ok(int D, int G, int k_bits, int v_bits, int rope_mode, int n_dims, int64_t n_slots) {
     return lq2_key_type_b(G, k_bits) >= 0 && lq2_value_type(v_bits) >= 0 && D % LQ2_QK_V == 0 && n_slots % G == 0 &&

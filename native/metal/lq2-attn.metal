@@ -70,12 +70,6 @@ kernel void kernel_lq2_attn_combine(
     }
 }
 
-// The scalars of GGML_OP_LQ2_DEQUANT (the pointers come as buffers).
-struct lq2_dequant_geom {
-    int64_t k_group_bytes, v_row_bytes, rope_table_nb1, k_nb2, v_nb2, n_kv, n_slots, dst_nb3;
-    int32_t D, n_head_kv, G, k_bits, v_bits, rope_mode, rope_n_dims, unused;
-};
-
 static struct lq2_dequant_args lq2_dequant_args_from(constant struct lq2_dequant_geom & g, device const char * k2,
                                                      device const char * v2, device const char * rope,
                                                      device const char * k, device const char * v, device char * dst) {

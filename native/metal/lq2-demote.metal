@@ -1,6 +1,8 @@
 // lq2-demote.metal: the Metal demotion (GGML_OP_LQ2_DEMOTE) on the per-thread code the CUDA kernels
-// and the host check share (lq2-demote-block.h): three kernels, one threadgroup per list row each
-// (rows, then groups, then staging), dispatched in that order. The RoPE angles are computed
+// and the host check share (lq2-demote-block.h): the values, a threadgroup per list row, then the
+// keys in one threadgroup that walks the list's runs in order through staging (the CPU's order,
+// so no scratch buffer is needed; CUDA instead uses a scratch and three parallel launches). The
+// RoPE angles are computed
 // without double (lq2_rope_cos_sin_f32, from each pair's frequency split in two floats by the
 // host), within 1e-6 of the CPU's, so the stored codes can differ from the CPU's where a value
 // sits on a rounding boundary.
@@ -13,13 +15,6 @@
 #include "lq2-demote-block.h"
 
 using namespace metal;
-
-// The scalars of the op (its pointers come as buffers).
-struct lq2_demote_geom {
-    int64_t k_group_bytes, v_row_bytes, staging_nb1, k_nb1, v_nb1, n_rows, nk, nv;
-    int32_t n_head_kv, G, k_bits, v_bits, fit, unused;
-    struct lq2_rope_params rope;
-};
 
 static struct lq2_demote_args lq2_demote_args_from(constant struct lq2_demote_geom & g, device char * k2,
                                                    device char * v2, device char * staging, device const char * k,
@@ -51,25 +46,33 @@ static struct lq2_demote_args lq2_demote_args_from(constant struct lq2_demote_ge
     return a;
 }
 
-// Buffers: 0 the scalars, 1 k2, 2 v2, 3 staging, 4 f16 K rows, 5 f16 V rows, 6 the list, 7 scratch
-// (n_rows * nk floats), 8 the frequencies (2 floats per RoPE pair). Grid: n_rows threadgroups.
-#define LQ2_DEMOTE_KERNEL(name, fn)                                                                    \
-    kernel void name(constant struct lq2_demote_geom & g         [[buffer(0)]],                       \
-                     device char                     * k2        [[buffer(1)]],                       \
-                     device char                     * v2        [[buffer(2)]],                       \
-                     device char                     * staging   [[buffer(3)]],                       \
-                     device const char               * k         [[buffer(4)]],                       \
-                     device const char               * v         [[buffer(5)]],                       \
-                     device const char               * rows      [[buffer(6)]],                       \
-                     device char                     * scratch   [[buffer(7)]],                       \
-                     constant float                  * rope_freq [[buffer(8)]],                       \
-                     uint3  tgpig [[threadgroup_position_in_grid]],                                    \
-                     ushort tiitg [[thread_index_in_threadgroup]],                                     \
-                     ushort ntg   [[threads_per_threadgroup]]) {                                       \
-        const struct lq2_demote_args a = lq2_demote_args_from(g, k2, v2, staging, k, v, rows, scratch, rope_freq); \
-        fn(&a, (int64_t) tgpig.x, (int) tiitg, (int) ntg);                                             \
-    }
+// Buffers: 0 the scalars, 1 k2, 2 v2, 3 staging, 4 f16 K rows, 5 f16 V rows, 6 the list, 7 the
+// frequencies (2 floats per RoPE pair). No scratch: the keys go through staging run by run
+// (lq2_demote_seq_step), in one threadgroup.
+#define LQ2_DEMOTE_KERNEL_ARGS                                                  \
+    constant struct lq2_demote_geom & g         [[buffer(0)]],                 \
+    device char                     * k2        [[buffer(1)]],                 \
+    device char                     * v2        [[buffer(2)]],                 \
+    device char                     * staging   [[buffer(3)]],                 \
+    device const char               * k         [[buffer(4)]],                 \
+    device const char               * v         [[buffer(5)]],                 \
+    device const char               * rows      [[buffer(6)]],                 \
+    constant float                  * rope_freq [[buffer(7)]],                 \
+    uint3  tgpig [[threadgroup_position_in_grid]],                              \
+    ushort tiitg [[thread_index_in_threadgroup]],                               \
+    ushort ntg   [[threads_per_threadgroup]]
 
-LQ2_DEMOTE_KERNEL(kernel_lq2_demote_rows,   lq2_demote_row)
-LQ2_DEMOTE_KERNEL(kernel_lq2_demote_groups, lq2_demote_group)
-LQ2_DEMOTE_KERNEL(kernel_lq2_demote_stage,  lq2_demote_stage)
+// Grid: n_rows threadgroups; list row tgpig.x's values.
+kernel void kernel_lq2_demote_values(LQ2_DEMOTE_KERNEL_ARGS) {
+    const struct lq2_demote_args a = lq2_demote_args_from(g, k2, v2, staging, k, v, rows, nullptr, rope_freq);
+    lq2_demote_values(&a, (int64_t) tgpig.x, (int) tiitg, (int) ntg);
+}
+
+// Grid: one threadgroup; the keys, run after run, after the values kernel.
+kernel void kernel_lq2_demote_keys(LQ2_DEMOTE_KERNEL_ARGS) {
+    const struct lq2_demote_args a = lq2_demote_args_from(g, k2, v2, staging, k, v, rows, nullptr, rope_freq);
+    (void) tgpig;
+    for (int s = 0; lq2_demote_seq_step(&a, s, (int) tiitg, (int) ntg); ++s) {
+        threadgroup_barrier(mem_flags::mem_device);
+    }
+}

@@ -59,3 +59,22 @@ def lib(request, native_libs) -> ctypes.CDLL:
     lib = native_libs[request.param]
     assert lib.lq2_cpu_has_avx2() == (request.param == "avx2")
     return lib
+
+
+@pytest.fixture(scope="session")
+def patched_ggml(tmp_path_factory) -> Path:
+    """ggml from the pinned llama.cpp with our patch series applied (the sdist the build fetched)."""
+    import glob
+    import os
+    import sys
+
+    env = dict(os.environ)
+    found = sorted(glob.glob(str(ROOT / "build" / "*" / "_download" / "llama_cpp_python-*.tar.gz")))
+    if found and "LOGQUANT_LLAMA_CPP_SOURCE" not in env:
+        env["LOGQUANT_LLAMA_CPP_SOURCE"] = found[0]
+    dest = tmp_path_factory.mktemp("patched") / "llama.cpp"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "llama_source.py"), "materialize", str(dest),
+                        "--cache", str(dest.parent / "cache")], env=env, capture_output=True, text=True,
+                       timeout=600, check=False)
+    assert r.returncode == 0, r.stderr
+    return dest / "ggml"

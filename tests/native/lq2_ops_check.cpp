@@ -284,23 +284,50 @@ static void run_demote(int D, int Hkv, int G, int bits, int n_rows, int first, b
         all.insert(all.end(), (uint8_t *) v2->data, (uint8_t *) v2->data + ggml_nbytes(v2));
         got.push_back(all);
     }
+    std::vector<uint8_t> staged_seq;
+    { // the one-threadgroup form (Metal's): values per row, then the runs in order through staging
+        memset(k2->data, 0, ggml_nbytes(k2));
+        memset(v2->data, 0, ggml_nbytes(v2));
+        memcpy(st->data, st0.data(), st0.size());
+        struct lq2_demote_args da = lq2_demote_args_of(out);
+        for (int64_t i = da.n_rows - 1; i >= 0; i--) {
+            for (int ith = 0; ith < 128; ith++) {
+                lq2_demote_values(&da, i, ith, 128);
+            }
+        }
+        for (int step = 0;; step++) { // ... barrier ...
+            int more = 0;
+            for (int ith = 255; ith >= 0; ith--) {
+                more |= lq2_demote_seq_step(&da, step, ith, 256);
+            }
+            if (!more) {
+                break;
+            }
+        }
+        std::vector<uint8_t> all((uint8_t *) k2->data, (uint8_t *) k2->data + ggml_nbytes(k2));
+        all.insert(all.end(), (uint8_t *) v2->data, (uint8_t *) v2->data + ggml_nbytes(v2));
+        got.push_back(all);
+        staged_seq.assign((uint8_t *) st->data, (uint8_t *) st->data + ggml_nbytes(st));
+    }
     // the group the list leaves open: its staging (read by the next demotion) must be the CPU's
     size_t n_stage = 0;
     const int32_t * last = r + (n_rows - 1) * LQ2_DEMOTE_COLS;
     if (last[LQ2_DEMOTE_SLOT] % G != G - 1) {
         const size_t off = (size_t) last[LQ2_DEMOTE_STAGE] * st->nb[1];
         const size_t len = (size_t) (last[LQ2_DEMOTE_SLOT] % G + 1) * nk * sizeof(float);
-        n_stage = (size_t) memcmp(staged_cpu.data() + off, staged_gpu.data() + off, len) != 0;
+        n_stage = (size_t) (memcmp(staged_cpu.data() + off, staged_gpu.data() + off, len) != 0) +
+                  (size_t) (memcmp(staged_cpu.data() + off, staged_seq.data() + off, len) != 0);
     }
-    size_t n_diff = 0, n_set = 0, n_gpu = 0;
+    size_t n_diff = 0, n_set = 0, n_gpu = 0, n_seq = 0;
     for (size_t i = 0; i < got[0].size(); i++) {
         n_diff += got[0][i] != got[1][i];
         n_gpu  += got[0][i] != got[2][i];
+        n_seq  += got[0][i] != got[3][i];
         n_set  += got[0][i] != 0;
     }
     printf("demote D=%d Hkv=%d G=%d bits=%d rows=%d first=%d rope=%d fit=%d demote_bytes %zu nonzero %zu "
-           "gpu_demote_bytes %zu gpu_staging_differs %zu\n", D, Hkv, G, bits, n_rows, first, (int) rope, (int) fit, n_diff,
-           n_set, n_gpu, n_stage);
+           "gpu_demote_bytes %zu gpu_seq_demote_bytes %zu gpu_staging_differs %zu\n", D, Hkv, G, bits, n_rows, first,
+           (int) rope, (int) fit, n_diff, n_set, n_gpu, n_seq, n_stage);
     ggml_free(ctx);
 }
 

@@ -74,25 +74,6 @@ def cublas_include() -> Path | None:
     return next((Path(d) for d in dirs if d and (Path(d) / "cublas_v2.h").exists()), None)
 
 
-@pytest.fixture(scope="module")
-def patched_ggml(tmp_path_factory) -> Path:
-    """ggml from the pinned llama.cpp with our patch series applied (the sdist the build fetched)."""
-    import glob
-    import os
-    import sys
-
-    env = dict(os.environ)
-    found = sorted(glob.glob(str(ROOT / "build" / "*" / "_download" / "llama_cpp_python-*.tar.gz")))
-    if found and "LOGQUANT_LLAMA_CPP_SOURCE" not in env:
-        env["LOGQUANT_LLAMA_CPP_SOURCE"] = found[0]
-    dest = tmp_path_factory.mktemp("patched") / "llama.cpp"
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "llama_source.py"), "materialize", str(dest),
-                        "--cache", str(dest.parent / "cache")], env=env, capture_output=True, text=True,
-                       timeout=600, check=False)
-    assert r.returncode == 0, r.stderr
-    return dest / "ggml"
-
-
 @pytest.mark.parametrize("src", ["native/cuda/lq2-ops-cuda.cu", "ggml/src/ggml-cuda/ggml-cuda.cu"])
 def test_ggml_cuda_glue_compiles(src: str, tmp_path: Path, request):
     """The glue against ggml-cuda's headers, and ggml-cuda.cu with patch 0013's dispatch, as

@@ -97,5 +97,6 @@ def test_demote_op_stores_the_same_bytes_on_both_paths(report):
         f = fields(ln)
         assert f["demote_bytes"] == 0, ln
         assert f["gpu_demote_bytes"] == 0, ln  # the GPU demotion's code stores the CPU's bytes
+        assert f["gpu_seq_demote_bytes"] == 0, ln  # in its one-threadgroup form (Metal's) too
         assert f["gpu_staging_differs"] == 0, ln  # and leaves the open group's staging as the CPU does
         assert f["nonzero"] > 1000, ln  # and it did write the stores
