@@ -4,11 +4,12 @@
 // one query token's attention for the query heads of ONE kv head: a share of the f16 tier's cells
 // and of the 2-bit key groups (the same shares as the CPU op's parts), leaving unnormalized rows
 // and the online-softmax state (M, S) that a combine step merges, as lq2_attn_merge does on the
-// CPU. The kernels (native/cuda/lq2-attn.cu, later Metal) are thin loops that call the phase
-// functions below with a barrier after each; the host tests (tests/native/lq2_attn_block_host.c)
-// run the same functions over every thread index, phase by phase, in several thread orders, and
-// compare with the CPU reference (lq2_attn_partial_ref). Written once for C, CUDA and Metal: the
-// address-space macros (lq2-format.h) are empty outside Metal.
+// CPU. lq2_ab_step (at the end) is the block's whole program, step by step; the kernels
+// (native/cuda/lq2-attn.cu, native/metal/lq2-attn.metal) call it with a barrier after each step.
+// The host tests run the same steps for every thread index in several thread orders
+// (tests/native/lq2_attn_block_host.c) and compare with the CPU (lq2_attn_partial, the CPU op).
+// Written once for C, CUDA and Metal: the address-space macros (lq2-format.h) are empty outside
+// Metal.
 //
 // A chunk is up to LQ2_AB_CHUNK f16 tokens or one 2-bit key group (G <= LQ2_AB_CHUNK tokens);
 // per chunk, between barriers:
