@@ -128,12 +128,9 @@ std::string logquant_cache::check_supported(const llama_model & model, const lla
     return {};
 }
 
-std::string logquant_cache::check_device(ggml_backend_dev_t dev) const {
-    if (!dev || layers.empty()) {
-        return {};
-    }
-    // a probe of each op with the first layer's shapes: supports_op only looks at the nodes
-    const auto & l = layers.front();
+// Whether the device's backend runs the three ops with one layer's shapes (supports_op only looks
+// at the nodes: the probe's tensors are never allocated).
+bool logquant_cache::device_takes_layer(ggml_backend_dev_t dev, const layer & l) const {
     const int64_t D = l.n_embd_k_gqa / l.n_head_kv, n_kv = 256, n_slots = std::min<int64_t>(256, n_groups * G);
     ggml_init_params ip = { 16 * ggml_tensor_overhead(), nullptr, /*no_alloc =*/ true };
     ggml_context * ctx = ggml_init(ip);
@@ -145,7 +142,7 @@ std::string logquant_cache::check_device(ggml_backend_dev_t dev) const {
     ggml_tensor * kr  = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, l.n_embd_k_gqa, n_kv);
     ggml_tensor * vr  = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, l.n_embd_v_gqa, n_kv);
     ggml_tensor * rws = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, LQ2_DEMOTE_COLS, 256);
-    ggml_tensor * q   = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, D, l.n_head_kv, 1);
+    ggml_tensor * q   = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, D, l.n_head, 1); // the layer's query heads
     ggml_tensor * m   = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, n_kv, 1, 1, 1);
     ggml_tensor * m2  = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, n_slots, 1);
     ggml_tensor * tab = rope.n_dims > 0 ? ggml_new_tensor_2d(ctx, GGML_TYPE_F16, (int64_t) rope.n_dims * G, n_groups)
@@ -159,11 +156,23 @@ std::string logquant_cache::check_device(ggml_backend_dev_t dev) const {
     const bool ok = ggml_backend_dev_supports_op(dev, dem) && ggml_backend_dev_supports_op(dev, attn) &&
                     ggml_backend_dev_supports_op(dev, deq);
     ggml_free(ctx);
-    if (ok) {
+    return ok;
+}
+
+std::string logquant_cache::check_device(ggml_backend_dev_t dev) const {
+    if (!dev) {
         return {};
     }
-    return std::string("the ") + ggml_backend_dev_name(dev) + " backend has no LogQuant kernels yet (GGML_OP_LQ2_*); "
-           "keep the KV cache in host memory (offload_kqv=False, or n_gpu_layers=0)";
+    for (const auto & l : layers) { // every layer: head counts and code widths may differ
+        if (!device_takes_layer(dev, l)) {
+            return std::string("the ") + ggml_backend_dev_name(dev) + " backend does not run the LogQuant ops "
+                   "(GGML_OP_LQ2_*) for layer " + std::to_string(l.il) + " in this build: keep the KV cache in host "
+                   "memory (offload_kqv=False, or n_gpu_layers=0), or build with CMAKE_ARGS=\"-DGGML_CUDA=ON "
+                   "-DLOGQUANT_CUDA=ON\" (CUDA) / \"-DGGML_METAL=ON -DLOGQUANT_METAL=ON\" and LOGQUANT_METAL=1 "
+                   "(Metal); those kernels have not run on a GPU yet";
+        }
+    }
+    return {};
 }
 
 uint32_t logquant_cache::f16_cells(uint32_t kv_size_requested, uint32_t n_pad) const {
@@ -186,12 +195,13 @@ llama_kv_cells & logquant_cache::cells_of(int32_t seq_id) const {
 }
 
 void logquant_cache::add_layer(ggml_context * ctx, int32_t il, uint32_t n_embd_k_gqa, uint32_t n_embd_v_gqa,
-                               uint32_t n_head_kv) {
+                               uint32_t n_head_kv, uint32_t n_head) {
     layer l;
     l.il           = il;
     l.n_embd_k_gqa = n_embd_k_gqa;
     l.n_embd_v_gqa = n_embd_v_gqa;
     l.n_head_kv    = n_head_kv;
+    l.n_head       = n_head;
     std::tie(l.k_bits, l.v_bits) = settings.bits_of(il);
     l.k_group_bytes = (size_t) n_embd_k_gqa * LQ2_BLOCK_BYTES_B(G, l.k_bits);
     l.v_row_bytes   = (size_t) (n_embd_v_gqa / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, l.v_bits);

@@ -155,7 +155,7 @@ public:
 
     // Creates layer il's 2-bit tensors in ctx (allocated with the cache's other tensors).
     void add_layer(ggml_context * ctx, int32_t il, uint32_t n_embd_k_gqa, uint32_t n_embd_v_gqa,
-                   uint32_t n_head_kv);
+                   uint32_t n_head_kv, uint32_t n_head);
 
     // find_slot asks first: can the 2-bit tier take what placing this ubatch will demote (one merge
     // of the window moves about W tokens for a one-token ubatch)? The count plan() will make.
@@ -241,11 +241,13 @@ public:
         uint32_t n_embd_k_gqa;
         uint32_t n_embd_v_gqa;
         uint32_t n_head_kv;
+        uint32_t n_head;        // query heads (a GPU kernel may take only so many per kv head)
         int32_t  k_bits;
         int32_t  v_bits;
         size_t   k_group_bytes; // one group of G tokens, all channels
         size_t   v_row_bytes;   // one token, all channels
     };
+    bool device_takes_layer(ggml_backend_dev_t dev, const layer & l) const; // check_device's probe
     struct demotion {
         int64_t  row;  // of the f16 K/V tensors: stream * stream_size + cell
         int32_t  pos;
