@@ -91,7 +91,8 @@ def set_logquant_params(window: int, policy: int) -> None:
 
 def set_logquant_prefill(fa_min_tokens: int) -> None:
     """The prefill path of the next LogQuant context created in this process: ubatches of at
-    least fa_min_tokens tokens go through flash attention over both tiers in f16; 0: never."""
+    least fa_min_tokens tokens go through flash attention over both tiers in f16; 0: never; -1:
+    automatic (never in host memory, 32 on a GPU)."""
     _, lib = _lib()
     if lib.logquant_set_prefill(fa_min_tokens) != 0:
         raise ValueError(f"invalid LogQuant prefill setting: {fa_min_tokens}")

@@ -62,9 +62,10 @@ class Llama(llama_cpp.Llama):
     in exp(score), measured to hurt end to end and kept for study (docs/levers.md).
     logquant_prefill_fa_min: ubatches of at least this many tokens (prompts) attend through
     llama.cpp's flash attention over both tiers dequantized to f16, like an f16 cache, instead
-    of LogQuant's fused kernel that reads the 2-bit tier in place (default 0: always the fused
-    kernel, the faster on the CPU at every prompt size measured, with f32 scores that do not
-    depend on how a prompt was batched; the flash-attention path is the one for GPU backends).
+    of LogQuant's fused kernel that reads the 2-bit tier in place; 0: always the fused kernel,
+    the faster on the CPU at every prompt size measured, with f32 scores that do not depend on
+    how a prompt was batched. Default None: automatic, 0 when the cache is in host memory, 32
+    when it is on a GPU (whose flash attention runs on tensor cores; untuned, never measured).
     attn_rotation: False turns off llama.cpp's Hadamard rotation of quantized K/V types
     (LLAMA_ATTN_ROT_DISABLE; on by default for q8_0, q4_0, q2_0).
     n_seq_max: sequences the context holds at once (default 1), for llama.cpp's batch API on
@@ -122,7 +123,7 @@ class Llama(llama_cpp.Llama):
                     # the f16 tier's room for a ubatch comes from the context's n_ubatch
                     _capi.set_logquant_params(window, spec.policy)
                     _capi.set_logquant_bits(bits)
-                    _capi.set_logquant_prefill(prefill_fa_min)
+                    _capi.set_logquant_prefill(-1 if prefill_fa_min is None else prefill_fa_min)
                     _capi.take_refusal()
                 try:
                     super().__init__(str(path), type_k=spec.type_k, type_v=spec.type_v, **kwargs)
@@ -393,7 +394,7 @@ def _check_window(spec: kv_types.KVType, window: int | None) -> int | None:
     return window
 
 
-DEFAULT_PREFILL_FA_MIN = 0  # the native default (logquant_set_prefill): the fused kernel
+DEFAULT_PREFILL_FA_MIN = None  # automatic (logquant_set_prefill(-1)): fused in host memory, FA on a GPU
 
 
 def _check_prefill(spec: kv_types.KVType, fa_min: int | None) -> int | None:

@@ -252,16 +252,18 @@ def test_prefill_through_flash_attention_equals_f16_while_nothing_is_2bit(tiny_m
 
 
 def test_prefill_path_is_a_choice(tiny_model):
-    """logquant_prefill_fa_min=0 (the default) keeps every ubatch on the fused kernel; once tokens
-    are 2-bit the two paths differ (f16 against f32 scores), and neither changes what is stored."""
+    """logquant_prefill_fa_min=0 keeps every ubatch on the fused kernel, and so does the default
+    (automatic) for a cache in host memory; once tokens are 2-bit the two paths differ (f16
+    against f32 scores), and neither changes what is stored."""
     got = {}
-    for fa_min in (0, 32):
-        llm = load(tiny_model, **({"logquant_prefill_fa_min": fa_min} if fa_min else {}))
+    for fa_min in (None, 0, 32):
+        llm = load(tiny_model, **({} if fa_min is None else {"logquant_prefill_fa_min": fa_min}))
         assert llm.logquant_prefill_fa_min == fa_min
         seq = tokens(llm, 200, seed=22)
         llm.eval(seq)
         got[fa_min] = (np.array(llm.scores[:200]), llm.kv_stats()["tiers"])
         llm.close()
+    np.testing.assert_array_equal(got[None][0], got[0][0])  # automatic in host memory: fused
     assert got[0][1] == got[32][1]
     assert got[0][1]["q2"]["tokens"] > 100
     assert not np.array_equal(got[0][0], got[32][0])

@@ -144,7 +144,7 @@ extern "C" int32_t logquant_set_bits(int32_t key_bits, int32_t value_bits, int32
 }
 
 extern "C" int32_t logquant_set_prefill(int32_t fa_min_tokens) {
-    if (fa_min_tokens < 0) {
+    if (fa_min_tokens < -1) {
         return -1;
     }
     logquant_settings s = logquant_settings_current();

@@ -48,8 +48,9 @@ LLAMA_API int32_t logquant_set_codes(int32_t fit, int32_t score_correction);
 
 // Ubatches of at least fa_min_tokens tokens attend through ggml's flash attention over both
 // tiers dequantized to f16 (the prefill path); smaller ones (decode) through the fused two-tier
-// op. 0 (the default): always the fused op, the faster on the CPU (LOGQUANT_PREFILL_FA_MIN for
-// llama.cpp's tools). Returns 0, or -1 for a negative value.
+// op. 0: always the fused op, the faster on the CPU (LOGQUANT_PREFILL_FA_MIN for llama.cpp's
+// tools). -1 (the default): automatic, 0 when the 2-bit tier is in host memory, 32 when it is on
+// a GPU (untuned: never measured on one). Returns 0, or -1 for a value below -1.
 LLAMA_API int32_t logquant_set_prefill(int32_t fa_min_tokens);
 
 // What a context's KV cache holds right now.

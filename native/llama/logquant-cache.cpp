@@ -15,6 +15,7 @@
 #include "llama-model.h"
 
 #include <algorithm>
+#include <cstring>
 #include <string>
 
 // ---------------------------------------------------------------------------------------------
@@ -172,6 +173,10 @@ std::string logquant_cache::check_device(ggml_backend_dev_t dev) const {
                    "(Metal); those kernels have not run on a GPU yet";
         }
     }
+    // the automatic prefill path: flash attention on the GPUs our kernels are for (an RPC device
+    // also says GPU, but its server may well run the ops on a CPU)
+    const char * reg = ggml_backend_reg_name(ggml_backend_dev_backend_reg(dev));
+    on_gpu = on_gpu || std::strcmp(reg, "CUDA") == 0 || std::strcmp(reg, "MTL") == 0;
     return {};
 }
 

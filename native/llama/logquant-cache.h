@@ -61,6 +61,9 @@ struct logquant_layer_bits {
 
 // Settings read when a cache is created (C API logquant_set_params / logquant_set_bits, or env
 // for llama.cpp's tools).
+// Automatic prefill threshold when the 2-bit tier lives on a GPU (logquant_settings::prefill_fa_min).
+#define LQ2_PREFILL_FA_MIN_GPU 32
+
 struct logquant_settings {
     int32_t window     = 32;
     int32_t policy     = LOGQUANT_POLICY_LOG;
@@ -73,10 +76,11 @@ struct logquant_settings {
     int32_t keys_post_rope = 0;
     // Ubatches of at least this many tokens (one stream) attend through ggml's flash attention
     // over both tiers dequantized to f16 (LQ2_DEQUANT), smaller ones (decode) through the fused
-    // LQ2_ATTN; 0 (the default): always fused (LOGQUANT_PREFILL_FA_MIN). On the CPU the fused op
-    // is the faster at every ubatch size measured (docs/bench.md); the flash-attention path is
-    // the one for backends whose FA runs on tensor cores.
-    int32_t prefill_fa_min = 0;
+    // LQ2_ATTN; 0: always fused (LOGQUANT_PREFILL_FA_MIN). -1 (the default): automatic, always
+    // fused when the tier lives in host memory (the faster on the CPU at every ubatch size
+    // measured, docs/bench.md), LQ2_PREFILL_FA_MIN_GPU when it lives on a GPU, whose flash
+    // attention runs on tensor cores (a first choice: never measured on a GPU).
+    int32_t prefill_fa_min = -1;
     // Code quality levers at no memory cost (docs/levers.md): fit each group's scale and minimum
     // by least squares instead of min/max (keys and values; LOGQUANT_FIT=0 turns it off; the
     // default since it cut Qwen's decode KL at 4k 0.261 -> 0.160), and lower the scores of 2-bit
@@ -224,7 +228,10 @@ public:
     bool has_layer(int32_t il) const { return layer_of.count(il) > 0; }
 
     int32_t window() const { return settings.window; }
-    int32_t prefill_fa_min() const { return settings.prefill_fa_min; }
+    // The prefill threshold in effect (the setting, or the automatic choice for where the tier is).
+    int32_t prefill_fa_min() const {
+        return settings.prefill_fa_min >= 0 ? settings.prefill_fa_min : on_gpu ? LQ2_PREFILL_FA_MIN_GPU : 0;
+    }
     int32_t fit() const { return settings.fit; }
     int32_t score_correction() const { return settings.score_correction; }
     int32_t policy() const { return settings.policy; }
@@ -247,6 +254,7 @@ public:
         size_t   k_group_bytes; // one group of G tokens, all channels
         size_t   v_row_bytes;   // one token, all channels
     };
+    mutable bool on_gpu = false; // check_device found a CUDA or Metal device taking the tier (prefill_fa_min's default)
     bool device_takes_layer(ggml_backend_dev_t dev, const layer & l) const; // check_device's probe
     struct demotion {
         int64_t  row;  // of the f16 K/V tensors: stream * stream_size + cell
