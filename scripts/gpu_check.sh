@@ -10,9 +10,13 @@
 # Each step's output goes to bench/results/cuda/ as well as to the terminal: commit that folder.
 # A failing step does not stop the later ones; the exit status is the number of failed steps.
 #
-# Usage, from the repository root with python3 (a venv) on PATH: bash scripts/gpu_check.sh
+# Usage, from the repository root with python3 (a venv) on PATH: bash scripts/gpu_check.sh [build|checks]
+#   build   step 1 only; checks: steps 2-4 only (a lent GPU machine allows 10 minutes a command:
+#           the build of ggml-cuda may need one call of its own, its outputs stay for the next)
 # Env: LOGQUANT_CUDA_ARCH (default native), LOGQUANT_SKIP_BUILD=1, GPU_CHECK_DEPTHS (4096,16384,32768)
 set -uo pipefail
+STAGE=${1:-all}
+case "$STAGE" in all|build|checks) ;; *) echo "usage: $0 [build|checks]" >&2; exit 2 ;; esac
 cd "$(dirname "$0")/.."
 OUT=bench/results/cuda
 mkdir -p "$OUT"
@@ -31,9 +35,13 @@ step() { # step NAME CMD...: runs CMD, tees its output to $OUT/NAME.txt, counts 
 nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv > "$OUT/gpu.txt" 2>&1 || true
 cat "$OUT/gpu.txt"
 
-if [ "${LOGQUANT_SKIP_BUILD:-0}" != 1 ]; then
+if [ "${LOGQUANT_SKIP_BUILD:-0}" != 1 ] && [ "$STAGE" != checks ]; then
     step build env CMAKE_ARGS="-DLLAMA_BUILD=OFF -DGGML_CUDA=ON -DLOGQUANT_CUDA=ON -DLOGQUANT_BUILD_TOOLS=ON -DCMAKE_CUDA_ARCHITECTURES=${LOGQUANT_CUDA_ARCH:-native}" \
         python3 -m pip install -q -C build-dir=build/cuda ".[model,bench,test]"
+fi
+if [ "$STAGE" = build ]; then
+    echo "gpu_check: build done ($failed failed)"
+    exit "$failed"
 fi
 # run the installed package, not the checkout's logquant_gguf (which has no CUDA build)
 PKG=$(cd /tmp && python3 -c 'import logquant_gguf, os; print(os.path.dirname(logquant_gguf.__file__))')
