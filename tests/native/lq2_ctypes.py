@@ -42,12 +42,15 @@ class AbShape(ctypes.Structure):  # lq2-attn-block.h
 class AttnGeom(ctypes.Structure):  # lq2-attn-block.h: the scalars of GGML_OP_LQ2_ATTN
     _fields_ = [(n, ctypes.c_int64) for n in (
                     "q_nb1", "q_nb2", "k_nb2", "k_nb3", "v_nb2", "v_nb3", "n_kv", "mask_nb1", "kg_bytes",
-                    "vrow_bytes", "mask2_nb1", "rope_nb1", "n_slots", "n_tokens", "n_tps", "dst_nb1", "dst_nb2")] + \
-               [(n, ctypes.c_int32) for n in ("mask_f16", "n_head_kv", "n_part", "unused")] + [("shape", AbShape)]
+                    "vrow_bytes", "mask2_nb1", "rope_nb1", "n_slots", "n_tokens", "n_tps", "dst_nb1",
+                    "dst_nb2")] + \
+               [(n, ctypes.c_int32) for n in ("mask_f16", "n_head_kv", "n_part", "unused")] + \
+               [("shape", AbShape)]
 
 
 class AttnArgs(ctypes.Structure):  # lq2-attn-block.h: the op's pointers and its scalars
-    _fields_ = [(n, ctypes.c_void_p) for n in ("q", "k", "v", "mask", "k2", "v2", "mask2", "rope", "parts", "dst")] + \
+    _fields_ = [(n, ctypes.c_void_p)
+                for n in ("q", "k", "v", "mask", "k2", "v2", "mask2", "rope", "parts", "dst")] + \
                [("g", AttnGeom)]
 
 

@@ -48,8 +48,9 @@ def test_demotion_divides_exactly_under_fast_math(tmp_path: Path):
     (__fdiv_rn), so the PTX has only correctly rounded ones. The attention may approximate."""
     need_nvcc()
     ptx = tmp_path / "demote.ptx"
-    r = subprocess.run([NVCC, "-arch=sm_80", *GGML_CUDA_FLAGS, "-ptx", str(ROOT / "native/cuda/lq2-demote.cu"),
-                        "-o", str(ptx)], capture_output=True, text=True, check=False)
+    r = subprocess.run([NVCC, "-arch=sm_80", *GGML_CUDA_FLAGS, "-ptx",
+                        str(ROOT / "native/cuda/lq2-demote.cu"), "-o", str(ptx)],
+                       capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr
     text = ptx.read_text()
     divs = re.findall(r"\bdiv\.[a-z0-9.]*f32", text)
@@ -88,7 +89,8 @@ def test_ggml_cuda_glue_compiles(src: str, tmp_path: Path, request):
     ggml = request.getfixturevalue("patched_ggml")
     path = ROOT / src if src.startswith("native") else ggml.parent / src
     r = subprocess.run([NVCC, "-arch=sm_80", *GGML_CUDA_FLAGS, "-DLOGQUANT_CUDA", "-DGGML_USE_CUDA",
-                        "-Werror", "all-warnings" if src.startswith("native") else "cross-execution-space-call",
+                        "-Werror",
+                        "all-warnings" if src.startswith("native") else "cross-execution-space-call",
                         "-I", str(inc), "-I", str(ggml / "include"), "-I", str(ggml / "src"),
                         "-I", str(ggml / "src" / "ggml-cuda"), "-I", str(ROOT / "native" / "cuda"),
                         "-I", str(ROOT / "native" / "common"), "-I", str(ROOT / "native" / "cpu"),

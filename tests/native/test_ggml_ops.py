@@ -51,10 +51,12 @@ def report(ggml_include, tmp_path_factory) -> list[str]:
     host = out_dir / "lq2_attn_block_host.o"  # the GPU attention's program, run on the host
     subprocess.run([shutil.which("cc") or "cc", "-std=c11", "-O1", "-Wall", "-Werror", "-c",
                     str(ROOT / "tests" / "native" / "lq2_attn_block_host.c"), "-o", str(host)], check=True)
-    cmd = [shutil.which("c++") or "c++", "-std=c++17", "-O1", "-Wall", "-Werror", "-Wno-deprecated-declarations",
+    cmd = [shutil.which("c++") or "c++", "-std=c++17", "-O1", "-Wall", "-Werror",
+           "-Wno-deprecated-declarations",
            str(ROOT / "tests" / "native" / "lq2_ops_check.cpp"), str(host), f"-I{ggml_include}",
            f"-I{ROOT / 'native' / 'common'}", f"-I{ROOT / 'native' / 'cpu'}", f"-I{ROOT / 'native' / 'ggml'}",
-           f"-L{libdir}", "-lggml", "-lggml-base", "-lggml-cpu", "-lm", f"-Wl,-rpath,{libdir}", "-o", str(exe)]
+           f"-L{libdir}", "-lggml", "-lggml-base", "-lggml-cpu", "-lm", f"-Wl,-rpath,{libdir}",
+           "-o", str(exe)]
     subprocess.run(cmd, check=True)
     out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120, check=True).stdout
     print(f"(package: {Path(logquant_gguf.__file__).parent})\n{out}")

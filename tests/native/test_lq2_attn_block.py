@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import ctypes
 
+import lq2_reference as ref
 import numpy as np
 import pytest
 from lq2_ctypes import AbShape, AttnArgs, AttnGeom, AttnParams, RopeParams, TierF16, TierQ2
 from test_lq2_attn import CASES, F16_BYTES, Case, make, reference
-
-import lq2_reference as ref
 
 ORDERS = (0, 1, 2)  # first to last, last to first, odd threads then even ones
 
@@ -72,13 +71,15 @@ class Op:
                         c.mode, nd, 1.0, c.score_correction)
         g = AttnGeom(q_nb1=D * 4, q_nb2=H * D * 4, k_nb2=row, k_nb3=c.nA * row, v_nb2=row, v_nb3=c.nA * row,
                      n_kv=c.nA, mask_nb1=self.ma.strides[0], kg_bytes=self.kb[0].nbytes,
-                     vrow_bytes=self.vb[0].nbytes, mask2_nb1=self.mb.strides[0], rope_nb1=nd * c.G * F16_BYTES,
+                     vrow_bytes=self.vb[0].nbytes, mask2_nb1=self.mb.strides[0],
+                     rope_nb1=nd * c.G * F16_BYTES,
                      n_slots=self.n_slots, n_tokens=self.T, n_tps=self.T // self.S, dst_nb1=D * 4,
                      dst_nb2=H * D * 4, mask_f16=int(self.ma.dtype == np.float16), n_head_kv=Hkv,
                      n_part=n_part, shape=shape)
         return AttnArgs(self.q.ctypes.data, self.ka.ctypes.data, self.va.ctypes.data, self.ma.ctypes.data,
                         self.kb.ctypes.data, self.vb.ctypes.data, self.mb.ctypes.data,
-                        self.tab.ctypes.data if nd > 0 else None, self.parts.ctypes.data, self.dst.ctypes.data, g)
+                        self.tab.ctypes.data if nd > 0 else None, self.parts.ctypes.data,
+                        self.dst.ctypes.data, g)
 
     def tiers(self, tok: int, a0: int, a1: int, g0: int, g1: int):
         """Token tok's tiers over the f16 cells [a0, a1) and the slots of groups [g0, g1), as the CPU
@@ -98,6 +99,18 @@ class Op:
         return ta, tb
 
 
+def single(lib, case: Case, d, mask_f16: bool = True, **kw) -> Op:
+    """The op for make()'s one query token over one stream."""
+    return Op(lib, case, d["q"][None], d["ka"][None], d["va"][None], d["ma"][None], d["kb"], d["vb"],
+              d["pos_b"], d["mb"][None], mask_f16, **kw)
+
+
+def work(lib, case: Case, op: Op) -> np.ndarray:
+    """The CPU kernel's scratch, garbage-filled."""
+    n = lib.lq2_attn_work_size(ctypes.byref(params(case)), case.G, op.rope.n_dims) // 4 + 1
+    return np.full(n, np.nan, np.float32)
+
+
 def params(case: Case) -> AttnParams:
     return AttnParams(case.D, case.H, case.Hkv, 1.0 / np.sqrt(case.D), case.softcap, case.max_bias)
 
@@ -109,9 +122,8 @@ def cpu_rows(lib, case: Case, op: Op, tok: int, a0, a1, g0, g1) -> np.ndarray:
     ta, tb = op.tiers(tok, a0, a1, g0, g1)
     acc = np.full((H, D), np.nan, np.float32)
     M, S = np.full(H, np.nan, np.float32), np.full(H, np.nan, np.float32)
-    work = np.full(lib.lq2_attn_work_size(ctypes.byref(p), case.G, op.rope.n_dims) // 4 + 1, np.nan, np.float32)
     assert lib.lq2_attn_partial(ctypes.byref(p), op.q[tok], ctypes.byref(ta), ctypes.byref(tb), 0, H,
-                                acc, M, S, work.ctypes.data) == 0
+                                acc, M, S, work(lib, case, op).ctypes.data) == 0
     return np.concatenate([acc, M[:, None], S[:, None]], axis=1)
 
 
@@ -119,9 +131,8 @@ def cpu_result(lib, case: Case, op: Op, tok: int) -> np.ndarray:
     p = params(case)
     ta, tb = op.tiers(tok, 0, case.nA, 0, op.n_slots // case.G)
     out = np.full((case.H, case.D), np.nan, np.float32)
-    work = np.full(lib.lq2_attn_work_size(ctypes.byref(p), case.G, op.rope.n_dims) // 4 + 1, np.nan, np.float32)
     assert lib.lq2_attn_heads(ctypes.byref(p), op.q[tok], ctypes.byref(ta), ctypes.byref(tb), out, 0, 1,
-                              work.ctypes.data) == 0
+                              work(lib, case, op).ctypes.data) == 0
     return out
 
 
@@ -160,7 +171,8 @@ def check_parts(lib, case: Case, op: Op, parts: np.ndarray):
             assert np.isfinite(np.delete(got, D, axis=1)).all()  # M is -inf where no token was seen
             assert ((got[:, D + 1] > 0) == (want[:, D + 1] > 0)).all()
             w = scaled(want, D)
-            np.testing.assert_allclose(scaled(got, D), w, rtol=0, atol=2e-5 * max(1.0, float(np.abs(w).max())))
+            tol = 2e-5 * max(1.0, float(np.abs(w).max()))
+            np.testing.assert_allclose(scaled(got, D), w, rtol=0, atol=tol)
 
 
 @pytest.mark.parametrize("ci", range(len(BLOCK_CASES)))
@@ -213,8 +225,7 @@ def test_unused_slots_may_hold_anything(lib):
     CPU kernel skips them."""
     case = Case(64, 4, 2, 20, 100, 64, max_bias=0.0)
     d = make(case, 21)
-    op = Op(lib, case, d["q"][None], d["ka"][None], d["va"][None], d["ma"][None], d["kb"], d["vb"], d["pos_b"],
-            d["mb"][None], True, unused_groups=2, fill=0xFF)
+    op = single(lib, case, d, unused_groups=2, fill=0xFF)
     assert np.isnan(op.vb[-1].view(np.float16)).any()
     got, parts = emulate(lib, op, 2)
     assert np.isfinite(got).all()
@@ -224,13 +235,11 @@ def test_unused_slots_may_hold_anything(lib):
 def test_shapes_the_program_does_not_take(lib):
     case = Case(64, 18, 2, 10, 70, 64)  # 9 query heads per kv head
     d = make(case, 7)
-    op = Op(lib, case, d["q"][None], d["ka"][None], d["va"][None], d["ma"][None], d["kb"], d["vb"], d["pos_b"],
-            d["mb"][None], True)
+    op = single(lib, case, d)
     assert lib.lq2_ab_emulate(ctypes.byref(op.args(1)), 0) == -1
     case = Case(64, 4, 2, 10, 70, 64)
     d = make(case, 8)
-    op = Op(lib, case, d["q"][None], d["ka"][None], d["va"][None], d["ma"][None], d["kb"], d["vb"], d["pos_b"],
-            d["mb"][None], True)
+    op = single(lib, case, d)
     a = op.args(1)
     a.rope = None  # pre-RoPE keys need the table on the GPU path
     assert lib.lq2_ab_emulate(ctypes.byref(a), 0) == -1

@@ -26,7 +26,8 @@ def diagnostics(path: Path, text: str | None = None) -> list[str]:
         pytest.skip("libclang is absent")
     src = re.sub(r"\[\[[^\]]*\]\]", "", path.read_text() if text is None else text)  # Metal attributes
     tu = ci.Index.create().parse(str(path), args=ARGS, unsaved_files=[(str(path), src)])
-    return [f"{d.location.file}:{d.location.line}: {d.spelling}" + "".join(f" / {c.spelling}" for c in d.children)
+    return [f"{d.location.file}:{d.location.line}: {d.spelling}"
+            + "".join(f" / {c.spelling}" for c in d.children)
             for d in tu.diagnostics if d.severity >= ci.Diagnostic.Warning]
 
 
@@ -55,7 +56,8 @@ def test_the_check_catches_a_wrong_address_space(tmp_path):
     path = tmp_path / "probe.metal"
     assert diagnostics(path, KERNEL % "dev") == []
     errors = diagnostics(path, KERNEL % "tg")
-    assert errors and all("cannot pass pointer to address space '3' as a pointer to address space '1'" in e for e in errors), errors
+    wrong = "cannot pass pointer to address space '3' as a pointer to address space '1'"
+    assert errors and all(wrong in e for e in errors), errors
 
 
 def test_the_check_catches_a_double(tmp_path):
@@ -77,7 +79,8 @@ def test_combined_source_stands_alone(tmp_path):
     if cmake is None:
         pytest.skip("cmake is absent")
     out = tmp_path / "lq2.metal"
-    subprocess.run([cmake, f"-DOUT={out}", "-P", str(ROOT / "native" / "metal" / "combine.cmake")], check=True)
+    subprocess.run([cmake, f"-DOUT={out}", "-P", str(ROOT / "native" / "metal" / "combine.cmake")],
+                   check=True)
     text = out.read_text()
     assert '#include "' not in text
     try:
@@ -109,7 +112,8 @@ def test_metal_glue_and_patched_files_parse(src, patched_ggml):
     path = ROOT / src if src.startswith("native") else patched_ggml.parent / src
     ggml = patched_ggml
     r = subprocess.run([gxx, "-std=c++17", "-fsyntax-only", "-Wall", "-DLOGQUANT_METAL", "-include", "memory",
-                        "-I", str(ggml / "include"), "-I", str(ggml / "src"), "-I", str(ggml / "src" / "ggml-metal"),
+                        "-I", str(ggml / "include"), "-I", str(ggml / "src"),
+                        "-I", str(ggml / "src" / "ggml-metal"),
                         "-I", str(ROOT / "native" / "metal"), "-I", str(ROOT / "native" / "common"),
                         "-I", str(ROOT / "native" / "cpu"), "-I", str(ROOT / "native" / "ggml"), str(path)],
                        capture_output=True, text=True, check=False)
