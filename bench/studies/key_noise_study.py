@@ -204,18 +204,16 @@ def layer_stats(q, k, kp, queries, methods) -> dict:
     return {k_: float(np.mean(v)) for k_, v in acc.items()}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="qwen2.5-coder-0.5b")
-    ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--queries", type=int, default=64, help="last queries measured per layer")
-    ap.add_argument("--out", type=Path, required=True)
-    a = ap.parse_args()
-    t0 = time.time()
-    path = models.model_path(a.model)
+def forward_layers(model: str, n_tokens: int):
+    """The exact float32 forward of `model` over n_tokens of real code, layer by layer: yields
+    (il, q, k, kp) (post-RoPE queries and keys, pre-RoPE keys of every position) before the layer's
+    exact attention and FFN continue the residual stream. The texts used are left in
+    forward_layers.texts."""
+    path = models.model_path(model)
     llm = Llama(str(path), n_ctx=256, verbose=False)
-    ids, used = corpus.token_stream(lambda s: llm.tokenize(s.encode(), add_bos=False), "code", a.tokens)
+    ids, used = corpus.token_stream(lambda s: llm.tokenize(s.encode(), add_bos=False), "code", n_tokens)
     llm.close()
+    forward_layers.texts = used
     r = GGUFReader(path)
     T = {t.name: t for t in r.tensors}
 
@@ -230,10 +228,7 @@ def main() -> None:
     x = Wt("token_embd.weight")[np.array(ids)]
     posN = np.arange(N, dtype=np.float64)
     mask = np.triu(np.full((N, N), -np.inf, dtype=np.float32), 1)
-    queries = list(range(N - a.queries, N))
-    methods = {"minmax": quant_minmax, "mse": quant_mse, "lsq": quant_lsq}
     n_layer = int(r.fields["qwen2.block_count"].parts[-1][0])
-    report = {"model": a.model, "tokens": N, "queries": a.queries, "window": W, "group": G, "layers": {}}
     for il in range(n_layer):
         pre = f"blk.{il}."
         h = rms(x, Wt(pre + "attn_norm.weight"))
@@ -241,9 +236,7 @@ def main() -> None:
         kp = (h @ Wt(pre + "attn_k.weight").T + Wt(pre + "attn_k.bias")).reshape(N, NKV, HD)
         v = (h @ Wt(pre + "attn_v.weight").T + Wt(pre + "attn_v.bias")).reshape(N, NKV, HD)
         q, k = rope(q, posN), rope(kp, posN)
-        report["layers"][il] = layer_stats(q, k, kp, queries, methods)
-        print(il, {kk: round(vv, 4) for kk, vv in report["layers"][il].items()}, f"{time.time() - t0:.0f}s",
-              flush=True)
+        yield il, q, k, kp
         out = np.empty((N, NH, HD), dtype=np.float32)
         for hh in range(NH):
             g = hh // (NH // NKV)
@@ -255,8 +248,26 @@ def main() -> None:
         h2 = rms(x, Wt(pre + "ffn_norm.weight"))
         gt, up = h2 @ Wt(pre + "ffn_gate.weight").T, h2 @ Wt(pre + "ffn_up.weight").T
         x = x + ((gt / (1 + np.exp(-gt))) * up) @ Wt(pre + "ffn_down.weight").T
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="qwen2.5-coder-0.5b")
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--queries", type=int, default=64, help="last queries measured per layer")
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+    t0 = time.time()
+    methods = {"minmax": quant_minmax, "mse": quant_mse, "lsq": quant_lsq}
+    report = {"model": a.model, "tokens": a.tokens, "queries": a.queries, "window": W, "group": G, "layers": {}}
+    for il, q, k, kp in forward_layers(a.model, a.tokens):
+        N = q.shape[0]
+        report["tokens"] = N
+        report["layers"][il] = layer_stats(q, k, kp, list(range(N - a.queries, N)), methods)
+        print(il, {kk: round(vv, 4) for kk, vv in report["layers"][il].items()}, f"{time.time() - t0:.0f}s",
+              flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
-    report["texts"] = used
+    report["texts"] = forward_layers.texts
     (a.out / "key_noise.json").write_text(json.dumps(report, indent=1))
     write_markdown(report, a.out / "key_noise.md")
 
