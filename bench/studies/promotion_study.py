@@ -14,7 +14,7 @@ then restores the exact keys of a budget of the 2-bit tokens, per kv head, chose
 
 Reported per layer and averaged: KL(exact || tiered) of the attention probabilities, and the
 extra bits per value the budget costs (a promoted token keeps 16-bit keys beside its 2-bit codes).
-Compare with 4-bit keys (`k4`) in the same study.
+Compare with 3- and 4-bit keys (`k3`, `k4`: fitted codes of 7 and 15 levels) in the same study.
 
     python bench/studies/promotion_study.py --tokens 2048 --queries 64 --history 64 \
         --out bench/results/cpu/qwen2.5-coder-0.5b/promotion
@@ -32,6 +32,10 @@ from key_noise_study import G, NH, NKV, SCALE, W, forward_layers, full_set, quan
 BUDGETS = (0.0, 0.01, 0.02, 0.05, 0.10)  # share of the 2-bit tokens promoted (per kv head)
 
 
+def quant_lsq3(x: np.ndarray):
+    return quant_lsq(x, levels=7)
+
+
 def quant_lsq4(x: np.ndarray):
     return quant_lsq(x, levels=15)
 
@@ -45,7 +49,7 @@ def layer_stats(q, k, kp, queries, history) -> dict:
     sparse, local = full_set(n_last)
     low = np.setdiff1d(np.arange(n_last), np.concatenate([sparse, local]))  # the 2-bit tokens
     coded = {}
-    for name, method in (("k2", quant_lsq), ("k4", quant_lsq4)):
+    for name, method in (("k2", quant_lsq), ("k3", quant_lsq3), ("k4", quant_lsq4)):
         kq, _, _ = quantize_tier(kp, low, method)
         full_k = k[:n_last].copy()
         full_k[low] = rope(kq, low.astype(np.float64))
@@ -73,7 +77,9 @@ def layer_stats(q, k, kp, queries, history) -> dict:
         for h in range(NH):
             g = h // (NH // NKV)
             p = softmax(k[:n, g] @ q[i, h] * SCALE)
-            add("kl_k4", kl(p, softmax(np.where(is_low[:, None], coded["k4"][:n, g], k[:n, g]) @ q[i, h] * SCALE)))
+            for name in ("k3", "k4"):
+                kk = np.where(is_low[:, None], coded[name][:n, g], k[:n, g])
+                add(f"kl_{name}", kl(p, softmax(kk @ q[i, h] * SCALE)))
             s2 = np.where(is_low[:, None], k2[:n, g], k[:n, g]) @ q[i, h] * SCALE
             add("kl_k2", kl(p, softmax(s2)))
             for b in BUDGETS[1:]:
@@ -121,6 +127,7 @@ def write_markdown(rep: dict, path: Path) -> None:
     for b in rep["budgets"][1:]:
         lines.append(f"| + {b:.0%} promoted | {b * 16 / 2:.2f} | {mean[f'kl_history_{b:g}']:.4f} | "
                      f"{mean[f'kl_oracle_{b:g}']:.4f} |")
+    lines.append(f"| 3-bit, fitted (not a format yet) | 0.50 | {mean['kl_k3']:.4f} | {mean['kl_k3']:.4f} |")
     lines.append(f"| 4-bit, fitted | 1.00 | {mean['kl_k4']:.4f} | {mean['kl_k4']:.4f} |")
     path.write_text(f"Qwen2.5-Coder-0.5B, {rep['tokens']} tokens of code, last {rep['queries']} queries, "
                     f"selection history {rep['history']} queries, W = {rep['window']}, G = {rep['group']}; "
