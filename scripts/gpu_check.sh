@@ -20,17 +20,7 @@ case "$STAGE" in all|build|checks) ;; *) echo "usage: $0 [build|checks]" >&2; ex
 cd "$(dirname "$0")/.."
 OUT=bench/results/cuda
 mkdir -p "$OUT"
-failed=0
-step() { # step NAME CMD...: runs CMD, tees its output to $OUT/NAME.txt, counts a failure
-    local name=$1; shift
-    echo "== $name: $*" | tee "$OUT/$name.txt"
-    local t0=$(date +%s)
-    "$@" 2>&1 | tee -a "$OUT/$name.txt"
-    local rc=${PIPESTATUS[0]}
-    echo "== $name: exit $rc in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/$name.txt"
-    [ "$rc" -eq 0 ] || failed=$((failed + 1))
-    return 0
-}
+. scripts/check_steps.sh
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv > "$OUT/gpu.txt" 2>&1 || true
 cat "$OUT/gpu.txt"
@@ -43,10 +33,7 @@ if [ "$STAGE" = build ]; then
     echo "gpu_check: build done ($failed failed)"
     exit "$failed"
 fi
-# run the installed package, not the checkout's logquant_gguf (which has no CUDA build)
-PKG=$(cd /tmp && python3 -c 'import logquant_gguf, os; print(os.path.dirname(logquant_gguf.__file__))')
-python3 -c 'import logquant_gguf._capi as c, json; print(json.dumps(c.build_info(), indent=1))' > "$OUT/build-info.json" 2>&1
-cat "$OUT/build-info.json"
+PKG=$(installed_package)
 
 step test-backend-ops "$PKG/bin/test-backend-ops" test -b CUDA0 -o LQ2_DEMOTE,LQ2_ATTN,LQ2_DEQUANT
 step pytest-cuda bash -c "cd /tmp && python3 -m pytest -q -m cuda -rs '$PWD/tests/test_gpu.py'"

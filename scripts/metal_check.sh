@@ -18,17 +18,7 @@ cd "$(dirname "$0")/.."
 OUT=bench/results/metal
 mkdir -p "$OUT"
 export LOGQUANT_METAL=1
-failed=0
-step() { # step NAME CMD...: runs CMD, tees its output to $OUT/NAME.txt, counts a failure
-    local name=$1; shift
-    echo "== $name: $*" | tee "$OUT/$name.txt"
-    local t0=$(date +%s)
-    "$@" 2>&1 | tee -a "$OUT/$name.txt"
-    local rc=${PIPESTATUS[0]}
-    echo "== $name: exit $rc in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/$name.txt"
-    [ "$rc" -eq 0 ] || failed=$((failed + 1))
-    return 0
-}
+. scripts/check_steps.sh
 
 (sw_vers; sysctl -n machdep.cpu.brand_string; system_profiler SPDisplaysDataType 2>/dev/null | grep -E "Chipset|Metal") \
     > "$OUT/machine.txt" 2>&1 || true
@@ -38,10 +28,7 @@ if [ "${LOGQUANT_SKIP_BUILD:-0}" != 1 ]; then
     step build env CMAKE_ARGS="-DLLAMA_BUILD=OFF -DGGML_METAL=ON -DLOGQUANT_METAL=ON -DLOGQUANT_BUILD_TOOLS=ON" \
         python3 -m pip install -q -C build-dir=build/metal ".[model,bench,test]"
 fi
-# run the installed package, not the checkout's logquant_gguf
-PKG=$(cd /tmp && python3 -c 'import logquant_gguf, os; print(os.path.dirname(logquant_gguf.__file__))')
-python3 -c 'import logquant_gguf._capi as c, json; print(json.dumps(c.build_info(), indent=1))' > "$OUT/build-info.json" 2>&1
-cat "$OUT/build-info.json"
+PKG=$(installed_package)
 
 step test-backend-ops "$PKG/bin/test-backend-ops" test -b MTL0 -o LQ2_DEMOTE,LQ2_ATTN,LQ2_DEQUANT
 step pytest-metal bash -c "cd /tmp && python3 -m pytest -q -m metal -rs '$PWD/tests/test_gpu.py'"

@@ -54,6 +54,15 @@ def full_set(n: int, w: int = W) -> np.ndarray:
     return np.array(sparse, dtype=np.int64), np.array(local, dtype=np.int64)
 
 
+def tiers(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sparse, local, is_low) for n tokens: full_set's f16 tokens, and a mask of the 2-bit ones."""
+    sparse, local = full_set(n)
+    is_low = np.ones(n, bool)
+    is_low[sparse] = False
+    is_low[local] = False
+    return sparse, local, is_low
+
+
 def rope(v: np.ndarray, pos: np.ndarray) -> np.ndarray:
     """NEOX RoPE (Qwen2) of v [..., n, heads, HD] at positions pos [n]."""
     ang = pos[:, None] * (THETA ** (-np.arange(0, HD, 2) / HD))[None, :]
@@ -157,8 +166,7 @@ def layer_stats(q, k, kp, queries, methods) -> dict:
         acc.setdefault(name, []).append(float(v))
 
     n_last = queries[-1] + 1
-    sparse, local = full_set(n_last)
-    low_final = np.setdiff1d(np.arange(n_last), np.concatenate([sparse, local]))
+    low_final = np.flatnonzero(tiers(n_last)[2])
     coded = {}
     for name, m in methods.items():
         kq, var, var_step = quantize_tier(kp, low_final, m)
@@ -170,10 +178,7 @@ def layer_stats(q, k, kp, queries, methods) -> dict:
         coded[name] = (full_k, full_var)
     for i in queries:
         n = i + 1
-        sp, lo = full_set(n)
-        is_low = np.ones(n, bool)
-        is_low[sp] = False
-        is_low[lo] = False
+        sp, lo, is_low = tiers(n)
         sink = np.zeros(n, bool)
         sink[0] = True
         logsp = np.zeros(n, bool)

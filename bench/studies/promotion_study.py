@@ -27,7 +27,19 @@ import time
 from pathlib import Path
 
 import numpy as np
-from key_noise_study import G, NH, NKV, SCALE, W, forward_layers, full_set, quant_lsq, quantize_tier, rope, softmax
+from key_noise_study import (
+    NH,
+    NKV,
+    SCALE,
+    G,
+    W,
+    forward_layers,
+    quant_lsq,
+    quantize_tier,
+    rope,
+    softmax,
+    tiers,
+)
 
 BUDGETS = (0.0, 0.01, 0.02, 0.05, 0.10)  # share of the 2-bit tokens promoted (per kv head)
 
@@ -46,8 +58,7 @@ def kl(p: np.ndarray, pq: np.ndarray) -> float:
 
 def layer_stats(q, k, kp, queries, history) -> dict:
     n_last = queries[-1] + 1
-    sparse, local = full_set(n_last)
-    low = np.setdiff1d(np.arange(n_last), np.concatenate([sparse, local]))  # the 2-bit tokens
+    low = np.flatnonzero(tiers(n_last)[2])  # the 2-bit tokens
     coded = {}
     for name, method in (("k2", quant_lsq), ("k3", quant_lsq3), ("k4", quant_lsq4)):
         kq, _, _ = quantize_tier(kp, low, method)
@@ -69,10 +80,7 @@ def layer_stats(q, k, kp, queries, history) -> dict:
 
     for i in queries:
         n = i + 1
-        sp, lo = full_set(n)
-        is_low = np.ones(n, bool)
-        is_low[sp] = False
-        is_low[lo] = False
+        is_low = tiers(n)[2]
         low_idx = np.flatnonzero(is_low)
         for h in range(NH):
             g = h // (NH // NKV)
@@ -109,7 +117,8 @@ def main() -> None:
         queries = list(range(N - a.queries, N))
         history = list(range(N - a.queries - a.history, N - a.queries))
         rep["layers"][il] = layer_stats(q, k, kp, queries, history)
-        print(il, {kk: round(vv, 4) for kk, vv in rep["layers"][il].items()}, f"{time.time() - t0:.0f}s", flush=True)
+        print(il, {kk: round(vv, 4) for kk, vv in rep["layers"][il].items()}, f"{time.time() - t0:.0f}s",
+              flush=True)
     rep["texts"] = forward_layers.texts
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "promotion.json").write_text(json.dumps(rep, indent=1))

@@ -252,40 +252,12 @@ LQ2_INLINE void lq2_ab_sum(int jj, int n, LQ2_TG struct lq2_ab_shared * sm) {
     sm->S[jj] = LQ2_FMA(sm->S[jj], sm->alpha[jj], s);
 }
 
-// ---- phase 4, f16 tier: thread i folds channels i, i + T, ... of the chunk's n value rows
-// (v: token 0's row of this kv head, rows nb_v bytes apart).
-LQ2_INLINE void lq2_ab_fold_f16(int ith, const LQ2_TH struct lq2_ab_shape * sh, const LQ2_DEV uint8_t * v,
-                                int64_t nb_v, int n, LQ2_TG struct lq2_ab_shared * sm, LQ2_TH float * acc) {
-    const int R = lq2_ab_channels_per_thread(sh->D);
-    for (int r = 0; r < R; ++r) {
-        const int c = ith + r * LQ2_AB_THREADS;
-        if (c >= sh->D) {
-            break;
-        }
-        float o[LQ2_AB_MAX_GQ];
-        for (int jj = 0; jj < sh->gq; ++jj) {
-            o[jj] = acc[jj * LQ2_AB_MAX_R + r] * sm->alpha[jj];
-        }
-        for (int t = 0; t < n; ++t) {
-            const float vc = lq2_fp16_to_fp32(((const LQ2_DEV lq2_half *) (v + t * nb_v))[c]);
-            for (int jj = 0; jj < sh->gq; ++jj) { // a masked token adds nothing, whatever its value
-                const float w = sm->s[jj * LQ2_AB_CHUNK + t];
-                o[jj] = w != 0.0f ? LQ2_FMA(w, vc, o[jj]) : o[jj];
-            }
-        }
-        for (int jj = 0; jj < sh->gq; ++jj) {
-            acc[jj * LQ2_AB_MAX_R + r] = o[jj];
-        }
-    }
-    if (ith < sh->gq) {
-        lq2_ab_sum(ith, n, sm);
-    }
-}
-
-// ---- phase 4, 2-bit tier: the same with 2-bit value rows (v: token 0's first value block of this
-// kv head, rows nb_v bytes apart).
-LQ2_INLINE void lq2_ab_fold_q2(int ith, const LQ2_TH struct lq2_ab_shape * sh, const LQ2_DEV uint8_t * v,
-                               int64_t nb_v, int n, LQ2_TG struct lq2_ab_shared * sm, LQ2_TH float * acc) {
+// ---- phase 4: thread i folds channels i, i + T, ... of the chunk's n value rows into every head's
+// running output: rescaled by alpha, plus the chunk's weighted values. v: token 0's row of this kv
+// head, rows nb_v bytes apart: f16 (q2 0) or 2-bit value blocks dequantized per (token, channel)
+// (q2 1). Threads jj < gq also update S.
+LQ2_INLINE void lq2_ab_fold(int ith, const LQ2_TH struct lq2_ab_shape * sh, const LQ2_DEV uint8_t * v,
+                            int64_t nb_v, int n, int q2, LQ2_TG struct lq2_ab_shared * sm, LQ2_TH float * acc) {
     const int R = lq2_ab_channels_per_thread(sh->D), vbs = LQ2_BLOCK_BYTES_B(LQ2_QK_V, sh->v_bits);
     for (int r = 0; r < R; ++r) {
         const int c = ith + r * LQ2_AB_THREADS;
@@ -297,7 +269,9 @@ LQ2_INLINE void lq2_ab_fold_q2(int ith, const LQ2_TH struct lq2_ab_shape * sh, c
             o[jj] = acc[jj * LQ2_AB_MAX_R + r] * sm->alpha[jj];
         }
         for (int t = 0; t < n; ++t) {
-            const float vc = lq2_block_value(v + t * nb_v + (c / LQ2_QK_V) * vbs, LQ2_QK_V, sh->v_bits, c % LQ2_QK_V);
+            const LQ2_DEV uint8_t * row = v + t * nb_v;
+            const float vc = q2 ? lq2_block_value(row + (c / LQ2_QK_V) * vbs, LQ2_QK_V, sh->v_bits, c % LQ2_QK_V)
+                                : lq2_fp16_to_fp32(((const LQ2_DEV lq2_half *) row)[c]);
             for (int jj = 0; jj < sh->gq; ++jj) { // a masked token adds nothing, whatever its value
                 const float w = sm->s[jj * LQ2_AB_CHUNK + t];
                 o[jj] = w != 0.0f ? LQ2_FMA(w, vc, o[jj]) : o[jj];
@@ -429,7 +403,7 @@ LQ2_INLINE int lq2_ab_step(const LQ2_TH struct lq2_attn_args * a, const LQ2_TH s
                 break;
             case 1: if (ith < gq) lq2_ab_max(ith, n, sm); break;
             case 2: if (ith < n) lq2_ab_weight(ith, sh, sm); break;
-            default: lq2_ab_fold_f16(ith, sh, (const LQ2_DEV uint8_t *) (vbase + t0 * a->g.v_nb2), a->g.v_nb2, n, sm, acc); break;
+            default: lq2_ab_fold(ith, sh, (const LQ2_DEV uint8_t *) (vbase + t0 * a->g.v_nb2), a->g.v_nb2, n, 0, sm, acc); break;
         }
         return 1;
     }
@@ -454,8 +428,8 @@ LQ2_INLINE int lq2_ab_step(const LQ2_TH struct lq2_attn_args * a, const LQ2_TH s
             case 3: if (ith < G) lq2_ab_weight(ith, sh, sm); break;
             default: {
                 const int64_t vhead = (int64_t) (D / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, sh->v_bits);
-                lq2_ab_fold_q2(ith, sh, (const LQ2_DEV uint8_t *) (a->v2 + g * G * a->g.vrow_bytes + hk * vhead),
-                               a->g.vrow_bytes, G, sm, acc);
+                lq2_ab_fold(ith, sh, (const LQ2_DEV uint8_t *) (a->v2 + g * G * a->g.vrow_bytes + hk * vhead),
+                            a->g.vrow_bytes, G, 1, sm, acc);
                 break;
             }
         }

@@ -26,34 +26,37 @@
 extern "C" {
 #endif
 
-// GGML_OP_LQ2_DEMOTE's tensors as pointers and byte strides (lq2_demote_args_of fills them).
-struct lq2_demote_args {
-    LQ2_DEV uint8_t       * k2;      int64_t k_group_bytes; // key groups: n_head_kv * D blocks each
-    LQ2_DEV uint8_t       * v2;      int64_t v_row_bytes;   // value rows, one per slot
-    LQ2_DEV char          * staging; int64_t staging_nb1;   // f32 keys of the open groups, [G * nk] per row
-    const LQ2_DEV char    * k;       int64_t k_nb1;         // f16 rows of the f16 tier
-    const LQ2_DEV char    * v;       int64_t v_nb1;
-    const LQ2_DEV int32_t * rows;    int64_t n_rows;        // the demotion list [LQ2_DEMOTE_COLS, n_rows]
-    LQ2_DEV float         * scratch;                         // n_rows * nk floats: the un-rotated keys per row
-    const LQ2_CONST float * rope_freq;                       // Metal: pair i's frequency as [2 i], [2 i + 1]
-    int64_t nk, nv;                                          // key / value row lengths (all kv heads)
-    int32_t n_head_kv, G, k_bits, v_bits, fit;
-    struct lq2_rope_params rope;                             // n_dims 0: keys are stored as they come
+// The scalars of the op (one constant buffer for Metal).
+struct lq2_demote_geom {
+    int64_t k_group_bytes; // key groups: n_head_kv * D blocks each
+    int64_t v_row_bytes;   // value rows, one per slot
+    int64_t staging_nb1;   // staging rows: f32 keys of the open groups, [G * nk] each
+    int64_t k_nb1, v_nb1;  // f16 rows of the f16 tier
+    int64_t n_rows;        // rows of the demotion list [LQ2_DEMOTE_COLS, n_rows]
+    int64_t nk, nv;        // key / value row lengths (all kv heads)
+    int32_t n_head_kv, G, k_bits, v_bits, fit, unused;
+    struct lq2_rope_params rope; // n_dims 0: keys are stored as they come
 };
 
-// The scalars of the op, as one constant buffer for Metal (its pointers come as buffers, the RoPE
-// frequencies as a second constant buffer).
-struct lq2_demote_geom {
-    int64_t k_group_bytes, v_row_bytes, staging_nb1, k_nb1, v_nb1, n_rows, nk, nv;
-    int32_t n_head_kv, G, k_bits, v_bits, fit, unused;
-    struct lq2_rope_params rope;
+// GGML_OP_LQ2_DEMOTE: its tensors' pointers and the scalars (lq2_demote_args_of fills them; the
+// Metal kernel from its buffers).
+struct lq2_demote_args {
+    LQ2_DEV uint8_t       * k2;
+    LQ2_DEV uint8_t       * v2;
+    LQ2_DEV char          * staging;
+    const LQ2_DEV char    * k;
+    const LQ2_DEV char    * v;
+    const LQ2_DEV int32_t * rows;
+    LQ2_DEV float         * scratch;   // n_rows * nk floats: the un-rotated keys per row (CUDA's form)
+    const LQ2_CONST float * rope_freq; // Metal: pair i's frequency as [2 i], [2 i + 1]
+    struct lq2_demote_geom  g;
 };
 
 LQ2_INLINE int lq2_demote_supported(const LQ2_TH struct lq2_demote_args * a) {
     // any key group size and width the block code handles, as the CPU forward does
-    return (a->G == 32 || a->G == 64 || a->G == 128) && LQ2_BITS_VALID(a->k_bits) && LQ2_BITS_VALID(a->v_bits) &&
-           a->nv % LQ2_QK_V == 0 && a->n_head_kv > 0 && a->nk % a->n_head_kv == 0 && a->rope.n_dims % 2 == 0 &&
-           a->rope.n_dims <= a->nk / a->n_head_kv && (a->rope.mode == 0 || a->rope.mode == 2);
+    return (a->g.G == 32 || a->g.G == 64 || a->g.G == 128) && LQ2_BITS_VALID(a->g.k_bits) && LQ2_BITS_VALID(a->g.v_bits) &&
+           a->g.nv % LQ2_QK_V == 0 && a->g.n_head_kv > 0 && a->g.nk % a->g.n_head_kv == 0 && a->g.rope.n_dims % 2 == 0 &&
+           a->g.rope.n_dims <= a->g.nk / a->g.n_head_kv && (a->g.rope.mode == 0 || a->g.rope.mode == 2);
 }
 
 LQ2_INLINE int32_t lq2_demote_col(const LQ2_TH struct lq2_demote_args * a, int64_t i, int col) {
@@ -66,39 +69,39 @@ LQ2_INLINE void lq2_demote_values(const LQ2_TH struct lq2_demote_args * a, int64
     if (slot < 0) {
         return; // padding
     }
-    const LQ2_DEV lq2_half * vsrc = (const LQ2_DEV lq2_half *) (a->v + lq2_demote_col(a, i, LQ2_DEMOTE_ROW) * a->v_nb1);
-    const int vbs = LQ2_BLOCK_BYTES_B(LQ2_QK_V, a->v_bits);
-    for (int64_t b = ith; b < a->nv / LQ2_QK_V; b += nth) {
+    const LQ2_DEV lq2_half * vsrc = (const LQ2_DEV lq2_half *) (a->v + lq2_demote_col(a, i, LQ2_DEMOTE_ROW) * a->g.v_nb1);
+    const int vbs = LQ2_BLOCK_BYTES_B(LQ2_QK_V, a->g.v_bits);
+    for (int64_t b = ith; b < a->g.nv / LQ2_QK_V; b += nth) {
         float x[LQ2_QK_V];
         for (int j = 0; j < LQ2_QK_V; ++j) {
             x[j] = lq2_fp16_to_fp32(vsrc[b * LQ2_QK_V + j]);
         }
-        lq2_quantize_block(x, 1, LQ2_QK_V, LQ2_QK_V, a->v_bits, a->fit, a->v2 + slot * a->v_row_bytes + b * vbs);
+        lq2_quantize_block(x, 1, LQ2_QK_V, LQ2_QK_V, a->g.v_bits, a->g.fit, a->v2 + slot * a->g.v_row_bytes + b * vbs);
     }
 }
 
 // Key element w of list row i (kv head w / D; w % D < n_dims / 2: that RoPE pair, >= n_dims: a
 // plain channel, else nothing) un-rotated into un (the row's nk floats).
 LQ2_INLINE void lq2_demote_key(const LQ2_TH struct lq2_demote_args * a, int64_t i, int64_t w, LQ2_DEV float * un) {
-    const LQ2_DEV lq2_half * ksrc = (const LQ2_DEV lq2_half *) (a->k + lq2_demote_col(a, i, LQ2_DEMOTE_ROW) * a->k_nb1);
-    const int64_t D = a->nk / a->n_head_kv, h = w / D, e = w % D;
-    const int nd = a->rope.n_dims, half = nd / 2;
+    const LQ2_DEV lq2_half * ksrc = (const LQ2_DEV lq2_half *) (a->k + lq2_demote_col(a, i, LQ2_DEMOTE_ROW) * a->g.k_nb1);
+    const int64_t D = a->g.nk / a->g.n_head_kv, h = w / D, e = w % D;
+    const int nd = a->g.rope.n_dims, half = nd / 2;
     if (e >= nd) {
         un[h * D + e] = lq2_fp16_to_fp32(ksrc[h * D + e]);
     } else if (e < half) {
         const int ip = (int) e;
-        const int ca = a->rope.mode == 2 ? ip : 2 * ip, cb = a->rope.mode == 2 ? ip + half : 2 * ip + 1;
+        const int ca = a->g.rope.mode == 2 ? ip : 2 * ip, cb = a->g.rope.mode == 2 ? ip + half : 2 * ip + 1;
         const int32_t pos = lq2_demote_col(a, i, LQ2_DEMOTE_POS);
 #if defined(__METAL_VERSION__)
         const struct lq2_pair cs = lq2_rope_cos_sin_f32(pos, a->rope_freq[2 * ip], a->rope_freq[2 * ip + 1]);
 #else
-        const double th = (double) pos * lq2_rope_freq(ip, nd, a->rope.freq_base, a->rope.freq_scale);
+        const double th = (double) pos * lq2_rope_freq(ip, nd, a->g.rope.freq_base, a->g.rope.freq_scale);
         struct lq2_pair cs;
         cs.a = (float) cos(th);
         cs.b = (float) sin(th);
 #endif
         const struct lq2_pair u = lq2_unrotate_pair(lq2_fp16_to_fp32(ksrc[h * D + ca]), lq2_fp16_to_fp32(ksrc[h * D + cb]),
-                                                    cs.a, cs.b, a->rope.attn_factor);
+                                                    cs.a, cs.b, a->g.rope.attn_factor);
         un[h * D + ca] = u.a;
         un[h * D + cb] = u.b;
     }
@@ -110,8 +113,8 @@ LQ2_INLINE void lq2_demote_row(const LQ2_TH struct lq2_demote_args * a, int64_t 
         return;
     }
     lq2_demote_values(a, i, ith, nth);
-    for (int64_t w = ith; w < a->nk; w += nth) {
-        lq2_demote_key(a, i, w, a->scratch + i * a->nk);
+    for (int64_t w = ith; w < a->g.nk; w += nth) {
+        lq2_demote_key(a, i, w, a->scratch + i * a->g.nk);
     }
 }
 
@@ -122,15 +125,15 @@ LQ2_INLINE int64_t lq2_demote_run_start(const LQ2_TH struct lq2_demote_args * a,
     if (slot < 0) {
         return -1;
     }
-    const int64_t next = i + 1 < a->n_rows ? lq2_demote_col(a, i + 1, LQ2_DEMOTE_SLOT) : -1;
-    const int last_of_group = slot % a->G == a->G - 1;
-    const int last_of_run   = next < 0 || next / a->G != slot / a->G;
+    const int64_t next = i + 1 < a->g.n_rows ? lq2_demote_col(a, i + 1, LQ2_DEMOTE_SLOT) : -1;
+    const int last_of_group = slot % a->g.G == a->g.G - 1;
+    const int last_of_run   = next < 0 || next / a->g.G != slot / a->g.G;
     if (!last_of_group && !last_of_run) {
         return -1;
     }
     int64_t r0 = i;
     while (r0 > 0 && lq2_demote_col(a, r0 - 1, LQ2_DEMOTE_SLOT) >= 0 &&
-           lq2_demote_col(a, r0 - 1, LQ2_DEMOTE_SLOT) / a->G == slot / a->G) {
+           lq2_demote_col(a, r0 - 1, LQ2_DEMOTE_SLOT) / a->g.G == slot / a->g.G) {
         --r0;
     }
     return r0;
@@ -145,19 +148,19 @@ LQ2_INLINE void lq2_demote_group(const LQ2_TH struct lq2_demote_args * a, int64_
         return;
     }
     const int64_t slot = lq2_demote_col(a, i, LQ2_DEMOTE_SLOT);
-    const int n_tok = (int) (slot % a->G) + 1;
-    const LQ2_DEV float * stage = (const LQ2_DEV float *) (a->staging + lq2_demote_col(a, i, LQ2_DEMOTE_STAGE) * a->staging_nb1);
-    const int kbs = LQ2_BLOCK_BYTES_B(a->G, a->k_bits);
-    LQ2_DEV uint8_t * kdst = a->k2 + (slot / a->G) * a->k_group_bytes;
-    for (int64_t c = ith; c < a->nk; c += nth) {
+    const int n_tok = (int) (slot % a->g.G) + 1;
+    const LQ2_DEV float * stage = (const LQ2_DEV float *) (a->staging + lq2_demote_col(a, i, LQ2_DEMOTE_STAGE) * a->g.staging_nb1);
+    const int kbs = LQ2_BLOCK_BYTES_B(a->g.G, a->g.k_bits);
+    LQ2_DEV uint8_t * kdst = a->k2 + (slot / a->g.G) * a->g.k_group_bytes;
+    for (int64_t c = ith; c < a->g.nk; c += nth) {
         float x[128]; // G <= 128
         for (int t = 0; t < n_tok; ++t) {
-            x[t] = stage[t * a->nk + c];
+            x[t] = stage[t * a->g.nk + c];
         }
         for (int64_t j = r0; j <= i; ++j) {
-            x[lq2_demote_col(a, j, LQ2_DEMOTE_SLOT) % a->G] = a->scratch[j * a->nk + c];
+            x[lq2_demote_col(a, j, LQ2_DEMOTE_SLOT) % a->g.G] = a->scratch[j * a->g.nk + c];
         }
-        lq2_quantize_block(x, 1, n_tok, a->G, a->k_bits, a->fit, kdst + c * kbs);
+        lq2_quantize_block(x, 1, n_tok, a->g.G, a->g.k_bits, a->g.fit, kdst + c * kbs);
     }
 }
 
@@ -165,13 +168,13 @@ LQ2_INLINE void lq2_demote_group(const LQ2_TH struct lq2_demote_args * a, int64_
 // run's un-rotated keys go to the group's staging row.
 LQ2_INLINE void lq2_demote_stage(const LQ2_TH struct lq2_demote_args * a, int64_t i, int ith, int nth) {
     const int64_t r0 = lq2_demote_run_start(a, i);
-    if (r0 < 0 || lq2_demote_col(a, i, LQ2_DEMOTE_SLOT) % a->G == a->G - 1) {
+    if (r0 < 0 || lq2_demote_col(a, i, LQ2_DEMOTE_SLOT) % a->g.G == a->g.G - 1) {
         return; // no run ends here, or the group is full: its staging row is free now
     }
-    LQ2_DEV float * stage = (LQ2_DEV float *) (a->staging + lq2_demote_col(a, i, LQ2_DEMOTE_STAGE) * a->staging_nb1);
-    for (int64_t w = ith; w < (i - r0 + 1) * a->nk; w += nth) {
-        const int64_t j = r0 + w / a->nk, c = w % a->nk;
-        stage[(lq2_demote_col(a, j, LQ2_DEMOTE_SLOT) % a->G) * a->nk + c] = a->scratch[j * a->nk + c];
+    LQ2_DEV float * stage = (LQ2_DEV float *) (a->staging + lq2_demote_col(a, i, LQ2_DEMOTE_STAGE) * a->g.staging_nb1);
+    for (int64_t w = ith; w < (i - r0 + 1) * a->g.nk; w += nth) {
+        const int64_t j = r0 + w / a->g.nk, c = w % a->g.nk;
+        stage[(lq2_demote_col(a, j, LQ2_DEMOTE_SLOT) % a->g.G) * a->g.nk + c] = a->scratch[j * a->g.nk + c];
     }
 }
 
@@ -182,13 +185,13 @@ LQ2_INLINE void lq2_demote_stage(const LQ2_TH struct lq2_demote_args * a, int64_
 LQ2_INLINE int lq2_demote_seq_step(const LQ2_TH struct lq2_demote_args * a, int step, int ith, int nth) {
     // the (step / 2)-th row that ends a run
     int64_t i1 = -1;
-    for (int64_t i = 0, r = 0; i < a->n_rows; ++i) {
+    for (int64_t i = 0, r = 0; i < a->g.n_rows; ++i) {
         const int64_t slot = lq2_demote_col(a, i, LQ2_DEMOTE_SLOT);
         if (slot < 0) {
             continue;
         }
-        const int64_t next = i + 1 < a->n_rows ? lq2_demote_col(a, i + 1, LQ2_DEMOTE_SLOT) : -1;
-        if (slot % a->G == a->G - 1 || next < 0 || next / a->G != slot / a->G) {
+        const int64_t next = i + 1 < a->g.n_rows ? lq2_demote_col(a, i + 1, LQ2_DEMOTE_SLOT) : -1;
+        if (slot % a->g.G == a->g.G - 1 || next < 0 || next / a->g.G != slot / a->g.G) {
             if (r++ == step / 2) {
                 i1 = i;
                 break;
@@ -199,18 +202,18 @@ LQ2_INLINE int lq2_demote_seq_step(const LQ2_TH struct lq2_demote_args * a, int 
         return 0;
     }
     const int64_t slot = lq2_demote_col(a, i1, LQ2_DEMOTE_SLOT);
-    LQ2_DEV float * stage = (LQ2_DEV float *) (a->staging + lq2_demote_col(a, i1, LQ2_DEMOTE_STAGE) * a->staging_nb1);
+    LQ2_DEV float * stage = (LQ2_DEV float *) (a->staging + lq2_demote_col(a, i1, LQ2_DEMOTE_STAGE) * a->g.staging_nb1);
     if (step % 2 == 0) {
         const int64_t i0 = lq2_demote_run_start(a, i1);
-        for (int64_t w = ith; w < (i1 - i0 + 1) * a->nk; w += nth) {
-            const int64_t j = i0 + w / a->nk;
-            lq2_demote_key(a, j, w % a->nk, stage + (lq2_demote_col(a, j, LQ2_DEMOTE_SLOT) % a->G) * a->nk);
+        for (int64_t w = ith; w < (i1 - i0 + 1) * a->g.nk; w += nth) {
+            const int64_t j = i0 + w / a->g.nk;
+            lq2_demote_key(a, j, w % a->g.nk, stage + (lq2_demote_col(a, j, LQ2_DEMOTE_SLOT) % a->g.G) * a->g.nk);
         }
     } else {
-        const int kbs = LQ2_BLOCK_BYTES_B(a->G, a->k_bits);
-        LQ2_DEV uint8_t * kdst = a->k2 + (slot / a->G) * a->k_group_bytes;
-        for (int64_t c = ith; c < a->nk; c += nth) {
-            lq2_quantize_block(stage + c, a->nk, (int) (slot % a->G) + 1, a->G, a->k_bits, a->fit, kdst + c * kbs);
+        const int kbs = LQ2_BLOCK_BYTES_B(a->g.G, a->g.k_bits);
+        LQ2_DEV uint8_t * kdst = a->k2 + (slot / a->g.G) * a->g.k_group_bytes;
+        for (int64_t c = ith; c < a->g.nk; c += nth) {
+            lq2_quantize_block(stage + c, a->g.nk, (int) (slot % a->g.G) + 1, a->g.G, a->g.k_bits, a->g.fit, kdst + c * kbs);
         }
     }
     return 1;

@@ -11,24 +11,27 @@
 extern "C" {
 #endif
 
-// GGML_OP_LQ2_DEQUANT's tensors: both tiers into one f16 tensor [D, n_head_kv, n_slots + n_kv, 2]
-// (lq2_dequant_args_of fills it from the op; the Metal kernel from its buffers).
-struct lq2_dequant_args {
-    const LQ2_DEV uint8_t * k2;         int64_t k_group_bytes;
-    const LQ2_DEV uint8_t * v2;         int64_t v_row_bytes;
-    const LQ2_DEV char    * rope_table; int64_t rope_table_nb1; // 0 when rope_n_dims is 0
-    const LQ2_DEV char    * k;          int64_t k_nb2;          // f16 tier views [D, n_head_kv, n_kv, 1]
-    const LQ2_DEV char    * v;          int64_t v_nb2;
-    int64_t n_kv, n_slots;
+// The scalars of GGML_OP_LQ2_DEQUANT (one constant buffer for Metal). The result is both tiers in
+// one f16 tensor [D, n_head_kv, n_slots + n_kv, 2]: keys, then values dst_nb3 bytes further.
+struct lq2_dequant_geom {
+    int64_t k_group_bytes, v_row_bytes, rope_table_nb1;
+    int64_t k_nb2, v_nb2;              // f16 tier views [D, n_head_kv, n_kv, 1]
+    int64_t n_kv, n_slots, dst_nb3;
     int32_t D, n_head_kv, G, k_bits, v_bits;
-    int32_t rope_mode, rope_n_dims;                              // as lq2_rope_params
-    LQ2_DEV lq2_half      * dst;        int64_t dst_nb3;        // keys at dst, values dst_nb3 bytes further
+    int32_t rope_mode, rope_n_dims;    // as lq2_rope_params
+    int32_t unused;
 };
 
-// The scalars of the op, as one constant buffer for Metal (its pointers come as buffers).
-struct lq2_dequant_geom {
-    int64_t k_group_bytes, v_row_bytes, rope_table_nb1, k_nb2, v_nb2, n_kv, n_slots, dst_nb3;
-    int32_t D, n_head_kv, G, k_bits, v_bits, rope_mode, rope_n_dims, unused;
+// The op: its tensors' pointers and the scalars (lq2_dequant_args_of fills them; the Metal kernel
+// from its buffers).
+struct lq2_dequant_args {
+    const LQ2_DEV uint8_t * k2;
+    const LQ2_DEV uint8_t * v2;
+    const LQ2_DEV char    * rope_table; // 0 when rope_n_dims is 0
+    const LQ2_DEV char    * k;
+    const LQ2_DEV char    * v;
+    LQ2_DEV lq2_half      * dst;
+    struct lq2_dequant_geom g;
 };
 
 // The shapes the kernels take (given a table when the keys are pre-RoPE).
@@ -39,36 +42,36 @@ LQ2_INLINE int lq2_dequant_shape_ok(int D, int G, int k_bits, int v_bits, int ro
 
 // Keys: token t of group g, kv head hk: dequantized, re-rotated with the group's table rows, f16.
 LQ2_INLINE void lq2_dequant_key(const LQ2_TH struct lq2_dequant_args * a, int64_t g, int hk, int t) {
-    const int D = a->D, G = a->G, nd = a->rope_n_dims, half = nd / 2, kbs = LQ2_BLOCK_BYTES_B(G, a->k_bits);
-    const LQ2_DEV uint8_t * kg = a->k2 + g * a->k_group_bytes + (int64_t) hk * D * kbs;
-    const LQ2_DEV lq2_half * cs = (const LQ2_DEV lq2_half *) (a->rope_table ? a->rope_table + g * a->rope_table_nb1 : a->rope_table);
-    LQ2_DEV lq2_half * row = a->dst + ((g * G + t) * a->n_head_kv + hk) * D;
+    const int D = a->g.D, G = a->g.G, nd = a->g.rope_n_dims, half = nd / 2, kbs = LQ2_BLOCK_BYTES_B(G, a->g.k_bits);
+    const LQ2_DEV uint8_t * kg = a->k2 + g * a->g.k_group_bytes + (int64_t) hk * D * kbs;
+    const LQ2_DEV lq2_half * cs = (const LQ2_DEV lq2_half *) (a->rope_table ? a->rope_table + g * a->g.rope_table_nb1 : a->rope_table);
+    LQ2_DEV lq2_half * row = a->dst + ((g * G + t) * a->g.n_head_kv + hk) * D;
     for (int i = 0; i < half; ++i) {
-        const int ca = a->rope_mode == 2 ? i : 2 * i, cb = a->rope_mode == 2 ? i + half : 2 * i + 1;
-        const float x0 = lq2_block_value(kg + ca * kbs, G, a->k_bits, t);
-        const float x1 = lq2_block_value(kg + cb * kbs, G, a->k_bits, t);
+        const int ca = a->g.rope_mode == 2 ? i : 2 * i, cb = a->g.rope_mode == 2 ? i + half : 2 * i + 1;
+        const float x0 = lq2_block_value(kg + ca * kbs, G, a->g.k_bits, t);
+        const float x1 = lq2_block_value(kg + cb * kbs, G, a->g.k_bits, t);
         const float ct = lq2_fp16_to_fp32(cs[2 * i * G + t]), st = lq2_fp16_to_fp32(cs[2 * i * G + G + t]);
         row[ca] = lq2_fp32_to_fp16(LQ2_FMA(x0, ct, -(x1 * st)));
         row[cb] = lq2_fp32_to_fp16(LQ2_FMA(x0, st, x1 * ct));
     }
     for (int c = nd; c < D; ++c) {
-        row[c] = lq2_fp32_to_fp16(lq2_block_value(kg + c * kbs, G, a->k_bits, t));
+        row[c] = lq2_fp32_to_fp16(lq2_block_value(kg + c * kbs, G, a->g.k_bits, t));
     }
 }
 
 // Values: element e of the 2-bit rows (slot e / nv, channel e % nv over all kv heads), f16.
 LQ2_INLINE void lq2_dequant_value(const LQ2_TH struct lq2_dequant_args * a, int64_t e) {
-    const int64_t nv = (int64_t) a->D * a->n_head_kv, s = e / nv, c = e % nv;
-    const LQ2_DEV uint8_t * b = a->v2 + s * a->v_row_bytes + (c / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, a->v_bits);
-    LQ2_DEV lq2_half * vout = (LQ2_DEV lq2_half *) ((LQ2_DEV char *) a->dst + a->dst_nb3);
-    vout[s * nv + c] = lq2_fp32_to_fp16(lq2_block_value(b, LQ2_QK_V, a->v_bits, (int) (c % LQ2_QK_V)));
+    const int64_t nv = (int64_t) a->g.D * a->g.n_head_kv, s = e / nv, c = e % nv;
+    const LQ2_DEV uint8_t * b = a->v2 + s * a->g.v_row_bytes + (c / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, a->g.v_bits);
+    LQ2_DEV lq2_half * vout = (LQ2_DEV lq2_half *) ((LQ2_DEV char *) a->dst + a->g.dst_nb3);
+    vout[s * nv + c] = lq2_fp32_to_fp16(lq2_block_value(b, LQ2_QK_V, a->g.v_bits, (int) (c % LQ2_QK_V)));
 }
 
 // The f16 tier's cell j, element w of its keys or values (which = 0, 1): the rows after the slots.
 LQ2_INLINE void lq2_dequant_copy(const LQ2_TH struct lq2_dequant_args * a, int which, int64_t j, int64_t w) {
-    const int64_t nv = (int64_t) a->D * a->n_head_kv;
-    const LQ2_DEV lq2_half * src = (const LQ2_DEV lq2_half *) ((which ? a->v : a->k) + j * (which ? a->v_nb2 : a->k_nb2));
-    LQ2_DEV lq2_half * out = (LQ2_DEV lq2_half *) ((LQ2_DEV char *) a->dst + which * a->dst_nb3) + (a->n_slots + j) * nv;
+    const int64_t nv = (int64_t) a->g.D * a->g.n_head_kv;
+    const LQ2_DEV lq2_half * src = (const LQ2_DEV lq2_half *) ((which ? a->v : a->k) + j * (which ? a->g.v_nb2 : a->g.k_nb2));
+    LQ2_DEV lq2_half * out = (LQ2_DEV lq2_half *) ((LQ2_DEV char *) a->dst + which * a->g.dst_nb3) + (a->g.n_slots + j) * nv;
     out[w] = src[w];
 }
 

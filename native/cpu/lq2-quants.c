@@ -58,11 +58,8 @@ static inline void blk_set_params(uint8_t * blk, uint32_t p) {
 static inline float blk_d(const uint8_t * blk) { return lq2_fp16_to_fp32(((const lq2_half *) blk)[0]); }
 static inline float blk_m(const uint8_t * blk) { return lq2_fp16_to_fp32(((const lq2_half *) blk)[1]); }
 
-// The scalar block quantizer is lq2-format.h's lq2_quantize_block (shared with the CUDA demotion);
+// The scalar block quantizer is lq2-format.h's lq2_quantize_block (the GPU demotions run it too);
 // the AVX2 one below stores the same bytes (its params come from the same lq2_fit_block).
-static void quant_block_ref(const float * x, int64_t sx, int n_valid, int n, int b, int fit, uint8_t * blk) {
-    lq2_quantize_block(x, sx, n_valid, n, b, fit, blk);
-}
 
 static void dequant_block_ref(const uint8_t * blk, int n, int b, float * y) {
     const float d = blk_d(blk), m = blk_m(blk);
@@ -143,7 +140,7 @@ static void dequant_block_avx2(const uint8_t * blk, int n, int b, float * y) {
 void lq2_quantize_v_row_ref(const float * x, void * y, int64_t n, int bits, int fit) {
     assert(n % LQ2_QK_V == 0 && LQ2_BITS_VALID(bits));
     for (int64_t i = 0; i < n / LQ2_QK_V; ++i) {
-        quant_block_ref(x + i * LQ2_QK_V, 1, LQ2_QK_V, LQ2_QK_V, bits, fit, (uint8_t *) y + i * V_BLOCK_BYTES(bits));
+        lq2_quantize_block(x + i * LQ2_QK_V, 1, LQ2_QK_V, LQ2_QK_V, bits, fit, (uint8_t *) y + i * V_BLOCK_BYTES(bits));
     }
 }
 
@@ -182,7 +179,7 @@ void lq2_quantize_k_group_ref(const float * x, int64_t ldx, int n_tok, int n_ch,
     assert(lq2_key_type_b(G, bits) >= 0 && n_tok >= 0 && n_tok <= G);
     const int bs = LQ2_BLOCK_BYTES_B(G, bits);
     for (int c = 0; c < n_ch; ++c) {
-        quant_block_ref(x + c, ldx, n_tok, G, bits, fit, (uint8_t *) y + (int64_t) c * bs);
+        lq2_quantize_block(x + c, ldx, n_tok, G, bits, fit, (uint8_t *) y + (int64_t) c * bs);
     }
 }
 

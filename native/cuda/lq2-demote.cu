@@ -35,37 +35,37 @@ static __global__ void lq2_dequant_values_kernel(const struct lq2_dequant_args a
 }
 
 static __global__ void lq2_dequant_copy_kernel(const struct lq2_dequant_args a) {
-    const int64_t nv = (int64_t) a.D * a.n_head_kv;
+    const int64_t nv = (int64_t) a.g.D * a.g.n_head_kv;
     for (int64_t w = threadIdx.x; w < nv; w += blockDim.x) {
         lq2_dequant_copy(&a, blockIdx.y, blockIdx.x, w);
     }
 }
 
 extern "C" int lq2_cuda_demote(const struct lq2_demote_args * a, cudaStream_t stream) {
-    if (!lq2_demote_supported(a) || (a->n_rows > 0 && !a->scratch)) {
+    if (!lq2_demote_supported(a) || (a->g.n_rows > 0 && !a->scratch)) {
         return -1;
     }
-    if (a->n_rows > 0) {
-        lq2_demote_rows_kernel<<<(unsigned) a->n_rows, LQ2_DEMOTE_THREADS, 0, stream>>>(*a);
-        lq2_demote_groups_kernel<<<(unsigned) a->n_rows, LQ2_DEMOTE_THREADS, 0, stream>>>(*a);
-        lq2_demote_stage_kernel<<<(unsigned) a->n_rows, LQ2_DEMOTE_THREADS, 0, stream>>>(*a);
+    if (a->g.n_rows > 0) {
+        lq2_demote_rows_kernel<<<(unsigned) a->g.n_rows, LQ2_DEMOTE_THREADS, 0, stream>>>(*a);
+        lq2_demote_groups_kernel<<<(unsigned) a->g.n_rows, LQ2_DEMOTE_THREADS, 0, stream>>>(*a);
+        lq2_demote_stage_kernel<<<(unsigned) a->g.n_rows, LQ2_DEMOTE_THREADS, 0, stream>>>(*a);
     }
     return 0;
 }
 
 extern "C" int lq2_cuda_dequant(const struct lq2_dequant_args * a, cudaStream_t stream) {
-    if (!lq2_dequant_shape_ok(a->D, a->G, a->k_bits, a->v_bits, a->rope_mode, a->rope_n_dims, a->n_slots) ||
-        (a->rope_n_dims > 0 && !a->rope_table)) {
+    if (!lq2_dequant_shape_ok(a->g.D, a->g.G, a->g.k_bits, a->g.v_bits, a->g.rope_mode, a->g.rope_n_dims, a->g.n_slots) ||
+        (a->g.rope_n_dims > 0 && !a->rope_table)) {
         return -1;
     }
-    const int64_t n_groups = a->n_slots / a->G;
+    const int64_t n_groups = a->g.n_slots / a->g.G;
     if (n_groups > 0) {
-        lq2_dequant_keys_kernel<<<dim3((unsigned) n_groups, (unsigned) a->n_head_kv), a->G, 0, stream>>>(*a);
-        const int64_t n = a->n_slots * a->D * a->n_head_kv;
+        lq2_dequant_keys_kernel<<<dim3((unsigned) n_groups, (unsigned) a->g.n_head_kv), a->g.G, 0, stream>>>(*a);
+        const int64_t n = a->g.n_slots * a->g.D * a->g.n_head_kv;
         lq2_dequant_values_kernel<<<(unsigned) ((n + 255) / 256), 256, 0, stream>>>(*a, n);
     }
-    if (a->n_kv > 0) { // the f16 tier's cells follow the slots
-        lq2_dequant_copy_kernel<<<dim3((unsigned) a->n_kv, 2), 256, 0, stream>>>(*a);
+    if (a->g.n_kv > 0) { // the f16 tier's cells follow the slots
+        lq2_dequant_copy_kernel<<<dim3((unsigned) a->g.n_kv, 2), 256, 0, stream>>>(*a);
     }
     return 0;
 }

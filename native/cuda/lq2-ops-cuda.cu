@@ -9,6 +9,7 @@
 #include "lq2-demote.cuh"
 #include "../ggml/lq2-op-args.h"
 
+#include <algorithm>
 #include <cstring>
 
 template <typename P> static P op_params_of(const ggml_tensor * t) {
@@ -33,8 +34,9 @@ bool ggml_cuda_lq2_supports_op(const ggml_tensor * op) {
         case GGML_OP_LQ2_DEQUANT: {
             const lq2_dequant_args a = lq2_dequant_args_of(op);
             // (asked before the graph is allocated: the data pointers may still be NULL)
-            return lq2_dequant_shape_ok(a.D, a.G, a.k_bits, a.v_bits, a.rope_mode, a.rope_n_dims, a.n_slots) &&
-                   (a.rope_n_dims == 0 || op->src[2] != nullptr);
+            return lq2_dequant_shape_ok(a.g.D, a.g.G, a.g.k_bits, a.g.v_bits, a.g.rope_mode, a.g.rope_n_dims,
+                                        a.g.n_slots) &&
+                   (a.g.rope_n_dims == 0 || op->src[2] != nullptr);
         }
         default:
             return false;
@@ -43,7 +45,7 @@ bool ggml_cuda_lq2_supports_op(const ggml_tensor * op) {
 
 void ggml_cuda_op_lq2_demote(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     lq2_demote_args a = lq2_demote_args_of(dst);
-    ggml_cuda_pool_alloc<float> scratch(ctx.pool(), (size_t) (a.n_rows * a.nk > 0 ? a.n_rows * a.nk : 1));
+    ggml_cuda_pool_alloc<float> scratch(ctx.pool(), (size_t) std::max<int64_t>(1, a.g.n_rows * a.g.nk));
     a.scratch = scratch.get();
     GGML_ASSERT(lq2_cuda_demote(&a, ctx.stream()) == 0 && "LQ2_DEMOTE: parameters the CUDA kernel does not take");
 }

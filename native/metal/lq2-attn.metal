@@ -74,27 +74,13 @@ static struct lq2_dequant_args lq2_dequant_args_from(constant struct lq2_dequant
                                                      device const char * v2, device const char * rope,
                                                      device const char * k, device const char * v, device char * dst) {
     struct lq2_dequant_args a;
-    a.k2             = (device const uint8_t *) k2;
-    a.k_group_bytes  = g.k_group_bytes;
-    a.v2             = (device const uint8_t *) v2;
-    a.v_row_bytes    = g.v_row_bytes;
-    a.rope_table     = g.rope_n_dims > 0 ? rope : nullptr;
-    a.rope_table_nb1 = g.rope_table_nb1;
-    a.k              = k;
-    a.k_nb2          = g.k_nb2;
-    a.v              = v;
-    a.v_nb2          = g.v_nb2;
-    a.n_kv           = g.n_kv;
-    a.n_slots        = g.n_slots;
-    a.D              = g.D;
-    a.n_head_kv      = g.n_head_kv;
-    a.G              = g.G;
-    a.k_bits         = g.k_bits;
-    a.v_bits         = g.v_bits;
-    a.rope_mode      = g.rope_mode;
-    a.rope_n_dims    = g.rope_n_dims;
-    a.dst            = (device lq2_half *) dst;
-    a.dst_nb3        = g.dst_nb3;
+    a.k2         = (device const uint8_t *) k2;
+    a.v2         = (device const uint8_t *) v2;
+    a.rope_table = g.rope_n_dims > 0 ? rope : nullptr;
+    a.k          = k;
+    a.v          = v;
+    a.dst        = (device lq2_half *) dst;
+    a.g          = g;
     return a;
 }
 

@@ -21,28 +21,15 @@ static struct lq2_demote_args lq2_demote_args_from(constant struct lq2_demote_ge
                                                    device const char * v, device const char * rows,
                                                    device char * scratch, constant float * rope_freq) {
     struct lq2_demote_args a;
-    a.k2            = (device uint8_t *) k2;
-    a.k_group_bytes = g.k_group_bytes;
-    a.v2            = (device uint8_t *) v2;
-    a.v_row_bytes   = g.v_row_bytes;
-    a.staging       = staging;
-    a.staging_nb1   = g.staging_nb1;
-    a.k             = k;
-    a.k_nb1         = g.k_nb1;
-    a.v             = v;
-    a.v_nb1         = g.v_nb1;
-    a.rows          = (device const int32_t *) rows;
-    a.n_rows        = g.n_rows;
-    a.scratch       = (device float *) scratch;
-    a.rope_freq     = rope_freq;
-    a.nk            = g.nk;
-    a.nv            = g.nv;
-    a.n_head_kv     = g.n_head_kv;
-    a.G             = g.G;
-    a.k_bits        = g.k_bits;
-    a.v_bits        = g.v_bits;
-    a.fit           = g.fit;
-    a.rope          = g.rope;
+    a.k2        = (device uint8_t *) k2;
+    a.v2        = (device uint8_t *) v2;
+    a.staging   = staging;
+    a.k         = k;
+    a.v         = v;
+    a.rows      = (device const int32_t *) rows;
+    a.scratch   = (device float *) scratch;
+    a.rope_freq = rope_freq;
+    a.g         = g;
     return a;
 }
 

@@ -46,7 +46,7 @@ extern "C" bool ggml_metal_lq2_supports_op(const ggml_tensor * op) {
     switch (op->op) {
         case GGML_OP_LQ2_DEMOTE: {
             const lq2_demote_args a = lq2_demote_args_of(op);
-            return lq2_demote_supported(&a) && a.rope.n_dims / 2 <= 512;
+            return lq2_demote_supported(&a) && a.g.rope.n_dims / 2 <= 512;
         }
         case GGML_OP_LQ2_ATTN: {
             lq2_attn_op_params p;
@@ -57,7 +57,7 @@ extern "C" bool ggml_metal_lq2_supports_op(const ggml_tensor * op) {
         }
         case GGML_OP_LQ2_DEQUANT: {
             const lq2_dequant_args a = lq2_dequant_args_of(op);
-            return lq2_dequant_shape_ok(a.D, a.G, a.k_bits, a.v_bits, a.rope_mode, a.rope_n_dims, a.n_slots);
+            return lq2_dequant_shape_ok(a.g.D, a.g.G, a.g.k_bits, a.g.v_bits, a.g.rope_mode, a.g.rope_n_dims, a.g.n_slots);
         }
         default:
             return false;
@@ -97,79 +97,49 @@ static void lq2_encode_attn(ggml_metal_library_t lib, ggml_metal_encoder_t enc, 
 
 static void lq2_encode_demote(ggml_metal_library_t lib, ggml_metal_encoder_t enc, const ggml_tensor * op) {
     const lq2_demote_args a = lq2_demote_args_of(op);
-    if (a.n_rows == 0) {
+    if (a.g.n_rows == 0) {
         return;
     }
-    lq2_demote_geom g = {};
-    g.k_group_bytes = a.k_group_bytes;
-    g.v_row_bytes   = a.v_row_bytes;
-    g.staging_nb1   = a.staging_nb1;
-    g.k_nb1         = a.k_nb1;
-    g.v_nb1         = a.v_nb1;
-    g.n_rows        = a.n_rows;
-    g.nk            = a.nk;
-    g.nv            = a.nv;
-    g.n_head_kv     = a.n_head_kv;
-    g.G             = a.G;
-    g.k_bits        = a.k_bits;
-    g.v_bits        = a.v_bits;
-    g.fit           = a.fit;
-    g.rope          = a.rope;
     // each RoPE pair's frequency split in two floats: Metal has no double (lq2_rope_cos_sin_f32)
     float freq[2 * 512 + 2] = { 0.0f, 0.0f };
-    for (int i = 0; i < a.rope.n_dims / 2; ++i) {
-        const double f = lq2_rope_freq(i, a.rope.n_dims, a.rope.freq_base, a.rope.freq_scale);
+    for (int i = 0; i < a.g.rope.n_dims / 2; ++i) {
+        const double f = lq2_rope_freq(i, a.g.rope.n_dims, a.g.rope.freq_base, a.g.rope.freq_scale);
         freq[2 * i]     = (float) f;
         freq[2 * i + 1] = (float) (f - (double) freq[2 * i]);
     }
-    const size_t freq_bytes = sizeof(float) * (size_t) std::max(2, a.rope.n_dims);
+    const size_t freq_bytes = sizeof(float) * (size_t) std::max(2, a.g.rope.n_dims);
 
     const char * names[2] = { "kernel_lq2_demote_values", "kernel_lq2_demote_keys" };
     for (int k = 0; k < 2; ++k) {
         auto pipeline = lq2_pipeline(lib, names[k]);
         ggml_metal_encoder_set_pipeline(enc, pipeline);
-        ggml_metal_encoder_set_bytes(enc, &g, sizeof(g), 0);
+        ggml_metal_encoder_set_bytes(enc, (void *) &a.g, sizeof(a.g), 0);
         for (int i = 0; i < 6; ++i) { // k2, v2, staging, K rows, V rows, the list
             ggml_metal_encoder_set_buffer(enc, lq2_buffer_id(op->src[i]), 1 + i);
         }
         ggml_metal_encoder_set_bytes(enc, freq, freq_bytes, 7);
         const int nth = std::min(ggml_metal_pipeline_max_theads_per_threadgroup(pipeline), k == 0 ? 256 : 1024);
-        ggml_metal_encoder_dispatch_threadgroups(enc, k == 0 ? (int) a.n_rows : 1, 1, 1, nth, 1, 1);
+        ggml_metal_encoder_dispatch_threadgroups(enc, k == 0 ? (int) a.g.n_rows : 1, 1, 1, nth, 1, 1);
         ggml_metal_encoder_memory_barrier(enc); // the keys kernel runs after every value row
     }
 }
 
 static void lq2_encode_dequant(ggml_metal_library_t lib, ggml_metal_encoder_t enc, const ggml_tensor * op) {
     const lq2_dequant_args a = lq2_dequant_args_of(op);
-    lq2_dequant_geom g = {};
-    g.k_group_bytes  = a.k_group_bytes;
-    g.v_row_bytes    = a.v_row_bytes;
-    g.rope_table_nb1 = a.rope_table_nb1;
-    g.k_nb2          = a.k_nb2;
-    g.v_nb2          = a.v_nb2;
-    g.n_kv           = a.n_kv;
-    g.n_slots        = a.n_slots;
-    g.dst_nb3        = a.dst_nb3;
-    g.D              = a.D;
-    g.n_head_kv      = a.n_head_kv;
-    g.G              = a.G;
-    g.k_bits         = a.k_bits;
-    g.v_bits         = a.v_bits;
-    g.rope_mode      = a.rope_mode;
-    g.rope_n_dims    = a.rope_n_dims;
     // buffers: k2, v2, the table (any buffer when absent), K, V, the result
     const ggml_tensor * bufs[6] = { op->src[0], op->src[1], op->src[2] ? op->src[2] : op->src[0], op->src[3], op->src[4], op };
-    const int64_t nv = (int64_t) a.D * a.n_head_kv, n_rest = a.n_slots * nv + 2 * a.n_kv * nv;
+    const lq2_dequant_geom & g = a.g;
+    const int64_t nv = (int64_t) g.D * g.n_head_kv, n_rest = g.n_slots * nv + 2 * g.n_kv * nv;
     const char * names[2] = { "kernel_lq2_dequant_keys", "kernel_lq2_dequant_rest" };
     for (int k = 0; k < 2; ++k) {
         auto pipeline = lq2_pipeline(lib, names[k]);
         ggml_metal_encoder_set_pipeline(enc, pipeline);
-        ggml_metal_encoder_set_bytes(enc, &g, sizeof(g), 0);
+        ggml_metal_encoder_set_bytes(enc, (void *) &g, sizeof(g), 0);
         for (int i = 0; i < 6; ++i) {
             ggml_metal_encoder_set_buffer(enc, lq2_buffer_id(bufs[i]), 1 + i);
         }
         if (k == 0) {
-            ggml_metal_encoder_dispatch_threadgroups(enc, (int) (a.n_slots / a.G), a.n_head_kv, 1, a.G, 1, 1);
+            ggml_metal_encoder_dispatch_threadgroups(enc, (int) (g.n_slots / g.G), g.n_head_kv, 1, g.G, 1, 1);
         } else {
             ggml_metal_encoder_dispatch_threadgroups(enc, (int) ((n_rest + 255) / 256), 1, 1, 256, 1, 1);
         }

@@ -175,19 +175,19 @@ static void run_attn(const shape & s, int seed) {
     ggml_tensor * gpu_both = ggml_dup_tensor(ctx, both);
     struct lq2_dequant_args gd = lq2_dequant_args_of(both);
     gd.dst = (lq2_half *) gpu_both->data;
-    for (int64_t g = 0; g < gd.n_slots / gd.G; g++) {
-        for (int hk = 0; hk < gd.n_head_kv; hk++) {
-            for (int t = 0; t < gd.G; t++) {
+    for (int64_t g = 0; g < gd.g.n_slots / gd.g.G; g++) {
+        for (int hk = 0; hk < gd.g.n_head_kv; hk++) {
+            for (int t = 0; t < gd.g.G; t++) {
                 lq2_dequant_key(&gd, g, hk, t);
             }
         }
     }
-    for (int64_t e = 0; e < gd.n_slots * gd.D * gd.n_head_kv; e++) {
+    for (int64_t e = 0; e < gd.g.n_slots * gd.g.D * gd.g.n_head_kv; e++) {
         lq2_dequant_value(&gd, e);
     }
     for (int which = 0; which < 2; which++) {
-        for (int64_t j = 0; j < gd.n_kv; j++) {
-            for (int64_t w = 0; w < (int64_t) gd.D * gd.n_head_kv; w++) {
+        for (int64_t j = 0; j < gd.g.n_kv; j++) {
+            for (int64_t w = 0; w < (int64_t) gd.g.D * gd.g.n_head_kv; w++) {
                 lq2_dequant_copy(&gd, which, j, w);
             }
         }
@@ -258,23 +258,23 @@ static void run_demote(int D, int Hkv, int G, int bits, int n_rows, int first, b
         memset(v2->data, 0, ggml_nbytes(v2));
         memcpy(st->data, st0.data(), st0.size());
         struct lq2_demote_args da = lq2_demote_args_of(out);
-        std::vector<float> scratch((size_t) (da.n_rows * da.nk));
+        std::vector<float> scratch((size_t) (da.g.n_rows * da.g.nk));
         da.scratch = scratch.data();
         if (!lq2_demote_supported(&da)) {
             fprintf(stderr, "the GPU demotion refused the case\n");
             exit(1);
         }
-        for (int64_t i = 0; i < da.n_rows; i++) {
+        for (int64_t i = 0; i < da.g.n_rows; i++) {
             for (int ith = 0; ith < 128; ith++) {
                 lq2_demote_row(&da, i, ith, 128);
             }
         }
-        for (int64_t i = 0; i < da.n_rows; i++) {
+        for (int64_t i = 0; i < da.g.n_rows; i++) {
             for (int ith = 127; ith >= 0; ith--) {
                 lq2_demote_group(&da, i, ith, 128);
             }
         }
-        for (int64_t i = da.n_rows - 1; i >= 0; i--) { // blocks run in any order
+        for (int64_t i = da.g.n_rows - 1; i >= 0; i--) { // blocks run in any order
             for (int ith = 0; ith < 128; ith++) {
                 lq2_demote_stage(&da, i, ith, 128);
             }
@@ -290,7 +290,7 @@ static void run_demote(int D, int Hkv, int G, int bits, int n_rows, int first, b
         memset(v2->data, 0, ggml_nbytes(v2));
         memcpy(st->data, st0.data(), st0.size());
         struct lq2_demote_args da = lq2_demote_args_of(out);
-        for (int64_t i = da.n_rows - 1; i >= 0; i--) {
+        for (int64_t i = da.g.n_rows - 1; i >= 0; i--) {
             for (int ith = 0; ith < 128; ith++) {
                 lq2_demote_values(&da, i, ith, 128);
             }
