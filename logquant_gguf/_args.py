@@ -23,6 +23,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="code bits of its values (default: 2)")
     p.add_argument("--layer-bits", type=_layer_bits, default=None, metavar="L:K:V[,...]",
                    help="per-layer code bits, e.g. 0:8:8 keeps layer 0 at 8-bit keys and values")
+    p.add_argument("--key-widths", default=None, choices=kv_types.KEY_WIDTHS,
+                   help="bits per key channel: auto (default: 0/b/2b for b-bit keys, from the "
+                        "model's weights, same size; GPU caches keep uniform ones so far) or uniform")
     p.add_argument("--n-ctx", type=int, default=4096, help="context size (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: llama.cpp's)")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
@@ -34,7 +37,7 @@ def model_kwargs(a: argparse.Namespace) -> dict:
     if a.logquant_window is not None:
         extra["logquant_window"] = a.logquant_window
     for opt, key in (("key_bits", "logquant_key_bits"), ("value_bits", "logquant_value_bits"),
-                     ("layer_bits", "logquant_layer_bits")):
+                     ("layer_bits", "logquant_layer_bits"), ("key_widths", "logquant_key_widths")):
         if getattr(a, opt, None) is not None:
             extra[key] = getattr(a, opt)
     return extra

@@ -18,6 +18,7 @@ void logquant_clear_last_error(void);
 int32_t logquant_set_key_format(int32_t key_group, int32_t keys_post_rope);
 int32_t logquant_set_prefill(int32_t fa_min_tokens);
 int32_t logquant_set_codes(int32_t fit, int32_t score_correction);
+int32_t logquant_set_key_widths(int32_t mode);
 int32_t logquant_set_bits(int32_t key_bits, int32_t value_bits, int32_t n_layers,
                           const int32_t * layers, const int32_t * layer_key_bits,
                           const int32_t * layer_value_bits);
@@ -38,6 +39,7 @@ struct logquant_kv_stats {
 };
 int32_t logquant_kv_stats_get(const void * ctx, struct logquant_kv_stats * out);
 int64_t logquant_kv_f16_positions(const void * ctx, int32_t seq_id, int32_t * out, int64_t cap);
+int64_t logquant_kv_key_widths(const void * ctx, int32_t il, int8_t * out, int64_t cap);
 """
 
 
@@ -79,6 +81,19 @@ def f16_positions(ctx_ptr: int, seq_id: int = 0) -> list[int]:
         raise ValueError(f"this context's KV cache is not a LogQuant cache, or has no sequence {seq_id}")
     out = ffi.new("int32_t[]", max(n, 1))
     lib.logquant_kv_f16_positions(ctx, seq_id, out, n)
+    return list(out[0:n])
+
+
+def key_widths(ctx_ptr: int, il: int) -> list[int]:
+    """Layer il's mixed key widths (bits per key channel, kv head by kv head); [] when uniform
+    (ValueError when the layer has no LogQuant tier)."""
+    ffi, lib = _lib()
+    ctx = ffi.cast("const void *", ctx_ptr)
+    n = lib.logquant_kv_key_widths(ctx, il, ffi.NULL, 0)
+    if n < 0:
+        raise ValueError(f"layer {il} has no LogQuant tier in this context")
+    out = ffi.new("int8_t[]", max(n, 1))
+    lib.logquant_kv_key_widths(ctx, il, out, n)
     return list(out[0:n])
 
 
@@ -124,3 +139,5 @@ def set_logquant_bits(bits) -> None:
         raise ValueError(f"invalid LogQuant key format: {bits}")
     if lib.logquant_set_codes(int(bits.fit), int(bits.score_correction)) != 0:
         raise ValueError(f"invalid LogQuant code settings: {bits}")
+    if lib.logquant_set_key_widths(int(bits.key_widths == "auto")) != 0:
+        raise ValueError(f"invalid LogQuant key widths: {bits}")

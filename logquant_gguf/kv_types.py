@@ -73,6 +73,7 @@ CODE_BITS = (2, 4, 8)
 
 
 KEY_GROUPS = (32, 64, 128)
+KEY_WIDTHS = ("auto", "uniform")
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class LogQuantBits:
     keys_post_rope: bool = False
     fit: bool = True  # least-squares scales (docs/levers.md); False: min/max, the format before
     score_correction: bool = False
+    key_widths: str = "auto"  # 0, b or 2b bits per key channel (b-bit keys) from the weights; or "uniform"
 
     @property
     def is_default(self) -> bool:
@@ -100,7 +102,7 @@ class LogQuantBits:
         return {"key_bits": self.key, "value_bits": self.value,
                 "layer_bits": {str(il): [k, v] for il, k, v in self.layers},
                 "key_group": self.key_group, "keys_post_rope": self.keys_post_rope,
-                "fit": self.fit, "score_correction": self.score_correction}
+                "fit": self.fit, "score_correction": self.score_correction, "key_widths": self.key_widths}
 
     def __str__(self) -> str:
         s = f"logquant_key_bits={self.key}, logquant_value_bits={self.value}"
@@ -108,7 +110,8 @@ class LogQuantBits:
         s += f", logquant_key_group={self.key_group}" if self.key_group != 64 else ""
         s += ", logquant_keys_post_rope=True" if self.keys_post_rope else ""
         s += ", logquant_fit=False" if not self.fit else ""
-        return s + (", logquant_score_correction=True" if self.score_correction else "")
+        s += ", logquant_score_correction=True" if self.score_correction else ""
+        return s + (f", logquant_key_widths={self.key_widths!r}" if self.key_widths != "auto" else "")
 
 
 def _check_code_bits(name: str, b: object) -> int:
@@ -120,13 +123,13 @@ def _check_code_bits(name: str, b: object) -> int:
 def check_bits(spec: KVType, key_bits: int | None, value_bits: int | None,
                layer_bits: dict[int, tuple[int, int]] | None, key_group: int | None = None,
                keys_post_rope: bool | None = None, fit: bool | None = None,
-               score_correction: bool | None = None) -> LogQuantBits | None:
+               score_correction: bool | None = None, key_widths: str | None = None) -> LogQuantBits | None:
     """The LogQuant format settings, validated; None for a kv_type without a low-bit tier."""
     flags = (("logquant_keys_post_rope", keys_post_rope), ("logquant_fit", fit),
              ("logquant_score_correction", score_correction))
     given = [n for n, v in (("logquant_key_bits", key_bits), ("logquant_value_bits", value_bits),
                             ("logquant_layer_bits", layer_bits), ("logquant_key_group", key_group),
-                            *flags) if v is not None]
+                            *flags, ("logquant_key_widths", key_widths)) if v is not None]
     if not spec.is_logquant:
         if given:
             raise ValueError(f"{given[0]} applies to the LogQuant kv_types, not to kv_type={spec.name!r}")
@@ -153,8 +156,16 @@ def check_bits(spec: KVType, key_bits: int | None, value_bits: int | None,
     for name, flag in flags:
         if flag is not None and not isinstance(flag, bool):
             raise ValueError(f"{name} must be True or False, got {flag!r}")
+    if key_widths is not None and key_widths not in KEY_WIDTHS:
+        raise ValueError(f"logquant_key_widths must be one of {', '.join(map(repr, KEY_WIDTHS))}, "
+                         f"got {key_widths!r}")
+    if key_widths == "auto" and keys_post_rope:
+        raise ValueError("logquant_key_widths='auto' needs keys grouped before RoPE "
+                         "(not logquant_keys_post_rope)")
+    # keys grouped after RoPE have no pairs to widen: uniform widths there by default
+    kw = key_widths or ("uniform" if keys_post_rope else "auto")
     return LogQuantBits(k, v, tuple(sorted(layers)), g, bool(keys_post_rope), fit is not False,
-                        bool(score_correction))
+                        bool(score_correction), kw)
 
 
 def parse_layer_bits(text: str) -> dict[int, tuple[int, int]]:
@@ -178,8 +189,9 @@ def parse_variant(name: str) -> tuple[str, dict]:
     (kv_type, Llama keyword arguments). "logquant+k4" (4-bit keys), "logquant+v4",
     "logquant+k4v4", "logquant+L0:8:8" (layer 0 with 8-bit keys and values), and the key layouts
     of the format study: "+g32", "+g128" (tokens per key group), "+postrope"; the code levers
-    "+minmax" (min/max scales instead of the default least-squares fit; "+fit" says the default)
-    and "+bc" (score correction); "+w64" (the window W); and for any type
+    "+minmax" (min/max scales instead of the default least-squares fit; "+fit" says the default),
+    "+bc" (score correction), "+uniform" (every key channel 2 bits, logquant_key_widths="uniform";
+    "+kw" says the default, mixed widths); "+w64" (the window W); and for any type
     "+norot" (llama.cpp's Hadamard rotation off) and "+swa" (a sliding-window model's window
     layers cached at their window size, swa_full=False, as the LogQuant types do; llama-cpp-python
     defaults to full size); modifiers combine:
@@ -206,6 +218,8 @@ def parse_variant(name: str) -> tuple[str, dict]:
             kw["logquant_fit"] = m == "fit"
         elif m == "bc":
             kw["logquant_score_correction"] = True
+        elif m in ("kw", "uniform"):  # mixed key widths (the default) or uniform ones
+            kw["logquant_key_widths"] = "auto" if m == "kw" else "uniform"
         elif m[:1] == "g" and m[1:].isdigit():
             kw["logquant_key_group"] = int(m[1:])
         elif m[:1] == "w" and m[1:].isdigit() and spec.is_logquant:
@@ -223,5 +237,5 @@ def parse_variant(name: str) -> tuple[str, dict]:
         kw["logquant_layer_bits"] = layers
     check_bits(spec, kw.get("logquant_key_bits"), kw.get("logquant_value_bits"),
                kw.get("logquant_layer_bits"), kw.get("logquant_key_group"), kw.get("logquant_keys_post_rope"),
-               kw.get("logquant_fit"), kw.get("logquant_score_correction"))
+               kw.get("logquant_fit"), kw.get("logquant_score_correction"), kw.get("logquant_key_widths"))
     return base, kw

@@ -60,6 +60,11 @@ class Llama(llama_cpp.Llama):
     (False: min/max, the format before; the stored format is the same); logquant_score_correction
     (default False) lowers each 2-bit key group's scores by the noise inflation its codes cause
     in exp(score), measured to hurt end to end and kept for study (docs/levers.md).
+    logquant_key_widths: "auto" (the default) gives each key channel of a layer of b-bit keys (b = 2
+    or 4) 0, b or 2b bits, a mean of b and the same bytes, chosen from the model's Q/K weights where
+    they remove the most score error (docs/levers.md: Qwen's KL at 4k 0.159 -> 0.078); "uniform":
+    b bits on every channel, the format before. Host memory only so far: a layer whose cache is on a GPU
+    keeps uniform widths (the kernels do not read mixed ones yet).
     logquant_prefill_fa_min: ubatches of at least this many tokens (prompts) attend through
     llama.cpp's flash attention over both tiers dequantized to f16, like an f16 cache, instead
     of LogQuant's fused kernel that reads the 2-bit tier in place; 0: always the fused kernel,
@@ -85,7 +90,7 @@ class Llama(llama_cpp.Llama):
                  logquant_layer_bits: dict[int, tuple[int, int]] | None = None,
                  logquant_key_group: int | None = None, logquant_keys_post_rope: bool | None = None,
                  logquant_fit: bool | None = None, logquant_score_correction: bool | None = None,
-                 logquant_prefill_fa_min: int | None = None, attn_rotation: bool = True,
+                 logquant_key_widths: str | None = None, logquant_prefill_fa_min: int | None = None, attn_rotation: bool = True,
                  n_seq_max: int = 1, kv_unified: bool = True, rpc_servers: str | None = None,
                  **kwargs: Any):
         spec = kv_types.get(kv_type)
@@ -98,7 +103,7 @@ class Llama(llama_cpp.Llama):
         prefill_fa_min = _check_prefill(spec, logquant_prefill_fa_min)
         bits = kv_types.check_bits(spec, logquant_key_bits, logquant_value_bits, logquant_layer_bits,
                                    logquant_key_group, logquant_keys_post_rope, logquant_fit,
-                                   logquant_score_correction)
+                                   logquant_score_correction, logquant_key_widths)
         for key, want in (("type_k", spec.type_k), ("type_v", spec.type_v)):
             given = kwargs.pop(key, None)
             if given is not None and given != want:
@@ -268,6 +273,7 @@ class Llama(llama_cpp.Llama):
             state["logquant_keys_post_rope"] = self.logquant_bits.keys_post_rope
             state["logquant_fit"] = self.logquant_bits.fit
             state["logquant_score_correction"] = self.logquant_bits.score_correction
+            state["logquant_key_widths"] = self.logquant_bits.key_widths
         return state
 
     def save_state(self) -> llama_cpp.LlamaState:
@@ -317,6 +323,11 @@ class Llama(llama_cpp.Llama):
 
     def n_layer(self) -> int:
         return int(llama_cpp.llama_model_n_layer(self._model.model))
+
+    def key_widths(self, il: int) -> list[int]:
+        """Layer il's key code bits per channel (kv head by kv head) under
+        logquant_key_widths="auto"; [] when its channels all have the same width."""
+        return _capi.key_widths(ctypes.cast(self._ctx.ctx, ctypes.c_void_p).value, il)
 
     def kv_stats(self) -> dict:
         """What the KV cache holds now: tokens, bytes in all, bytes per token."""

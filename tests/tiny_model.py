@@ -64,6 +64,15 @@ class _Writer:
         """A projection whose outputs have about `gain` times its inputs' per-channel spread."""
         self.t(name, n_out, n_in, scale=gain / np.sqrt(n_in))
 
+    def qk(self, name: str, heads: int, head_dim: int, n_in: int, scale: float, z) -> None:
+        """A Q or K projection, Gaussian, whose row for head channel c is scaled by z[c]."""
+        x = self.rng.standard_normal((heads * head_dim, n_in)).astype(np.float32) * np.float32(scale)
+        self.w.add_tensor(name, x * np.tile(np.asarray(z, np.float32), heads)[:, None])
+
+    def channel_scales(self, head_dim: int, spread: float) -> np.ndarray:
+        """exp(spread * N(0, 1)) per head channel (1 when spread is 0), shared by the heads."""
+        return np.exp(spread * self.rng.standard_normal(head_dim)) if spread else np.ones(head_dim)
+
     def fill(self, name: str, value: float, *shape: int) -> None:
         self.w.add_tensor(name, np.full(shape, value, dtype=np.float32))
 
@@ -91,11 +100,13 @@ class _Writer:
 
 def write_tiny_llama(path: Path, *, n_embd: int = 64, n_head: int = 4, n_head_kv: int = 2,
                      head_dim: int = 64, n_layer: int = 2, n_ff: int = 128, n_ctx: int = 2048,
-                     qk_scale: float = 0.5, seed: int = 0) -> Path:
+                     qk_scale: float = 0.5, channel_spread: float = 0.0, seed: int = 0) -> Path:
     """A llama-architecture model with a byte-level SPM vocabulary (259 tokens).
 
     qk_scale: spread of the Q/K projections; the default gives sharp attention (differences
-    between KV caches show), a small one soft attention (rounding differences stay small)."""
+    between KV caches show), a small one soft attention (rounding differences stay small).
+    channel_spread: Q/K rows of head channel c scaled by exp(channel_spread * z_c), z_c ~ N(0, 1)
+    shared by the heads, so that channels matter unequally, as in real models."""
     m = _Writer(path, "llama", n_embd=n_embd, n_layer=n_layer, n_ctx=n_ctx, seed=seed)
     w = m.w
     w.add_feed_forward_length(n_ff)
@@ -107,8 +118,13 @@ def write_tiny_llama(path: Path, *, n_embd: int = 64, n_head: int = 4, n_head_kv
     m.t("output.weight", N_VOCAB, n_embd, scale=0.5)
     for i in range(n_layer):
         m.ones(f"blk.{i}.attn_norm.weight", n_embd)
-        m.t(f"blk.{i}.attn_q.weight", n_head * head_dim, n_embd, scale=qk_scale)
-        m.t(f"blk.{i}.attn_k.weight", n_head_kv * head_dim, n_embd, scale=qk_scale)
+        if channel_spread:
+            z = m.channel_scales(head_dim, channel_spread)
+            m.qk(f"blk.{i}.attn_q.weight", n_head, head_dim, n_embd, qk_scale, z)
+            m.qk(f"blk.{i}.attn_k.weight", n_head_kv, head_dim, n_embd, qk_scale, z)
+        else:
+            m.t(f"blk.{i}.attn_q.weight", n_head * head_dim, n_embd, scale=qk_scale)
+            m.t(f"blk.{i}.attn_k.weight", n_head_kv * head_dim, n_embd, scale=qk_scale)
         m.t(f"blk.{i}.attn_v.weight", n_head_kv * head_dim, n_embd, scale=0.5)
         m.t(f"blk.{i}.attn_output.weight", n_embd, n_head * head_dim, scale=0.1)
         m.ones(f"blk.{i}.ffn_norm.weight", n_embd)
@@ -126,8 +142,9 @@ def write_tiny_llama(path: Path, *, n_embd: int = 64, n_head: int = 4, n_head_kv
 def write_tiny_rope_model(path: Path, *, rope: str = "neox", head_dim: int = 64,
                           rope_dims: int | None = None, n_head: int = 4, n_head_kv: int = 2,
                           n_layer: int = 2, n_ff: int = 128, n_ctx: int = 2048,
-                          sharpness: float = 1.5, seed: int = 0) -> Path:
+                          sharpness: float = 1.5, channel_spread: float = 0.0, seed: int = 0) -> Path:
     """RoPE of either kind over the first rope_dims (default: all) dimensions of each head.
+    channel_spread: as write_tiny_llama's.
 
     rope="norm": command-r (llama.cpp's NORM rotation, pairs of neighbours; llama itself refuses
     partial rotary); rope="neox": stablelm (NEOX, pairs half a rotated span apart). Both tie the
@@ -151,8 +168,13 @@ def write_tiny_rope_model(path: Path, *, rope: str = "neox", head_dim: int = 64,
         m.ones(f"blk.{i}.attn_norm.weight", n_embd)
         if rope == "neox":
             m.zeros(f"blk.{i}.attn_norm.bias", n_embd)
-        m.lin(f"blk.{i}.attn_q.weight", n_embd, n_embd, gain=sharpness)
-        m.lin(f"blk.{i}.attn_k.weight", n_head_kv * head_dim, n_embd, gain=sharpness)
+        if channel_spread:
+            z = m.channel_scales(head_dim, channel_spread)
+            m.qk(f"blk.{i}.attn_q.weight", n_head, head_dim, n_embd, sharpness / np.sqrt(n_embd), z)
+            m.qk(f"blk.{i}.attn_k.weight", n_head_kv, head_dim, n_embd, sharpness / np.sqrt(n_embd), z)
+        else:
+            m.lin(f"blk.{i}.attn_q.weight", n_embd, n_embd, gain=sharpness)
+            m.lin(f"blk.{i}.attn_k.weight", n_head_kv * head_dim, n_embd, gain=sharpness)
         m.lin(f"blk.{i}.attn_v.weight", n_head_kv * head_dim, n_embd)
         m.lin(f"blk.{i}.attn_output.weight", n_embd, n_embd)
         if rope == "neox":  # stablelm: ffn_norm present = sequential residual

@@ -156,7 +156,10 @@ def tool_env(kv: str) -> dict[str, str]:
             "LOGQUANT_KEY_GROUP": str(levers.get("logquant_key_group", 64)),
             "LOGQUANT_KEYS_POST_ROPE": str(int(levers.get("logquant_keys_post_rope", False))),
             "LOGQUANT_FIT": str(int(levers.get("logquant_fit", True))),
-            "LOGQUANT_SCORE_CORRECTION": str(int(levers.get("logquant_score_correction", False))), **rot}
+            "LOGQUANT_SCORE_CORRECTION": str(int(levers.get("logquant_score_correction", False))),
+            "LOGQUANT_KEY_WIDTHS": levers.get("logquant_key_widths",
+                                              "uniform" if levers.get("logquant_keys_post_rope") else "auto"),
+            **rot}
 
 
 def tool_path(name: str) -> Path | None:

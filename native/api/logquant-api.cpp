@@ -66,6 +66,18 @@ extern "C" int64_t logquant_kv_f16_positions(const llama_context * ctx, int32_t 
     return n;
 }
 
+extern "C" int64_t logquant_kv_key_widths(const llama_context * ctx, int32_t il, int8_t * out, int64_t cap) {
+    const llama_kv_cache * kv = main_kv_cache(ctx->get_memory());
+    if (kv == nullptr || kv->get_logquant() == nullptr || !kv->get_logquant()->has_layer(il)) {
+        return -1;
+    }
+    const auto & w = kv->get_logquant()->layer_at(il).widths_host;
+    for (size_t i = 0; i < w.size() && (int64_t) i < cap; i++) {
+        out[i] = w[i];
+    }
+    return (int64_t) w.size();
+}
+
 extern "C" int32_t logquant_kv_stats_get(const llama_context * ctx, logquant_kv_stats * out) {
     const llama_memory_t mem = ctx->get_memory();
     if (mem == nullptr) {
@@ -160,6 +172,16 @@ extern "C" int32_t logquant_set_codes(int32_t fit, int32_t score_correction) {
     logquant_settings s = logquant_settings_current();
     s.fit              = fit;
     s.score_correction = score_correction;
+    logquant_settings_set(s);
+    return 0;
+}
+
+extern "C" int32_t logquant_set_key_widths(int32_t mode) {
+    if (mode != 0 && mode != 1) {
+        return -1;
+    }
+    logquant_settings s = logquant_settings_current();
+    s.key_widths = mode;
     logquant_settings_set(s);
     return 0;
 }

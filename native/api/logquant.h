@@ -46,6 +46,13 @@ LLAMA_API int32_t logquant_set_key_format(int32_t key_group, int32_t keys_post_r
 // path does not apply it). Returns 0, or -1 for a value other than 0 and 1 (nothing changed).
 LLAMA_API int32_t logquant_set_codes(int32_t fit, int32_t score_correction);
 
+// Key widths, for contexts created after this call (docs/levers.md): 1 (the default) mixed, in a
+// layer of b-bit keys (b = 2 or 4) each channel gets 0, b or 2b bits with a mean of b (the same
+// bytes), chosen from the model's Q/K weights; 0 every channel b bits (LOGQUANT_KEY_WIDTHS=uniform
+// for llama.cpp's tools). Host memory only so far: a layer whose tier is on a GPU keeps uniform
+// widths (its kernels do not read mixed ones). Returns 0, or -1 for another value.
+LLAMA_API int32_t logquant_set_key_widths(int32_t mode);
+
 // Ubatches of at least fa_min_tokens tokens attend through ggml's flash attention over both
 // tiers dequantized to f16 (the prefill path); smaller ones (decode) through the fused two-tier
 // op. 0: always the fused op, the faster on the CPU (LOGQUANT_PREFILL_FA_MIN for llama.cpp's
@@ -78,6 +85,11 @@ struct logquant_kv_stats {
 
 // Returns 0 on success, -1 when the context has no KV cache.
 LLAMA_API int32_t logquant_kv_stats_get(const struct llama_context * ctx, struct logquant_kv_stats * out);
+
+// Layer il's mixed key widths (logquant_set_key_widths): n_head_kv * head size bits of 0, b or 2b
+// per key channel, kv head by kv head. Writes up to cap of them to out and returns how many there
+// are: 0 for a layer with uniform widths, -1 when the layer has no LogQuant tier.
+LLAMA_API int64_t logquant_kv_key_widths(const struct llama_context * ctx, int32_t il, int8_t * out, int64_t cap);
 
 // The positions of sequence seq_id held in the LogQuant f16 tier, ascending: writes up to cap of
 // them to out and returns how many there are, or -1 when the cache is not in LogQuant mode or

@@ -344,9 +344,13 @@ LQ2_INLINE struct lq2_fit_sums lq2_fit_add(struct lq2_fit_sums s, float x, float
     return s;
 }
 
-// Code j of a block of n b-bit codes, and the value it stands for (d * code + m: exact product).
+// Code j of a block of n b-bit codes, and the value it stands for (d * code + m: exact product;
+// a 0-bit block stands for m alone).
 LQ2_INLINE float lq2_block_value(const LQ2_DEV uint8_t * blk, int n, int b, int j) {
     const LQ2_DEV lq2_half * h = (const LQ2_DEV lq2_half *) blk;
+    if (b == 0) {
+        return lq2_fp16_to_fp32(h[1]);
+    }
     const int q = (blk[4 + LQ2_CODE_BYTE_B(j, n, b)] >> LQ2_CODE_SHIFT_B(j, n, b)) & LQ2_LEVELS_B(b);
     return lq2_fp16_to_fp32(h[0]) * (float) q + lq2_fp16_to_fp32(h[1]);
 }
@@ -395,6 +399,20 @@ LQ2_VALUES_TEMPLATE LQ2_INLINE uint32_t lq2_fit_block(LQ2_VALUES_PTR x, int64_t 
 // the CUDA demotion both run this, so they store the same bytes.
 LQ2_VALUES_TEMPLATE LQ2_INLINE void lq2_quantize_block(LQ2_VALUES_PTR x, int64_t sx, int n_valid, int n, int b, int fit,
                                                        LQ2_DEV uint8_t * blk) {
+    if (b == 0) { // a 0-bit channel of mixed key widths (below): the header alone, m the mean
+        float sum = 0.0f, cnt = 0.0f;
+        for (int j = 0; j < n_valid; ++j) {
+            const float v = x[j * sx];
+            if (lq2_isfinite(v)) {
+                sum += v;
+                cnt += 1.0f;
+            }
+        }
+        LQ2_DEV lq2_half * h = (LQ2_DEV lq2_half *) blk;
+        h[0] = 0;
+        h[1] = lq2_fp32_to_fp16_sat(cnt > 0.0f ? LQ2_DIV(sum, cnt) : 0.0f);
+        return;
+    }
     float lo = INFINITY, hi = -INFINITY;
     for (int j = 0; j < n_valid; ++j) {
         const float v = x[j * sx];
@@ -420,6 +438,27 @@ LQ2_VALUES_TEMPLATE LQ2_INLINE void lq2_quantize_block(LQ2_VALUES_PTR x, int64_t
         }
         qs[l] = (uint8_t) byte;
     }
+}
+
+// ---- mixed key widths (the key_widths lever, LOGQUANT_KEY_WIDTHS, docs/levers.md)
+//
+// A channel's share of the score error is its query energy times its key error, and both vary
+// by orders of magnitude across the channels of a head. With mixed widths, channel c of a kv head
+// has codes of w[c] bits, 0, b or 2b for a layer of b-bit keys (b = 2 or 4; both channels of a
+// RoPE pair alike), chosen per layer from the model's weights
+// (native/llama/logquant-key-widths.cpp) with a mean of b bits, so that a key group keeps its
+// bytes: block c starts at lq2_widths_offset(w, c, G) and the blocks of a kv head take as many
+// bytes as with uniform b-bit codes. A 0-bit block is its header alone: d = 0 and m the
+// f16-rounded mean of the group's finite values, read for every token.
+#define LQ2_WIDTH_VALID(b) ((b) == 0 || (b) == 2 || (b) == 4 || (b) == 8)
+
+// Byte offset of channel c's block in a group whose channels have widths w (c <= channels).
+LQ2_INLINE int64_t lq2_widths_offset(const LQ2_DEV int8_t * w, int c, int G) {
+    int64_t off = 0;
+    for (int i = 0; i < c; ++i) {
+        off += LQ2_BLOCK_BYTES_B(G, (int) w[i]);
+    }
+    return off;
 }
 
 // ---- RoPE at demotion: keys leave the f16 tier post-RoPE and are un-rotated at their position

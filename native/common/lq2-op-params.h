@@ -19,6 +19,15 @@ enum lq2_demote_col {
     LQ2_DEMOTE_COLS  = 4,
 };
 
+// Optional sources: a layer's mixed key widths (lq2-format.h), I8 [n_embd_k_gqa] (kv head h's
+// D channels at h * D), set by ggml_lq2_set_key_widths; absent: every channel k_bits. The GPU
+// kernels do not take them yet (their supports_op says no).
+enum lq2_op_src_widths {
+    LQ2_DEMOTE_SRC_WIDTHS  = 6,
+    LQ2_ATTN_SRC_WIDTHS    = 8,
+    LQ2_DEQUANT_SRC_WIDTHS = 5,
+};
+
 // GGML_OP_LQ2_DEMOTE. srcs: 0 k2 store (I8, groups of G tokens), 1 v2 store (I8, per slot),
 // 2 staging (F32 [G * n_embd_k_gqa, n_stage]), 3 f16 K rows, 4 f16 V rows, 5 the demotion list.
 // Rows are processed in list order: a group's rows are adjacent, and when it fills or its run in

@@ -181,15 +181,36 @@ static void scores_cm(const float * q, const float * k, int D, int G, float * s,
 // Fused 2-bit key dequantization + re-rotation of one kv head's key group, channel-major k[D][G]
 // (one pass instead of dequantize, then rotate), for b-bit codes. Same arithmetic as dequant + rope_cm: d * code + m
 // (exact), then x0 * c - x1 * s and x0 * s + x1 * c.
-static void dequant_rope_cm_avx2(const char * kg, int D, int G, int bits, const struct lq2_rope_params * rp,
-                                 const lq2_half * cs, float * k) {
-    const int kbs = LQ2_BLOCK_BYTES_B(G, bits), nb = G * bits / 8, per_byte = 8 / bits, half = rp->n_dims / 2;
-    const __m256i cmask = _mm256_set1_epi32(LQ2_LEVELS_B(bits));
+// Mixed key widths (w non-NULL, lq2-format.h): both channels of a pair have w[a] bits; 0 bits
+// read the block's m for every token (d = 0 and no codes).
+static void dequant_rope_cm_avx2(const char * kg, int D, int G, int bits, const int8_t * w,
+                                 const struct lq2_rope_params * rp, const lq2_half * cs, float * k) {
+    const int kbs = LQ2_BLOCK_BYTES_B(G, bits), half = rp->n_dims / 2;
+    int64_t off[LQ2_ATTN_MAX_D + 1];
+    for (int c = 0; c <= D; ++c) {
+        off[c] = w ? (c ? off[c - 1] + LQ2_BLOCK_BYTES_B(G, (int) w[c - 1]) : 0) : (int64_t) c * kbs;
+    }
     for (int i = 0; i < half; ++i) {
         const int a = rp->mode == LQ2_ROPE_NEOX ? i : 2 * i;
         const int b = rp->mode == LQ2_ROPE_NEOX ? i + half : 2 * i + 1;
-        const uint8_t * ba = (const uint8_t *) kg + (int64_t) a * kbs;
-        const uint8_t * bb = (const uint8_t *) kg + (int64_t) b * kbs;
+        const int pb = w ? w[a] : bits;
+        const int nb = G * pb / 8, per_byte = pb ? 8 / pb : 0;
+        const __m256i cmask = _mm256_set1_epi32(LQ2_LEVELS_B(pb));
+        const uint8_t * ba = (const uint8_t *) kg + off[a];
+        const uint8_t * bb = (const uint8_t *) kg + off[b];
+        if (pb == 0) { // the pair's means, rotated
+            const float xa = lq2_fp16_to_fp32(((const lq2_half *) ba)[1]);
+            const float xb = lq2_fp16_to_fp32(((const lq2_half *) bb)[1]);
+            const __m256 x0 = _mm256_set1_ps(xa), x1 = _mm256_set1_ps(xb);
+            const lq2_half * c = cs + (int64_t) 2 * i * G;
+            const lq2_half * s = c + G;
+            for (int t = 0; t < G; t += 8) {
+                const __m256 vc = load_f16x8(c + t), vs = load_f16x8(s + t);
+                _mm256_storeu_ps(k + (int64_t) a * G + t, _mm256_fmsub_ps(x0, vc, _mm256_mul_ps(x1, vs)));
+                _mm256_storeu_ps(k + (int64_t) b * G + t, _mm256_fmadd_ps(x0, vs, _mm256_mul_ps(x1, vc)));
+            }
+            continue;
+        }
         const __m256 da = _mm256_set1_ps(lq2_fp16_to_fp32(((const lq2_half *) ba)[0]));
         const __m256 ma = _mm256_set1_ps(lq2_fp16_to_fp32(((const lq2_half *) ba)[1]));
         const __m256 db = _mm256_set1_ps(lq2_fp16_to_fp32(((const lq2_half *) bb)[0]));
@@ -203,8 +224,8 @@ static void dequant_rope_cm_avx2(const char * kg, int D, int G, int bits, const 
             const __m256i qb = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *) (bb + 4 + l)));
             for (int kk = 0; kk < per_byte; ++kk) {
                 const int t = kk * nb + l;
-                const __m256 x0 = _mm256_fmadd_ps(da, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(qa, bits * kk), cmask)), ma);
-                const __m256 x1 = _mm256_fmadd_ps(db, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(qb, bits * kk), cmask)), mb);
+                const __m256 x0 = _mm256_fmadd_ps(da, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(qa, pb * kk), cmask)), ma);
+                const __m256 x1 = _mm256_fmadd_ps(db, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(qb, pb * kk), cmask)), mb);
                 const __m256 vc = load_f16x8(c + t), vs = load_f16x8(s + t);
                 _mm256_storeu_ps(ka + t, _mm256_fmsub_ps(x0, vc, _mm256_mul_ps(x1, vs)));
                 _mm256_storeu_ps(kb + t, _mm256_fmadd_ps(x0, vs, _mm256_mul_ps(x1, vc)));
@@ -212,7 +233,11 @@ static void dequant_rope_cm_avx2(const char * kg, int D, int G, int bits, const 
         }
     }
     if (rp->n_dims < D) { // channels past n_dims pass through
-        lq2_dequantize_k_group_cm(kg + (int64_t) rp->n_dims * kbs, D - rp->n_dims, G, bits, k + (int64_t) rp->n_dims * G);
+        if (w) {
+            lq2_dequantize_k_group_cm_w(kg + off[rp->n_dims], D - rp->n_dims, G, w + rp->n_dims, k + (int64_t) rp->n_dims * G);
+        } else {
+            lq2_dequantize_k_group_cm(kg + (int64_t) rp->n_dims * kbs, D - rp->n_dims, G, bits, k + (int64_t) rp->n_dims * G);
+        }
     }
 }
 
@@ -445,38 +470,45 @@ static int all_masked(const float * mask, int64_t n) {
 
 // ---- one key group, as the kernel reads it
 
-static void keys_group_cm(const void * kg, int D, int G, int bits, const struct lq2_rope_params * rp,
+static void keys_group_cm(const void * kg, int D, int G, int bits, const int8_t * w, const struct lq2_rope_params * rp,
                           const lq2_half * cs, float * k, int simd) {
 #if LQ2_AVX2
     if (simd) {
-        dequant_rope_cm_avx2((const char *) kg, D, G, bits, rp, cs, k);
+        dequant_rope_cm_avx2((const char *) kg, D, G, bits, w, rp, cs, k);
         return;
     }
 #endif
-    lq2_dequantize_k_group_cm_ref(kg, D, G, bits, k);
+    if (w) {
+        lq2_dequantize_k_group_cm_w_ref(kg, D, G, w, k);
+    } else {
+        lq2_dequantize_k_group_cm_ref(kg, D, G, bits, k);
+    }
     rope_cm(rp, k, cs, G, simd);
 }
 
-void lq2_keys_group_cm(const void * kg, int D, int G, int bits, const struct lq2_rope_params * rp,
+void lq2_keys_group_cm(const void * kg, int D, int G, int bits, const int8_t * widths, const struct lq2_rope_params * rp,
                        const lq2_half * cs, float * k) {
-    keys_group_cm(kg, D, G, bits, rp, cs, k, LQ2_AVX2);
+    keys_group_cm(kg, D, G, bits, widths, rp, cs, k, LQ2_AVX2);
 }
 
-void lq2_keys_group_cm_ref(const void * kg, int D, int G, int bits, const struct lq2_rope_params * rp,
-                           const lq2_half * cs, float * k) {
-    keys_group_cm(kg, D, G, bits, rp, cs, k, 0);
+void lq2_keys_group_cm_ref(const void * kg, int D, int G, int bits, const int8_t * widths,
+                           const struct lq2_rope_params * rp, const lq2_half * cs, float * k) {
+    keys_group_cm(kg, D, G, bits, widths, rp, cs, k, 0);
 }
 
 // ---- bias correction (lq2-format.h): one group's scores lowered by their expected inflation
 
 static void correct_scores(const struct lq2_attn_params * p, const struct lq2_rope_params * rp, const char * kg,
-                           int D, int G, int bits, const float * q, int j0, int j1, float * sbuf, int nt, int n) {
+                           int D, int G, int bits, const int8_t * w, const float * q, int j0, int j1, float * sbuf,
+                           int nt, int n) {
     const int   kbs  = LQ2_BLOCK_BYTES_B(G, bits), half = rp->n_dims / 2;
     const float af2  = rp->attn_factor * rp->attn_factor; // the table's rows carry it
     float var[LQ2_ATTN_MAX_D];
-    for (int c = 0; c < D; ++c) {
-        const float d = lq2_fp16_to_fp32(*(const lq2_half *) (kg + (int64_t) c * kbs));
+    int64_t off = 0;
+    for (int c = 0; c < D; ++c) { // a 0-bit channel's d is 0: its error is not a code's, left out
+        const float d = lq2_fp16_to_fp32(*(const lq2_half *) (kg + off));
         var[c] = lq2_code_noise_var(d) * (c < rp->n_dims ? af2 : 1.0f);
+        off += w ? LQ2_BLOCK_BYTES_B(G, (int) w[c]) : kbs;
     }
     for (int j = j0; j < j1; ++j) {
         const float * qj = q + (int64_t) j * D;
@@ -582,15 +614,8 @@ static int attn_core(const struct lq2_attn_params * p, const float * q,
             const int j0 = imax(h0, hk * gq);
             const int j1 = h1 < (hk + 1) * gq ? h1 : (hk + 1) * gq;
             const char * kg = (const char *) b->k + g * b->nb_kg + (size_t) hk * D * kbs;
-#if LQ2_AVX2
-            if (simd) {
-                dequant_rope_cm_avx2(kg, D, G, kb, &b->rope, cs, kbuf);
-            } else
-#endif
-            {
-                lq2_dequantize_k_group_cm_ref(kg, D, G, kb, kbuf);
-                rope_cm(&b->rope, kbuf, cs, G, simd);
-            }
+            const int8_t * kw = b->k_widths ? b->k_widths + (int64_t) hk * D : NULL;
+            keys_group_cm(kg, D, G, kb, kw, &b->rope, cs, kbuf, simd);
             for (int t = 0; t < n; ++t) {
                 const char * vr = (const char *) b->v + (g * G + t) * b->nb_v + (size_t) hk * vhead_bytes;
                 if (simd) {
@@ -610,7 +635,7 @@ static int attn_core(const struct lq2_attn_params * p, const float * q,
                 scores_cm(q + (int64_t) j * D, kbuf, D, G, sbuf + (int64_t) j * nt, simd);
             }
             if (b->score_correction) {
-                correct_scores(p, &b->rope, kg, D, G, kb, q, j0, j1, sbuf, nt, n);
+                correct_scores(p, &b->rope, kg, D, G, kb, kw, q, j0, j1, sbuf, nt, n);
             }
             for (j = j0; j < j1; ++j) {
                 const struct head_ctx h = make_head_ctx(p, j);

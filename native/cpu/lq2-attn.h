@@ -67,15 +67,19 @@ struct lq2_tier_q2 {
     const lq2_half       * rope_table;
     const float          * mask;
     int32_t                score_correction;
+    // Mixed key widths (lq2-format.h): n_head_kv * D channel widths of 0, b or 2b bits with a mean
+    // of k_bits (kv head h's at k_widths + h * D); NULL: every channel k_bits.
+    const int8_t         * k_widths;
 };
 
 // One kv head's keys of one 2-bit group as the attention reads them: dequantized and re-rotated
 // with the group's rows of the cos/sin table (rope n_dims 0: stored after RoPE, cs unused),
 // channel-major k[c * G + t]. kg: the head's first channel block in the group.
-void lq2_keys_group_cm    (const void * kg, int D, int G, int bits, const struct lq2_rope_params * rp,
-                           const lq2_half * cs, float * k);
-void lq2_keys_group_cm_ref(const void * kg, int D, int G, int bits, const struct lq2_rope_params * rp,
-                           const lq2_half * cs, float * k);
+// widths: the head's D channel widths (mixed key widths), or NULL for `bits` on every channel.
+void lq2_keys_group_cm    (const void * kg, int D, int G, int bits, const int8_t * widths,
+                           const struct lq2_rope_params * rp, const lq2_half * cs, float * k);
+void lq2_keys_group_cm_ref(const void * kg, int D, int G, int bits, const int8_t * widths,
+                           const struct lq2_rope_params * rp, const lq2_half * cs, float * k);
 
 // Scratch bytes one thread needs.
 size_t lq2_attn_work_size(const struct lq2_attn_params * p, int G, int n_dims);

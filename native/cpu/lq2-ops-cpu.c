@@ -31,6 +31,7 @@ void ggml_compute_forward_lq2_demote(const struct ggml_compute_params * params, 
     const struct ggml_tensor * kc      = dst->src[3];
     const struct ggml_tensor * vc      = dst->src[4];
     const struct ggml_tensor * rows    = dst->src[5];
+    const int8_t * widths = dst->src[LQ2_DEMOTE_SRC_WIDTHS] ? (const int8_t *) dst->src[LQ2_DEMOTE_SRC_WIDTHS]->data : NULL;
 
     const int64_t nk = kc->ne[0];
     const int64_t nv = vc->ne[0];
@@ -74,7 +75,9 @@ void ggml_compute_forward_lq2_demote(const struct ggml_compute_params * params, 
         if (last_of_group || last_of_run) {
             const int n_tok = (int) (slot % G) + 1;
             char * kdst = (char *) k2->data + grp * group_bytes;
-            if (ref) {
+            if (widths) {
+                lq2_quantize_k_group_w(stage, nk, n_tok, (int) nk, (int) G, widths, p.fit, kdst);
+            } else if (ref) {
                 lq2_quantize_k_group_ref(stage, nk, n_tok, (int) nk, (int) G, p.k_bits, p.fit, kdst);
             } else {
                 lq2_quantize_k_group(stage, nk, n_tok, (int) nk, (int) G, p.k_bits, p.fit, kdst);
@@ -227,6 +230,7 @@ void ggml_compute_forward_lq2_attn(const struct ggml_compute_params * params, st
         tb.rope_table = rope ? (const lq2_half *) ((const char *) rope->data + g0 * rope->nb[1]) : NULL;
         tb.mask       = mask_b + b0;
         tb.score_correction = op.score_correction;
+        tb.k_widths   = dst->src[LQ2_ATTN_SRC_WIDTHS] ? (const int8_t *) dst->src[LQ2_ATTN_SRC_WIDTHS]->data : NULL;
 
         const int rc = params->use_ref
             ? lq2_attn_partial_ref(&p, qrow, &ta, &tb, h0, h1, acc, M, S, work)
@@ -268,6 +272,7 @@ void ggml_compute_forward_lq2_dequant(const struct ggml_compute_params * params,
     const struct ggml_tensor * rope = dst->src[2];
     const struct ggml_tensor * k    = dst->src[3];
     const struct ggml_tensor * v    = dst->src[4];
+    const int8_t * widths = dst->src[LQ2_DEQUANT_SRC_WIDTHS] ? (const int8_t *) dst->src[LQ2_DEQUANT_SRC_WIDTHS]->data : NULL;
 
     const int ith = params->ith, nth = params->nth;
     const int64_t D = dst->ne[0], n_head_kv = dst->ne[1], nk = D * n_head_kv;
@@ -290,10 +295,11 @@ void ggml_compute_forward_lq2_dequant(const struct ggml_compute_params * params,
             const int64_t g = item / n_head_kv, hk = item % n_head_kv;
             const char * kg = (const char *) k2->data + g * kg_bytes + (size_t) hk * D * kbs;
             const lq2_half * cs = rope ? (const lq2_half *) ((const char *) rope->data + g * rope->nb[1]) : NULL;
+            const int8_t * kw = widths ? widths + hk * D : NULL;
             if (ref) {
-                lq2_keys_group_cm_ref(kg, (int) D, (int) G, p.k_bits, &p.rope, cs, kbuf);
+                lq2_keys_group_cm_ref(kg, (int) D, (int) G, p.k_bits, kw, &p.rope, cs, kbuf);
             } else {
-                lq2_keys_group_cm(kg, (int) D, (int) G, p.k_bits, &p.rope, cs, kbuf);
+                lq2_keys_group_cm(kg, (int) D, (int) G, p.k_bits, kw, &p.rope, cs, kbuf);
             }
             for (int64_t t = 0; t < G; t++) {
                 ggml_fp16_t * row = (ggml_fp16_t *) (kout + (g * G + t) * row_bytes) + hk * D;

@@ -222,6 +222,52 @@ void lq2_dequantize_k_group_cm(const void * x, int n_ch, int G, int bits, float 
 #endif
 }
 
+// ---- keys with mixed widths (lq2-format.h): the demotion is not the hot path, so one quantizer
+// (the shared scalar one, whose bytes the AVX2 one equals); the attention's reads take AVX2
+
+void lq2_quantize_k_group_w(const float * x, int64_t ldx, int n_tok, int n_ch, int G, const int8_t * widths, int fit,
+                            void * y) {
+    assert(n_tok >= 0 && n_tok <= G);
+    uint8_t * blk = (uint8_t *) y;
+    for (int c = 0; c < n_ch; ++c) {
+        assert(LQ2_WIDTH_VALID(widths[c]));
+        lq2_quantize_block(x + c, ldx, n_tok, G, widths[c], fit, blk);
+        blk += LQ2_BLOCK_BYTES_B(G, widths[c]);
+    }
+}
+
+static void dequant_k_group_cm_w(const void * x, int n_ch, int G, const int8_t * widths, float * y, int simd) {
+    const uint8_t * blk = (const uint8_t *) x;
+    for (int c = 0; c < n_ch; ++c) {
+        float * yc = y + (int64_t) c * G;
+        if (widths[c] == 0) {
+            const float m = blk_m(blk);
+            for (int t = 0; t < G; ++t) {
+                yc[t] = m;
+            }
+        } else {
+#if LQ2_AVX2
+            if (simd) {
+                dequant_block_avx2(blk, G, widths[c], yc);
+            } else
+#endif
+            {
+                dequant_block_ref(blk, G, widths[c], yc);
+            }
+        }
+        blk += LQ2_BLOCK_BYTES_B(G, widths[c]);
+    }
+    (void) simd;
+}
+
+void lq2_dequantize_k_group_cm_w(const void * x, int n_ch, int G, const int8_t * widths, float * y) {
+    dequant_k_group_cm_w(x, n_ch, G, widths, y, LQ2_AVX2);
+}
+
+void lq2_dequantize_k_group_cm_w_ref(const void * x, int n_ch, int G, const int8_t * widths, float * y) {
+    dequant_k_group_cm_w(x, n_ch, G, widths, y, 0);
+}
+
 void lq2_dequantize_k_group(const void * x, int n_ch, int G, int bits, int n_tok, float * y, int64_t ldy) {
     const int bs = LQ2_BLOCK_BYTES_B(G, bits);
     float col[128];

@@ -43,6 +43,13 @@ void lq2_dequantize_k_group(const void * x, int n_ch, int G, int bits, int n_tok
 void lq2_dequantize_k_group_cm    (const void * x, int n_ch, int G, int bits, float * y);
 void lq2_dequantize_k_group_cm_ref(const void * x, int n_ch, int G, int bits, float * y);
 
+// Keys with mixed widths (lq2-format.h): channel c has codes of widths[c] bits (0, 2, 4 or 8), its
+// block at lq2_widths_offset(widths, c, G). G = 32, 64 or 128.
+void lq2_quantize_k_group_w(const float * x, int64_t ldx, int n_tok, int n_ch, int G, const int8_t * widths, int fit,
+                            void * y);
+void lq2_dequantize_k_group_cm_w    (const void * x, int n_ch, int G, const int8_t * widths, float * y);
+void lq2_dequantize_k_group_cm_w_ref(const void * x, int n_ch, int G, const int8_t * widths, float * y);
+
 #ifdef __cplusplus
 }
 #endif

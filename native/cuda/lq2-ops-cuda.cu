@@ -19,6 +19,9 @@ template <typename P> static P op_params_of(const ggml_tensor * t) {
 }
 
 bool ggml_cuda_lq2_supports_op(const ggml_tensor * op) {
+    if (lq2_op_has_key_widths(op)) {
+        return false;
+    }
     switch (op->op) {
         case GGML_OP_LQ2_DEMOTE: {
             const lq2_demote_args a = lq2_demote_args_of(op);

@@ -89,3 +89,18 @@ struct ggml_tensor * ggml_lq2_dequant(struct ggml_context * ctx, struct ggml_ten
     result->src[4] = v;
     return result;
 }
+
+struct ggml_tensor * ggml_lq2_set_key_widths(struct ggml_tensor * op, struct ggml_tensor * widths) {
+    GGML_ASSERT(widths->type == GGML_TYPE_I8 && ggml_is_contiguous(widths));
+    int64_t n_embd_k = 0; // the layer's key channels, all kv heads
+    int     src      = 0;
+    switch (op->op) {
+        case GGML_OP_LQ2_DEMOTE:  n_embd_k = op->src[3]->ne[0];                  src = LQ2_DEMOTE_SRC_WIDTHS;  break;
+        case GGML_OP_LQ2_ATTN:    n_embd_k = op->src[1]->ne[0] * op->src[1]->ne[1]; src = LQ2_ATTN_SRC_WIDTHS;    break;
+        case GGML_OP_LQ2_DEQUANT: n_embd_k = op->ne[0] * op->ne[1];                 src = LQ2_DEQUANT_SRC_WIDTHS; break;
+        default: GGML_ABORT("ggml_lq2_set_key_widths: not a LogQuant op");
+    }
+    GGML_ASSERT(ggml_nelements(widths) == n_embd_k);
+    op->src[src] = widths;
+    return op;
+}

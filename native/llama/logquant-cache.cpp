@@ -84,6 +84,32 @@ logquant_cache::logquant_cache(const logquant_settings & s, const llama_model & 
                        "AFTER RoPE (lower quality than pre-RoPE; no context shift)\n", __func__,
                        yarn ? "YaRN" : "rope type or frequency factors");
     }
+    if (settings.key_widths && rope.n_dims == 0 && !no_rope) {
+        LLAMA_LOG_WARN("%s: keys grouped after RoPE keep uniform widths (mixed key widths need pre-RoPE keys)\n",
+                       __func__);
+    } else if (settings.key_widths) {
+        std::string why; // why some layers could not have them (one message for all)
+        int32_t n_without = 0;
+        for (int32_t il = 0; il < (int32_t) model.layers.size(); il++) {
+            const int32_t kb = settings.bits_of(il).first;
+            if (kb != 2 && kb != 4) {
+                continue; // 8-bit keys stay uniform
+            }
+            std::vector<int8_t> w = logquant_key_widths(model, hparams, il, kb, rope, why);
+            if (w.empty()) {
+                n_without++;
+                continue;
+            }
+            if (std::all_of(w.begin(), w.end(), [kb](int8_t b) { return b == kb; })) {
+                continue; // channels that matter alike: uniform widths are the allocation
+            }
+            key_widths_of[il] = std::move(w);
+        }
+        if (n_without > 0) {
+            LLAMA_LOG_WARN("%s: %d layers keep uniform 2-bit keys: no mixed key widths (%s)\n", __func__, n_without,
+                           why.c_str());
+        }
+    }
     // Each sequence may hold a partial group open; a sequence reaches the 2-bit tier only past 2W
     // tokens, which bounds how many can at once.
     const int64_t n_open_max = std::min<int64_t>(this->n_seq_max, capacity / (2 * (int64_t) settings.window + 1) + 1);
@@ -95,10 +121,11 @@ logquant_cache::logquant_cache(const logquant_settings & s, const llama_model & 
         overrides += " " + std::to_string(lb.il) + ":" + std::to_string(lb.key_bits) + ":" + std::to_string(lb.value_bits);
     }
     LLAMA_LOG_INFO("%s: LogQuant cache: window %d, policy %s, low-bit tier %u tokens, keys %s RoPE in groups "
-                   "of %d, bits K %d V %d%s%s\n", __func__, settings.window,
+                   "of %d, bits K %d V %d%s%s%s\n", __func__, settings.window,
                    settings.policy == LOGQUANT_POLICY_LOG ? "log" : "window", capacity,
                    rope.n_dims > 0 ? "before" : no_rope ? "without" : "after", G, settings.key_bits, settings.value_bits,
-                   overrides.empty() ? "" : ", layers il:K:V", overrides.c_str());
+                   overrides.empty() ? "" : ", layers il:K:V", overrides.c_str(),
+                   key_widths_of.empty() ? "" : ", mixed key widths (0/b/2b bits per channel, from the weights)");
 }
 
 std::string logquant_cache::check_supported(const llama_model & model, const llama_hparams & hparams, bool v_trans,
@@ -133,7 +160,7 @@ std::string logquant_cache::check_supported(const llama_model & model, const lla
 // at the nodes: the probe's tensors are never allocated).
 bool logquant_cache::device_takes_layer(ggml_backend_dev_t dev, const layer & l) const {
     const int64_t D = l.n_embd_k_gqa / l.n_head_kv, n_kv = 256, n_slots = std::min<int64_t>(256, n_groups * G);
-    ggml_init_params ip = { 16 * ggml_tensor_overhead(), nullptr, /*no_alloc =*/ true };
+    ggml_init_params ip = { 17 * ggml_tensor_overhead(), nullptr, /*no_alloc =*/ true };
     ggml_context * ctx = ggml_init(ip);
     ggml_tensor * k2  = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, ggml_nelements(l.k2));
     ggml_tensor * v2  = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, ggml_nelements(l.v2));
@@ -154,17 +181,35 @@ bool logquant_cache::device_takes_layer(ggml_backend_dev_t dev, const layer & l)
     ggml_tensor * attn = ggml_lq2_attn(ctx, q, k, v, m, dem, v2, m2, tab, &ap, sizeof(ap));
     lq2_dequant_op_params qp = { G, l.k_bits, l.v_bits, (int32_t) n_slots, rope };
     ggml_tensor * deq  = ggml_lq2_dequant(ctx, dem, v2, tab, k, v, &qp, sizeof(qp));
+    if (l.widths) {
+        ggml_tensor * w = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, l.n_embd_k_gqa);
+        ggml_lq2_set_key_widths(dem, w);
+        ggml_lq2_set_key_widths(attn, w);
+        ggml_lq2_set_key_widths(deq, w);
+    }
     const bool ok = ggml_backend_dev_supports_op(dev, dem) && ggml_backend_dev_supports_op(dev, attn) &&
                     ggml_backend_dev_supports_op(dev, deq);
     ggml_free(ctx);
     return ok;
 }
 
-std::string logquant_cache::check_device(ggml_backend_dev_t dev) const {
+std::string logquant_cache::check_device(ggml_backend_dev_t dev) {
     if (!dev) {
         return {};
     }
-    for (const auto & l : layers) { // every layer: head counts and code widths may differ
+    for (auto & l : layers) { // every layer: head counts and code widths may differ
+        if (l.widths && !device_takes_layer(dev, l)) {
+            // the GPU kernels do not read mixed key widths yet: such a layer keeps uniform ones there
+            ggml_tensor * w = l.widths;
+            l.widths = nullptr;
+            if (device_takes_layer(dev, l)) {
+                LLAMA_LOG_WARN("%s: layer %d keeps uniform 2-bit keys on %s: its LogQuant kernels do not read mixed "
+                               "key widths yet\n", __func__, l.il, ggml_backend_dev_name(dev));
+                l.widths_host.clear();
+                continue;
+            }
+            l.widths = w;
+        }
         if (!device_takes_layer(dev, l)) {
             return std::string("the ") + ggml_backend_dev_name(dev) + " backend does not run the LogQuant ops "
                    "(GGML_OP_LQ2_*) for layer " + std::to_string(l.il) + " in this build: keep the KV cache in host "
@@ -217,6 +262,12 @@ void logquant_cache::add_layer(ggml_context * ctx, int32_t il, uint32_t n_embd_k
     ggml_format_name(l.v2, "cache_v2_l%d", il);
     ggml_format_name(l.staging, "cache_k2_staging_l%d", il);
     // one cos/sin table per buffer the layers live in, shared by its layers
+    l.widths = nullptr;
+    if (auto it = key_widths_of.find(il); it != key_widths_of.end() && it->second.size() == n_embd_k_gqa) {
+        l.widths_host = it->second;
+        l.widths = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, n_embd_k_gqa);
+        ggml_format_name(l.widths, "cache_k2_widths_l%d", il);
+    }
     l.rope = nullptr;
     if (rope.n_dims > 0) {
         auto it = rope_tables.find(ctx);
@@ -229,6 +280,22 @@ void logquant_cache::add_layer(ggml_context * ctx, int32_t il, uint32_t n_embd_k
     }
     layer_of[il] = layers.size();
     layers.push_back(std::move(l));
+}
+
+void logquant_cache::upload_key_widths() {
+    if (widths_uploaded) {
+        return;
+    }
+    for (const auto & l : layers) {
+        if (l.widths && l.widths->buffer) {
+            ggml_backend_tensor_set(l.widths, l.widths_host.data(), 0, l.widths_host.size());
+        }
+    }
+    widths_uploaded = true;
+}
+
+int32_t logquant_cache::n_mixed_layers() const {
+    return (int32_t) std::count_if(layers.begin(), layers.end(), [](const layer & l) { return l.widths != nullptr; });
 }
 
 logquant_tier_stats logquant_cache::stats(int64_t bytes_f16) const {
@@ -244,6 +311,10 @@ logquant_tier_stats logquant_cache::stats(int64_t bytes_f16) const {
     for (const auto & l : layers) {
         s.bytes_q2  += (int64_t) (ggml_nbytes(l.k2) + ggml_nbytes(l.v2) + ggml_nbytes(l.staging));
         s.bytes_aux += (int64_t) ggml_nbytes(l.staging);
+        if (l.widths) {
+            s.bytes_q2  += (int64_t) ggml_nbytes(l.widths);
+            s.bytes_aux += (int64_t) ggml_nbytes(l.widths);
+        }
         bits   += 8.0 * ((double) l.k_group_bytes / G + (double) l.v_row_bytes);
         values += (double) (l.n_embd_k_gqa + l.n_embd_v_gqa);
     }

@@ -88,11 +88,22 @@ struct logquant_settings {
     // worse end to end).
     int32_t fit              = 1;
     int32_t score_correction = 0;
+    // Mixed key widths (lq2-format.h; the default, LOGQUANT_KEY_WIDTHS=uniform turns them off):
+    // each b-bit-key layer's channels (b = 2 or 4) get 0, b or 2b bits, a mean of b, chosen from the model's
+    // weights (logquant-key-widths.cpp; Qwen's decode KL at 4k 0.159 -> 0.078, docs/levers.md).
+    // 0: every channel the layer's key bits. Keys grouped after RoPE keep uniform widths.
+    int32_t key_widths       = 1;
     std::string layer_bits_error; // LOGQUANT_LAYER_BITS as given, when it could not be read
 
     // The code bits of layer il: {key, value}.
     std::pair<int32_t, int32_t> bits_of(int32_t il) const;
 };
+
+// A layer's mixed key widths (n_head_kv * D: 0, b or 2b bits, a mean of b, for b-bit keys, b = 2
+// or 4) predicted from the model's Q/K weights (logquant-key-widths.cpp); empty, with the reason
+// in why, when they cannot be.
+std::vector<int8_t> logquant_key_widths(const llama_model & model, const llama_hparams & hparams, int32_t il,
+                                        int32_t bits, const lq2_rope_params & rope, std::string & why);
 
 logquant_settings logquant_settings_current();
 void              logquant_settings_set(const logquant_settings & s);
@@ -222,8 +233,8 @@ public:
 
     // Empty when the backend of dev runs the LogQuant ops (so the layer's tier may live there);
     // else the reason. A backend without them cannot fall back to the CPU: the stores are written
-    // in place.
-    std::string check_device(ggml_backend_dev_t dev) const;
+    // in place. A layer whose mixed key widths the backend does not read gets uniform ones.
+    std::string check_device(ggml_backend_dev_t dev);
 
     bool has_layer(int32_t il) const { return layer_of.count(il) > 0; }
 
@@ -245,6 +256,8 @@ public:
         // open group (book::stage_row): a group is requantized whole as it grows
         ggml_tensor * staging;
         ggml_tensor * rope;    // the cos/sin table of this layer's buffer (rope_tables), or null
+        ggml_tensor * widths;  // I8 [n_embd_k_gqa]: mixed key widths (settings.key_widths), or null
+        std::vector<int8_t> widths_host; // their values (empty: uniform k_bits)
         uint32_t n_embd_k_gqa;
         uint32_t n_embd_v_gqa;
         uint32_t n_head_kv;
@@ -269,6 +282,9 @@ public:
     // The cos/sin table rows changed since the last upload: groups [dirty_g0, dirty_g1). The
     // graph input uploads them to every table (one per buffer the layers live in) before compute.
     void upload_rope_tables();
+    // The layers' key widths, after the buffers were allocated or cleared (set_input calls it).
+    void upload_key_widths();
+    int32_t n_mixed_layers() const; // layers with mixed key widths
 
     lq2_rope_params         rope;       // n_dims 0: keys stay post-RoPE (explicit fallback), or no RoPE
     bool                    no_rope = false; // the model rotates nothing (ALiBi, ...): keys are as stored
@@ -293,6 +309,8 @@ private:
     std::vector<layer>  layers;
     std::map<ggml_context *, ggml_tensor *> rope_tables; // one per buffer the layers live in
     int64_t             dirty_g0 = 0, dirty_g1 = 0;
+    std::map<int32_t, std::vector<int8_t>> key_widths_of; // by layer, when settings.key_widths
+    bool                widths_uploaded = false;
     std::vector<llama_kv_cells> *  v_cells       = nullptr; // see bind()
     const std::vector<uint32_t> *  seq_to_stream = nullptr;
     uint32_t                       stream_size   = 0;

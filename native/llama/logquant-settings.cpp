@@ -43,6 +43,9 @@ static logquant_settings g_settings = [] {
     if (const char * f = std::getenv("LOGQUANT_FIT")) {
         s.fit = std::atoi(f) != 0;
     }
+    if (const char * w = std::getenv("LOGQUANT_KEY_WIDTHS")) { // "auto" (or 1): mixed; "uniform" (or 0)
+        s.key_widths = std::strcmp(w, "uniform") != 0 && std::strcmp(w, "0") != 0;
+    }
     if (const char * c = std::getenv("LOGQUANT_SCORE_CORRECTION")) {
         s.score_correction = std::atoi(c) != 0;
     }

@@ -14,7 +14,21 @@
 // ---------------------------------------------------------------------------------------------
 // state: a tagged section after llama_kv_cache's own data
 
-static constexpr uint32_t STATE_MAGIC   = 0x4c513203; // "LQ2", version 3 (sequences per slot)
+static constexpr uint32_t STATE_MAGIC    = 0x4c513204; // "LQ2", version 4 (mixed key widths per layer)
+static constexpr uint32_t STATE_MAGIC_V3 = 0x4c513203; // version 3 (sequences per slot): read as uniform widths
+
+// What a state records of a layer's mixed key widths: 0 for uniform ones, else an FNV-1a hash of
+// the widths (never 0), so that a state from a cache that read its keys otherwise is refused.
+static uint32_t widths_tag(const std::vector<int8_t> & w) {
+    if (w.empty()) {
+        return 0;
+    }
+    uint32_t h = 2166136261u;
+    for (int8_t b : w) {
+        h = (h ^ (uint8_t) b) * 16777619u;
+    }
+    return h ? h : 1;
+}
 
 void logquant_cache::state_write(llama_io_write_i & io, int32_t seq_id) const {
     if (seq_id != -1) {
@@ -67,6 +81,8 @@ void logquant_cache::state_write(llama_io_write_i & io, int32_t seq_id) const {
         io.write(&l.il, sizeof(l.il));
         io.write(&l.k_bits, sizeof(l.k_bits));
         io.write(&l.v_bits, sizeof(l.v_bits));
+        const uint32_t wt = widths_tag(l.widths_host);
+        io.write(&wt, sizeof(wt));
         if (k_bytes > 0) {
             io.write_tensor(l.k2, 0, k_bytes);
             io.write_tensor(l.v2, 0, v_bytes);
@@ -88,7 +104,7 @@ bool logquant_cache::state_read(llama_io_read_i & io, int32_t seq_id) {
     }
     uint32_t magic = 0;
     io.read(&magic, sizeof(magic));
-    if (magic != STATE_MAGIC) {
+    if (magic != STATE_MAGIC && magic != STATE_MAGIC_V3) {
         LLAMA_LOG_ERROR("%s: this state was not saved by a LogQuant cache of this version\n", __func__);
         return false;
     }
@@ -130,9 +146,19 @@ bool logquant_cache::state_read(llama_io_read_i & io, int32_t seq_id) {
         io.read(&il, sizeof(il));
         io.read(&kb, sizeof(kb));
         io.read(&vb, sizeof(vb));
+        uint32_t wt = 0;
+        if (magic == STATE_MAGIC) {
+            io.read(&wt, sizeof(wt));
+        }
         if (il != l.il || kb != l.k_bits || vb != l.v_bits) {
             LLAMA_LOG_ERROR("%s: layer %d was saved with %d-bit keys and %d-bit values; this cache's layer %d "
                             "has %d and %d\n", __func__, il, kb, vb, l.il, l.k_bits, l.v_bits);
+            clear();
+            return false;
+        }
+        if (wt != widths_tag(l.widths_host)) {
+            LLAMA_LOG_ERROR("%s: layer %d was saved with %s key widths; this cache has %s ones (logquant_key_widths)\n",
+                            __func__, il, wt ? "mixed" : "uniform", l.widths_host.empty() ? "uniform" : "other mixed");
             clear();
             return false;
         }

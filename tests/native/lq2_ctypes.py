@@ -28,7 +28,8 @@ class TierQ2(ctypes.Structure):
                 ("v_bits", ctypes.c_int32), ("k", ctypes.c_void_p),
                 ("nb_kg", ctypes.c_size_t), ("v", ctypes.c_void_p), ("nb_v", ctypes.c_size_t),
                 ("pos", ctypes.c_void_p), ("rope", RopeParams), ("rope_table", ctypes.c_void_p),
-                ("mask", ctypes.c_void_p), ("score_correction", ctypes.c_int32)]
+                ("mask", ctypes.c_void_p), ("score_correction", ctypes.c_int32),
+                ("k_widths", ctypes.c_void_p)]
 
 
 class AbShape(ctypes.Structure):  # lq2-attn-block.h
@@ -73,6 +74,9 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "lq2_dequantize_k_group": ([VOIDP, INT, INT, INT, INT, F32P, I64], None),
         "lq2_dequantize_k_group_cm": ([VOIDP, INT, INT, INT, F32P], None),
         "lq2_dequantize_k_group_cm_ref": ([VOIDP, INT, INT, INT, F32P], None),
+        "lq2_quantize_k_group_w": ([F32P, I64, INT, INT, INT, VOIDP, INT, VOIDP], None),
+        "lq2_dequantize_k_group_cm_w": ([VOIDP, INT, INT, VOIDP, F32P], None),
+        "lq2_dequantize_k_group_cm_w_ref": ([VOIDP, INT, INT, VOIDP, F32P], None),
         "logquant_policy_n_full": ([I64, ctypes.c_int32], I64),
         "logquant_policy_full_indices": ([I64, ctypes.c_int32, VOIDP], I64),
         "logquant_policy_transition": ([VOIDP, I64, VOIDP, I64, ctypes.c_int32,

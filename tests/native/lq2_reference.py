@@ -82,6 +82,41 @@ def dequantize_k_group(b: np.ndarray, G: int, bits: int = 2) -> np.ndarray:
     return dequantize_blocks(b, G, bits).T
 
 
+# ---- mixed key widths: channel c of a key group has codes of widths[c] bits (0, 2 or 4); its
+# block follows the previous channel's; a 0-bit block is d = 0 and m = f16(mean of the finite
+# values, summed in order in float32), and stands for m at every token
+
+def quantize_k_group_w(x: np.ndarray, G: int, widths) -> bytes:
+    """x float32 [n_tok <= G, n_ch] -> the group's bytes, block after block."""
+    n_tok, n_ch = x.shape
+    out = []
+    for c in range(n_ch):
+        w = int(widths[c])
+        if w == 0:
+            col = x[:, c][np.isfinite(x[:, c])].astype(np.float32)
+            s = np.cumsum(col, dtype=np.float32)[-1] if len(col) else np.float32(0)
+            m = np.float32(s) / np.float32(len(col)) if len(col) else np.float32(0)
+            m16 = np.clip(m, -HALF_MAX, HALF_MAX).astype(np.float16)
+            out.append(np.array([0, m16.view(np.uint16)], "<u2").view(np.uint8))
+        else:
+            out.append(quantize_k_group(x[:, c:c + 1], G, w)[0])
+    return np.concatenate(out)
+
+
+def dequantize_k_group_w(b: np.ndarray, G: int, widths) -> np.ndarray:
+    """A group's bytes -> float32 [G, n_ch] (token-major)."""
+    cols, off = [], 0
+    for w in widths:
+        w = int(w)
+        blk = b[off:off + block_bytes(G, w)]
+        if w == 0:
+            cols.append(np.full(G, blk[2:4].copy().view("<f2")[0], np.float32))
+        else:
+            cols.append(dequantize_blocks(blk, G, w))
+        off += block_bytes(G, w)
+    return np.stack(cols, 1)
+
+
 # ---- RoPE (float64)
 
 def rope_angles(pos: np.ndarray, n_dims: int, base: float, fscale: float) -> np.ndarray:
@@ -134,17 +169,19 @@ def alibi_slopes(n_head: int, max_bias: float) -> np.ndarray:
 
 def attention(q, ka, va, mask_a, kb_blocks, vb_blocks, pos_b, mask_b, *, G, n_head_kv, scale,
               softcap, max_bias, rope_mode, n_dims, base, fscale, attn_factor=1.0, k_bits=2, v_bits=2,
-              score_correction=False):
+              score_correction=False, k_widths=None):
     """q [H, D] f32; tier A: ka, va [nA, Hkv, D] f16 post-RoPE; tier B: kb_blocks
     [n_groups, Hkv * D, 4 + G*k_bits/8], vb_blocks [nB, Hkv * D / 64, 4 + 8*v_bits], pos_b [nB].
     score_correction: tier B's raw dot products lowered by scale * v / 2, v the query-weighted
-    code noise variance of the token's group (lq2-format.h). -> [H, D] f64."""
+    code noise variance of the token's group (lq2-format.h). k_widths: mixed key widths
+    [Hkv * D] (each group's blocks then as quantize_k_group_w lays them out). -> [H, D] f64."""
     H, D = q.shape
     nA, nB = len(ka), len(pos_b)
     keys = [np.asarray(ka, dtype=np.float64).reshape(nA, n_head_kv, D)]
     vals = [np.asarray(va, dtype=np.float64).reshape(nA, n_head_kv, D)]
     if nB:
-        kpre = np.concatenate([dequantize_k_group(g, G, k_bits) for g in kb_blocks], 0)[:nB]
+        kpre = np.concatenate([dequantize_k_group(g, G, k_bits) if k_widths is None else
+                               dequantize_k_group_w(g.reshape(-1), G, k_widths) for g in kb_blocks], 0)[:nB]
         kpre = kpre.reshape(nB, n_head_kv, D)
         keys.append(rope(kpre, pos_b, rope_mode, n_dims, base, fscale, attn_factor, table=True))
         vals.append(dequantize_v(vb_blocks, v_bits).reshape(nB, n_head_kv, D).astype(np.float64))

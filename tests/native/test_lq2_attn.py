@@ -64,6 +64,18 @@ class Case:
     k_bits: int = 2
     v_bits: int = 2
     score_correction: int = 0
+    widths: bool = False  # mixed key widths (random, a mean of k_bits per kv head)
+
+
+def random_widths(rng, Hkv: int, D: int, mode: int, n_dims: int, b: int) -> np.ndarray:
+    """0, b or 2b bits per RoPE pair (as many 0s as 2bs: a mean of b), b past n_dims."""
+    w = np.full((Hkv, D), b, np.int8)
+    pa, pb = ref.rope_pairs(mode, n_dims)
+    for h in range(Hkv):
+        pick = rng.choice([0, b, 2 * b], len(pa) // 2)
+        pair_w = rng.permutation(np.concatenate([pick, 2 * b - pick, [b] * (len(pa) % 2)]))
+        w[h, pa] = w[h, pb] = pair_w
+    return w.reshape(-1)
 
 
 CASES = [
@@ -88,6 +100,12 @@ CASES = [
     Case(64, 14, 2, 96, 1000, 64, mask="none", base=1e6, score_correction=1),
     Case(128, 8, 2, 20, 130, 32, mode=0, n_dims=64, softcap=30.0, score_correction=1),
     Case(64, 4, 4, 37, 130, 64, k_bits=4, v_bits=4, max_bias=8.0, score_correction=1),
+    # mixed key widths: NEOX and normal RoPE, partial rotation, GQA, group sizes, masks
+    Case(64, 14, 2, 96, 300, 64, mask="none", base=1e6, widths=True),
+    Case(128, 8, 2, 20, 130, 32, mode=0, n_dims=64, softcap=30.0, widths=True),
+    Case(128, 4, 4, 37, 200, 128, max_bias=8.0, v_bits=4, widths=True),
+    Case(256, 4, 1, 3, 100, 64, mask="first_group", widths=True),
+    Case(64, 14, 2, 96, 300, 64, k_bits=4, v_bits=4, base=1e6, widths=True),
 ]
 
 
@@ -103,8 +121,12 @@ def make(case: Case, seed: int):
     vpre = rng.standard_normal((nB, Hkv * D)).astype(np.float32)
     ng = -(-nB // G)
     kb = np.zeros((ng, Hkv * D, ref.block_bytes(G, case.k_bits)), np.uint8)
+    kw = random_widths(rng, Hkv, D, case.mode, n_dims, case.k_bits) if case.widths else None
     for g in range(ng):
-        kb[g] = ref.quantize_k_group(kpre[g * G:(g + 1) * G], G, case.k_bits)
+        if case.widths:  # the same bytes per group as uniform 2-bit codes, laid out otherwise
+            kb[g] = ref.quantize_k_group_w(kpre[g * G:(g + 1) * G], G, kw).reshape(Hkv * D, -1)
+        else:
+            kb[g] = ref.quantize_k_group(kpre[g * G:(g + 1) * G], G, case.k_bits)
     vb = (ref.quantize_v(vpre, case.v_bits) if nB
           else np.zeros((0, Hkv * D // 64, ref.block_bytes(64, case.v_bits)), np.uint8))
     pos_b = np.sort(rng.choice(5000, nB, replace=False)).astype(np.int32)
@@ -126,7 +148,7 @@ def make(case: Case, seed: int):
     if case.mask == "first_group":
         mb[:G] = -np.inf
     return {"q": q, "ka": ka, "va": va, "ma": ma, "kb": kb, "vb": vb, "pos_b": pos_b, "mb": mb,
-            "n_dims": n_dims}
+            "n_dims": n_dims, "kw": kw}
 
 
 def run_c(lib, fn, case: Case, d, nth: int, table: bool) -> np.ndarray:
@@ -140,7 +162,7 @@ def run_c(lib, fn, case: Case, d, nth: int, table: bool) -> np.ndarray:
     ta = TierF16(case.nA, ptr(d["ka"]), Hkv * D * F16_BYTES, ptr(d["va"]), Hkv * D * F16_BYTES, ptr(d["ma"]))
     tb = TierQ2(case.nB, G, case.k_bits, case.v_bits, ptr(d["kb"]), Hkv * D * ref.block_bytes(G, case.k_bits),
                 ptr(d["vb"]), Hkv * D // 64 * ref.block_bytes(64, case.v_bits), ptr(d["pos_b"]), rope,
-                ptr(tab), ptr(d["mb"]), case.score_correction)
+                ptr(tab), ptr(d["mb"]), case.score_correction, ptr(d["kw"]))
     out = np.full((H, D), np.nan, np.float32)
     ws = lib.lq2_attn_work_size(ctypes.byref(params), G, d["n_dims"])
     for ith in range(nth):
@@ -156,7 +178,7 @@ def reference(case: Case, d, score_correction: int | None = None) -> np.ndarray:
                          G=case.G, n_head_kv=case.Hkv, scale=1.0 / np.sqrt(case.D),
                          softcap=case.softcap, max_bias=case.max_bias, rope_mode=case.mode,
                          n_dims=d["n_dims"], base=case.base, fscale=case.fscale,
-                         k_bits=case.k_bits, v_bits=case.v_bits, score_correction=bool(sc))
+                         k_bits=case.k_bits, v_bits=case.v_bits, score_correction=bool(sc), k_widths=d["kw"])
 
 
 @pytest.mark.parametrize("ci", range(len(CASES)))
@@ -206,7 +228,7 @@ def run_split(lib, case: Case, d, cuts_a: list[int], cuts_g: list[int]) -> np.nd
         tb = TierQ2(max(0, b1 - b0), G, case.k_bits, case.v_bits, at(d["kb"], cuts_g[i] * kg_bytes),
                     kg_bytes, at(d["vb"], b0 * v_bytes), v_bytes, at(d["pos_b"], b0 * 4), rope,
                     at(tab, cuts_g[i] * d["n_dims"] * G * F16_BYTES), at(d["mb"], b0 * 4),
-                    case.score_correction)
+                    case.score_correction, ptr(d["kw"]))
         acc = np.full((H, D), np.nan, np.float32)
         M, S = np.full(H, np.nan, np.float32), np.full(H, np.nan, np.float32)
         gq = H // Hkv

@@ -90,6 +90,46 @@ def test_keys_bit_exact_with_tails(lib, G, bits):
         assert (y[:, n_ch:] == -7.0).all()  # writes stay inside the rows
 
 
+@pytest.mark.parametrize("G,b", [(32, 2), (64, 2), (128, 2), (64, 4)])
+def test_keys_with_mixed_widths(lib, G, b):
+    """Mixed key widths (0, b or 2b bits per channel): blocks of the channels' own widths one
+    after another, bit exact with the numpy reference (min/max codes; a 0-bit block holds the
+    mean), and with fitted codes block c equals channel c quantized alone at its width. The group
+    takes the bytes of uniform b-bit codes when the widths average b."""
+    rng = np.random.default_rng(RNG_SEED + 7 * G + b)
+    n_ch, ldx = 136, 140
+    widths = rng.permutation(np.repeat(np.array([0, b, 2 * b], np.int8), [40, 56, 40]))
+    assert sum(ref.block_bytes(G, int(w)) for w in widths) == n_ch * ref.block_bytes(G, b)
+    for n_tok in (G, G - 1, 1, 0):
+        buf = np.ascontiguousarray(hard_rows(rng, ldx, 128)[:, :G].T)  # [G tokens, ldx]
+        want = ref.quantize_k_group_w(buf[:n_tok, :n_ch], G, widths)
+        got = np.zeros_like(want)
+        lib.lq2_quantize_k_group_w(np.ascontiguousarray(buf.reshape(-1)), ldx, n_tok, n_ch, G,
+                                   widths.ctypes.data, 0, got.ctypes.data)
+        assert as_bytes(got) == as_bytes(want), n_tok
+        want_cm = ref.dequantize_k_group_w(want, G, widths).T  # [n_ch, G]
+        for fn in (lib.lq2_dequantize_k_group_cm_w, lib.lq2_dequantize_k_group_cm_w_ref):
+            y = np.zeros((n_ch, G), np.float32)
+            fn(want.ctypes.data, n_ch, G, widths.ctypes.data, y)
+            assert y.view(np.uint32).tolist() == want_cm.view(np.uint32).tolist(), fn.__name__
+        # fitted codes: each block is its channel's own uniform quantization
+        fitted = np.zeros_like(want)
+        lib.lq2_quantize_k_group_w(np.ascontiguousarray(buf.reshape(-1)), ldx, n_tok, n_ch, G,
+                                   widths.ctypes.data, 1, fitted.ctypes.data)
+        for c in range(n_ch):
+            off = sum(ref.block_bytes(G, int(w)) for w in widths[:c])
+            w = int(widths[c])
+            if w == 0:
+                assert as_bytes(fitted[off:off + 4]) == as_bytes(want[off:off + 4])
+                continue
+            if w > 2 and G != 64:  # the uniform formats have 4- and 8-bit keys in groups of 64 only
+                continue
+            one = np.zeros(ref.block_bytes(G, w), np.uint8)
+            col = np.ascontiguousarray(buf[:, c])
+            lib.lq2_quantize_k_group_ref(col, 1, n_tok, 1, G, w, 1, one.ctypes.data)
+            assert as_bytes(fitted[off:off + len(one)]) == as_bytes(one), (n_tok, c)
+
+
 def test_special_values_stay_in_their_group(lib):
     x = np.linspace(-1, 2, 128, dtype=np.float32)
     x[3], x[4], x[5] = np.nan, np.inf, -np.inf

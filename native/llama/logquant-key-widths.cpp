@@ -1,0 +1,176 @@
+// logquant-key-widths.cpp: a layer's mixed key widths (the key_widths lever, lq2-format.h), chosen
+// once per cache from the model's weights.
+//
+// Channel c's share of the 2-bit keys' score error is E[q_c^2] E[e_c^2]: the query's energy in the
+// channel times the key's coding error, and both vary by orders of magnitude across the channels
+// of a head. Both are predicted from the weights, for an input of unit RMS before attn_norm with
+// independent channels:
+//   query energy  E[q_c^2] = sum_i (W_q[c, i] gamma_i)^2 + b_c^2, averaged over the query heads
+//                 that share the kv head;
+//   key variance  about its mean (a group's minimum absorbs the mean): sum_i (W_k[c, i] gamma_i)^2;
+// a per-head RMSNorm of q or k (Gemma 3, Qwen 3) scales channel c by its weight squared over the
+// head's mean. The coding error of a channel of variance s at b bits is s times a unit Gaussian's
+// (1, 0.119, 0.0115, 9.0e-5 at 0, 2, 4, 8 bits). Reverse water-filling per kv head, for a layer of
+// b-bit keys (b = 2 or 4): every RoPE pair (or channel, without RoPE) starts at 0 bits and steps
+// of b bits (to b, then 2b) go where they remove the most predicted error until the mean is b, so
+// a key group keeps its bytes; channels past a partial RoPE's n_dims keep b bits.
+//
+// bench/studies/channel_bits_study.py measured it (Qwen2.5-Coder-0.5B, attention KL averaged over
+// layers, values exact): uniform 2-bit keys 0.141, these predicted widths 0.048, the same
+// allocation with measured queries and key errors 0.036; uniform 3-bit keys 0.037.
+#include "logquant-cache.h"
+
+#include "lq2-format.h"
+
+#include "llama-hparams.h"
+#include "llama-impl.h"
+#include "llama-model.h"
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+// A weight as f32, or empty when its buffer cannot be read back (a repacked CPU buffer has no
+// get_tensor) or its type has no conversion.
+static std::vector<float> weight_f32(const ggml_tensor * t) {
+    if (!t || !t->buffer || !ggml_is_contiguous(t)) {
+        return {};
+    }
+    if (std::strcmp(ggml_backend_buft_name(ggml_backend_buffer_get_type(t->buffer)), "CPU_REPACK") == 0) {
+        return {};
+    }
+    std::vector<uint8_t> raw(ggml_nbytes(t));
+    ggml_backend_tensor_get(t, raw.data(), 0, raw.size());
+    std::vector<float> out((size_t) ggml_nelements(t));
+    if (t->type == GGML_TYPE_F32) {
+        std::memcpy(out.data(), raw.data(), raw.size());
+        return out;
+    }
+    const auto * tr = ggml_get_type_traits(t->type);
+    if (!tr->to_float) {
+        return {};
+    }
+    tr->to_float(raw.data(), out.data(), ggml_nelements(t));
+    return out;
+}
+
+// Per output row of w (ne[1] rows of ne[0] inputs): sum_i (w[r, i] gamma_i)^2 (+ b_r^2).
+static std::vector<double> row_energy(const std::vector<float> & w, int64_t n_in, const std::vector<float> & gamma,
+                                      const std::vector<float> & bias) {
+    const int64_t n_out = (int64_t) w.size() / n_in;
+    std::vector<double> e((size_t) n_out, 0.0);
+    for (int64_t r = 0; r < n_out; r++) {
+        double s = 0.0;
+        for (int64_t i = 0; i < n_in; i++) {
+            const double x = (double) w[(size_t) (r * n_in + i)] * (gamma.empty() ? 1.0 : (double) gamma[(size_t) i]);
+            s += x * x;
+        }
+        e[(size_t) r] = s + (bias.empty() ? 0.0 : (double) bias[(size_t) r] * bias[(size_t) r]);
+    }
+    return e;
+}
+
+// A per-head RMSNorm (weight nw of D channels) on rows of D channels: channel c becomes
+// nw_c^2 e_c / mean(e over the head).
+static void head_norm(std::vector<double> & e, int64_t D, const std::vector<float> & nw) {
+    if (nw.empty()) {
+        return;
+    }
+    for (size_t h0 = 0; h0 + (size_t) D <= e.size(); h0 += (size_t) D) {
+        double mean = 0.0;
+        for (int64_t c = 0; c < D; c++) {
+            mean += e[h0 + (size_t) c] / (double) D;
+        }
+        for (int64_t c = 0; c < D; c++) {
+            e[h0 + (size_t) c] = (double) nw[(size_t) c] * nw[(size_t) c] * (mean > 0.0 ? e[h0 + (size_t) c] / mean : 1.0);
+        }
+    }
+}
+
+std::vector<int8_t> logquant_key_widths(const llama_model & model, const llama_hparams & hparams, int32_t il,
+                                        int32_t bits, const lq2_rope_params & rope, std::string & why) {
+    if (bits != 2 && bits != 4) {
+        why = "mixed widths are for 2- and 4-bit keys";
+        return {};
+    }
+    const auto & L = model.layers[(size_t) il];
+    if (!L.wq || !L.wk) {
+        why = "the model has no separate Q and K weights (fused QKV)";
+        return {};
+    }
+    const std::vector<float> wq = weight_f32(L.wq), wk = weight_f32(L.wk);
+    const std::vector<float> gamma = weight_f32(L.attn_norm), bq = weight_f32(L.wq_b);
+    const std::vector<float> qn = weight_f32(L.attn_q_norm), kn = weight_f32(L.attn_k_norm);
+    if (wq.empty() || wk.empty() || (L.attn_norm && gamma.empty()) || (L.wq_b && bq.empty()) ||
+        (L.attn_q_norm && qn.empty()) || (L.attn_k_norm && kn.empty())) {
+        why = "the Q/K weights cannot be read back here (repacked CPU weights?)";
+        return {};
+    }
+    const int64_t n_in = L.wq->ne[0], D = hparams.n_embd_head_k();
+    const int64_t n_head = hparams.n_head(il), n_head_kv = hparams.n_head_kv(il);
+    if (L.wk->ne[0] != n_in || (int64_t) wq.size() != n_in * D * n_head || (int64_t) wk.size() != n_in * D * n_head_kv ||
+        (!gamma.empty() && (int64_t) gamma.size() != n_in) || (!bq.empty() && (int64_t) bq.size() != D * n_head) ||
+        (!qn.empty() && (int64_t) qn.size() != D) || (!kn.empty() && (int64_t) kn.size() != D)) {
+        why = "unexpected Q/K weight shapes";
+        return {};
+    }
+    std::vector<double> eq = row_energy(wq, n_in, gamma, bq);
+    std::vector<double> ek = row_energy(wk, n_in, gamma, {});
+    head_norm(eq, D, qn);
+    head_norm(ek, D, kn);
+
+    // units: RoPE pairs (both channels get one width) or single channels; those past a partial
+    // RoPE keep `bits`
+    const int  n_dims = rope.n_dims;
+    const bool pairs  = n_dims > 0;
+    const int  n_unit = pairs ? n_dims / 2 : (int) D;
+    auto chans = [&](int u, int & a, int & b) {
+        if (!pairs) {
+            a = b = u;
+        } else if (rope.mode == LQ2_ROPE_NEOX) {
+            a = u, b = u + n_dims / 2;
+        } else {
+            a = 2 * u, b = 2 * u + 1;
+        }
+    };
+    // a unit Gaussian's error at 0, bits and 2 bits bits (best uniform quantizers)
+    const double gauss_mse[3] = { 1.0, bits == 2 ? 0.1188 : 0.01154, bits == 2 ? 0.01154 : 9.0e-5 };
+    std::vector<int8_t> widths((size_t) (n_head_kv * D), (int8_t) bits);
+    const int64_t gq = n_head / n_head_kv;
+    for (int64_t hk = 0; hk < n_head_kv; hk++) {
+        std::vector<double> weight((size_t) n_unit, 0.0); // query energy x key variance of the unit
+        for (int u = 0; u < n_unit; u++) {
+            int a, b;
+            chans(u, a, b);
+            double qe = 0.0;
+            for (int64_t h = hk * gq; h < (hk + 1) * gq; h++) {
+                qe += (eq[(size_t) (h * D + a)] + (a != b ? eq[(size_t) (h * D + b)] : 0.0)) / (double) gq;
+            }
+            const double kv = ek[(size_t) (hk * D + a)] + (a != b ? ek[(size_t) (hk * D + b)] : 0.0);
+            weight[(size_t) u] = qe * kv;
+        }
+        std::vector<int> level((size_t) n_unit, 0); // index into 0, 2, 4 bits
+        for (int step = 0; step < n_unit; step++) { // n_unit steps of `bits`: a mean of `bits`
+            int best = -1;
+            double best_gain = -1.0;
+            for (int u = 0; u < n_unit; u++) {
+                const int lv = level[(size_t) u];
+                if (lv == 2) {
+                    continue;
+                }
+                const double gain = weight[(size_t) u] * (gauss_mse[lv] - gauss_mse[lv + 1]);
+                if (gain > best_gain) {
+                    best_gain = gain;
+                    best = u;
+                }
+            }
+            level[(size_t) best]++;
+        }
+        for (int u = 0; u < n_unit; u++) {
+            int a, b;
+            chans(u, a, b);
+            widths[(size_t) (hk * D + a)] = widths[(size_t) (hk * D + b)] = (int8_t) (bits * level[(size_t) u]);
+        }
+    }
+    return widths;
+}
