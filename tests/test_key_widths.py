@@ -16,7 +16,7 @@ from test_logquant import last_logits, load, tokens
 from tiny_model import write_tiny_llama, write_tiny_rope_model
 
 from logquant_gguf import Llama, kv_types
-from logquant_gguf.bench.env import tool_env
+from logquant_gguf.bench.env import run_tool, tool_env, tool_path
 
 GAUSS_MSE = {0: 1.0, 2: 0.1188, 4: 0.01154, 8: 9.0e-5}  # a unit Gaussian's coding error at b bits
 
@@ -193,3 +193,20 @@ def test_key_widths_names():
     assert post.key_widths == "uniform"
     with pytest.raises(ValueError, match="logquant_key_widths applies to the LogQuant kv_types"):
         kv_types.check_bits(kv_types.get("f16"), None, None, None, key_widths="auto")
+
+
+@pytest.mark.skipif(tool_path("llama-perplexity") is None, reason="this build has no llama-perplexity")
+def test_tools_take_mixed_widths(uneven, tmp_path):
+    """llama.cpp's tools first size a context on a model whose weights are not loaded (a memory
+    estimate): the widths then fall back to uniform instead of reading unallocated weights, and
+    the real context gets mixed ones (LOGQUANT_KEY_WIDTHS, the default) or uniform ones."""
+    text = tmp_path / "text.txt"
+    text.write_text("def f(x):\n    return x\n" * 200)
+    cmd = [str(tool_path("llama-perplexity")), "-m", str(uneven), "-f", str(text), "-c", "128", "-b", "128",
+           "--chunks", "1", "-ctk", "lq2", "-ctv", "lq2", "-fa", "on", "-t", "2"]
+    ppl = {}
+    for kw in ("auto", "uniform"):
+        p = run_tool(cmd, {**tool_env("logquant"), "LOGQUANT_WINDOW": "8", "LOGQUANT_KEY_WIDTHS": kw})
+        assert p.returncode == 0, (p.stdout + p.stderr)[-2000:]
+        ppl[kw] = p.stdout + p.stderr
+    assert "tensor not allocated" not in ppl["auto"]

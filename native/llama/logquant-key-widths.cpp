@@ -30,10 +30,11 @@
 #include <cstring>
 #include <vector>
 
-// A weight as f32, or empty when its buffer cannot be read back (a repacked CPU buffer has no
-// get_tensor) or its type has no conversion.
+// A weight as f32, or empty when it cannot be read back: not loaded (llama.cpp's tools size a
+// context first on a model whose weights are not allocated), a repacked CPU buffer (no
+// get_tensor), or a type without a conversion.
 static std::vector<float> weight_f32(const ggml_tensor * t) {
-    if (!t || !t->buffer || !ggml_is_contiguous(t)) {
+    if (!t || !t->buffer || !t->data || !ggml_is_contiguous(t)) {
         return {};
     }
     if (std::strcmp(ggml_backend_buft_name(ggml_backend_buffer_get_type(t->buffer)), "CPU_REPACK") == 0) {
@@ -103,7 +104,7 @@ std::vector<int8_t> logquant_key_widths(const llama_model & model, const llama_h
     const std::vector<float> qn = weight_f32(L.attn_q_norm), kn = weight_f32(L.attn_k_norm);
     if (wq.empty() || wk.empty() || (L.attn_norm && gamma.empty()) || (L.wq_b && bq.empty()) ||
         (L.attn_q_norm && qn.empty()) || (L.attn_k_norm && kn.empty())) {
-        why = "the Q/K weights cannot be read back here (repacked CPU weights?)";
+        why = "the Q/K weights cannot be read back here: not loaded (a size estimate), or repacked CPU weights";
         return {};
     }
     const int64_t n_in = L.wq->ne[0], D = hparams.n_embd_head_k();
