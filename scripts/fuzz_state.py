@@ -54,7 +54,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-LQ_MAGIC = 0x4C513203     # logquant_cache's state section, version 3
+LQ_MAGIC = 0x4C513204     # logquant_cache's state section, version 4 (a key widths tag per layer)
 SEQ_MAGIC = 0xAF143CD8    # llama_context's magic of a sequence's state
 GGML_TYPE_F16 = 1
 I32_MIN, I32_MAX = -(2**31), 2**31 - 1
@@ -85,6 +85,7 @@ class LQLayer:
     il: int
     kb: int
     vb: int
+    wtag: int  # hash of the layer's mixed key widths, 0 for uniform ones
     k2: bytes
     v2: bytes
     staging: list[bytes]
@@ -118,7 +119,7 @@ class LQSection:
             out.append(struct.pack("<qq", s, g))
         out.append(struct.pack("<I", len(self.layers)))
         for ly in self.layers:
-            out.append(struct.pack("<3i", ly.il, ly.kb, ly.vb))
+            out.append(struct.pack("<3iI", ly.il, ly.kb, ly.vb, ly.wtag))
             out += [ly.k2, ly.v2, *ly.staging]
         return b"".join(out)
 
@@ -249,7 +250,7 @@ def parse_state(buf: bytes, dims: Layout | None = None) -> Layout:
     magic = r.num("lq.magic", "I")
     w, pol, g, rd = (r.num(f"lq.{k}", "i") for k in ("window", "policy", "group", "rope_dims"))
     if magic != LQ_MAGIC or g <= 0:
-        raise ValueError(f"no LogQuant section of version 3 where expected (magic {magic:#x}, group {g}): "
+        raise ValueError(f"no LogQuant section of version 4 where expected (magic {magic:#x}, group {g}): "
                          "the state layout changed, update parse_state")
     n = r.num("lq.n_slots", "q")
     if not 0 <= n <= len(buf):
@@ -271,6 +272,7 @@ def parse_state(buf: bytes, dims: Layout | None = None) -> Layout:
     layers = []
     for li in range(n_layers):
         il, kb, vb = (r.num(f"lq.{k}[{li}]", "i") for k in ("il", "kbits", "vbits"))
+        wtag = r.num(f"lq.wtag[{li}]", "I")
         if not 0 <= il < len(lay.n_embd_k) or kb not in (2, 4, 8) or vb not in (2, 4, 8):
             raise ValueError(f"LogQuant layer {li}: il {il}, bits {kb}/{vb}")
         kgb, vrb, nek = lq_sizes(lay, il, g, kb, vb)
@@ -282,7 +284,7 @@ def parse_state(buf: bytes, dims: Layout | None = None) -> Layout:
             if f < 0:
                 raise Truncated("staging of a bad open group")
             staging.append(r.blob(f"lq.staging[{li}][{k}]", f * nek * 4))
-        layers.append(LQLayer(il, kb, vb, k2, v2, staging))
+        layers.append(LQLayer(il, kb, vb, wtag, k2, v2, staging))
     lay.lq_end = r.off
     lay.lq = LQSection(magic, w, pol, g, rd, slot_pos, slot_ids, fills, opens, layers)
     if r.off != len(buf):
@@ -322,7 +324,9 @@ def check_invariants(lay: Layout, base: Layout, n_seq: int) -> list[str]:
     head = lambda s: (s.magic, s.window, s.policy, s.group, s.rope_dims)  # noqa: E731
     if head(sec) != head(ref):
         bad.append(f"header {head(sec)} != {head(ref)}")
-    if [(ly.il, ly.kb, ly.vb) for ly in sec.layers] != [(ly.il, ly.kb, ly.vb) for ly in ref.layers]:
+    def layer_heads(s):
+        return [(ly.il, ly.kb, ly.vb, ly.wtag) for ly in s.layers]
+    if layer_heads(sec) != layer_heads(ref):
         bad.append("layers differ from the saved ones")
     G, n, n_grp = sec.group, len(sec.slot_pos), sec.n_grp()
     for i, (pos, ids) in enumerate(zip(sec.slot_pos, sec.slot_ids)):
@@ -444,7 +448,8 @@ def edit_section(sec: LQSection, spec: dict) -> None:
 SET_WEIGHTS = {
     "lq.group_fill": 6, "lq.open_grp": 5, "lq.open_seq": 4, "lq.n_open": 3, "lq.n_slots": 4,
     "lq.slot_nids": 3, "lq.slot_id": 4, "lq.slot_pos": 3, "lq.n_layers": 1, "lq.il": 1, "lq.kbits": 1,
-    "lq.vbits": 1, "lq.window": 0.3, "lq.policy": 0.3, "lq.group": 0.5, "lq.rope_dims": 0.3, "lq.magic": 0.2,
+    "lq.vbits": 1, "lq.wtag": 0.5,
+    "lq.window": 0.3, "lq.policy": 0.3, "lq.group": 0.5, "lq.rope_dims": 0.3, "lq.magic": 0.2,
     "kv.cell_pos": 2, "kv.cell_seq": 2, "kv.cell_nseq": 1, "kv.cell_count": 1, "kv.n_stream": 0.5,
     "kv.n_layer": 0.3, "kv.k_row": 0.3, "kv.v_row": 0.3, "kv.k_type": 0.2, "kv.arch_len": 0.2,
 }

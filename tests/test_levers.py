@@ -116,7 +116,7 @@ def test_kv_stats_report_the_bits(tiny_model):
     st = llm.kv_stats()
     assert st["logquant_bits"] == {"key_bits": 2, "value_bits": 2, "layer_bits": {"0": [8, 8]},
                                    "key_group": 64, "keys_post_rope": False, "fit": True,
-                                   "score_correction": False}
+                                   "score_correction": False, "key_widths": "auto"}
     assert st["bits_per_value"] == pytest.approx((8.5 + 2.5) / 2)  # 2 layers: one at 8.5, one at 2.5
 
 
