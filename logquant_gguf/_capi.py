@@ -72,29 +72,29 @@ def kv_stats(ctx_ptr: int) -> dict:
     return stats
 
 
-def f16_positions(ctx_ptr: int, seq_id: int = 0) -> list[int]:
-    """Positions of a sequence in the LogQuant f16 tier (ValueError if not a LogQuant cache)."""
+def _read_list(fn: str, ctype: str, ctx_ptr: int, arg: int, missing: str) -> list[int]:
+    """A C API call that writes up to cap values and returns how many there are (-1: none)."""
     ffi, lib = _lib()
     ctx = ffi.cast("const void *", ctx_ptr)
-    n = lib.logquant_kv_f16_positions(ctx, seq_id, ffi.NULL, 0)
+    n = getattr(lib, fn)(ctx, arg, ffi.NULL, 0)
     if n < 0:
-        raise ValueError(f"this context's KV cache is not a LogQuant cache, or has no sequence {seq_id}")
-    out = ffi.new("int32_t[]", max(n, 1))
-    lib.logquant_kv_f16_positions(ctx, seq_id, out, n)
+        raise ValueError(missing)
+    out = ffi.new(f"{ctype}[]", max(n, 1))
+    getattr(lib, fn)(ctx, arg, out, n)
     return list(out[0:n])
+
+
+def f16_positions(ctx_ptr: int, seq_id: int = 0) -> list[int]:
+    """Positions of a sequence in the LogQuant f16 tier (ValueError if not a LogQuant cache)."""
+    return _read_list("logquant_kv_f16_positions", "int32_t", ctx_ptr, seq_id,
+                      f"this context's KV cache is not a LogQuant cache, or has no sequence {seq_id}")
 
 
 def key_widths(ctx_ptr: int, il: int) -> list[int]:
     """Layer il's mixed key widths (bits per key channel, kv head by kv head); [] when uniform
     (ValueError when the layer has no LogQuant tier)."""
-    ffi, lib = _lib()
-    ctx = ffi.cast("const void *", ctx_ptr)
-    n = lib.logquant_kv_key_widths(ctx, il, ffi.NULL, 0)
-    if n < 0:
-        raise ValueError(f"layer {il} has no LogQuant tier in this context")
-    out = ffi.new("int8_t[]", max(n, 1))
-    lib.logquant_kv_key_widths(ctx, il, out, n)
-    return list(out[0:n])
+    return _read_list("logquant_kv_key_widths", "int8_t", ctx_ptr, il,
+                      f"layer {il} has no LogQuant tier in this context")
 
 
 def set_logquant_params(window: int, policy: int) -> None:

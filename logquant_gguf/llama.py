@@ -63,8 +63,8 @@ class Llama(llama_cpp.Llama):
     logquant_key_widths: "auto" (the default) gives each key channel of a layer of b-bit keys (b = 2
     or 4) 0, b or 2b bits, a mean of b and the same bytes, chosen from the model's Q/K weights where
     they remove the most score error (docs/levers.md: Qwen's KL at 4k 0.159 -> 0.078); "uniform":
-    b bits on every channel, the format before. Host memory only so far: a layer whose cache is on a GPU
-    keeps uniform widths (the kernels do not read mixed ones yet).
+    b bits on every channel, the format before. Host memory only so far: a layer whose cache is on
+    a GPU keeps uniform widths (the kernels do not read mixed ones yet).
     logquant_prefill_fa_min: ubatches of at least this many tokens (prompts) attend through
     llama.cpp's flash attention over both tiers dequantized to f16, like an f16 cache, instead
     of LogQuant's fused kernel that reads the 2-bit tier in place; 0: always the fused kernel,
@@ -90,7 +90,8 @@ class Llama(llama_cpp.Llama):
                  logquant_layer_bits: dict[int, tuple[int, int]] | None = None,
                  logquant_key_group: int | None = None, logquant_keys_post_rope: bool | None = None,
                  logquant_fit: bool | None = None, logquant_score_correction: bool | None = None,
-                 logquant_key_widths: str | None = None, logquant_prefill_fa_min: int | None = None, attn_rotation: bool = True,
+                 logquant_key_widths: str | None = None, logquant_prefill_fa_min: int | None = None,
+                 attn_rotation: bool = True,
                  n_seq_max: int = 1, kv_unified: bool = True, rpc_servers: str | None = None,
                  **kwargs: Any):
         spec = kv_types.get(kv_type)

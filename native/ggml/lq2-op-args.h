@@ -17,9 +17,8 @@
 extern "C" {
 #endif
 
-// parts: lq2_attn_parts_floats() floats of scratch for n_part parts.
 // Whether a LogQuant op reads mixed key widths (ggml_lq2_set_key_widths): the GPU kernels do not
-// yet, so their supports_op says no and the cache keeps such a layer's tier in host memory.
+// yet, so their supports_op says no and the cache gives such a layer uniform widths there.
 static inline int lq2_op_has_key_widths(const struct ggml_tensor * op) {
     const int src = op->op == GGML_OP_LQ2_DEMOTE ? LQ2_DEMOTE_SRC_WIDTHS
                   : op->op == GGML_OP_LQ2_ATTN   ? LQ2_ATTN_SRC_WIDTHS
@@ -27,6 +26,7 @@ static inline int lq2_op_has_key_widths(const struct ggml_tensor * op) {
     return op->src[src] != NULL;
 }
 
+// parts: lq2_attn_parts_floats() floats of scratch for n_part parts.
 static inline struct lq2_attn_args lq2_attn_args_of(const struct ggml_tensor * dst, int32_t n_part, float * parts) {
     struct lq2_attn_op_params op;
     memcpy(&op, dst->op_params, sizeof(op));

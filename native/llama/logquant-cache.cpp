@@ -106,7 +106,7 @@ logquant_cache::logquant_cache(const logquant_settings & s, const llama_model & 
             key_widths_of[il] = std::move(w);
         }
         if (n_without > 0) {
-            LLAMA_LOG_WARN("%s: %d layers keep uniform 2-bit keys: no mixed key widths (%s)\n", __func__, n_without,
+            LLAMA_LOG_WARN("%s: %d layers keep uniform key widths: no mixed ones (%s)\n", __func__, n_without,
                            why.c_str());
         }
     }
@@ -203,7 +203,7 @@ std::string logquant_cache::check_device(ggml_backend_dev_t dev) {
             ggml_tensor * w = l.widths;
             l.widths = nullptr;
             if (device_takes_layer(dev, l)) {
-                LLAMA_LOG_WARN("%s: layer %d keeps uniform 2-bit keys on %s: its LogQuant kernels do not read mixed "
+                LLAMA_LOG_WARN("%s: layer %d keeps uniform key widths on %s: its LogQuant kernels do not read mixed "
                                "key widths yet\n", __func__, l.il, ggml_backend_dev_name(dev));
                 l.widths_host.clear();
                 continue;
