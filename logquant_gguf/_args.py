@@ -26,6 +26,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key-widths", default=None, choices=kv_types.KEY_WIDTHS,
                    help="bits per key channel: auto (default: 0/b/2b for b-bit keys, from the "
                         "model's weights, same size; GPU caches keep uniform ones so far) or uniform")
+    p.add_argument("--value-groups", default=None, choices=kv_types.VALUE_GROUPS,
+                   help="what shares a value scale: channel (default: each channel of a key group's "
+                        "tokens, as keys; GPU caches keep per-token ones so far) or token")
     p.add_argument("--n-ctx", type=int, default=4096, help="context size (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: llama.cpp's)")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
@@ -37,7 +40,8 @@ def model_kwargs(a: argparse.Namespace) -> dict:
     if a.logquant_window is not None:
         extra["logquant_window"] = a.logquant_window
     for opt, key in (("key_bits", "logquant_key_bits"), ("value_bits", "logquant_value_bits"),
-                     ("layer_bits", "logquant_layer_bits"), ("key_widths", "logquant_key_widths")):
+                     ("layer_bits", "logquant_layer_bits"), ("key_widths", "logquant_key_widths"),
+                     ("value_groups", "logquant_value_groups")):
         if getattr(a, opt, None) is not None:
             extra[key] = getattr(a, opt)
     return extra

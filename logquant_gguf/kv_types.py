@@ -74,6 +74,7 @@ CODE_BITS = (2, 4, 8)
 
 KEY_GROUPS = (32, 64, 128)
 KEY_WIDTHS = ("auto", "uniform")
+VALUE_GROUPS = ("channel", "token")
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class LogQuantBits:
     fit: bool = True  # least-squares scales (docs/levers.md); False: min/max, the format before
     score_correction: bool = False
     key_widths: str = "auto"  # 0, b or 2b bits per key channel (b-bit keys) from the weights; or "uniform"
+    value_groups: str = "channel"  # a scale per channel of a key group's tokens; or "token" (per token)
 
     @property
     def is_default(self) -> bool:
@@ -102,7 +104,8 @@ class LogQuantBits:
         return {"key_bits": self.key, "value_bits": self.value,
                 "layer_bits": {str(il): [k, v] for il, k, v in self.layers},
                 "key_group": self.key_group, "keys_post_rope": self.keys_post_rope,
-                "fit": self.fit, "score_correction": self.score_correction, "key_widths": self.key_widths}
+                "fit": self.fit, "score_correction": self.score_correction, "key_widths": self.key_widths,
+                "value_groups": self.value_groups}
 
     def __str__(self) -> str:
         s = f"logquant_key_bits={self.key}, logquant_value_bits={self.value}"
@@ -111,7 +114,9 @@ class LogQuantBits:
         s += ", logquant_keys_post_rope=True" if self.keys_post_rope else ""
         s += ", logquant_fit=False" if not self.fit else ""
         s += ", logquant_score_correction=True" if self.score_correction else ""
-        return s + (f", logquant_key_widths={self.key_widths!r}" if self.key_widths != "auto" else "")
+        s += f", logquant_key_widths={self.key_widths!r}" if self.key_widths != "auto" else ""
+        s += f", logquant_value_groups={self.value_groups!r}" if self.value_groups != "channel" else ""
+        return s
 
 
 def _check_code_bits(name: str, b: object) -> int:
@@ -123,13 +128,15 @@ def _check_code_bits(name: str, b: object) -> int:
 def check_bits(spec: KVType, key_bits: int | None, value_bits: int | None,
                layer_bits: dict[int, tuple[int, int]] | None, key_group: int | None = None,
                keys_post_rope: bool | None = None, fit: bool | None = None,
-               score_correction: bool | None = None, key_widths: str | None = None) -> LogQuantBits | None:
+               score_correction: bool | None = None, key_widths: str | None = None,
+               value_groups: str | None = None) -> LogQuantBits | None:
     """The LogQuant format settings, validated; None for a kv_type without a low-bit tier."""
     flags = (("logquant_keys_post_rope", keys_post_rope), ("logquant_fit", fit),
              ("logquant_score_correction", score_correction))
     given = [n for n, v in (("logquant_key_bits", key_bits), ("logquant_value_bits", value_bits),
                             ("logquant_layer_bits", layer_bits), ("logquant_key_group", key_group),
-                            *flags, ("logquant_key_widths", key_widths)) if v is not None]
+                            *flags, ("logquant_key_widths", key_widths),
+                            ("logquant_value_groups", value_groups)) if v is not None]
     if not spec.is_logquant:
         if given:
             raise ValueError(f"{given[0]} applies to the LogQuant kv_types, not to kv_type={spec.name!r}")
@@ -162,10 +169,13 @@ def check_bits(spec: KVType, key_bits: int | None, value_bits: int | None,
     if key_widths == "auto" and keys_post_rope:
         raise ValueError("logquant_key_widths='auto' needs keys grouped before RoPE "
                          "(not logquant_keys_post_rope)")
+    if value_groups is not None and value_groups not in VALUE_GROUPS:
+        raise ValueError(f"logquant_value_groups must be one of {', '.join(map(repr, VALUE_GROUPS))}, "
+                         f"got {value_groups!r}")
     # keys grouped after RoPE have no pairs to widen: uniform widths there by default
     kw = key_widths or ("uniform" if keys_post_rope else "auto")
     return LogQuantBits(k, v, tuple(sorted(layers)), g, bool(keys_post_rope), fit is not False,
-                        bool(score_correction), kw)
+                        bool(score_correction), kw, value_groups or "channel")
 
 
 def parse_layer_bits(text: str) -> dict[int, tuple[int, int]]:
@@ -191,10 +201,11 @@ def parse_variant(name: str) -> tuple[str, dict]:
     of the format study: "+g32", "+g128" (tokens per key group), "+postrope"; the code levers
     "+minmax" (min/max scales instead of the default least-squares fit; "+fit" says the default),
     "+bc" (score correction), "+uniform" (every key channel 2 bits, logquant_key_widths="uniform";
-    "+kw" says the default, mixed widths); "+w64" (the window W); and for any type
-    "+norot" (llama.cpp's Hadamard rotation off) and "+swa" (a sliding-window model's window
-    layers cached at their window size, swa_full=False, as the LogQuant types do; llama-cpp-python
-    defaults to full size); modifiers combine:
+    "+kw" says the default, mixed widths); "+vtok" (values grouped per token,
+    logquant_value_groups="token"; "+vch" says the default, per channel); "+w64" (the window W);
+    and for any type "+norot" (llama.cpp's Hadamard rotation off) and "+swa" (a sliding-window
+    model's window layers cached at their window size, swa_full=False, as the LogQuant types do;
+    llama-cpp-python defaults to full size); modifiers combine:
     "logquant+k4+L0:8:8+L1:4:4". A plain kv_type gives no arguments. (No commas: the bench
     takes comma-separated lists of these.)"""
     base, *mods = name.split("+")
@@ -220,6 +231,8 @@ def parse_variant(name: str) -> tuple[str, dict]:
             kw["logquant_score_correction"] = True
         elif m in ("kw", "uniform"):  # mixed key widths (the default) or uniform ones
             kw["logquant_key_widths"] = "auto" if m == "kw" else "uniform"
+        elif m in ("vch", "vtok"):  # values grouped per channel (the default) or per token
+            kw["logquant_value_groups"] = "channel" if m == "vch" else "token"
         elif m[:1] == "g" and m[1:].isdigit():
             kw["logquant_key_group"] = int(m[1:])
         elif m[:1] == "w" and m[1:].isdigit() and spec.is_logquant:
@@ -237,5 +250,6 @@ def parse_variant(name: str) -> tuple[str, dict]:
         kw["logquant_layer_bits"] = layers
     check_bits(spec, kw.get("logquant_key_bits"), kw.get("logquant_value_bits"),
                kw.get("logquant_layer_bits"), kw.get("logquant_key_group"), kw.get("logquant_keys_post_rope"),
-               kw.get("logquant_fit"), kw.get("logquant_score_correction"), kw.get("logquant_key_widths"))
+               kw.get("logquant_fit"), kw.get("logquant_score_correction"), kw.get("logquant_key_widths"),
+               kw.get("logquant_value_groups"))
     return base, kw

@@ -70,13 +70,16 @@ def test_low_bit_tier_bytes_follow_the_code_bits(tiny_model):
     assert q2_bytes(logquant_layer_bits={1: (8, 8)}) == pytest.approx(base * (1 + 68 / 20) / 2, rel=1e-6)
 
 
-@pytest.mark.parametrize("kw,ratio", [({"logquant_key_group": 32}, (3.0 + 2.5) / 5.0),
-                                      ({"logquant_key_group": 128}, (2.25 + 2.5) / 5.0),
+@pytest.mark.parametrize("kw,ratio", [({"logquant_key_group": 32}, (3.0 + 3.0) / 5.0),
+                                      ({"logquant_key_group": 128}, (2.25 + 2.25) / 5.0),
+                                      ({"logquant_key_group": 32, "logquant_value_groups": "token"},
+                                       (3.0 + 2.5) / 5.0),
                                       ({"logquant_keys_post_rope": True}, 1.0)])
 def test_key_layouts_of_the_format_study(tiny_model, kw, ratio):
-    """The format study's key layouts run end to end; their storage follows 2 + 32/G bits per key
-    (per value, scales included: the tier's slot count rounds up to whole groups, so compare per
-    value, not totals)."""
+    """The format study's key layouts run end to end; their storage follows 2 + 32/G bits per key,
+    and per value too when values are grouped per channel, as the keys (the default), or 2.5 bits
+    per value grouped per token (per value, scales included: the tier's slot count rounds up to
+    whole groups, so compare per value, not totals)."""
     base = load(tiny_model)
     base_bits = base.kv_stats()["bits_per_value"]
     assert base_bits == pytest.approx(2.5)
@@ -98,10 +101,12 @@ def test_key_layouts_of_the_format_study(tiny_model, kw, ratio):
     group = kw.get("logquant_key_group", 64)
     assert n_slots == int(n_slots) and n_slots % group == 0 and slots[0] <= n_slots <= slots[1]
     # beside the stores, in the KV buffers: per layer one f32 staging row of G x 128 key values
-    # (one sequence: one partial group at a time), and one f16 cos/sin table of head_dim values
-    # per slot for pre-RoPE keys, shared by the layers
+    # and as many values when they are grouped per channel (one sequence: one partial group at a
+    # time), and one f16 cos/sin table of head_dim values per slot for pre-RoPE keys, shared by
+    # the layers
     table = 0 if kw.get("logquant_keys_post_rope") else n_slots * 64 * 2
-    assert q2["aux_bytes"] == 2 * group * 128 * 4 + table
+    staged = 128 * (1 if kw.get("logquant_value_groups") == "token" else 2)
+    assert q2["aux_bytes"] == 2 * group * staged * 4 + table
     llm.eval(seq)
     logits = last_logits(llm)
     assert np.isfinite(logits).all()
@@ -116,7 +121,7 @@ def test_kv_stats_report_the_bits(tiny_model):
     st = llm.kv_stats()
     assert st["logquant_bits"] == {"key_bits": 2, "value_bits": 2, "layer_bits": {"0": [8, 8]},
                                    "key_group": 64, "keys_post_rope": False, "fit": True,
-                                   "score_correction": False, "key_widths": "auto"}
+                                   "score_correction": False, "key_widths": "auto", "value_groups": "channel"}
     assert st["bits_per_value"] == pytest.approx((8.5 + 2.5) / 2)  # 2 layers: one at 8.5, one at 2.5
 
 

@@ -52,6 +52,26 @@ def last_logits(llm: Llama) -> np.ndarray:
     return np.array(llm.scores[llm.n_tokens - 1], dtype=np.float64)
 
 
+def saved_state_continues(path, n: int = 150, n_more: int = 20, **kw):
+    """A state saved after n tokens, loaded into a fresh Llama of the same settings: the next
+    n_more tokens' last logits equal those of the context it was saved from (within the state
+    round trip's float-rounding defect, test_state_round_trip_continues_the_saved_context).
+    Returns the state."""
+    llm = load(path, **kw)
+    llm.eval(tokens(llm, n))
+    state = llm.save_state()
+    more = tokens(llm, n_more, seed=9)
+    llm.eval(more)
+    expected = last_logits(llm)
+    llm.close()
+    other = load(path, **kw)
+    other.load_state(state)
+    other.eval(more)
+    np.testing.assert_allclose(last_logits(other), expected, rtol=0, atol=1e-4)
+    other.close()
+    return state
+
+
 def test_logits_match_the_f16_cache_while_everything_is_f16(tmp_path):
     """2W tokens: all in the f16 tier, so only the attention kernels differ. A model with soft
     attention keeps llama.cpp's own rounding differences small (its flash attention rounds Q and

@@ -126,9 +126,13 @@ def test_two_sequences_each_match_their_single_sequence_run(llm, unified):
     ctx.close()
     for got, want in ((got_a, run_alone(llm, ca)), (got_b, run_alone(llm, cb))):
         for g, w in zip(got, want):
-            # 2 TOL: with fitted scales (the default) one logit of 259 was 1.2e-3 off here, the
-            # float-rounding defect of test_logquant's state round trip
-            np.testing.assert_allclose(g, w, atol=2 * TOL, rtol=0)
+            # 10 TOL: the float-rounding defect of test_logquant's state round trip. In a unified
+            # cache the tiers are scanned in another order, an f16 K/V value then rounds the other
+            # way now and then, and fitted scales pass that on to the whole group: one token's
+            # values with values grouped per token (1.2e-3 off at most here), a channel's 64
+            # tokens with values grouped per channel (3.7e-3). A wrong slot, group or sequence is
+            # off by the logits' own size (the check below).
+            np.testing.assert_allclose(g, w, atol=10 * TOL, rtol=0)
     # the sequences are not independent by accident: another sequence's tokens do change logits
     assert not np.allclose(got_a[-1], got_b[-1], atol=1e-2)
 
@@ -221,8 +225,9 @@ def test_state_round_trip_with_two_sequences(llm, unified):
     assert llama_cpp.llama_state_seq_get_size(other.ctx, 0) == 0
     ctx.close()
     other.close()
-    for s in (0, 1):  # restored cells may sit in other places: summation order only
-        np.testing.assert_allclose(got[s], want[s], atol=1e-5, rtol=0)
+    for s in (0, 1):  # restored cells may sit in other places: summation order only (1.1e-5 here
+        # with values grouped per channel, whose fitted scales spread a rounding over a group)
+        np.testing.assert_allclose(got[s], want[s], atol=1e-4, rtol=0)
 
 
 def test_llama_cpp_default_context_has_a_stream_per_sequence(llm):

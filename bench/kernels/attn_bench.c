@@ -3,11 +3,14 @@
 // attention loop (f16 K/V, f32 accumulation, AVX2, per query head like ggml's CPU flash
 // attention) over the same nA + nB tokens, in the same run. L layers of distinct buffers are
 // cycled so that, as in a real decode, the caches of a layer are cold when it is read; the rope
-// table is one for all layers (as logquant-cache.cpp keeps it). Prints per-layer medians.
+// table is one for all layers (as logquant-cache.cpp keeps it). The 2-bit values both ways, in the
+// same run: grouped per token (KIVI's layout) and per channel (as the keys; the default). Prints
+// per-layer medians.
 //
 // README: build and run (1 thread, a few seconds):
-//   cc -O2 -mavx2 -mfma -mf16c -c native/cpu/lq2-quants.c -o /tmp/q.o   (same for lq2-rope.c, lq2-attn.c)
-//   cc -O2 -mavx2 -mfma -mf16c bench/kernels/attn_bench.c /tmp/q.o /tmp/r.o /tmp/a.o -lm -o /tmp/attn_bench
+//   cc -O3 -mavx2 -mfma -mf16c -c native/cpu/lq2-quants.c -o /tmp/q.o   (same for lq2-rope.c, lq2-attn.c;
+//   -O3 as the package builds them: at -O2 the per-channel values fold measured up to 1.4x slower)
+//   cc -O3 -mavx2 -mfma -mf16c bench/kernels/attn_bench.c /tmp/q.o /tmp/r.o /tmp/a.o -lm -o /tmp/attn_bench
 //   /tmp/attn_bench [reps=15] [layers=24] [nB ...=1024 4096 16384]
 #define _POSIX_C_SOURCE 199309L
 #include "../../native/cpu/lq2-attn.h"
@@ -108,18 +111,19 @@ int main(int argc, char ** argv) {
 
     printf("lq2_attn_heads vs f16 loop, 1 query token, H %d Hkv %d D %d G %d, tier A %d f16, %d layers, median of %d (us per layer)\n",
            H, HKV, D, G, NA, layers, reps);
-    printf("| tier B (2-bit) | total tokens | lq2 us | f16 us | f16/lq2 (>1: lq2 faster) | max|lq2-f16| |\n|---|---|---|---|---|---|\n");
+    printf("| tier B (2-bit) | total tokens | lq2 us, values per token | lq2 us, per channel | f16 us | f16/lq2 per token | "
+           "f16/lq2 per channel | max|lq2-f16| |\n|---|---|---|---|---|---|---|---|\n");
     for (int ib = 0; ib < n_nb; ++ib) {
         const int64_t nB = nbs[ib], nT = NA + nB, ng = (nB + G - 1) / G;
         // one layer's data, generated once and copied into every layer's buffers
         const size_t szA = (size_t) NA * HKV * D, szKB = (size_t) ng * HKV * D * kbs, szVB = (size_t) nB * HKV * vbs;
         const size_t sz16 = (size_t) nT * HKV * D;
         lq2_half * ka = malloc(szA * 2 * layers), * va = malloc(szA * 2 * layers);
-        uint8_t * kb = malloc(szKB * layers), * vb = malloc(szVB * layers);
+        uint8_t * kb = malloc(szKB * layers), * vb = malloc(szVB * layers), * vc = malloc(szKB * layers);
         lq2_half * k16 = malloc(sz16 * 2 * layers), * v16 = malloc(sz16 * 2 * layers);
         int32_t * pos = malloc(nB * sizeof(int32_t));
         lq2_half * tab = malloc(lq2_rope_table_size(&rope, nB, G) * sizeof(lq2_half));
-        float * kpre = malloc((size_t) G * HKV * D * 4), * vrow = malloc((size_t) HKV * D * 4);
+        float * kpre = malloc((size_t) G * HKV * D * 4), * vrow = malloc((size_t) nB * HKV * D * 4 + 4);
         float offs[HKV * D];
         for (int c = 0; c < HKV * D; ++c) offs[c] = 3.0f * frand();
         for (int64_t t = 0; t < nB; ++t) pos[t] = (int32_t) t;
@@ -136,9 +140,14 @@ int main(int argc, char ** argv) {
             }
         }
         for (int64_t t = 0; t < nB; ++t) {
-            for (int c = 0; c < HKV * D; ++c) vrow[c] = frand();
-            lq2_quantize_v_row(vrow, vb + t * HKV * vbs, HKV * D, 2, 0);
-            for (int c = 0; c < HKV * D; ++c) v16[(NA + t) * HKV * D + c] = lq2_fp32_to_fp16(vrow[c]);
+            float * vr = vrow + t * HKV * D;
+            for (int c = 0; c < HKV * D; ++c) vr[c] = frand();
+            lq2_quantize_v_row(vr, vb + t * HKV * vbs, HKV * D, 2, 0);
+            for (int c = 0; c < HKV * D; ++c) v16[(NA + t) * HKV * D + c] = lq2_fp32_to_fp16(vr[c]);
+        }
+        for (int64_t g = 0; g < ng; ++g) { // per channel: laid out as the keys, G = 64 (same bytes)
+            const int n = (int) (nB - g * G < G ? nB - g * G : G);
+            lq2_quantize_k_group(vrow + g * G * HKV * D, HKV * D, n, HKV * D, G, 2, 0, vc + g * HKV * D * kbs);
         }
         for (size_t i = 0; i < szA; ++i) {
             ka[i] = k16[i] = lq2_fp32_to_fp16(frand() * 3.0f);
@@ -149,10 +158,11 @@ int main(int argc, char ** argv) {
             memcpy(va + l * szA, va, szA * 2);
             memcpy(kb + l * szKB, kb, szKB);
             memcpy(vb + l * szVB, vb, szVB);
+            memcpy(vc + l * szKB, vc, szKB);
             memcpy(k16 + l * sz16, k16, sz16 * 2);
             memcpy(v16 + l * sz16, v16, sz16 * 2);
         }
-        double tl[64], tf[64];
+        double tl[64], tc[64], tf[64];
         float err = 0.0f;
         for (int r = 0; r < reps && r < 64; ++r) {
             double t0 = now();
@@ -166,23 +176,35 @@ int main(int argc, char ** argv) {
             }
             double t1 = now();
             for (int l = 0; l < layers; ++l) {
-                f16_attn(q, k16 + l * sz16, v16 + l * sz16, nT, p.scale, out16);
+                const struct lq2_tier_f16 a = { NA, ka + l * szA, HKV * D * 2, va + l * szA, HKV * D * 2, NULL };
+                const struct lq2_tier_q2 b = { .n = nB, .G = G, .k_bits = 2, .v_bits = 2,
+                                               .k = kb + l * szKB, .nb_kg = (size_t) HKV * D * kbs,
+                                               .v = vc + l * szKB, .nb_v = (size_t) HKV * D * kbs, .pos = pos,
+                                               .rope = rope, .rope_table = tab, .mask = NULL, .v_per_channel = 1 };
+                lq2_attn_heads(&p, q, &a, &b, out, 0, 1, work);
             }
             double t2 = now();
+            for (int l = 0; l < layers; ++l) {
+                f16_attn(q, k16 + l * sz16, v16 + l * sz16, nT, p.scale, out16);
+            }
+            double t3 = now();
             tl[r] = (t1 - t0) / layers * 1e6;
-            tf[r] = (t2 - t1) / layers * 1e6;
+            tc[r] = (t2 - t1) / layers * 1e6;
+            tf[r] = (t3 - t2) / layers * 1e6;
         }
         for (int i = 0; i < H * D; ++i) err = fmaxf(err, fabsf(out[i] - out16[i]));
         const int n = reps < 64 ? reps : 64;
-        double ratio[64];
-        for (int r = 0; r < n; ++r) ratio[r] = tf[r] / tl[r];
+        double ratio[64], ratio_c[64];
+        for (int r = 0; r < n; ++r) ratio[r] = tf[r] / tl[r], ratio_c[r] = tf[r] / tc[r];
         qsort(tl, n, sizeof(double), cmpd);
+        qsort(tc, n, sizeof(double), cmpd);
         qsort(tf, n, sizeof(double), cmpd);
         qsort(ratio, n, sizeof(double), cmpd);
-        printf("| %lld | %lld | %.1f | %.1f | %.2f | %.1e |\n", (long long) nB, (long long) nT, tl[n / 2], tf[n / 2],
-               ratio[n / 2], err);
+        qsort(ratio_c, n, sizeof(double), cmpd);
+        printf("| %lld | %lld | %.1f | %.1f | %.1f | %.2f | %.2f | %.1e |\n", (long long) nB, (long long) nT, tl[n / 2],
+               tc[n / 2], tf[n / 2], ratio[n / 2], ratio_c[n / 2], err);
         fflush(stdout);
-        free(ka); free(va); free(kb); free(vb); free(k16); free(v16); free(pos); free(tab); free(kpre); free(vrow);
+        free(ka); free(va); free(kb); free(vb); free(vc); free(k16); free(v16); free(pos); free(tab); free(kpre); free(vrow);
     }
     free(work);
     return 0;

@@ -209,10 +209,11 @@ def layer_stats(q, k, kp, queries, methods) -> dict:
     return {k_: float(np.mean(v)) for k_, v in acc.items()}
 
 
-def forward_layers(model: str, n_tokens: int):
+def forward_layers(model: str, n_tokens: int, values: bool = False):
     """The exact float32 forward of `model` over n_tokens of real code, layer by layer: yields
     (il, q, k, kp) (post-RoPE queries and keys, pre-RoPE keys of every position) before the layer's
-    exact attention and FFN continue the residual stream. The texts used are left in
+    exact attention and FFN continue the residual stream; with values, (il, q, k, kp, v, w_o, b_v)
+    (values of every position, the output projection, the value bias). The texts used are left in
     forward_layers.texts."""
     path = models.model_path(model)
     llm = Llama(str(path), n_ctx=256, verbose=False)
@@ -241,7 +242,10 @@ def forward_layers(model: str, n_tokens: int):
         kp = (h @ Wt(pre + "attn_k.weight").T + Wt(pre + "attn_k.bias")).reshape(N, NKV, HD)
         v = (h @ Wt(pre + "attn_v.weight").T + Wt(pre + "attn_v.bias")).reshape(N, NKV, HD)
         q, k = rope(q, posN), rope(kp, posN)
-        yield il, q, k, kp
+        if values:
+            yield il, q, k, kp, v, Wt(pre + "attn_output.weight"), Wt(pre + "attn_v.bias")
+        else:
+            yield il, q, k, kp
         out = np.empty((N, NH, HD), dtype=np.float32)
         for hh in range(NH):
             g = hh // (NH // NKV)

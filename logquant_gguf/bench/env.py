@@ -159,6 +159,7 @@ def tool_env(kv: str) -> dict[str, str]:
             "LOGQUANT_SCORE_CORRECTION": str(int(levers.get("logquant_score_correction", False))),
             "LOGQUANT_KEY_WIDTHS": levers.get("logquant_key_widths",
                                               "uniform" if levers.get("logquant_keys_post_rope") else "auto"),
+            "LOGQUANT_VALUE_GROUPS": levers.get("logquant_value_groups", "channel"),
             **rot}
 
 

@@ -186,6 +186,16 @@ extern "C" int32_t logquant_set_key_widths(int32_t mode) {
     return 0;
 }
 
+extern "C" int32_t logquant_set_value_groups(int32_t per_channel) {
+    if (per_channel != 0 && per_channel != 1) {
+        return -1;
+    }
+    logquant_settings s = logquant_settings_current();
+    s.value_per_channel = per_channel;
+    logquant_settings_set(s);
+    return 0;
+}
+
 extern "C" int32_t logquant_set_key_format(int32_t key_group, int32_t keys_post_rope) {
     if (lq2_key_type_b(key_group, 2) < 0 || (keys_post_rope != 0 && keys_post_rope != 1)) {
         return -1;

@@ -53,6 +53,13 @@ LLAMA_API int32_t logquant_set_codes(int32_t fit, int32_t score_correction);
 // widths (its kernels do not read mixed ones). Returns 0, or -1 for another value.
 LLAMA_API int32_t logquant_set_key_widths(int32_t mode);
 
+// Value groups, for contexts created after this call (docs/levers.md): 1 (the default) per
+// channel, each channel of a key group's G tokens sharing a scale as the keys do; 0 per token,
+// each token's 64 channels sharing one (KIVI's layout, the format before). The same bytes at
+// G = 64 (LOGQUANT_VALUE_GROUPS=channel|token for llama.cpp's tools). Host memory only so far: a
+// layer whose tier is on a GPU keeps per-token values. Returns 0, or -1 for another value.
+LLAMA_API int32_t logquant_set_value_groups(int32_t per_channel);
+
 // Ubatches of at least fa_min_tokens tokens attend through ggml's flash attention over both
 // tiers dequantized to f16 (the prefill path); smaller ones (decode) through the fused two-tier
 // op. 0: always the fused op, the faster on the CPU (LOGQUANT_PREFILL_FA_MIN for llama.cpp's

@@ -28,10 +28,20 @@ enum lq2_op_src_widths {
     LQ2_DEQUANT_SRC_WIDTHS = 5,
 };
 
-// GGML_OP_LQ2_DEMOTE. srcs: 0 k2 store (I8, groups of G tokens), 1 v2 store (I8, per slot),
-// 2 staging (F32 [G * n_embd_k_gqa, n_stage]), 3 f16 K rows, 4 f16 V rows, 5 the demotion list.
-// Rows are processed in list order: a group's rows are adjacent, and when it fills or its run in
-// the list ends the group is requantized whole from staging.
+// How a layer's 2-bit values are grouped (v_per_channel in the params below):
+//   0: per token, as KIVI does: a group is 64 channels of one token (LQ2_TYPE_V64...), the v2
+//      store one row per slot;
+//   1: per channel, as the keys are: a group is one channel of the G tokens of a key group (the
+//      key types, no RoPE), the v2 store one group of n_embd_v_gqa blocks per key group. On Qwen
+//      this halves the values' share of the attention output's error (bench/studies/
+//      value_noise_study.py): a token's channels differ in offset and spread far more than a
+//      channel's tokens do. The GPU kernels do not take it yet (their supports_op says no).
+
+// GGML_OP_LQ2_DEMOTE. srcs: 0 k2 store (I8, groups of G tokens), 1 v2 store (I8, per slot or per
+// group), 2 staging (F32 [G * n_embd_k_gqa, n_stage]; per-channel values: [G * (n_embd_k_gqa +
+// n_embd_v_gqa), n_stage], a group's values after its keys), 3 f16 K rows, 4 f16 V rows, 5 the
+// demotion list. Rows are processed in list order: a group's rows are adjacent, and when it fills
+// or its run in the list ends the group is requantized whole from staging.
 struct lq2_demote_op_params {
     int32_t G;         // tokens per key group
     int32_t k_bits;    // 2, 4, 8
@@ -39,6 +49,7 @@ struct lq2_demote_op_params {
     int32_t n_head_kv; // of the layer: head size = n_embd_k_gqa / n_head_kv
     struct lq2_rope_params rope; // n_dims 0: keys are stored as the cache holds them
     int32_t fit;       // 1: each group's (d, m) fitted by least squares (lq2_fit_params), 0: min/max
+    int32_t v_per_channel; // values grouped per channel (1) or per token (0), as above
 };
 
 // GGML_OP_LQ2_ATTN. srcs: 0 q (F32 [D, n_head, n_tokens]), 1 k, 2 v (F16 [D, n_head_kv, n_kv,
@@ -57,6 +68,7 @@ struct lq2_attn_op_params {
     int32_t n_part_max; // parts a (token, kv head) pair may be split into across threads
     struct lq2_rope_params rope;
     int32_t score_correction; // 1: 2-bit scores lowered by their expected inflation (lq2-format.h)
+    int32_t v_per_channel;
 };
 
 // GGML_OP_LQ2_DEQUANT. srcs: 0 k2, 1 v2, 2 rope table (absent when rope.n_dims == 0), 3 k,
@@ -70,6 +82,7 @@ struct lq2_dequant_op_params {
     int32_t v_bits;
     int32_t n_slots; // a multiple of G
     struct lq2_rope_params rope;
+    int32_t v_per_channel;
 };
 
 #if defined(__cplusplus) && !defined(__METAL_VERSION__)

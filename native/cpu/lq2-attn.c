@@ -34,6 +34,7 @@ size_t lq2_attn_work_size(const struct lq2_attn_params * p, int G, int n_dims) {
     const int nt = imax(G, LQ2_ATTN_CHUNK);
     const size_t floats = (size_t) nt * D    // keys: [T][D] f16 tier, [D][G] 2-bit tier
                         + (size_t) nt * D    // values [T][D]
+                        + (size_t) G * D     // per-channel values of a group, [D][G] before transposing
                         + (size_t) nt * p->n_head // scores (one row per query head)
                         + (size_t) n_dims * G // rope cos/sin of one group when no table is given
                         + 2 * (size_t) p->n_head; // M, S
@@ -391,14 +392,9 @@ static void online_update(float * acc, float * M, float * S, const float * s, fl
 
 
 #if LQ2_AVX2
-// online_update with the exponentials 8 at a time and the running output in registers (64 channels
-// at a time) while the chunk's value rows stream from L1. Masked tokens (-inf) are skipped.
-static void online_update_avx2(float * acc, float * M, float * S, float * s, float mx, int n,
-                               const float * v, int D) {
-    if (!online_rescale(acc, M, S, mx, D)) {
-        return;
-    }
-    const __m256 vM = _mm256_set1_ps(*M);
+// The softmax weights exp(s[t] - M) of n scores, in place, 8 at a time (-inf: 0); returns their sum.
+static float exp_weights_avx2(float * s, int n, float M) {
+    const __m256 vM = _mm256_set1_ps(M);
     __m256 vsum = _mm256_setzero_ps();
     int t = 0;
     for (; t + 8 <= n; t += 8) {
@@ -408,11 +404,21 @@ static void online_update_avx2(float * acc, float * M, float * S, float * s, flo
     }
     float sum = hsum8(vsum);
     for (; t < n; ++t) {
-        const float pr = s[t] == -INFINITY ? 0.0f : expf(s[t] - *M);
+        const float pr = s[t] == -INFINITY ? 0.0f : expf(s[t] - M);
         sum += pr;
         s[t] = pr;
     }
-    *S += sum;
+    return sum;
+}
+
+// online_update with the exponentials 8 at a time and the running output in registers (64 channels
+// at a time) while the chunk's value rows stream from L1. Masked tokens (-inf) are skipped.
+static void online_update_avx2(float * acc, float * M, float * S, float * s, float mx, int n,
+                               const float * v, int D) {
+    if (!online_rescale(acc, M, S, mx, D)) {
+        return;
+    }
+    *S += exp_weights_avx2(s, n, *M);
     for (int d0 = 0; d0 < D; d0 += 64) {
         float * ad = acc + d0;
         __m256 a0 = _mm256_loadu_ps(ad),      a1 = _mm256_loadu_ps(ad + 8);
@@ -442,15 +448,84 @@ static void online_update_avx2(float * acc, float * M, float * S, float * s, flo
 }
 #endif
 
-// Scores of one chunk -> folded into the head's (M, S, acc).
+// A group's per-channel values, dequantized channel-major (cm[c * G + t], as the keys), into the
+// token-major rows the scalar fold reads (tm[t * D + c]).
+static void values_to_rows(const float * cm, int D, int G, int n, float * tm) {
+    for (int c = 0; c < D; ++c) {
+        for (int t = 0; t < n; ++t) {
+            tm[(int64_t) t * D + c] = cm[(int64_t) c * G + t];
+        }
+    }
+}
+
+#if LQ2_AVX2
+// online_update for per-channel values read channel-major (vcm[c * G + t], one 2-bit group; G and
+// D multiples of 8): each channel's output is a dot product along the tokens, 8 channels reduced
+// together, so no transposition is needed and the multiply-adds are as many as token-major.
+static void online_update_cm_avx2(float * acc, float * M, float * S, float * s, float mx, int n,
+                                  const float * vcm, int D, int G) {
+    if (!online_rescale(acc, M, S, mx, D)) {
+        return;
+    }
+    *S += exp_weights_avx2(s, n, *M);
+    for (int t = n; t < G; ++t) { // tokens past n (a partial group) weigh 0
+        s[t] = 0.0f;
+    }
+    if (G == 64) { // the weights stay in 8 registers; 4 channels at a time
+        __m256 w[8];
+        for (int k = 0; k < 8; ++k) {
+            w[k] = _mm256_loadu_ps(s + 8 * k);
+        }
+        for (int c0 = 0; c0 < D; c0 += 4) {
+            __m256 r[4];
+            for (int i = 0; i < 4; ++i) {
+                const float * row = vcm + (int64_t) (c0 + i) * 64;
+                __m256 a = _mm256_mul_ps(w[0], _mm256_loadu_ps(row));
+                for (int k = 1; k < 8; ++k) {
+                    a = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(row + 8 * k), a);
+                }
+                r[i] = a;
+            }
+            const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(r[0], r[1]), _mm256_hadd_ps(r[2], r[3]));
+            const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+            _mm_storeu_ps(acc + c0, _mm_add_ps(_mm_loadu_ps(acc + c0), sums));
+        }
+        return;
+    }
+    for (int c0 = 0; c0 < D; c0 += 8) {
+        __m256 r[8];
+        for (int i = 0; i < 8; ++i) {
+            const float * row = vcm + (int64_t) (c0 + i) * G;
+            __m256 a = _mm256_mul_ps(_mm256_loadu_ps(s), _mm256_loadu_ps(row));
+            for (int u = 8; u < G; u += 8) {
+                a = _mm256_fmadd_ps(_mm256_loadu_ps(s + u), _mm256_loadu_ps(row + u), a);
+            }
+            r[i] = a;
+        }
+        const __m256 lo = _mm256_hadd_ps(_mm256_hadd_ps(r[0], r[1]), _mm256_hadd_ps(r[2], r[3]));
+        const __m256 hi = _mm256_hadd_ps(_mm256_hadd_ps(r[4], r[5]), _mm256_hadd_ps(r[6], r[7]));
+        const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+        _mm256_storeu_ps(acc + c0, _mm256_add_ps(_mm256_loadu_ps(acc + c0), sums));
+    }
+}
+#endif
+
+// Scores of one chunk -> folded into the head's (M, S, acc). Values token-major (v[t * D]), or
+// with v_cm_G > 0 (the AVX2 path only) one group's per-channel values channel-major, G = v_cm_G.
 static void fold_chunk(const struct head_ctx * h, float * s, int n, const float * mask, float * acc,
-                       float * M, float * S, const float * v, int D, int simd) {
+                       float * M, float * S, const float * v, int D, int simd, int v_cm_G) {
 #if LQ2_AVX2
     if (simd) {
         const float mx = h->softcap != 0.0f ? finish_scores(h, s, n, mask) : finish_scores_avx2(h, s, n, mask);
-        online_update_avx2(acc, M, S, s, mx, n, v, D);
+        if (v_cm_G > 0) {
+            online_update_cm_avx2(acc, M, S, s, mx, n, v, D, v_cm_G);
+        } else {
+            online_update_avx2(acc, M, S, s, mx, n, v, D);
+        }
         return;
     }
+#else
+    (void) v_cm_G;
 #endif
     const float mx = finish_scores(h, s, n, mask);
     online_update(acc, M, S, s, mx, n, v, D, simd);
@@ -547,7 +622,9 @@ static int attn_core(const struct lq2_attn_params * p, const float * q,
     const int kb     = has_b ? b->k_bits : 2;
     const int vb     = has_b ? b->v_bits : 2;
     const int n_dims = has_b ? b->rope.n_dims : 0;
-    if (has_b && (lq2_key_type_b(G, kb) < 0 || lq2_value_type(vb) < 0 || n_dims < 0 || n_dims > D || n_dims % 2 != 0 ||
+    const int vpc    = has_b && b->v_per_channel;
+    if (has_b && (lq2_key_type_b(G, kb) < 0 || (vpc ? lq2_key_type_b(G, vb) : lq2_value_type(vb)) < 0 ||
+                  n_dims < 0 || n_dims > D || n_dims % 2 != 0 ||
                   (b->rope.mode != LQ2_ROPE_NORMAL && b->rope.mode != LQ2_ROPE_NEOX) ||
                   (n_dims > 0 && !b->rope_table && !b->pos))) {
         return -1;
@@ -557,13 +634,15 @@ static int attn_core(const struct lq2_attn_params * p, const float * q,
     const int nt = imax(G, LQ2_ATTN_CHUNK);
     float * kbuf = (float *) work;
     float * vbuf = kbuf + (size_t) nt * D;
-    float * sbuf = vbuf + (size_t) nt * D;
+    float * vcm  = vbuf + (size_t) nt * D;
+    float * sbuf = vcm + (size_t) G * D;
     lq2_half * csbuf = (lq2_half *) (sbuf + (size_t) nt * p->n_head);
     float * Mv = M_out ? M_out : sbuf + (size_t) nt * p->n_head + (size_t) n_dims * G; // after csbuf
     float * Sv = S_out ? S_out : Mv + p->n_head;
 
     const int kbs = LQ2_BLOCK_BYTES_B(G, kb);
-    const size_t vhead_bytes = (size_t) (D / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, vb);
+    const size_t vhead_bytes = vpc ? (size_t) D * LQ2_BLOCK_BYTES_B(G, vb)
+                                   : (size_t) (D / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, vb);
     const int hk0 = h0 / gq, hk1 = h1 > h0 ? (h1 - 1) / gq + 1 : hk0; // kv heads [hk0, hk1)
     for (int j = h0; j < h1; ++j) {
         Mv[j] = -INFINITY;
@@ -592,7 +671,7 @@ static int attn_core(const struct lq2_attn_params * p, const float * q,
                 for (int t = 0; t < n; ++t) {
                     sbuf[t] = dot(q + (int64_t) j * D, kbuf + (int64_t) t * D, D, simd);
                 }
-                fold_chunk(&h, sbuf, n, mask, out + (int64_t) j * D, &Mv[j], &Sv[j], vbuf, D, simd);
+                fold_chunk(&h, sbuf, n, mask, out + (int64_t) j * D, &Mv[j], &Sv[j], vbuf, D, simd, 0);
             }
         }
     }
@@ -616,7 +695,21 @@ static int attn_core(const struct lq2_attn_params * p, const float * q,
             const char * kg = (const char *) b->k + g * b->nb_kg + (size_t) hk * D * kbs;
             const int8_t * kw = b->k_widths ? b->k_widths + (int64_t) hk * D : NULL;
             keys_group_cm(kg, D, G, kb, kw, &b->rope, cs, kbuf, simd);
-            for (int t = 0; t < n; ++t) {
+            // per-channel values: the head's D value blocks of the group, channel-major; the AVX2
+            // fold reads them so, the scalar one token-major
+            const int v_cm = vpc && LQ2_AVX2 && simd && G % 8 == 0 && D % 8 == 0 ? G : 0;
+            if (vpc) {
+                const char * vg = (const char *) b->v + g * b->nb_v + (size_t) hk * vhead_bytes;
+                if (simd) {
+                    lq2_dequantize_k_group_cm(vg, D, G, vb, vcm);
+                } else {
+                    lq2_dequantize_k_group_cm_ref(vg, D, G, vb, vcm);
+                }
+                if (!v_cm) {
+                    values_to_rows(vcm, D, G, n, vbuf);
+                }
+            }
+            for (int t = 0; t < n && !vpc; ++t) {
                 const char * vr = (const char *) b->v + (g * G + t) * b->nb_v + (size_t) hk * vhead_bytes;
                 if (simd) {
                     lq2_dequantize_v_row(vr, vbuf + (int64_t) t * D, D, vb);
@@ -639,7 +732,8 @@ static int attn_core(const struct lq2_attn_params * p, const float * q,
             }
             for (j = j0; j < j1; ++j) {
                 const struct head_ctx h = make_head_ctx(p, j);
-                fold_chunk(&h, sbuf + (int64_t) j * nt, n, mask, out + (int64_t) j * D, &Mv[j], &Sv[j], vbuf, D, simd);
+                fold_chunk(&h, sbuf + (int64_t) j * nt, n, mask, out + (int64_t) j * D, &Mv[j], &Sv[j],
+                           v_cm ? vcm : vbuf, D, simd, v_cm);
             }
         }
     }

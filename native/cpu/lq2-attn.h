@@ -48,7 +48,9 @@ struct lq2_tier_f16 {
 // bits (2, 4, 8: the tier of one layer has one key and one value width).
 // keys: group g at (char *) k + g * nb_kg: n_head_kv * D key blocks of G codes, channel c of kv
 //       head h is block h * D + c (pre-RoPE).
-// values: token t at (char *) v + t * nb_v: n_head_kv * D / 64 value blocks.
+// values: per token (v_per_channel 0): token t at (char *) v + t * nb_v: n_head_kv * D / 64 value
+//       blocks; per channel (1): group g at (char *) v + g * nb_v: n_head_kv * D blocks of G codes
+//       laid out as the keys' (no RoPE).
 // pos: n positions (for RoPE; unused when rope.n_dims is 0 or a table is given). rope_table: lq2_rope_table(rope, pos, n, G) computed once per step
 // and shared by every layer and head; NULL computes it per group here (slower).
 // score_correction: 1 subtracts from every score of a group the expected inflation its key codes
@@ -70,6 +72,7 @@ struct lq2_tier_q2 {
     // Mixed key widths (lq2-format.h): n_head_kv * D channel widths of 0, b or 2b bits with a mean
     // of k_bits (kv head h's at k_widths + h * D); NULL: every channel k_bits.
     const int8_t         * k_widths;
+    int32_t                v_per_channel;
 };
 
 // One kv head's keys of one 2-bit group as the attention reads them: dequantized and re-rotated

@@ -37,8 +37,9 @@ void ggml_compute_forward_lq2_demote(const struct ggml_compute_params * params, 
     const int64_t nv = vc->ne[0];
     const int64_t D  = nk / p.n_head_kv;
     const int64_t G  = p.G;
-    const size_t  group_bytes = (size_t) nk * LQ2_BLOCK_BYTES_B(p.G, p.k_bits);
-    const size_t  vrow_bytes  = (size_t) (nv / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, p.v_bits);
+    const size_t  group_bytes  = (size_t) nk * LQ2_BLOCK_BYTES_B(p.G, p.k_bits);
+    const size_t  vrow_bytes   = (size_t) (nv / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, p.v_bits);
+    const size_t  vgroup_bytes = (size_t) nv * LQ2_BLOCK_BYTES_B(p.G, p.v_bits); // per-channel values
     const int     ref = params->use_ref;
 
     float * vrow = (float *) malloc((size_t) nv * sizeof(float));
@@ -51,23 +52,28 @@ void ggml_compute_forward_lq2_demote(const struct ggml_compute_params * params, 
             continue; // padding
         }
         const int64_t grp = slot / G;
-        // values: per token
-        const ggml_fp16_t * vsrc = (const ggml_fp16_t *) ((const char *) vc->data + d[LQ2_DEMOTE_ROW] * vc->nb[1]);
-        ggml_fp16_to_fp32_row(vsrc, vrow, nv);
-        char * vdst = (char *) v2->data + slot * vrow_bytes;
-        if (ref) {
-            lq2_quantize_v_row_ref(vrow, vdst, nv, p.v_bits, p.fit);
-        } else {
-            lq2_quantize_v_row(vrow, vdst, nv, p.v_bits, p.fit);
-        }
-        // keys: un-rotate into the group's staging rows, requantize the group when it fills or
-        // the list's run of rows into it ends (a group's rows are adjacent in the list)
+        // keys (and per-channel values): into the group's staging rows, the keys un-rotated; the
+        // group is requantized when it fills or the list's run of rows into it ends (a group's
+        // rows are adjacent in the list)
         float * stage  = (float *) ((char *) staging->data + d[LQ2_DEMOTE_STAGE] * staging->nb[1]);
         float * staged = stage + (slot % G) * nk;
         const ggml_fp16_t * ksrc = (const ggml_fp16_t *) ((const char *) kc->data + d[LQ2_DEMOTE_ROW] * kc->nb[1]);
         ggml_fp16_to_fp32_row(ksrc, staged, nk);
         if (p.rope.n_dims > 0) {
             lq2_rope_rows(&p.rope, staged, (int) D, p.n_head_kv, d[LQ2_DEMOTE_POS], /*inverse =*/ 1);
+        }
+        const ggml_fp16_t * vsrc = (const ggml_fp16_t *) ((const char *) vc->data + d[LQ2_DEMOTE_ROW] * vc->nb[1]);
+        float * vstage = stage + G * nk; // per-channel values: after the group's keys
+        if (p.v_per_channel) {
+            ggml_fp16_to_fp32_row(vsrc, vstage + (slot % G) * nv, nv);
+        } else { // per token: coded now
+            ggml_fp16_to_fp32_row(vsrc, vrow, nv);
+            char * vdst = (char *) v2->data + slot * vrow_bytes;
+            if (ref) {
+                lq2_quantize_v_row_ref(vrow, vdst, nv, p.v_bits, p.fit);
+            } else {
+                lq2_quantize_v_row(vrow, vdst, nv, p.v_bits, p.fit);
+            }
         }
         const int32_t * next = i + 1 < n ? d + LQ2_DEMOTE_COLS : NULL;
         const int last_of_group = slot % G == G - 1;
@@ -81,6 +87,14 @@ void ggml_compute_forward_lq2_demote(const struct ggml_compute_params * params, 
                 lq2_quantize_k_group_ref(stage, nk, n_tok, (int) nk, (int) G, p.k_bits, p.fit, kdst);
             } else {
                 lq2_quantize_k_group(stage, nk, n_tok, (int) nk, (int) G, p.k_bits, p.fit, kdst);
+            }
+            if (p.v_per_channel) {
+                char * vdst = (char *) v2->data + grp * vgroup_bytes;
+                if (ref) {
+                    lq2_quantize_k_group_ref(vstage, nv, n_tok, (int) nv, (int) G, p.v_bits, p.fit, vdst);
+                } else {
+                    lq2_quantize_k_group(vstage, nv, n_tok, (int) nv, (int) G, p.v_bits, p.fit, vdst);
+                }
             }
         }
     }
@@ -159,6 +173,7 @@ void ggml_compute_forward_lq2_attn(const struct ggml_compute_params * params, st
     const int64_t n_groups  = n_slots / G;
     const size_t  kg_bytes  = (size_t) (n_head_kv * D) * LQ2_BLOCK_BYTES_B(op.G, op.k_bits);
     const size_t  vrow_bytes = (size_t) (n_head_kv * D / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, op.v_bits);
+    const size_t  vg_bytes  = (size_t) (n_head_kv * D) * LQ2_BLOCK_BYTES_B(op.G, op.v_bits);
 
     const int64_t pairs  = n_tokens * n_head_kv;
     const int64_t n_part = attn_n_part(dst, nth);
@@ -223,8 +238,9 @@ void ggml_compute_forward_lq2_attn(const struct ggml_compute_params * params, st
         tb.v_bits     = op.v_bits;
         tb.k          = (const char *) k2->data + g0 * kg_bytes;
         tb.nb_kg      = kg_bytes;
-        tb.v          = (const char *) v2->data + b0 * vrow_bytes;
-        tb.nb_v       = vrow_bytes;
+        tb.v_per_channel = op.v_per_channel;
+        tb.v          = (const char *) v2->data + (op.v_per_channel ? g0 * vg_bytes : b0 * vrow_bytes);
+        tb.nb_v       = op.v_per_channel ? vg_bytes : vrow_bytes;
         tb.pos        = NULL;
         tb.rope       = op.rope;
         tb.rope_table = rope ? (const lq2_half *) ((const char *) rope->data + g0 * rope->nb[1]) : NULL;
@@ -256,7 +272,8 @@ void ggml_compute_forward_lq2_attn(const struct ggml_compute_params * params, st
 // ---- dequantize (the prefill path)
 
 // Both tiers in f16, for ggml_flash_attn_ext: work items are the 2-bit key groups per kv head,
-// then the 2-bit value rows, then the f16 tier's cells, spread over the threads.
+// then the 2-bit value rows (per-channel values: groups per kv head), then the f16 tier's cells,
+// spread over the threads.
 size_t ggml_lq2_dequant_work_size(const struct ggml_tensor * dst, int n_tasks) {
     struct lq2_dequant_op_params p;
     memcpy(&p, dst->op_params, sizeof(p));
@@ -280,6 +297,7 @@ void ggml_compute_forward_lq2_dequant(const struct ggml_compute_params * params,
     const size_t  kbs = (size_t) LQ2_BLOCK_BYTES_B(p.G, p.k_bits);
     const size_t  kg_bytes = (size_t) nk * kbs;
     const size_t  vrow_bytes = (size_t) (nk / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, p.v_bits);
+    const size_t  vbs = (size_t) LQ2_BLOCK_BYTES_B(p.G, p.v_bits); // per-channel values
     const size_t  row_bytes = (size_t) nk * sizeof(ggml_fp16_t); // one token, all kv heads
 
     char * kout = (char *) dst->data;                // keys: token t at kout + t * row_bytes
@@ -289,7 +307,8 @@ void ggml_compute_forward_lq2_dequant(const struct ggml_compute_params * params,
     const int ref = params->use_ref;
 
     const int64_t n_kitems = n_groups * n_head_kv;
-    const int64_t n_items  = n_kitems + p.n_slots + n_kv;
+    const int64_t n_vitems = p.v_per_channel ? n_groups * n_head_kv : p.n_slots;
+    const int64_t n_items  = n_kitems + n_vitems + n_kv;
     for (int64_t item = ith; item < n_items; item += nth) {
         if (item < n_kitems) {
             const int64_t g = item / n_head_kv, hk = item % n_head_kv;
@@ -307,7 +326,21 @@ void ggml_compute_forward_lq2_dequant(const struct ggml_compute_params * params,
                     row[c] = GGML_CPU_FP32_TO_FP16(kbuf[c * G + t]);
                 }
             }
-        } else if (item < n_kitems + p.n_slots) {
+        } else if (item < n_kitems + n_vitems && p.v_per_channel) {
+            const int64_t g = (item - n_kitems) / n_head_kv, hk = (item - n_kitems) % n_head_kv;
+            const char * vg = (const char *) v2->data + (g * nk + hk * D) * vbs;
+            if (ref) {
+                lq2_dequantize_k_group_cm_ref(vg, (int) D, (int) G, p.v_bits, kbuf);
+            } else {
+                lq2_dequantize_k_group_cm(vg, (int) D, (int) G, p.v_bits, kbuf);
+            }
+            for (int64_t t = 0; t < G; t++) {
+                ggml_fp16_t * row = (ggml_fp16_t *) (vout + (g * G + t) * row_bytes) + hk * D;
+                for (int64_t c = 0; c < D; c++) {
+                    row[c] = GGML_CPU_FP32_TO_FP16(kbuf[c * G + t]);
+                }
+            }
+        } else if (item < n_kitems + n_vitems) {
             const int64_t s = item - n_kitems;
             const char * vr = (const char *) v2->data + s * vrow_bytes;
             if (ref) {
@@ -317,7 +350,7 @@ void ggml_compute_forward_lq2_dequant(const struct ggml_compute_params * params,
             }
             ggml_cpu_fp32_to_fp16(vbuf, (ggml_fp16_t *) (vout + s * row_bytes), nk);
         } else {
-            const int64_t j = item - n_kitems - p.n_slots;
+            const int64_t j = item - n_kitems - n_vitems;
             memcpy(kout + (p.n_slots + j) * row_bytes, (const char *) k->data + j * k->nb[2], row_bytes);
             memcpy(vout + (p.n_slots + j) * row_bytes, (const char *) v->data + j * v->nb[2], row_bytes);
         }

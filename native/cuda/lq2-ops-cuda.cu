@@ -19,7 +19,7 @@ template <typename P> static P op_params_of(const ggml_tensor * t) {
 }
 
 bool ggml_cuda_lq2_supports_op(const ggml_tensor * op) {
-    if (lq2_op_has_key_widths(op)) {
+    if (lq2_op_has_key_widths(op) || lq2_op_has_per_channel_values(op)) {
         return false;
     }
     switch (op->op) {

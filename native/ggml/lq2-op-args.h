@@ -26,6 +26,24 @@ static inline int lq2_op_has_key_widths(const struct ggml_tensor * op) {
     return op->src[src] != NULL;
 }
 
+// Whether a LogQuant op reads per-channel values (v_per_channel in lq2-op-params.h): likewise not
+// in the GPU kernels yet.
+static inline int lq2_op_has_per_channel_values(const struct ggml_tensor * op) {
+    if (op->op == GGML_OP_LQ2_DEMOTE) {
+        struct lq2_demote_op_params p;
+        memcpy(&p, op->op_params, sizeof(p));
+        return p.v_per_channel != 0;
+    }
+    if (op->op == GGML_OP_LQ2_ATTN) {
+        struct lq2_attn_op_params p;
+        memcpy(&p, op->op_params, sizeof(p));
+        return p.v_per_channel != 0;
+    }
+    struct lq2_dequant_op_params p;
+    memcpy(&p, op->op_params, sizeof(p));
+    return p.v_per_channel != 0;
+}
+
 // parts: lq2_attn_parts_floats() floats of scratch for n_part parts.
 static inline struct lq2_attn_args lq2_attn_args_of(const struct ggml_tensor * dst, int32_t n_part, float * parts) {
     struct lq2_attn_op_params op;

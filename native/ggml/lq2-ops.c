@@ -18,7 +18,9 @@ struct ggml_tensor * ggml_lq2_demote(struct ggml_context * ctx, struct ggml_tens
     GGML_ASSERT(rows->type == GGML_TYPE_I32 && rows->ne[0] == LQ2_DEMOTE_COLS && ggml_is_contiguous(rows));
     struct lq2_demote_op_params p;
     memcpy(&p, params, sizeof(p));
-    GGML_ASSERT(p.n_head_kv > 0 && k->ne[0] % p.n_head_kv == 0 && staging->ne[0] == (int64_t) p.G * k->ne[0]);
+    GGML_ASSERT(p.n_head_kv > 0 && k->ne[0] % p.n_head_kv == 0);
+    // (a layer the cache moved to per-token values for a GPU keeps its wider staging rows)
+    GGML_ASSERT(staging->ne[0] >= (int64_t) p.G * (k->ne[0] + (p.v_per_channel ? v->ne[0] : 0)));
 
     // in place on k2 (v2 and staging are written beside it): readers of the result run after it
     struct ggml_tensor * result = ggml_view_tensor(ctx, k2);

@@ -121,11 +121,12 @@ logquant_cache::logquant_cache(const logquant_settings & s, const llama_model & 
         overrides += " " + std::to_string(lb.il) + ":" + std::to_string(lb.key_bits) + ":" + std::to_string(lb.value_bits);
     }
     LLAMA_LOG_INFO("%s: LogQuant cache: window %d, policy %s, low-bit tier %u tokens, keys %s RoPE in groups "
-                   "of %d, bits K %d V %d%s%s%s\n", __func__, settings.window,
+                   "of %d, bits K %d V %d%s%s%s, values grouped per %s\n", __func__, settings.window,
                    settings.policy == LOGQUANT_POLICY_LOG ? "log" : "window", capacity,
                    rope.n_dims > 0 ? "before" : no_rope ? "without" : "after", G, settings.key_bits, settings.value_bits,
                    overrides.empty() ? "" : ", layers il:K:V", overrides.c_str(),
-                   key_widths_of.empty() ? "" : ", mixed key widths (0/b/2b bits per channel, from the weights)");
+                   key_widths_of.empty() ? "" : ", mixed key widths (0/b/2b bits per channel, from the weights)",
+                   settings.value_per_channel ? "channel" : "token");
 }
 
 std::string logquant_cache::check_supported(const llama_model & model, const llama_hparams & hparams, bool v_trans,
@@ -175,11 +176,12 @@ bool logquant_cache::device_takes_layer(ggml_backend_dev_t dev, const layer & l)
     ggml_tensor * m2  = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, n_slots, 1);
     ggml_tensor * tab = rope.n_dims > 0 ? ggml_new_tensor_2d(ctx, GGML_TYPE_F16, (int64_t) rope.n_dims * G, n_groups)
                                         : nullptr;
-    lq2_demote_op_params dp = { G, l.k_bits, l.v_bits, (int32_t) l.n_head_kv, rope, settings.fit };
-    lq2_attn_op_params   ap = { 1.0f, 0.0f, 0.0f, G, l.k_bits, l.v_bits, 1, rope, settings.score_correction };
+    lq2_demote_op_params dp = { G, l.k_bits, l.v_bits, (int32_t) l.n_head_kv, rope, settings.fit, l.v_per_channel };
+    lq2_attn_op_params   ap = { 1.0f, 0.0f, 0.0f, G, l.k_bits, l.v_bits, 1, rope, settings.score_correction,
+                                l.v_per_channel };
     ggml_tensor * dem  = ggml_lq2_demote(ctx, k2, v2, st, kr, vr, rws, &dp, sizeof(dp));
     ggml_tensor * attn = ggml_lq2_attn(ctx, q, k, v, m, dem, v2, m2, tab, &ap, sizeof(ap));
-    lq2_dequant_op_params qp = { G, l.k_bits, l.v_bits, (int32_t) n_slots, rope };
+    lq2_dequant_op_params qp = { G, l.k_bits, l.v_bits, (int32_t) n_slots, rope, l.v_per_channel };
     ggml_tensor * deq  = ggml_lq2_dequant(ctx, dem, v2, tab, k, v, &qp, sizeof(qp));
     if (l.widths) {
         ggml_tensor * w = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, l.n_embd_k_gqa);
@@ -198,17 +200,25 @@ std::string logquant_cache::check_device(ggml_backend_dev_t dev) {
         return {};
     }
     for (auto & l : layers) { // every layer: head counts and code widths may differ
-        if (l.widths && !device_takes_layer(dev, l)) {
-            // the GPU kernels do not read mixed key widths yet: such a layer keeps uniform ones there
-            ggml_tensor * w = l.widths;
+        if ((l.widths || l.v_per_channel) && !device_takes_layer(dev, l)) {
+            // the GPU kernels do not read mixed key widths or per-channel values yet: such a layer
+            // keeps uniform widths and per-token values there (in the bytes allocated for it: the
+            // per-token values of a group take no more than per-channel ones at G = 32 or 64)
+            const layer before = l;
+            const size_t per_token = (size_t) G * (l.n_embd_v_gqa / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, l.v_bits);
             l.widths = nullptr;
+            if (l.v_per_channel && per_token <= l.v_group_bytes) {
+                l.v_per_channel = 0;
+                l.v_group_bytes = per_token;
+            }
             if (device_takes_layer(dev, l)) {
-                LLAMA_LOG_WARN("%s: layer %d keeps uniform key widths on %s: its LogQuant kernels do not read mixed "
-                               "key widths yet\n", __func__, l.il, ggml_backend_dev_name(dev));
+                LLAMA_LOG_WARN("%s: layer %d keeps uniform key widths and per-token values on %s: its LogQuant "
+                               "kernels do not read mixed key widths or per-channel values yet\n", __func__, l.il,
+                               ggml_backend_dev_name(dev));
                 l.widths_host.clear();
                 continue;
             }
-            l.widths = w;
+            l = before;
         }
         if (!device_takes_layer(dev, l)) {
             return std::string("the ") + ggml_backend_dev_name(dev) + " backend does not run the LogQuant ops "
@@ -254,10 +264,13 @@ void logquant_cache::add_layer(ggml_context * ctx, int32_t il, uint32_t n_embd_k
     l.n_head       = n_head;
     std::tie(l.k_bits, l.v_bits) = settings.bits_of(il);
     l.k_group_bytes = (size_t) n_embd_k_gqa * LQ2_BLOCK_BYTES_B(G, l.k_bits);
-    l.v_row_bytes   = (size_t) (n_embd_v_gqa / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, l.v_bits);
+    l.v_per_channel = settings.value_per_channel && lq2_key_type_b(G, l.v_bits) >= 0;
+    l.v_group_bytes = l.v_per_channel ? (size_t) n_embd_v_gqa * LQ2_BLOCK_BYTES_B(G, l.v_bits)
+                                      : (size_t) G * (n_embd_v_gqa / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, l.v_bits);
     l.k2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, n_groups * (int64_t) l.k_group_bytes);
-    l.v2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, n_groups * G * (int64_t) l.v_row_bytes);
-    l.staging = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, (int64_t) G * n_embd_k_gqa, bk.n_stage);
+    l.v2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, n_groups * (int64_t) l.v_group_bytes);
+    l.staging = ggml_new_tensor_2d(ctx, GGML_TYPE_F32,
+                                   (int64_t) G * (n_embd_k_gqa + (l.v_per_channel ? n_embd_v_gqa : 0)), bk.n_stage);
     ggml_format_name(l.k2, "cache_k2_l%d", il);
     ggml_format_name(l.v2, "cache_v2_l%d", il);
     ggml_format_name(l.staging, "cache_k2_staging_l%d", il);
@@ -315,7 +328,7 @@ logquant_tier_stats logquant_cache::stats(int64_t bytes_f16) const {
             s.bytes_q2  += (int64_t) ggml_nbytes(l.widths);
             s.bytes_aux += (int64_t) ggml_nbytes(l.widths);
         }
-        bits   += 8.0 * ((double) l.k_group_bytes / G + (double) l.v_row_bytes);
+        bits   += 8.0 * (double) (l.k_group_bytes + l.v_group_bytes) / G;
         values += (double) (l.n_embd_k_gqa + l.n_embd_v_gqa);
     }
     s.q2_bits_per_value = values > 0.0 ? bits / values : 0.0;

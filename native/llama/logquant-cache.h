@@ -93,6 +93,12 @@ struct logquant_settings {
     // weights (logquant-key-widths.cpp; Qwen's decode KL at 4k 0.159 -> 0.078, docs/levers.md).
     // 0: every channel the layer's key bits. Keys grouped after RoPE keep uniform widths.
     int32_t key_widths       = 1;
+    // Values grouped per channel over a key group's G tokens, as the keys are, instead of per token
+    // over 64 channels (lq2-op-params.h; the default, LOGQUANT_VALUE_GROUPS=token turns it off):
+    // the same bytes, half the values' share of the attention error on Qwen (docs/levers.md). A
+    // layer whose value bits have no key type at G (4- or 8-bit values with G 32 or 128) keeps
+    // per-token values.
+    int32_t value_per_channel = 1;
     std::string layer_bits_error; // LOGQUANT_LAYER_BITS as given, when it could not be read
 
     // The code bits of layer il: {key, value}.
@@ -251,9 +257,11 @@ public:
     struct layer {
         int32_t       il;
         ggml_tensor * k2;      // I8: groups of G tokens x n_embd_k_gqa key blocks of k_bits codes
-        ggml_tensor * v2;      // I8: slots x n_embd_v_gqa / 64 value blocks of v_bits codes
-        // F32 [G * n_embd_k_gqa, n_stage]: pre-RoPE keys of the open (partial) groups, one row per
-        // open group (book::stage_row): a group is requantized whole as it grows
+        ggml_tensor * v2;      // I8: slots x n_embd_v_gqa / 64 value blocks of v_bits codes, or
+                               // per-channel values: groups x n_embd_v_gqa blocks of G codes
+        // F32 [G * n_embd_k_gqa (+ G * n_embd_v_gqa), n_stage]: pre-RoPE keys (then the values, when
+        // per channel) of the open (partial) groups, one row per open group (book::stage_row): a
+        // group is requantized whole as it grows
         ggml_tensor * staging;
         ggml_tensor * rope;    // the cos/sin table of this layer's buffer (rope_tables), or null
         ggml_tensor * widths;  // I8 [n_embd_k_gqa]: mixed key widths (settings.key_widths), or null
@@ -265,7 +273,8 @@ public:
         int32_t  k_bits;
         int32_t  v_bits;
         size_t   k_group_bytes; // one group of G tokens, all channels
-        size_t   v_row_bytes;   // one token, all channels
+        int32_t  v_per_channel; // values grouped per channel (settings.value_per_channel)
+        size_t   v_group_bytes; // the values of one group's G slots, all channels (either grouping)
     };
     mutable bool on_gpu = false; // check_device found a CUDA or Metal device taking the tier (prefill_fa_min's default)
     bool device_takes_layer(ggml_backend_dev_t dev, const layer & l) const; // check_device's probe

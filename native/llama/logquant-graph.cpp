@@ -101,6 +101,7 @@ logquant_attn_nodes logquant_build_attn(ggml_context * ctx, ggml_cgraph * gf, ll
     dp.n_head_kv = (int32_t) l.n_head_kv;
     dp.fit       = lq->fit();
     dp.rope      = lq->rope;
+    dp.v_per_channel = l.v_per_channel;
     ggml_tensor * demoted = ggml_lq2_demote(ctx, l.k2, l.v2, l.staging, k_written, v_written, inp->demotions,
                                             &dp, sizeof(dp));
     if (l.widths) {
@@ -118,6 +119,7 @@ logquant_attn_nodes logquant_build_attn(ggml_context * ctx, ggml_cgraph * gf, ll
         qp.v_bits  = l.v_bits;
         qp.n_slots = (int32_t) inp->mask2->ne[0];
         qp.rope    = lq->rope;
+        qp.v_per_channel = l.v_per_channel;
         ggml_tensor * both = ggml_lq2_dequant(ctx, demoted, l.v2, l.rope, k, v, &qp, sizeof(qp));
         if (l.widths) {
             ggml_lq2_set_key_widths(both, l.widths);
@@ -144,6 +146,7 @@ logquant_attn_nodes logquant_build_attn(ggml_context * ctx, ggml_cgraph * gf, ll
     ap.n_part_max = (int32_t) std::min<int64_t>(8, (16 + pairs - 1) / pairs);
     ap.rope       = lq->rope;
     ap.score_correction = lq->score_correction();
+    ap.v_per_channel    = l.v_per_channel;
     // k2 through the demote node: the attention runs after it
     ggml_tensor * out = ggml_lq2_attn(ctx, q, k, v, kq_mask, demoted, l.v2, inp->mask2, l.rope, &ap, sizeof(ap));
     if (l.widths) {

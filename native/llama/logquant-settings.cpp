@@ -46,6 +46,9 @@ static logquant_settings g_settings = [] {
     if (const char * w = std::getenv("LOGQUANT_KEY_WIDTHS")) { // "auto" (or 1): mixed; "uniform" (or 0)
         s.key_widths = std::strcmp(w, "uniform") != 0 && std::strcmp(w, "0") != 0;
     }
+    if (const char * v = std::getenv("LOGQUANT_VALUE_GROUPS")) { // "channel" (or 1); "token" (or 0)
+        s.value_per_channel = std::strcmp(v, "token") != 0 && std::strcmp(v, "0") != 0;
+    }
     if (const char * c = std::getenv("LOGQUANT_SCORE_CORRECTION")) {
         s.score_correction = std::atoi(c) != 0;
     }

@@ -14,8 +14,15 @@
 // ---------------------------------------------------------------------------------------------
 // state: a tagged section after llama_kv_cache's own data
 
-static constexpr uint32_t STATE_MAGIC    = 0x4c513204; // "LQ2", version 4 (mixed key widths per layer)
-static constexpr uint32_t STATE_MAGIC_V3 = 0x4c513203; // version 3 (sequences per slot): read as uniform widths
+static constexpr uint32_t STATE_MAGIC    = 0x4c513205; // "LQ2", version 5 (value grouping per layer)
+static constexpr uint32_t STATE_MAGIC_V4 = 0x4c513204; // version 4 (mixed key widths): read as per-token values
+static constexpr uint32_t STATE_MAGIC_V3 = 0x4c513203; // version 3 (sequences per slot): and uniform widths
+
+// Bytes of a layer's values for n slots in n_grp groups: per-token values by slot, per-channel
+// ones by group.
+static size_t value_bytes(const logquant_cache::layer & l, int64_t n, int64_t n_grp, int32_t G) {
+    return l.v_per_channel ? (size_t) n_grp * l.v_group_bytes : (size_t) n * (l.v_group_bytes / G);
+}
 
 // What a state records of a layer's mixed key widths: 0 for uniform ones, else an FNV-1a hash of
 // the widths (never 0), so that a state from a cache that read its keys otherwise is refused.
@@ -77,21 +84,27 @@ void logquant_cache::state_write(llama_io_write_i & io, int32_t seq_id) const {
     io.write(&n_layers, sizeof(n_layers));
     for (const auto & l : layers) {
         const size_t k_bytes = n_grp * l.k_group_bytes;
-        const size_t v_bytes = n * l.v_row_bytes;
+        const size_t v_bytes = value_bytes(l, n, n_grp, G);
         io.write(&l.il, sizeof(l.il));
         io.write(&l.k_bits, sizeof(l.k_bits));
         io.write(&l.v_bits, sizeof(l.v_bits));
         const uint32_t wt = widths_tag(l.widths_host);
         io.write(&wt, sizeof(wt));
+        io.write(&l.v_per_channel, sizeof(l.v_per_channel));
         if (k_bytes > 0) {
             io.write_tensor(l.k2, 0, k_bytes);
             io.write_tensor(l.v2, 0, v_bytes);
         }
-        // the open groups' pre-RoPE f16-precision rows: needed to requantize them as they grow
+        // the open groups' pre-RoPE f16-precision rows (and values, when per channel): needed to
+        // requantize them as they grow
         for (int32_t i = 0; i < n_open; i++) {
             const int64_t s = open[2 * i], grp = open[2 * i + 1];
-            io.write_tensor(l.staging, (size_t) bk.stage_row[s] * l.staging->nb[1],
-                            (size_t) bk.group_fill[grp] * l.n_embd_k_gqa * sizeof(float));
+            const size_t row = (size_t) bk.stage_row[s] * l.staging->nb[1];
+            io.write_tensor(l.staging, row, (size_t) bk.group_fill[grp] * l.n_embd_k_gqa * sizeof(float));
+            if (l.v_per_channel) {
+                io.write_tensor(l.staging, row + (size_t) G * l.n_embd_k_gqa * sizeof(float),
+                                (size_t) bk.group_fill[grp] * l.n_embd_v_gqa * sizeof(float));
+            }
         }
     }
 }
@@ -104,7 +117,7 @@ bool logquant_cache::state_read(llama_io_read_i & io, int32_t seq_id) {
     }
     uint32_t magic = 0;
     io.read(&magic, sizeof(magic));
-    if (magic != STATE_MAGIC && magic != STATE_MAGIC_V3) {
+    if (magic != STATE_MAGIC && magic != STATE_MAGIC_V4 && magic != STATE_MAGIC_V3) {
         LLAMA_LOG_ERROR("%s: this state was not saved by a LogQuant cache of this version\n", __func__);
         return false;
     }
@@ -147,8 +160,12 @@ bool logquant_cache::state_read(llama_io_read_i & io, int32_t seq_id) {
         io.read(&kb, sizeof(kb));
         io.read(&vb, sizeof(vb));
         uint32_t wt = 0;
-        if (magic == STATE_MAGIC) {
+        int32_t vpc = 0;
+        if (magic != STATE_MAGIC_V3) {
             io.read(&wt, sizeof(wt));
+        }
+        if (magic == STATE_MAGIC) {
+            io.read(&vpc, sizeof(vpc));
         }
         if (il != l.il || kb != l.k_bits || vb != l.v_bits) {
             LLAMA_LOG_ERROR("%s: layer %d was saved with %d-bit keys and %d-bit values; this cache's layer %d "
@@ -162,16 +179,27 @@ bool logquant_cache::state_read(llama_io_read_i & io, int32_t seq_id) {
             clear();
             return false;
         }
+        if (vpc != l.v_per_channel) {
+            LLAMA_LOG_ERROR("%s: layer %d was saved with values grouped per %s; this cache groups them per %s "
+                            "(logquant_value_groups)\n", __func__, il, vpc ? "channel" : "token",
+                            l.v_per_channel ? "channel" : "token");
+            clear();
+            return false;
+        }
         const size_t k_bytes = n_grp * l.k_group_bytes;
-        const size_t v_bytes = n * l.v_row_bytes;
+        const size_t v_bytes = value_bytes(l, n, n_grp, G);
         if (k_bytes > 0) {
             io.read_tensor(l.k2, 0, k_bytes);
             io.read_tensor(l.v2, 0, v_bytes);
         }
         for (size_t i = 0; i < open.size(); i += 2) {
             const int64_t s = open[i], grp = open[i + 1];
-            io.read_tensor(l.staging, (size_t) bk.stage_row[s] * l.staging->nb[1], // fill < G: checked
-                           (size_t) bk.group_fill[grp] * l.n_embd_k_gqa * sizeof(float));
+            const size_t row = (size_t) bk.stage_row[s] * l.staging->nb[1];
+            io.read_tensor(l.staging, row, (size_t) bk.group_fill[grp] * l.n_embd_k_gqa * sizeof(float)); // fill < G: checked
+            if (l.v_per_channel) {
+                io.read_tensor(l.staging, row + (size_t) G * l.n_embd_k_gqa * sizeof(float),
+                               (size_t) bk.group_fill[grp] * l.n_embd_v_gqa * sizeof(float));
+            }
         }
     }
     for (int64_t grp = 0; grp < n_grp; grp++) {

@@ -43,7 +43,7 @@ extern "C" bool ggml_metal_lq2_supports_op(const ggml_tensor * op) {
     if (!env || strcmp(env, "1") != 0) {
         return false;
     }
-    if (lq2_op_has_key_widths(op)) {
+    if (lq2_op_has_key_widths(op) || lq2_op_has_per_channel_values(op)) {
         return false;
     }
     switch (op->op) {

@@ -29,7 +29,7 @@ class TierQ2(ctypes.Structure):
                 ("nb_kg", ctypes.c_size_t), ("v", ctypes.c_void_p), ("nb_v", ctypes.c_size_t),
                 ("pos", ctypes.c_void_p), ("rope", RopeParams), ("rope_table", ctypes.c_void_p),
                 ("mask", ctypes.c_void_p), ("score_correction", ctypes.c_int32),
-                ("k_widths", ctypes.c_void_p)]
+                ("k_widths", ctypes.c_void_p), ("v_per_channel", ctypes.c_int32)]
 
 
 class AbShape(ctypes.Structure):  # lq2-attn-block.h

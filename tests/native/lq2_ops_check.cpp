@@ -12,6 +12,8 @@
 //   gpu_vs_ref          LQ2_ATTN's GPU program (3 parts) against the CPU op's scalar path
 //   gpu_dequant_vs_ref  LQ2_DEQUANT's GPU code against the CPU op (f16 outputs)
 //   gpu_demote_bytes    stored bytes of LQ2_DEMOTE's GPU code that differ from the CPU op's
+// Cases with values grouped per channel (v_per_channel, which the GPU kernels do not take yet)
+// print "attn_vpc" / "demote_vpc" lines with the CPU's figures only.
 #include "ggml.h"
 #include "ggml-cpu.h"
 #include "lq2-op-args.h"
@@ -83,7 +85,7 @@ static void diff(const std::vector<float> & a, const std::vector<float> & b, dou
     }
 }
 
-struct shape { int D, Hkv, gq, n_kv, n_slots, nb, G, bits; bool rope; float max_bias, softcap; bool bc = false; };
+struct shape { int D, Hkv, gq, n_kv, n_slots, nb, G, bits; bool rope; float max_bias, softcap; bool bc = false; bool vpc = false; };
 
 static void run_attn(const shape & s, int seed) {
     ggml_init_params ip = { (size_t) 512 << 20, nullptr, false };
@@ -95,14 +97,15 @@ static void run_attn(const shape & s, int seed) {
     ggml_tensor * v  = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, s.D, s.Hkv, s.n_kv, 1);
     ggml_tensor * m  = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, s.n_kv, s.nb, 1, 1);
     ggml_tensor * k2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, (int64_t) s.n_slots / s.G * nk * LQ2_BLOCK_BYTES_B(s.G, s.bits));
-    ggml_tensor * v2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, (int64_t) s.n_slots * (nk / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, s.bits));
+    ggml_tensor * v2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, s.vpc ? (int64_t) s.n_slots / s.G * nk * LQ2_BLOCK_BYTES_B(s.G, s.bits)
+                                                            : (int64_t) s.n_slots * (nk / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, s.bits));
     ggml_tensor * m2 = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, s.n_slots, s.nb);
     ggml_tensor * rt = s.rope ? ggml_new_tensor_2d(ctx, GGML_TYPE_F16, (int64_t) s.D * s.G, s.n_slots / s.G) : nullptr;
     uniform(q, gen, -1.0f, 1.0f);
     uniform(k, gen, -1.0f, 1.0f);
     uniform(v, gen, -1.0f, 1.0f);
     valid_blocks(k2, s.G, s.bits, gen);
-    valid_blocks(v2, LQ2_QK_V, s.bits, gen);
+    valid_blocks(v2, s.vpc ? s.G : LQ2_QK_V, s.bits, gen);
     if (rt) {
         // a real table: cos/sin of angles (positions 0..n_slots, NEOX frequencies)
         lq2_rope_params rp = { LQ2_ROPE_NEOX, s.D, 10000.0f, 1.0f, 1.0f };
@@ -127,8 +130,9 @@ static void run_attn(const shape & s, int seed) {
     lq2_attn_op_params ap = {};
     ap.scale = scale; ap.max_bias = s.max_bias; ap.softcap = s.softcap;
     ap.G = s.G; ap.k_bits = s.bits; ap.v_bits = s.bits; ap.n_part_max = 8; ap.score_correction = s.bc;
+    ap.v_per_channel = s.vpc;
     lq2_dequant_op_params dp = {};
-    dp.G = s.G; dp.k_bits = s.bits; dp.v_bits = s.bits; dp.n_slots = s.n_slots;
+    dp.G = s.G; dp.k_bits = s.bits; dp.v_bits = s.bits; dp.n_slots = s.n_slots; dp.v_per_channel = s.vpc;
     if (s.rope) {
         ap.rope = { LQ2_ROPE_NEOX, s.D, 10000.0f, 1.0f, 1.0f };
         dp.rope = ap.rope;
@@ -160,6 +164,21 @@ static void run_attn(const shape & s, int seed) {
     ggml_prec_set_acc(fa, GGML_PREC_F32);
     compute(ctx, fa, 2, false);
     const std::vector<float> fav = as_f32(fa);
+
+    double a, ra, b, rb, c, rc, d, rd, e, re, g1, rg1, g2, rg2;
+    diff(ref, simd1, a, ra);
+    diff(simd1, simd4, b, rb);
+    diff(ref, fav, c, rc);
+    diff(deq_ref, deq, d, rd);
+    diff(simd1, plain1, e, re);
+    if (s.vpc) {
+        printf("attn_vpc D=%d Hkv=%d gq=%d n_kv=%d slots=%d nb=%d G=%d bits=%d rope=%d alibi=%g softcap=%g "
+               "simd_vs_ref %.3g threads %.3g fa_vs_fused %.3g dequant_simd_vs_ref %.3g max_out %.3g\n",
+               s.D, s.Hkv, s.gq, s.n_kv, s.n_slots, s.nb, s.G, s.bits, (int) s.rope, s.max_bias, s.softcap,
+               a, b, c, d, ra);
+        ggml_free(ctx);
+        return;
+    }
 
     // the GPU program on the same tensors: 3 parts, every block, step and thread
     std::vector<float> gpu_parts((size_t) lq2_attn_parts_floats(fused, 3));
@@ -194,14 +213,8 @@ static void run_attn(const shape & s, int seed) {
     }
     const std::vector<float> gpu_deq = as_f32(gpu_both);
 
-    double a, ra, b, rb, c, rc, d, rd, e, re, g1, rg1, g2, rg2;
     diff(ref, gpu, g1, rg1);
     diff(deq_ref, gpu_deq, g2, rg2);
-    diff(ref, simd1, a, ra);
-    diff(simd1, simd4, b, rb);
-    diff(ref, fav, c, rc);
-    diff(deq_ref, deq, d, rd);
-    diff(simd1, plain1, e, re);
     printf("attn D=%d Hkv=%d gq=%d n_kv=%d slots=%d nb=%d G=%d bits=%d rope=%d alibi=%g softcap=%g bc=%d "
            "simd_vs_ref %.3g threads %.3g fa_vs_fused %.3g dequant_simd_vs_ref %.3g max_out %.3g bc_effect %.3g "
            "gpu_vs_ref %.3g gpu_dequant_vs_ref %.3g\n",
@@ -210,15 +223,17 @@ static void run_attn(const shape & s, int seed) {
     ggml_free(ctx);
 }
 
-static void run_demote(int D, int Hkv, int G, int bits, int n_rows, int first, bool rope, int seed, bool fit = false) {
+static void run_demote(int D, int Hkv, int G, int bits, int n_rows, int first, bool rope, int seed, bool fit = false,
+                       bool vpc = false) {
     ggml_init_params ip = { (size_t) 64 << 20, nullptr, false };
     ggml_context * ctx = ggml_init(ip);
     std::mt19937 gen(seed);
     const int nk = D * Hkv, n_cells = n_rows + 16;
     const int64_t n_groups = (first + n_rows + G - 1) / G + 1;
     ggml_tensor * k2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, n_groups * nk * LQ2_BLOCK_BYTES_B(G, bits));
-    ggml_tensor * v2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, n_groups * G * (nk / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, bits));
-    ggml_tensor * st = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, (int64_t) G * nk, 2);
+    ggml_tensor * v2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, vpc ? n_groups * nk * LQ2_BLOCK_BYTES_B(G, bits)
+                                                          : n_groups * G * (nk / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, bits));
+    ggml_tensor * st = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, (int64_t) G * nk * (vpc ? 2 : 1), 2);
     ggml_tensor * kc = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, nk, n_cells);
     ggml_tensor * vc = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, nk, n_cells);
     ggml_tensor * rows = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, LQ2_DEMOTE_COLS, n_rows + 4);
@@ -233,7 +248,7 @@ static void run_demote(int D, int Hkv, int G, int bits, int n_rows, int first, b
         r[i * LQ2_DEMOTE_COLS + LQ2_DEMOTE_STAGE] = pad ? -1 : ((first + i) / G) % 2;
     }
     lq2_demote_op_params p = {};
-    p.G = G; p.k_bits = bits; p.v_bits = bits; p.n_head_kv = Hkv; p.fit = fit;
+    p.G = G; p.k_bits = bits; p.v_bits = bits; p.n_head_kv = Hkv; p.fit = fit; p.v_per_channel = vpc;
     if (rope) {
         p.rope = { LQ2_ROPE_NEOX, D, 10000.0f, 1.0f, 1.0f };
     }
@@ -252,6 +267,17 @@ static void run_demote(int D, int Hkv, int G, int bits, int n_rows, int first, b
         std::vector<uint8_t> all((uint8_t *) k2->data, (uint8_t *) k2->data + ggml_nbytes(k2));
         all.insert(all.end(), (uint8_t *) v2->data, (uint8_t *) v2->data + ggml_nbytes(v2));
         got.push_back(all);
+    }
+    if (vpc) { // the CPU's paths only; staging: the open group's keys and values both written
+        size_t n_diff = 0, n_set = 0;
+        for (size_t i = 0; i < got[0].size(); i++) {
+            n_diff += got[0][i] != got[1][i];
+            n_set  += got[0][i] != 0;
+        }
+        printf("demote_vpc D=%d Hkv=%d G=%d bits=%d rows=%d first=%d rope=%d fit=%d demote_bytes %zu nonzero %zu\n",
+               D, Hkv, G, bits, n_rows, first, (int) rope, (int) fit, n_diff, n_set);
+        ggml_free(ctx);
+        return;
     }
     { // the GPU code: launch 1 (rows), then launch 2 (groups), 128 threads a block
         memset(k2->data, 0, ggml_nbytes(k2));
@@ -343,6 +369,10 @@ int main() {
         // the score correction (2-bit keys, NEOX table; 4-bit without RoPE, ALiBi)
         { 64,  2, 7,  40, 256,   3, 64, 2, true,  0.0f,  0.0f, true },
         { 128, 1, 4,  33, 128,   2, 64, 4, false, 8.0f,  0.0f, true },
+        // values grouped per channel (CPU only so far)
+        { 64,  2, 7,  40, 256,   3, 64, 2, true,  0.0f,  0.0f, false, true },
+        { 128, 2, 2,  33, 384,  40, 64, 4, true,  0.0f, 30.0f, false, true },
+        { 64,  4, 1,  17, 128,   3, 32, 2, false, 8.0f,  0.0f, false, true },
     };
     int seed = 1;
     for (const auto & s : cases) {
@@ -354,5 +384,7 @@ int main() {
     run_demote(256, 1, 128, 2, 200, 127, true, seed++);
     run_demote(64, 2, 64, 2, 150, 10, true, seed++, true);    // fitted scales
     run_demote(128, 2, 64, 4, 70, 0, true, seed++, true);
+    run_demote(64, 2, 64, 2, 150, 10, true, seed++, true, true); // values grouped per channel
+    run_demote(64, 4, 32, 8, 33, 31, false, seed++, false, true);
     return 0;
 }

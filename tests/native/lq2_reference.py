@@ -169,12 +169,13 @@ def alibi_slopes(n_head: int, max_bias: float) -> np.ndarray:
 
 def attention(q, ka, va, mask_a, kb_blocks, vb_blocks, pos_b, mask_b, *, G, n_head_kv, scale,
               softcap, max_bias, rope_mode, n_dims, base, fscale, attn_factor=1.0, k_bits=2, v_bits=2,
-              score_correction=False, k_widths=None):
+              score_correction=False, k_widths=None, v_per_channel=False):
     """q [H, D] f32; tier A: ka, va [nA, Hkv, D] f16 post-RoPE; tier B: kb_blocks
     [n_groups, Hkv * D, 4 + G*k_bits/8], vb_blocks [nB, Hkv * D / 64, 4 + 8*v_bits], pos_b [nB].
     score_correction: tier B's raw dot products lowered by scale * v / 2, v the query-weighted
     code noise variance of the token's group (lq2-format.h). k_widths: mixed key widths
-    [Hkv * D] (each group's blocks then as quantize_k_group_w lays them out). -> [H, D] f64."""
+    [Hkv * D] (each group's blocks then as quantize_k_group_w lays them out). v_per_channel:
+    vb_blocks [n_groups, Hkv * D, 4 + G*v_bits/8], grouped as the keys are. -> [H, D] f64."""
     H, D = q.shape
     nA, nB = len(ka), len(pos_b)
     keys = [np.asarray(ka, dtype=np.float64).reshape(nA, n_head_kv, D)]
@@ -184,7 +185,9 @@ def attention(q, ka, va, mask_a, kb_blocks, vb_blocks, pos_b, mask_b, *, G, n_he
                                dequantize_k_group_w(g.reshape(-1), G, k_widths) for g in kb_blocks], 0)[:nB]
         kpre = kpre.reshape(nB, n_head_kv, D)
         keys.append(rope(kpre, pos_b, rope_mode, n_dims, base, fscale, attn_factor, table=True))
-        vals.append(dequantize_v(vb_blocks, v_bits).reshape(nB, n_head_kv, D).astype(np.float64))
+        vb = (np.concatenate([dequantize_k_group(g, G, v_bits) for g in vb_blocks], 0)[:nB] if v_per_channel
+              else dequantize_v(vb_blocks, v_bits))
+        vals.append(vb.reshape(nB, n_head_kv, D).astype(np.float64))
     k = np.concatenate(keys, 0)
     v = np.concatenate(vals, 0)
     mask = np.concatenate([np.zeros(nA) if mask_a is None else mask_a,

@@ -91,6 +91,25 @@ def test_attention_op_paths_agree(report):
         assert 0.0 < f["fa_vs_fused"] <= 1e-2 * scale, ln
 
 
+def test_per_channel_values_on_the_cpu_paths(report):
+    """Values grouped per channel: the AVX2 forwards against the scalar path, threads, the prefill
+    path against the fused op, and byte-equal demotion, as above (no GPU code takes them yet)."""
+    attn = [ln for ln in report if ln.startswith("attn_vpc ")]
+    demote = [ln for ln in report if ln.startswith("demote_vpc ")]
+    assert len(attn) == 3 and len(demote) == 2
+    for ln in attn:
+        f = fields(ln)
+        scale = max(1.0, f["max_out"])
+        assert f["simd_vs_ref"] <= 1e-4 * scale, ln
+        assert f["threads"] <= 1e-5 * scale, ln
+        assert f["dequant_simd_vs_ref"] == 0.0, ln
+        assert 0.0 < f["fa_vs_fused"] <= 1e-2 * scale, ln
+    for ln in demote:
+        f = fields(ln)
+        assert f["demote_bytes"] == 0, ln
+        assert f["nonzero"] > 1000, ln
+
+
 def test_demote_op_stores_the_same_bytes_on_both_paths(report):
     lines = [ln for ln in report if ln.startswith("demote ")]
     assert len(lines) == 6

@@ -65,6 +65,7 @@ class Case:
     v_bits: int = 2
     score_correction: int = 0
     widths: bool = False  # mixed key widths (random, a mean of k_bits per kv head)
+    v_channels: bool = False  # values grouped per channel, as the keys (v_per_channel)
 
 
 def random_widths(rng, Hkv: int, D: int, mode: int, n_dims: int, b: int) -> np.ndarray:
@@ -106,6 +107,12 @@ CASES = [
     Case(128, 4, 4, 37, 200, 128, max_bias=8.0, v_bits=4, widths=True),
     Case(256, 4, 1, 3, 100, 64, mask="first_group", widths=True),
     Case(64, 14, 2, 96, 300, 64, k_bits=4, v_bits=4, base=1e6, widths=True),
+    # values grouped per channel: group sizes, 4- and 8-bit values, partial last group, masks, widths
+    Case(64, 14, 2, 96, 300, 64, mask="none", base=1e6, v_channels=True),
+    Case(128, 8, 2, 20, 130, 32, mode=0, n_dims=64, softcap=30.0, v_channels=True),
+    Case(128, 4, 4, 37, 200, 128, max_bias=8.0, v_channels=True, widths=True),
+    Case(64, 4, 4, 37, 130, 64, k_bits=4, v_bits=4, v_channels=True),
+    Case(256, 4, 1, 3, 100, 64, k_bits=4, v_bits=8, mask="first_group", v_channels=True),
 ]
 
 
@@ -127,8 +134,13 @@ def make(case: Case, seed: int):
             kb[g] = ref.quantize_k_group_w(kpre[g * G:(g + 1) * G], G, kw).reshape(Hkv * D, -1)
         else:
             kb[g] = ref.quantize_k_group(kpre[g * G:(g + 1) * G], G, case.k_bits)
-    vb = (ref.quantize_v(vpre, case.v_bits) if nB
-          else np.zeros((0, Hkv * D // 64, ref.block_bytes(64, case.v_bits)), np.uint8))
+    if case.v_channels:  # one block of G codes per channel and group, as the keys
+        vb = np.zeros((ng, Hkv * D, ref.block_bytes(G, case.v_bits)), np.uint8)
+        for g in range(ng):
+            vb[g] = ref.quantize_k_group(vpre[g * G:(g + 1) * G], G, case.v_bits)
+    else:
+        vb = (ref.quantize_v(vpre, case.v_bits) if nB
+              else np.zeros((0, Hkv * D // 64, ref.block_bytes(64, case.v_bits)), np.uint8))
     pos_b = np.sort(rng.choice(5000, nB, replace=False)).astype(np.int32)
     pos_a = 5000 + np.arange(nA)
 
@@ -151,6 +163,13 @@ def make(case: Case, seed: int):
             "n_dims": n_dims, "kw": kw}
 
 
+def v_stride(case: Case) -> int:
+    """Bytes from one token's values to the next's (per token) or one group's to the next's."""
+    if case.v_channels:
+        return case.Hkv * case.D * ref.block_bytes(case.G, case.v_bits)
+    return case.Hkv * case.D // 64 * ref.block_bytes(64, case.v_bits)
+
+
 def run_c(lib, fn, case: Case, d, nth: int, table: bool) -> np.ndarray:
     D, H, Hkv, G = case.D, case.H, case.Hkv, case.G
     params = AttnParams(D, H, Hkv, 1.0 / np.sqrt(D), case.softcap, case.max_bias)
@@ -161,8 +180,8 @@ def run_c(lib, fn, case: Case, d, nth: int, table: bool) -> np.ndarray:
         lib.lq2_rope_table(ctypes.byref(rope), d["pos_b"].ctypes.data, case.nB, G, tab.ctypes.data)
     ta = TierF16(case.nA, ptr(d["ka"]), Hkv * D * F16_BYTES, ptr(d["va"]), Hkv * D * F16_BYTES, ptr(d["ma"]))
     tb = TierQ2(case.nB, G, case.k_bits, case.v_bits, ptr(d["kb"]), Hkv * D * ref.block_bytes(G, case.k_bits),
-                ptr(d["vb"]), Hkv * D // 64 * ref.block_bytes(64, case.v_bits), ptr(d["pos_b"]), rope,
-                ptr(tab), ptr(d["mb"]), case.score_correction, ptr(d["kw"]))
+                ptr(d["vb"]), v_stride(case), ptr(d["pos_b"]), rope,
+                ptr(tab), ptr(d["mb"]), case.score_correction, ptr(d["kw"]), case.v_channels)
     out = np.full((H, D), np.nan, np.float32)
     ws = lib.lq2_attn_work_size(ctypes.byref(params), G, d["n_dims"])
     for ith in range(nth):
@@ -178,7 +197,8 @@ def reference(case: Case, d, score_correction: int | None = None) -> np.ndarray:
                          G=case.G, n_head_kv=case.Hkv, scale=1.0 / np.sqrt(case.D),
                          softcap=case.softcap, max_bias=case.max_bias, rope_mode=case.mode,
                          n_dims=d["n_dims"], base=case.base, fscale=case.fscale,
-                         k_bits=case.k_bits, v_bits=case.v_bits, score_correction=bool(sc), k_widths=d["kw"])
+                         k_bits=case.k_bits, v_bits=case.v_bits, score_correction=bool(sc), k_widths=d["kw"],
+                         v_per_channel=case.v_channels)
 
 
 @pytest.mark.parametrize("ci", range(len(CASES)))
@@ -210,7 +230,7 @@ def run_split(lib, case: Case, d, cuts_a: list[int], cuts_g: list[int]) -> np.nd
     if case.nB:
         lib.lq2_rope_table(ctypes.byref(rope), d["pos_b"].ctypes.data, case.nB, G, tab.ctypes.data)
     kg_bytes = Hkv * D * ref.block_bytes(G, case.k_bits)
-    v_bytes = Hkv * D // 64 * ref.block_bytes(64, case.v_bits)
+    v_bytes = v_stride(case)
     row_a = Hkv * D * F16_BYTES
 
     def at(a: np.ndarray | None, off_bytes: int) -> int | None:
@@ -226,9 +246,9 @@ def run_split(lib, case: Case, d, cuts_a: list[int], cuts_g: list[int]) -> np.nd
         ta = TierF16(a1 - a0, at(d["ka"], a0 * row_a), row_a, at(d["va"], a0 * row_a), row_a,
                      at(d["ma"], a0 * 4))
         tb = TierQ2(max(0, b1 - b0), G, case.k_bits, case.v_bits, at(d["kb"], cuts_g[i] * kg_bytes),
-                    kg_bytes, at(d["vb"], b0 * v_bytes), v_bytes, at(d["pos_b"], b0 * 4), rope,
-                    at(tab, cuts_g[i] * d["n_dims"] * G * F16_BYTES), at(d["mb"], b0 * 4),
-                    case.score_correction, ptr(d["kw"]))
+                    kg_bytes, at(d["vb"], (cuts_g[i] if case.v_channels else b0) * v_bytes), v_bytes,
+                    at(d["pos_b"], b0 * 4), rope, at(tab, cuts_g[i] * d["n_dims"] * G * F16_BYTES),
+                    at(d["mb"], b0 * 4), case.score_correction, ptr(d["kw"]), case.v_channels)
         acc = np.full((H, D), np.nan, np.float32)
         M, S = np.full(H, np.nan, np.float32), np.full(H, np.nan, np.float32)
         gq = H // Hkv
