@@ -34,7 +34,7 @@ size_t lq2_attn_work_size(const struct lq2_attn_params * p, int G, int n_dims) {
     const int nt = imax(G, LQ2_ATTN_CHUNK);
     const size_t floats = (size_t) nt * D    // keys: [T][D] f16 tier, [D][G] 2-bit tier
                         + (size_t) nt * D    // values [T][D]
-                        + (size_t) G * D     // per-channel values of a group, [D][G] before transposing
+                        + (size_t) G * D     // per-channel values of a group, channel-major [D][G]
                         + (size_t) nt * p->n_head // scores (one row per query head)
                         + (size_t) n_dims * G // rope cos/sin of one group when no table is given
                         + 2 * (size_t) p->n_head; // M, S
@@ -460,8 +460,9 @@ static void values_to_rows(const float * cm, int D, int G, int n, float * tm) {
 
 #if LQ2_AVX2
 // online_update for per-channel values read channel-major (vcm[c * G + t], one 2-bit group; G and
-// D multiples of 8): each channel's output is a dot product along the tokens, 8 channels reduced
-// together, so no transposition is needed and the multiply-adds are as many as token-major.
+// D multiples of 8): each channel's output is a dot product along the tokens, 4 (G = 64) or 8
+// channels reduced together, so no transposition is needed and the multiply-adds are as many as
+// token-major.
 static void online_update_cm_avx2(float * acc, float * M, float * S, float * s, float mx, int n,
                                   const float * vcm, int D, int G) {
     if (!online_rescale(acc, M, S, mx, D)) {
@@ -708,13 +709,14 @@ static int attn_core(const struct lq2_attn_params * p, const float * q,
                 if (!v_cm) {
                     values_to_rows(vcm, D, G, n, vbuf);
                 }
-            }
-            for (int t = 0; t < n && !vpc; ++t) {
-                const char * vr = (const char *) b->v + (g * G + t) * b->nb_v + (size_t) hk * vhead_bytes;
-                if (simd) {
-                    lq2_dequantize_v_row(vr, vbuf + (int64_t) t * D, D, vb);
-                } else {
-                    lq2_dequantize_v_row_ref(vr, vbuf + (int64_t) t * D, D, vb);
+            } else {
+                for (int t = 0; t < n; ++t) {
+                    const char * vr = (const char *) b->v + (g * G + t) * b->nb_v + (size_t) hk * vhead_bytes;
+                    if (simd) {
+                        lq2_dequantize_v_row(vr, vbuf + (int64_t) t * D, D, vb);
+                    } else {
+                        lq2_dequantize_v_row_ref(vr, vbuf + (int64_t) t * D, D, vb);
+                    }
                 }
             }
             int j = j0;

@@ -274,6 +274,18 @@ void ggml_compute_forward_lq2_attn(const struct ggml_compute_params * params, st
 // Both tiers in f16, for ggml_flash_attn_ext: work items are the 2-bit key groups per kv head,
 // then the 2-bit value rows (per-channel values: groups per kv head), then the f16 tier's cells,
 // spread over the threads.
+// One kv head's G tokens of a dequantized group, channel-major (cm[c * G + t]), into their f16
+// rows of the result (keys or values: token t of group g at out + (g * G + t) * row_bytes).
+static void group_to_f16_rows(const float * cm, int64_t D, int64_t G, int64_t g, int64_t hk, char * out,
+                              size_t row_bytes) {
+    for (int64_t t = 0; t < G; t++) {
+        ggml_fp16_t * row = (ggml_fp16_t *) (out + (g * G + t) * row_bytes) + hk * D;
+        for (int64_t c = 0; c < D; c++) {
+            row[c] = GGML_CPU_FP32_TO_FP16(cm[c * G + t]);
+        }
+    }
+}
+
 size_t ggml_lq2_dequant_work_size(const struct ggml_tensor * dst, int n_tasks) {
     struct lq2_dequant_op_params p;
     memcpy(&p, dst->op_params, sizeof(p));
@@ -320,12 +332,7 @@ void ggml_compute_forward_lq2_dequant(const struct ggml_compute_params * params,
             } else {
                 lq2_keys_group_cm(kg, (int) D, (int) G, p.k_bits, kw, &p.rope, cs, kbuf);
             }
-            for (int64_t t = 0; t < G; t++) {
-                ggml_fp16_t * row = (ggml_fp16_t *) (kout + (g * G + t) * row_bytes) + hk * D;
-                for (int64_t c = 0; c < D; c++) {
-                    row[c] = GGML_CPU_FP32_TO_FP16(kbuf[c * G + t]);
-                }
-            }
+            group_to_f16_rows(kbuf, D, G, g, hk, kout, row_bytes);
         } else if (item < n_kitems + n_vitems && p.v_per_channel) {
             const int64_t g = (item - n_kitems) / n_head_kv, hk = (item - n_kitems) % n_head_kv;
             const char * vg = (const char *) v2->data + (g * nk + hk * D) * vbs;
@@ -334,12 +341,7 @@ void ggml_compute_forward_lq2_dequant(const struct ggml_compute_params * params,
             } else {
                 lq2_dequantize_k_group_cm(vg, (int) D, (int) G, p.v_bits, kbuf);
             }
-            for (int64_t t = 0; t < G; t++) {
-                ggml_fp16_t * row = (ggml_fp16_t *) (vout + (g * G + t) * row_bytes) + hk * D;
-                for (int64_t c = 0; c < D; c++) {
-                    row[c] = GGML_CPU_FP32_TO_FP16(kbuf[c * G + t]);
-                }
-            }
+            group_to_f16_rows(kbuf, D, G, g, hk, vout, row_bytes);
         } else if (item < n_kitems + n_vitems) {
             const int64_t s = item - n_kitems;
             const char * vr = (const char *) v2->data + s * vrow_bytes;

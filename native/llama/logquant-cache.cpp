@@ -195,6 +195,13 @@ bool logquant_cache::device_takes_layer(ggml_backend_dev_t dev, const layer & l)
     return ok;
 }
 
+// Bytes of the values of one group's G slots, all channels: per channel, G-code blocks of the key
+// types; per token, 64-channel value blocks.
+static size_t value_group_bytes(bool per_channel, int32_t G, uint32_t n_embd_v_gqa, int32_t v_bits) {
+    return per_channel ? (size_t) n_embd_v_gqa * LQ2_BLOCK_BYTES_B(G, v_bits)
+                       : (size_t) G * (n_embd_v_gqa / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, v_bits);
+}
+
 std::string logquant_cache::check_device(ggml_backend_dev_t dev) {
     if (!dev) {
         return {};
@@ -205,7 +212,7 @@ std::string logquant_cache::check_device(ggml_backend_dev_t dev) {
             // keeps uniform widths and per-token values there (in the bytes allocated for it: the
             // per-token values of a group take no more than per-channel ones at G = 32 or 64)
             const layer before = l;
-            const size_t per_token = (size_t) G * (l.n_embd_v_gqa / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, l.v_bits);
+            const size_t per_token = value_group_bytes(false, G, l.n_embd_v_gqa, l.v_bits);
             l.widths = nullptr;
             if (l.v_per_channel && per_token <= l.v_group_bytes) {
                 l.v_per_channel = 0;
@@ -265,8 +272,7 @@ void logquant_cache::add_layer(ggml_context * ctx, int32_t il, uint32_t n_embd_k
     std::tie(l.k_bits, l.v_bits) = settings.bits_of(il);
     l.k_group_bytes = (size_t) n_embd_k_gqa * LQ2_BLOCK_BYTES_B(G, l.k_bits);
     l.v_per_channel = settings.value_per_channel && lq2_key_type_b(G, l.v_bits) >= 0;
-    l.v_group_bytes = l.v_per_channel ? (size_t) n_embd_v_gqa * LQ2_BLOCK_BYTES_B(G, l.v_bits)
-                                      : (size_t) G * (n_embd_v_gqa / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, l.v_bits);
+    l.v_group_bytes = value_group_bytes(l.v_per_channel, G, n_embd_v_gqa, l.v_bits);
     l.k2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, n_groups * (int64_t) l.k_group_bytes);
     l.v2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, n_groups * (int64_t) l.v_group_bytes);
     l.staging = ggml_new_tensor_2d(ctx, GGML_TYPE_F32,
