@@ -63,8 +63,8 @@ class Llama(llama_cpp.Llama):
     logquant_key_widths: "auto" (the default) gives each key channel of a layer of b-bit keys (b = 2
     or 4) 0, b or 2b bits, a mean of b and the same bytes, chosen from the model's Q/K weights where
     they remove the most score error (docs/levers.md: Qwen's KL at 4k 0.159 -> 0.078); "uniform":
-    b bits on every channel, the format before. Host memory only so far: a layer whose cache is on
-    a GPU keeps uniform widths (the kernels do not read mixed ones yet).
+    b bits on every channel, the format before. The CUDA and Metal kernels read them too (never
+    run on a GPU yet).
     logquant_value_groups: "channel" (the default) gives each channel of a key group's G tokens
     its own scale and minimum, as the keys have; "token": each token's 64 channels share one
     (KIVI's layout, the format before). The same bytes; per channel halves the values' share of

@@ -17,15 +17,18 @@
 //              finished as ggml's flash attention does (scale, softcap, + slope * mask). A 2-bit
 //              key is dequantized and re-rotated in registers: thread t reads byte
 //              LQ2_CODE_BYTE_B(t) of each channel's block, both channels of a RoPE pair at once,
-//              and the group's cos/sin rows (f16, the cache's table) at index t.
+//              and the group's cos/sin rows (f16, the cache's table) at index t. With mixed key
+//              widths each channel's block has its own width and offset, which phase 0 put in
+//              shared memory (the blocks' offsets are a prefix sum over the channels).
 //              (2-bit with score correction: phase 0, threads jj < gq, computes each head's
 //              correction first.)
 //   2. max     thread jj < gq: the chunk's max for query head jj, the new running max, and the
 //              factor alpha that rescales the head's sums.
 //   3. weight  thread t < n: exp(score - M) for every head (0 for masked tokens).
 //   4. fold    thread i: channels i, i + T, ... of every head's running output: rescaled by alpha,
-//              plus the chunk's weighted values (2-bit values dequantized per (token, channel));
-//              threads jj < gq also update S.
+//              plus the chunk's weighted values (2-bit values dequantized per (token, channel):
+//              from a token's row of blocks, or with values grouped per channel from channel i's
+//              block of the group, where code t is token t's); threads jj < gq also update S.
 // Nothing a thread writes in a phase is read by another thread in the same phase.
 #pragma once
 
@@ -73,6 +76,8 @@ struct lq2_ab_shape {
     int32_t rope_n_dims; // 0: keys stored post-RoPE (no table)
     float   rope_attn_factor;
     int32_t score_correction;
+    int32_t v_per_channel; // values grouped per channel (lq2-op-params.h), else per token
+    int32_t k_widths;      // 1: channel c's key width is the args' k_widths[hk * D + c], else k_bits
 };
 
 // The block's shared memory.
@@ -84,16 +89,21 @@ struct lq2_ab_shared {
     float alpha[LQ2_AB_MAX_GQ];
     float slope[LQ2_AB_MAX_GQ];            // ALiBi slope (1 without max_bias)
     float corr[LQ2_AB_MAX_GQ];             // score correction of the current 2-bit group
+    int32_t kw[LQ2_AB_MAX_D];              // this kv head's key width per channel, and the byte
+    int32_t koff[LQ2_AB_MAX_D];            // offset of its block in the head's part of a group
 };
 
 LQ2_INLINE int lq2_ab_channels_per_thread(int D) {
     return (D + LQ2_AB_THREADS - 1) / LQ2_AB_THREADS;
 }
 
-// The shapes the kernels take; anything else stays on the CPU (supports_op says no).
-LQ2_INLINE int lq2_ab_supported(int D, int gq, int G, int k_bits, int v_bits, int rope_mode, int n_dims) {
+// The shapes the kernels take; anything else stays on the CPU (supports_op says no). Values
+// grouped per channel take the key block types (as the CPU cache decides per layer).
+LQ2_INLINE int lq2_ab_supported(int D, int gq, int G, int k_bits, int v_bits, int v_per_channel, int rope_mode,
+                                int n_dims) {
     return D > 0 && D % LQ2_QK_V == 0 && D <= LQ2_AB_MAX_D && gq >= 1 && gq <= LQ2_AB_MAX_GQ &&
-           G <= LQ2_AB_CHUNK && lq2_key_type_b(G, k_bits) >= 0 && lq2_value_type(v_bits) >= 0 &&
+           G <= LQ2_AB_CHUNK && lq2_key_type_b(G, k_bits) >= 0 &&
+           (v_per_channel ? lq2_key_type_b(G, v_bits) >= 0 : lq2_value_type(v_bits) >= 0) &&
            (rope_mode == 0 || rope_mode == 2) && n_dims >= 0 && n_dims <= D && n_dims % 2 == 0;
 }
 
@@ -123,13 +133,19 @@ LQ2_INLINE float lq2_ab_finish(const LQ2_TH struct lq2_ab_shape * sh, float dot,
     return v + slope * mask;
 }
 
-// ---- phase 0 of the block: the query heads into shared memory, the softmax state reset.
-// q: query head hk * gq at q, head jj at q + jj * q_head_stride (floats). acc: the thread's
-// running-output registers (LQ2_AB_ACC floats).
+// ---- phase 0 of the block: the query heads into shared memory, the softmax state reset, the
+// key blocks' widths and offsets. q: query head hk * gq at q, head jj at q + jj * q_head_stride
+// (floats). kw: this kv head's D key widths (mixed widths, lq2-format.h), or 0: every channel
+// k_bits. acc: the thread's running-output registers (LQ2_AB_ACC floats).
 LQ2_INLINE void lq2_ab_begin(int ith, const LQ2_TH struct lq2_ab_shape * sh, const LQ2_DEV float * q,
-                             int64_t q_head_stride, LQ2_TG struct lq2_ab_shared * sm, LQ2_TH float * acc) {
+                             int64_t q_head_stride, const LQ2_DEV int8_t * kw, LQ2_TG struct lq2_ab_shared * sm,
+                             LQ2_TH float * acc) {
     for (int i = ith; i < sh->gq * sh->D; i += LQ2_AB_THREADS) {
         sm->q[i] = q[(int64_t) (i / sh->D) * q_head_stride + i % sh->D];
+    }
+    for (int c = ith; c < sh->D; c += LQ2_AB_THREADS) { // O(D) per channel, once per block
+        sm->kw[c]   = kw ? (int32_t) kw[c] : sh->k_bits;
+        sm->koff[c] = kw ? (int32_t) lq2_widths_offset(kw, c, sh->G) : c * LQ2_BLOCK_BYTES_B(sh->G, sh->k_bits);
     }
     if (ith < sh->gq) {
         sm->M[ith]     = -INFINITY;
@@ -167,20 +183,19 @@ LQ2_INLINE void lq2_ab_score_f16(int t, const LQ2_TH struct lq2_ab_shape * sh, c
 // first channel block in the group.
 LQ2_INLINE void lq2_ab_correction(int jj, const LQ2_TH struct lq2_ab_shape * sh, const LQ2_DEV uint8_t * kg,
                                   LQ2_TG struct lq2_ab_shared * sm) {
-    const int   kbs  = LQ2_BLOCK_BYTES_B(sh->G, sh->k_bits);
     const int   nd   = sh->rope_n_dims, half = nd / 2;
     const float af2  = sh->rope_attn_factor * sh->rope_attn_factor;
     const LQ2_TG float * q = sm->q + jj * sh->D;
-    float v = 0.0f;
+    float v = 0.0f; // a 0-bit channel's d is 0: its error is not a code's, left out (as on the CPU)
     for (int i = 0; i < half; ++i) {
         const int a = sh->rope_mode == 2 ? i : 2 * i;
         const int b = sh->rope_mode == 2 ? i + half : 2 * i + 1;
-        const float va = lq2_code_noise_var(lq2_fp16_to_fp32(*(const LQ2_DEV lq2_half *) (kg + a * kbs))) * af2;
-        const float vb = lq2_code_noise_var(lq2_fp16_to_fp32(*(const LQ2_DEV lq2_half *) (kg + b * kbs))) * af2;
+        const float va = lq2_code_noise_var(lq2_fp16_to_fp32(*(const LQ2_DEV lq2_half *) (kg + sm->koff[a]))) * af2;
+        const float vb = lq2_code_noise_var(lq2_fp16_to_fp32(*(const LQ2_DEV lq2_half *) (kg + sm->koff[b]))) * af2;
         v += 0.5f * (q[a] * q[a] + q[b] * q[b]) * (va + vb);
     }
     for (int c = nd; c < sh->D; ++c) {
-        v += q[c] * q[c] * lq2_code_noise_var(lq2_fp16_to_fp32(*(const LQ2_DEV lq2_half *) (kg + c * kbs)));
+        v += q[c] * q[c] * lq2_code_noise_var(lq2_fp16_to_fp32(*(const LQ2_DEV lq2_half *) (kg + sm->koff[c])));
     }
     sm->corr[jj] = sh->score_correction ? lq2_score_correction(v, sh->scale) : 0.0f;
 }
@@ -190,8 +205,7 @@ LQ2_INLINE void lq2_ab_correction(int jj, const LQ2_TH struct lq2_ab_shape * sh,
 // sines; unused when rope_n_dims is 0). mask: the token's entry of the 2-bit mask.
 LQ2_INLINE void lq2_ab_score_q2(int t, const LQ2_TH struct lq2_ab_shape * sh, const LQ2_DEV uint8_t * kg,
                                 const LQ2_DEV lq2_half * cs, float mask, LQ2_TG struct lq2_ab_shared * sm) {
-    const int G = sh->G, kb = sh->k_bits, kbs = LQ2_BLOCK_BYTES_B(G, kb);
-    const int nd = sh->rope_n_dims, half = nd / 2, D = sh->D;
+    const int G = sh->G, nd = sh->rope_n_dims, half = nd / 2, D = sh->D;
     float dot[LQ2_AB_MAX_GQ];
     for (int jj = 0; jj < sh->gq; ++jj) {
         dot[jj] = 0.0f;
@@ -199,8 +213,8 @@ LQ2_INLINE void lq2_ab_score_q2(int t, const LQ2_TH struct lq2_ab_shape * sh, co
     for (int i = 0; i < half; ++i) { // a RoPE pair: both channels in this thread's registers
         const int a = sh->rope_mode == 2 ? i : 2 * i;
         const int b = sh->rope_mode == 2 ? i + half : 2 * i + 1;
-        const float x0 = lq2_block_value(kg + a * kbs, G, kb, t);
-        const float x1 = lq2_block_value(kg + b * kbs, G, kb, t);
+        const float x0 = lq2_block_value(kg + sm->koff[a], G, sm->kw[a], t);
+        const float x1 = lq2_block_value(kg + sm->koff[b], G, sm->kw[b], t);
         const float ct = lq2_fp16_to_fp32(cs[2 * i * G + t]), st = lq2_fp16_to_fp32(cs[2 * i * G + G + t]);
         const float ka = x0 * ct - x1 * st, kb2 = x0 * st + x1 * ct;
         for (int jj = 0; jj < sh->gq; ++jj) {
@@ -209,7 +223,7 @@ LQ2_INLINE void lq2_ab_score_q2(int t, const LQ2_TH struct lq2_ab_shape * sh, co
         }
     }
     for (int c = nd; c < D; ++c) { // channels RoPE leaves alone (all of them when keys are post-RoPE)
-        const float kc = lq2_block_value(kg + c * kbs, G, kb, t);
+        const float kc = lq2_block_value(kg + sm->koff[c], G, sm->kw[c], t);
         for (int jj = 0; jj < sh->gq; ++jj) {
             dot[jj] = LQ2_FMA(sm->q[jj * D + c], kc, dot[jj]);
         }
@@ -252,13 +266,21 @@ LQ2_INLINE void lq2_ab_sum(int jj, int n, LQ2_TG struct lq2_ab_shared * sm) {
     sm->S[jj] = LQ2_FMA(sm->S[jj], sm->alpha[jj], s);
 }
 
+// How phase 4 reads the chunk's values.
+enum lq2_ab_values {
+    LQ2_AB_V_F16       = 0, // f16 rows, one per token, nb_v bytes apart
+    LQ2_AB_V_PER_TOKEN = 1, // rows of 2-bit value blocks (64 channels of one token each), nb_v apart
+    LQ2_AB_V_PER_CHAN  = 2, // one block per channel (G tokens each), consecutive; nb_v unused
+};
+
 // ---- phase 4: thread i folds channels i, i + T, ... of the chunk's n value rows into every head's
-// running output: rescaled by alpha, plus the chunk's weighted values. v: token 0's row of this kv
-// head, rows nb_v bytes apart: f16 (q2 0) or 2-bit value blocks dequantized per (token, channel)
-// (q2 1). Threads jj < gq also update S.
+// running output: rescaled by alpha, plus the chunk's weighted values. v: this kv head's values
+// of the chunk (token 0's row, or channel 0's block), read as `form` says (enum lq2_ab_values),
+// each 2-bit value dequantized where it is used. Threads jj < gq also update S.
 LQ2_INLINE void lq2_ab_fold(int ith, const LQ2_TH struct lq2_ab_shape * sh, const LQ2_DEV uint8_t * v,
-                            int64_t nb_v, int n, int q2, LQ2_TG struct lq2_ab_shared * sm, LQ2_TH float * acc) {
+                            int64_t nb_v, int n, int form, LQ2_TG struct lq2_ab_shared * sm, LQ2_TH float * acc) {
     const int R = lq2_ab_channels_per_thread(sh->D), vbs = LQ2_BLOCK_BYTES_B(LQ2_QK_V, sh->v_bits);
+    const int cbs = LQ2_BLOCK_BYTES_B(sh->G, sh->v_bits); // a channel's block (per-channel values)
     for (int r = 0; r < R; ++r) {
         const int c = ith + r * LQ2_AB_THREADS;
         if (c >= sh->D) {
@@ -270,8 +292,10 @@ LQ2_INLINE void lq2_ab_fold(int ith, const LQ2_TH struct lq2_ab_shape * sh, cons
         }
         for (int t = 0; t < n; ++t) {
             const LQ2_DEV uint8_t * row = v + t * nb_v;
-            const float vc = q2 ? lq2_block_value(row + (c / LQ2_QK_V) * vbs, LQ2_QK_V, sh->v_bits, c % LQ2_QK_V)
-                                : lq2_fp16_to_fp32(((const LQ2_DEV lq2_half *) row)[c]);
+            const float vc = form == LQ2_AB_V_PER_CHAN  ? lq2_block_value(v + c * cbs, sh->G, sh->v_bits, t)
+                           : form == LQ2_AB_V_PER_TOKEN ? lq2_block_value(row + (c / LQ2_QK_V) * vbs, LQ2_QK_V,
+                                                                          sh->v_bits, c % LQ2_QK_V)
+                                                        : lq2_fp16_to_fp32(((const LQ2_DEV lq2_half *) row)[c]);
             for (int jj = 0; jj < sh->gq; ++jj) { // a masked token adds nothing, whatever its value
                 const float w = sm->s[jj * LQ2_AB_CHUNK + t];
                 o[jj] = w != 0.0f ? LQ2_FMA(w, vc, o[jj]) : o[jj];
@@ -339,7 +363,8 @@ struct lq2_attn_geom {
     int64_t v_nb2, v_nb3;
     int64_t n_kv;
     int64_t mask_nb1;                  // kq_mask: a row per token (the streams' rows contiguous)
-    int64_t kg_bytes, vrow_bytes;      // the 2-bit stores: key group, value row
+    int64_t kg_bytes, v2_stride;       // the 2-bit stores: bytes per key group, and per value row
+                                       // (per token) or value group (per channel)
     int64_t mask2_nb1;                 // F16 [n_slots, >= n_tokens]
     int64_t rope_nb1;                  // F16 table rows per group
     int64_t n_slots;                   // a multiple of G (unused slots: -inf in mask2)
@@ -364,6 +389,7 @@ struct lq2_attn_args {
     const LQ2_DEV char * rope;  // 0: keys stored post-RoPE
     LQ2_DEV float      * parts; // [n_part][n_tokens][n_head][D + 2]
     LQ2_DEV char       * dst;
+    const LQ2_DEV int8_t * k_widths; // I8 [n_head_kv * D] when shape.k_widths, else unused
     struct lq2_attn_geom g;
 };
 
@@ -381,7 +407,7 @@ LQ2_INLINE int lq2_ab_step(const LQ2_TH struct lq2_attn_args * a, const LQ2_TH s
     const int D = sh->D, gq = sh->gq, G = sh->G, hk = sh->hk;
     if (step == 0) {
         const LQ2_DEV float * q = (const LQ2_DEV float *) (a->q + tok * a->g.q_nb2 + (int64_t) hk * gq * a->g.q_nb1);
-        lq2_ab_begin(ith, sh, q, a->g.q_nb1 / 4, sm, acc);
+        lq2_ab_begin(ith, sh, q, a->g.q_nb1 / 4, sh->k_widths ? a->k_widths + (int64_t) hk * D : 0, sm, acc);
         return 1;
     }
     int64_t s = step - 1;
@@ -403,7 +429,10 @@ LQ2_INLINE int lq2_ab_step(const LQ2_TH struct lq2_attn_args * a, const LQ2_TH s
                 break;
             case 1: if (ith < gq) lq2_ab_max(ith, n, sm); break;
             case 2: if (ith < n) lq2_ab_weight(ith, sh, sm); break;
-            default: lq2_ab_fold(ith, sh, (const LQ2_DEV uint8_t *) (vbase + t0 * a->g.v_nb2), a->g.v_nb2, n, 0, sm, acc); break;
+            default:
+                lq2_ab_fold(ith, sh, (const LQ2_DEV uint8_t *) (vbase + t0 * a->g.v_nb2), a->g.v_nb2, n, LQ2_AB_V_F16, sm,
+                            acc);
+                break;
         }
         return 1;
     }
@@ -426,12 +455,17 @@ LQ2_INLINE int lq2_ab_step(const LQ2_TH struct lq2_attn_args * a, const LQ2_TH s
                 break;
             case 2: if (ith < gq) lq2_ab_max(ith, G, sm); break;
             case 3: if (ith < G) lq2_ab_weight(ith, sh, sm); break;
-            default: {
-                const int64_t vhead = (int64_t) (D / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, sh->v_bits);
-                lq2_ab_fold(ith, sh, (const LQ2_DEV uint8_t *) (a->v2 + g * G * a->g.vrow_bytes + hk * vhead),
-                            a->g.vrow_bytes, G, 1, sm, acc);
+            default:
+                if (sh->v_per_channel) { // the group's blocks, D per kv head
+                    const int64_t vhead = (int64_t) D * LQ2_BLOCK_BYTES_B(G, sh->v_bits);
+                    lq2_ab_fold(ith, sh, (const LQ2_DEV uint8_t *) (a->v2 + g * a->g.v2_stride + hk * vhead), 0, G,
+                                LQ2_AB_V_PER_CHAN, sm, acc);
+                } else { // the group's G rows
+                    const int64_t vhead = (int64_t) (D / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, sh->v_bits);
+                    lq2_ab_fold(ith, sh, (const LQ2_DEV uint8_t *) (a->v2 + g * G * a->g.v2_stride + hk * vhead),
+                                a->g.v2_stride, G, LQ2_AB_V_PER_TOKEN, sm, acc);
+                }
                 break;
-            }
         }
         return 1;
     }

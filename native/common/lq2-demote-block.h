@@ -8,12 +8,15 @@
 //           its key row's RoPE pairs / plain channels ith, ith + nth, ... un-rotated into row i of
 //           a scratch buffer (not into staging: a staging row freed by a group that closes in this
 //           list may be handed to a group opened later in the same list, which the CPU, going row
-//           by row, handles and parallel blocks would not);
+//           by row, handles and parallel blocks would not). Values grouped per channel are not
+//           coded here: they go to the scratch row after the keys, as f32;
 //   groups  block i: when row i ends its group's run (as the CPU forward decides), thread ith
 //           requantizes channels ith, ith + nth, ... of the group from the group's earlier tokens
-//           (in staging, from earlier steps) and the run's scratch rows;
+//           (in staging, from earlier steps) and the run's scratch rows: the key channels (with
+//           mixed widths each its own width, at its offset), then per-channel values' channels;
 //   stage   block i: when row i ends a run that leaves its group open, the run's rows go to the
-//           group's staging row for the steps to come.
+//           group's staging row for the steps to come (keys, then per-channel values, as the CPU
+//           lays a staging row out: G * nk floats, then G * nv).
 // The arithmetic is lq2-format.h's (lq2_quantize_block, lq2_unrotate_pair), which the CPU runs too.
 // RoPE angles: in double as on the CPU (C, CUDA); Metal has no double and takes each pair's
 // frequency split in two floats (rope_freq, lq2_rope_cos_sin_f32), within 1e-6 of the double.
@@ -29,12 +32,16 @@ extern "C" {
 // The scalars of the op (one constant buffer for Metal).
 struct lq2_demote_geom {
     int64_t k_group_bytes; // key groups: n_head_kv * D blocks each
-    int64_t v_row_bytes;   // value rows, one per slot
-    int64_t staging_nb1;   // staging rows: f32 keys of the open groups, [G * nk] each
+    int64_t v2_stride;     // value rows, one per slot; per-channel values: groups, nv blocks each
+    int64_t staging_nb1;   // staging rows: f32 keys of the open groups, [G * nk] each (then [G * nv]
+                           // values when they are grouped per channel)
     int64_t k_nb1, v_nb1;  // f16 rows of the f16 tier
     int64_t n_rows;        // rows of the demotion list [LQ2_DEMOTE_COLS, n_rows]
     int64_t nk, nv;        // key / value row lengths (all kv heads)
-    int32_t n_head_kv, G, k_bits, v_bits, fit, unused;
+    int32_t n_head_kv, G, k_bits, v_bits, fit;
+    int32_t v_per_channel; // values grouped per channel (lq2-op-params.h)
+    int32_t k_widths;      // 1: the args' k_widths give each key channel's width (lq2-format.h)
+    int32_t unused;
     struct lq2_rope_params rope; // n_dims 0: keys are stored as they come
 };
 
@@ -47,8 +54,9 @@ struct lq2_demote_args {
     const LQ2_DEV char    * k;
     const LQ2_DEV char    * v;
     const LQ2_DEV int32_t * rows;
-    LQ2_DEV float         * scratch;   // n_rows * nk floats: the un-rotated keys per row (CUDA's form)
+    LQ2_DEV float         * scratch;   // n_rows * lq2_demote_scratch_row floats (CUDA's form)
     const LQ2_CONST float * rope_freq; // Metal: pair i's frequency as [2 i], [2 i + 1]
+    const LQ2_DEV int8_t  * k_widths;  // I8 [nk] when g.k_widths, else unused
     struct lq2_demote_geom  g;
 };
 
@@ -59,15 +67,46 @@ LQ2_INLINE int lq2_demote_supported(const LQ2_TH struct lq2_demote_args * a) {
            a->g.rope.n_dims <= a->g.nk / a->g.n_head_kv && (a->g.rope.mode == 0 || a->g.rope.mode == 2);
 }
 
+// Floats of one list row in the scratch buffer: its un-rotated keys, then (per-channel values)
+// its values.
+LQ2_INLINE int64_t lq2_demote_scratch_row(const LQ2_TH struct lq2_demote_args * a) {
+    return a->g.nk + (a->g.v_per_channel ? a->g.nv : 0);
+}
+
+// Channels a group requantizes: its key channels, then (per-channel values) its value channels.
+LQ2_INLINE int64_t lq2_demote_group_channels(const LQ2_TH struct lq2_demote_args * a) {
+    return lq2_demote_scratch_row(a);
+}
+
 LQ2_INLINE int32_t lq2_demote_col(const LQ2_TH struct lq2_demote_args * a, int64_t i, int col) {
     return a->rows[i * LQ2_DEMOTE_COLS + col];
 }
 
-// List row i's value blocks ith, ith + nth, ... quantized into its slot's value row.
+// Channel c (< lq2_demote_group_channels) of the group holding `slot`, requantized from n_tok
+// values at x with stride sx: key channel c (mixed widths: its width, at its offset in its kv
+// head's blocks, which take the bytes of uniform codes), or value channel c - nk.
+LQ2_VALUES_TEMPLATE LQ2_INLINE void lq2_demote_channel(const LQ2_TH struct lq2_demote_args * a, int64_t slot, int64_t c,
+                                                       LQ2_VALUES_PTR x, int64_t sx, int n_tok) {
+    const int G = a->g.G;
+    if (c < a->g.nk) {
+        const int64_t D = a->g.nk / a->g.n_head_kv, h = c / D, e = c % D;
+        const int kbs = LQ2_BLOCK_BYTES_B(G, a->g.k_bits);
+        const LQ2_DEV int8_t * w = a->g.k_widths ? a->k_widths + h * D : 0;
+        const int64_t off = h * D * kbs + (w ? lq2_widths_offset(w, (int) e, G) : e * kbs);
+        lq2_quantize_block(x, sx, n_tok, G, w ? (int) w[e] : a->g.k_bits, a->g.fit,
+                           a->k2 + (slot / G) * a->g.k_group_bytes + off);
+    } else {
+        lq2_quantize_block(x, sx, n_tok, G, a->g.v_bits, a->g.fit,
+                           a->v2 + (slot / G) * a->g.v2_stride + (c - a->g.nk) * LQ2_BLOCK_BYTES_B(G, a->g.v_bits));
+    }
+}
+
+// List row i's value blocks ith, ith + nth, ... quantized into its slot's value row (values
+// grouped per token; per-channel values wait for their group).
 LQ2_INLINE void lq2_demote_values(const LQ2_TH struct lq2_demote_args * a, int64_t i, int ith, int nth) {
     const int64_t slot = lq2_demote_col(a, i, LQ2_DEMOTE_SLOT);
-    if (slot < 0) {
-        return; // padding
+    if (slot < 0 || a->g.v_per_channel) {
+        return; // padding, or values coded with their group
     }
     const LQ2_DEV lq2_half * vsrc = (const LQ2_DEV lq2_half *) (a->v + lq2_demote_col(a, i, LQ2_DEMOTE_ROW) * a->g.v_nb1);
     const int vbs = LQ2_BLOCK_BYTES_B(LQ2_QK_V, a->g.v_bits);
@@ -76,7 +115,7 @@ LQ2_INLINE void lq2_demote_values(const LQ2_TH struct lq2_demote_args * a, int64
         for (int j = 0; j < LQ2_QK_V; ++j) {
             x[j] = lq2_fp16_to_fp32(vsrc[b * LQ2_QK_V + j]);
         }
-        lq2_quantize_block(x, 1, LQ2_QK_V, LQ2_QK_V, a->g.v_bits, a->g.fit, a->v2 + slot * a->g.v_row_bytes + b * vbs);
+        lq2_quantize_block(x, 1, LQ2_QK_V, LQ2_QK_V, a->g.v_bits, a->g.fit, a->v2 + slot * a->g.v2_stride + b * vbs);
     }
 }
 
@@ -107,14 +146,26 @@ LQ2_INLINE void lq2_demote_key(const LQ2_TH struct lq2_demote_args * a, int64_t 
     }
 }
 
-// Launch 1, list row i, thread ith of nth: values, and the keys into the row's scratch row.
+// Value element w of list row i as f32 into un (the per-channel values' part of a scratch or
+// staging row).
+LQ2_INLINE void lq2_demote_value_f32(const LQ2_TH struct lq2_demote_args * a, int64_t i, int64_t w, LQ2_DEV float * un) {
+    const LQ2_DEV lq2_half * vsrc = (const LQ2_DEV lq2_half *) (a->v + lq2_demote_col(a, i, LQ2_DEMOTE_ROW) * a->g.v_nb1);
+    un[w] = lq2_fp16_to_fp32(vsrc[w]);
+}
+
+// Launch 1, list row i, thread ith of nth: values, and the keys into the row's scratch row (and
+// per-channel values after them).
 LQ2_INLINE void lq2_demote_row(const LQ2_TH struct lq2_demote_args * a, int64_t i, int ith, int nth) {
     if (lq2_demote_col(a, i, LQ2_DEMOTE_SLOT) < 0) {
         return;
     }
     lq2_demote_values(a, i, ith, nth);
+    LQ2_DEV float * row = a->scratch + i * lq2_demote_scratch_row(a);
     for (int64_t w = ith; w < a->g.nk; w += nth) {
-        lq2_demote_key(a, i, w, a->scratch + i * a->g.nk);
+        lq2_demote_key(a, i, w, row);
+    }
+    for (int64_t w = ith; a->g.v_per_channel && w < a->g.nv; w += nth) {
+        lq2_demote_value_f32(a, i, w, row + a->g.nk);
     }
 }
 
@@ -150,17 +201,19 @@ LQ2_INLINE void lq2_demote_group(const LQ2_TH struct lq2_demote_args * a, int64_
     const int64_t slot = lq2_demote_col(a, i, LQ2_DEMOTE_SLOT);
     const int n_tok = (int) (slot % a->g.G) + 1;
     const LQ2_DEV float * stage = (const LQ2_DEV float *) (a->staging + lq2_demote_col(a, i, LQ2_DEMOTE_STAGE) * a->g.staging_nb1);
-    const int kbs = LQ2_BLOCK_BYTES_B(a->g.G, a->g.k_bits);
-    LQ2_DEV uint8_t * kdst = a->k2 + (slot / a->g.G) * a->g.k_group_bytes;
-    for (int64_t c = ith; c < a->g.nk; c += nth) {
+    const int64_t sr = lq2_demote_scratch_row(a);
+    for (int64_t c = ith; c < lq2_demote_group_channels(a); c += nth) {
+        // channel c of token t in staging: keys [t][nk], then values [G][nv] after G key rows
+        const int64_t s0 = c < a->g.nk ? c : a->g.G * a->g.nk + (c - a->g.nk);
+        const int64_t ss = c < a->g.nk ? a->g.nk : a->g.nv;
         float x[128]; // G <= 128
         for (int t = 0; t < n_tok; ++t) {
-            x[t] = stage[t * a->g.nk + c];
+            x[t] = stage[s0 + t * ss];
         }
         for (int64_t j = r0; j <= i; ++j) {
-            x[lq2_demote_col(a, j, LQ2_DEMOTE_SLOT) % a->g.G] = a->scratch[j * a->g.nk + c];
+            x[lq2_demote_col(a, j, LQ2_DEMOTE_SLOT) % a->g.G] = a->scratch[j * sr + c];
         }
-        lq2_quantize_block(x, 1, n_tok, a->g.G, a->g.k_bits, a->g.fit, kdst + c * kbs);
+        lq2_demote_channel(a, slot, c, x, 1, n_tok);
     }
 }
 
@@ -172,9 +225,11 @@ LQ2_INLINE void lq2_demote_stage(const LQ2_TH struct lq2_demote_args * a, int64_
         return; // no run ends here, or the group is full: its staging row is free now
     }
     LQ2_DEV float * stage = (LQ2_DEV float *) (a->staging + lq2_demote_col(a, i, LQ2_DEMOTE_STAGE) * a->g.staging_nb1);
-    for (int64_t w = ith; w < (i - r0 + 1) * a->g.nk; w += nth) {
-        const int64_t j = r0 + w / a->g.nk, c = w % a->g.nk;
-        stage[(lq2_demote_col(a, j, LQ2_DEMOTE_SLOT) % a->g.G) * a->g.nk + c] = a->scratch[j * a->g.nk + c];
+    const int64_t sr = lq2_demote_scratch_row(a);
+    for (int64_t w = ith; w < (i - r0 + 1) * sr; w += nth) {
+        const int64_t j = r0 + w / sr, c = w % sr, t = lq2_demote_col(a, j, LQ2_DEMOTE_SLOT) % a->g.G;
+        const int64_t at = c < a->g.nk ? t * a->g.nk + c : a->g.G * a->g.nk + t * a->g.nv + (c - a->g.nk);
+        stage[at] = a->scratch[j * sr + c];
     }
 }
 
@@ -204,16 +259,20 @@ LQ2_INLINE int lq2_demote_seq_step(const LQ2_TH struct lq2_demote_args * a, int 
     const int64_t slot = lq2_demote_col(a, i1, LQ2_DEMOTE_SLOT);
     LQ2_DEV float * stage = (LQ2_DEV float *) (a->staging + lq2_demote_col(a, i1, LQ2_DEMOTE_STAGE) * a->g.staging_nb1);
     if (step % 2 == 0) {
-        const int64_t i0 = lq2_demote_run_start(a, i1);
-        for (int64_t w = ith; w < (i1 - i0 + 1) * a->g.nk; w += nth) {
-            const int64_t j = i0 + w / a->g.nk;
-            lq2_demote_key(a, j, w % a->g.nk, stage + (lq2_demote_col(a, j, LQ2_DEMOTE_SLOT) % a->g.G) * a->g.nk);
+        const int64_t i0 = lq2_demote_run_start(a, i1), sr = lq2_demote_scratch_row(a);
+        for (int64_t w = ith; w < (i1 - i0 + 1) * sr; w += nth) {
+            const int64_t j = i0 + w / sr, c = w % sr, t = lq2_demote_col(a, j, LQ2_DEMOTE_SLOT) % a->g.G;
+            if (c < a->g.nk) {
+                lq2_demote_key(a, j, c, stage + t * a->g.nk);
+            } else {
+                lq2_demote_value_f32(a, j, c - a->g.nk, stage + a->g.G * a->g.nk + t * a->g.nv);
+            }
         }
     } else {
-        const int kbs = LQ2_BLOCK_BYTES_B(a->g.G, a->g.k_bits);
-        LQ2_DEV uint8_t * kdst = a->k2 + (slot / a->g.G) * a->g.k_group_bytes;
-        for (int64_t c = ith; c < a->g.nk; c += nth) {
-            lq2_quantize_block(stage + c, a->g.nk, (int) (slot % a->g.G) + 1, a->g.G, a->g.k_bits, a->g.fit, kdst + c * kbs);
+        for (int64_t c = ith; c < lq2_demote_group_channels(a); c += nth) {
+            const int64_t s0 = c < a->g.nk ? c : a->g.G * a->g.nk + (c - a->g.nk);
+            lq2_demote_channel(a, slot, c, stage + s0, c < a->g.nk ? a->g.nk : a->g.nv,
+                               (int) (slot % a->g.G) + 1);
         }
     }
     return 1;

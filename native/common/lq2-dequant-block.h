@@ -14,13 +14,18 @@ extern "C" {
 // The scalars of GGML_OP_LQ2_DEQUANT (one constant buffer for Metal). The result is both tiers in
 // one f16 tensor [D, n_head_kv, n_slots + n_kv, 2]: keys, then values dst_nb3 bytes further.
 struct lq2_dequant_geom {
-    int64_t k_group_bytes, v_row_bytes, rope_table_nb1;
+    int64_t k_group_bytes, rope_table_nb1;
+    int64_t v2_stride;                 // bytes per value row (per token) or value group (per channel)
     int64_t k_nb2, v_nb2;              // f16 tier views [D, n_head_kv, n_kv, 1]
     int64_t n_kv, n_slots, dst_nb3;
     int32_t D, n_head_kv, G, k_bits, v_bits;
     int32_t rope_mode, rope_n_dims;    // as lq2_rope_params
+    int32_t v_per_channel;             // values grouped per channel (lq2-op-params.h)
+    int32_t k_widths;                  // 1: the args' k_widths give each key channel's width
     int32_t unused;
 };
+
+#define LQ2_DQ_MAX_D 512 // head size: a thread holds one token's key of one kv head
 
 // The op: its tensors' pointers and the scalars (lq2_dequant_args_of fills them; the Metal kernel
 // from its buffers).
@@ -31,40 +36,62 @@ struct lq2_dequant_args {
     const LQ2_DEV char    * k;
     const LQ2_DEV char    * v;
     LQ2_DEV lq2_half      * dst;
+    const LQ2_DEV int8_t  * k_widths; // I8 [n_head_kv * D] when g.k_widths, else unused
     struct lq2_dequant_geom g;
 };
 
-// The shapes the kernels take (given a table when the keys are pre-RoPE).
-LQ2_INLINE int lq2_dequant_shape_ok(int D, int G, int k_bits, int v_bits, int rope_mode, int n_dims, int64_t n_slots) {
-    return lq2_key_type_b(G, k_bits) >= 0 && lq2_value_type(v_bits) >= 0 && D % LQ2_QK_V == 0 && n_slots % G == 0 &&
-           n_dims >= 0 && n_dims <= D && n_dims % 2 == 0 && (rope_mode == 0 || rope_mode == 2);
+// The shapes the kernels take (given a table when the keys are pre-RoPE). Values grouped per
+// channel take the key block types (as the CPU cache decides per layer).
+LQ2_INLINE int lq2_dequant_shape_ok(int D, int G, int k_bits, int v_bits, int v_per_channel, int rope_mode, int n_dims,
+                                    int64_t n_slots) {
+    return lq2_key_type_b(G, k_bits) >= 0 &&
+           (v_per_channel ? lq2_key_type_b(G, v_bits) >= 0 : lq2_value_type(v_bits) >= 0) && D % LQ2_QK_V == 0 &&
+           D <= LQ2_DQ_MAX_D && n_slots % G == 0 && n_dims >= 0 && n_dims <= D && n_dims % 2 == 0 &&
+           (rope_mode == 0 || rope_mode == 2);
 }
 
 // Keys: token t of group g, kv head hk: dequantized, re-rotated with the group's table rows, f16.
+// The channels are read in order first, so that mixed widths' block offsets are a running sum.
 LQ2_INLINE void lq2_dequant_key(const LQ2_TH struct lq2_dequant_args * a, int64_t g, int hk, int t) {
     const int D = a->g.D, G = a->g.G, nd = a->g.rope_n_dims, half = nd / 2, kbs = LQ2_BLOCK_BYTES_B(G, a->g.k_bits);
     const LQ2_DEV uint8_t * kg = a->k2 + g * a->g.k_group_bytes + (int64_t) hk * D * kbs;
+    const LQ2_DEV int8_t * kw = a->g.k_widths ? a->k_widths + (int64_t) hk * D : 0;
     const LQ2_DEV lq2_half * cs = (const LQ2_DEV lq2_half *) (a->rope_table ? a->rope_table + g * a->g.rope_table_nb1 : a->rope_table);
     LQ2_DEV lq2_half * row = a->dst + ((g * G + t) * a->g.n_head_kv + hk) * D;
+    float x[LQ2_DQ_MAX_D];
+    for (int c = 0, off = 0; c < D; ++c) {
+        const int b = kw ? (int) kw[c] : a->g.k_bits;
+        x[c] = lq2_block_value(kg + off, G, b, t);
+        off += LQ2_BLOCK_BYTES_B(G, b);
+    }
     for (int i = 0; i < half; ++i) {
         const int ca = a->g.rope_mode == 2 ? i : 2 * i, cb = a->g.rope_mode == 2 ? i + half : 2 * i + 1;
-        const float x0 = lq2_block_value(kg + ca * kbs, G, a->g.k_bits, t);
-        const float x1 = lq2_block_value(kg + cb * kbs, G, a->g.k_bits, t);
+        const float x0 = x[ca];
+        const float x1 = x[cb];
         const float ct = lq2_fp16_to_fp32(cs[2 * i * G + t]), st = lq2_fp16_to_fp32(cs[2 * i * G + G + t]);
         row[ca] = lq2_fp32_to_fp16(LQ2_FMA(x0, ct, -(x1 * st)));
         row[cb] = lq2_fp32_to_fp16(LQ2_FMA(x0, st, x1 * ct));
     }
     for (int c = nd; c < D; ++c) {
-        row[c] = lq2_fp32_to_fp16(lq2_block_value(kg + c * kbs, G, a->g.k_bits, t));
+        row[c] = lq2_fp32_to_fp16(x[c]);
     }
 }
 
-// Values: element e of the 2-bit rows (slot e / nv, channel e % nv over all kv heads), f16.
+// Values: element e of the 2-bit rows (slot e / nv, channel e % nv over all kv heads), f16: from
+// the slot's row of blocks, or (per channel) code s % G of channel c's block in group s / G.
 LQ2_INLINE void lq2_dequant_value(const LQ2_TH struct lq2_dequant_args * a, int64_t e) {
     const int64_t nv = (int64_t) a->g.D * a->g.n_head_kv, s = e / nv, c = e % nv;
-    const LQ2_DEV uint8_t * b = a->v2 + s * a->g.v_row_bytes + (c / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, a->g.v_bits);
     LQ2_DEV lq2_half * vout = (LQ2_DEV lq2_half *) ((LQ2_DEV char *) a->dst + a->g.dst_nb3);
-    vout[s * nv + c] = lq2_fp32_to_fp16(lq2_block_value(b, LQ2_QK_V, a->g.v_bits, (int) (c % LQ2_QK_V)));
+    float x;
+    if (a->g.v_per_channel) {
+        const int G = a->g.G;
+        const LQ2_DEV uint8_t * b = a->v2 + (s / G) * a->g.v2_stride + c * LQ2_BLOCK_BYTES_B(G, a->g.v_bits);
+        x = lq2_block_value(b, G, a->g.v_bits, (int) (s % G));
+    } else {
+        const LQ2_DEV uint8_t * b = a->v2 + s * a->g.v2_stride + (c / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, a->g.v_bits);
+        x = lq2_block_value(b, LQ2_QK_V, a->g.v_bits, (int) (c % LQ2_QK_V));
+    }
+    vout[s * nv + c] = lq2_fp32_to_fp16(x);
 }
 
 // The f16 tier's cell j, element w of its keys or values (which = 0, 1): the rows after the slots.

@@ -20,8 +20,8 @@ enum lq2_demote_col {
 };
 
 // Optional sources: a layer's mixed key widths (lq2-format.h), I8 [n_embd_k_gqa] (kv head h's
-// D channels at h * D), set by ggml_lq2_set_key_widths; absent: every channel k_bits. The GPU
-// kernels do not take them yet (their supports_op says no).
+// D channels at h * D), set by ggml_lq2_set_key_widths; absent: every channel k_bits. Every
+// backend's kernels read them (the GPU ones through lq2-op-args.h).
 enum lq2_op_src_widths {
     LQ2_DEMOTE_SRC_WIDTHS  = 6,
     LQ2_ATTN_SRC_WIDTHS    = 8,
@@ -35,7 +35,7 @@ enum lq2_op_src_widths {
 //      key types, no RoPE), the v2 store one group of n_embd_v_gqa blocks per key group. On Qwen
 //      this halves the values' share of the attention output's error (bench/studies/
 //      value_noise_study.py): a token's channels differ in offset and spread far more than a
-//      channel's tokens do. The GPU kernels do not take it yet (their supports_op says no).
+//      channel's tokens do. Every backend's kernels take both groupings.
 
 // GGML_OP_LQ2_DEMOTE. srcs: 0 k2 store (I8, groups of G tokens), 1 v2 store (I8, per slot or per
 // group), 2 staging (F32 [G * n_embd_k_gqa, n_stage]; per-channel values: [G * (n_embd_k_gqa +

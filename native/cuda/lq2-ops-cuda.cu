@@ -19,9 +19,6 @@ template <typename P> static P op_params_of(const ggml_tensor * t) {
 }
 
 bool ggml_cuda_lq2_supports_op(const ggml_tensor * op) {
-    if (lq2_op_has_key_widths(op) || lq2_op_has_per_channel_values(op)) {
-        return false;
-    }
     switch (op->op) {
         case GGML_OP_LQ2_DEMOTE: {
             const lq2_demote_args a = lq2_demote_args_of(op);
@@ -30,15 +27,15 @@ bool ggml_cuda_lq2_supports_op(const ggml_tensor * op) {
         case GGML_OP_LQ2_ATTN: {
             const auto p = op_params_of<lq2_attn_op_params>(op);
             const ggml_tensor * q = op->src[0], * k = op->src[1];
-            return lq2_ab_supported((int) q->ne[0], (int) (q->ne[1] / k->ne[1]), p.G, p.k_bits, p.v_bits, p.rope.mode,
-                                    p.rope.n_dims) &&
+            return lq2_ab_supported((int) q->ne[0], (int) (q->ne[1] / k->ne[1]), p.G, p.k_bits, p.v_bits,
+                                    p.v_per_channel, p.rope.mode, p.rope.n_dims) &&
                    q->ne[2] <= 65535 && k->nb[0] == sizeof(lq2_half) && op->src[2]->nb[0] == sizeof(lq2_half);
         }
         case GGML_OP_LQ2_DEQUANT: {
             const lq2_dequant_args a = lq2_dequant_args_of(op);
             // (asked before the graph is allocated: the data pointers may still be NULL)
-            return lq2_dequant_shape_ok(a.g.D, a.g.G, a.g.k_bits, a.g.v_bits, a.g.rope_mode, a.g.rope_n_dims,
-                                        a.g.n_slots) &&
+            return lq2_dequant_shape_ok(a.g.D, a.g.G, a.g.k_bits, a.g.v_bits, a.g.v_per_channel, a.g.rope_mode,
+                                        a.g.rope_n_dims, a.g.n_slots) &&
                    (a.g.rope_n_dims == 0 || op->src[2] != nullptr);
         }
         default:
@@ -48,7 +45,7 @@ bool ggml_cuda_lq2_supports_op(const ggml_tensor * op) {
 
 void ggml_cuda_op_lq2_demote(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     lq2_demote_args a = lq2_demote_args_of(dst);
-    ggml_cuda_pool_alloc<float> scratch(ctx.pool(), (size_t) std::max<int64_t>(1, a.g.n_rows * a.g.nk));
+    ggml_cuda_pool_alloc<float> scratch(ctx.pool(), (size_t) std::max<int64_t>(1, a.g.n_rows * lq2_demote_scratch_row(&a)));
     a.scratch = scratch.get();
     GGML_ASSERT(lq2_cuda_demote(&a, ctx.stream()) == 0 && "LQ2_DEMOTE: parameters the CUDA kernel does not take");
 }

@@ -1,5 +1,6 @@
 // lq2-op-args.h: the LogQuant ops' tensors and params (lq2-op-params.h) as the GPU kernels'
-// argument structs (lq2-attn-block.h, lq2-demote-block.h). One place for the mapping: the CUDA
+// argument structs (lq2-attn-block.h, lq2-demote-block.h, lq2-dequant-block.h), mixed key widths
+// and per-channel values included. One place for the mapping: the CUDA
 // glue (native/cuda/lq2-ops-cuda.cu) and the host check that runs the kernels' per-thread code on
 // the CPU op's tensors (tests/native/lq2_ops_check.cpp) both call these.
 #pragma once
@@ -17,31 +18,20 @@
 extern "C" {
 #endif
 
-// Whether a LogQuant op reads mixed key widths (ggml_lq2_set_key_widths): the GPU kernels do not
-// yet, so their supports_op says no and the cache gives such a layer uniform widths there.
-static inline int lq2_op_has_key_widths(const struct ggml_tensor * op) {
+// A LogQuant op's mixed key widths (ggml_lq2_set_key_widths, lq2-format.h): I8 [n_embd_k_gqa],
+// or NULL when every channel has the op's k_bits. (Its data may still be NULL when supports_op
+// asks, before the graph is allocated.)
+static inline const struct ggml_tensor * lq2_op_key_widths(const struct ggml_tensor * op) {
     const int src = op->op == GGML_OP_LQ2_DEMOTE ? LQ2_DEMOTE_SRC_WIDTHS
                   : op->op == GGML_OP_LQ2_ATTN   ? LQ2_ATTN_SRC_WIDTHS
                                                  : LQ2_DEQUANT_SRC_WIDTHS;
-    return op->src[src] != NULL;
+    return op->src[src];
 }
 
-// Whether a LogQuant op reads per-channel values (v_per_channel in lq2-op-params.h): likewise not
-// in the GPU kernels yet.
-static inline int lq2_op_has_per_channel_values(const struct ggml_tensor * op) {
-    if (op->op == GGML_OP_LQ2_DEMOTE) {
-        struct lq2_demote_op_params p;
-        memcpy(&p, op->op_params, sizeof(p));
-        return p.v_per_channel != 0;
-    }
-    if (op->op == GGML_OP_LQ2_ATTN) {
-        struct lq2_attn_op_params p;
-        memcpy(&p, op->op_params, sizeof(p));
-        return p.v_per_channel != 0;
-    }
-    struct lq2_dequant_op_params p;
-    memcpy(&p, op->op_params, sizeof(p));
-    return p.v_per_channel != 0;
+// Bytes per value row (values grouped per token: one row per slot) or per value group (grouped
+// per channel: one block of G codes per channel), for nv channels.
+static inline int64_t lq2_v2_stride(int64_t nv, int G, int v_bits, int v_per_channel) {
+    return v_per_channel ? nv * LQ2_BLOCK_BYTES_B(G, v_bits) : (nv / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, v_bits);
 }
 
 // parts: lq2_attn_parts_floats() floats of scratch for n_part parts.
@@ -69,7 +59,7 @@ static inline struct lq2_attn_args lq2_attn_args_of(const struct ggml_tensor * d
     a.k2                       = (const char *) k2->data;
     a.g.kg_bytes               = n_head_kv * D * LQ2_BLOCK_BYTES_B(op.G, op.k_bits);
     a.v2                       = (const char *) v2->data;
-    a.g.vrow_bytes             = n_head_kv * (D / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, op.v_bits);
+    a.g.v2_stride              = lq2_v2_stride(n_head_kv * D, op.G, op.v_bits, op.v_per_channel);
     a.mask2                    = (const char *) mask2->data;
     a.g.mask2_nb1              = (int64_t) mask2->nb[1];
     a.rope                     = rope ? (const char *) rope->data : NULL;
@@ -96,6 +86,9 @@ static inline struct lq2_attn_args lq2_attn_args_of(const struct ggml_tensor * d
     a.g.shape.rope_n_dims      = op.rope.n_dims;
     a.g.shape.rope_attn_factor = op.rope.attn_factor;
     a.g.shape.score_correction = op.score_correction;
+    a.g.shape.v_per_channel    = op.v_per_channel;
+    a.g.shape.k_widths         = lq2_op_key_widths(dst) != NULL;
+    a.k_widths                 = lq2_op_key_widths(dst) ? (const int8_t *) lq2_op_key_widths(dst)->data : NULL;
     return a;
 }
 
@@ -104,7 +97,7 @@ static inline int64_t lq2_attn_parts_floats(const struct ggml_tensor * dst, int3
     return (int64_t) n_part * q->ne[2] * q->ne[1] * (q->ne[0] + 2);
 }
 
-// scratch (n_rows * nk floats) is the caller's to set.
+// scratch (n_rows * lq2_demote_scratch_row floats) is the caller's to set.
 static inline struct lq2_demote_args lq2_demote_args_of(const struct ggml_tensor * dst) {
     struct lq2_demote_op_params p;
     memcpy(&p, dst->op_params, sizeof(p));
@@ -117,7 +110,7 @@ static inline struct lq2_demote_args lq2_demote_args_of(const struct ggml_tensor
     a.k2            = (uint8_t *) k2->data;
     a.g.k_group_bytes = a.g.nk * LQ2_BLOCK_BYTES_B(p.G, p.k_bits);
     a.v2            = (uint8_t *) v2->data;
-    a.g.v_row_bytes   = (a.g.nv / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, p.v_bits);
+    a.g.v2_stride     = lq2_v2_stride(a.g.nv, p.G, p.v_bits, p.v_per_channel);
     a.staging       = (char *) staging->data;
     a.g.staging_nb1   = (int64_t) staging->nb[1];
     a.k             = (const char *) k->data;
@@ -132,6 +125,9 @@ static inline struct lq2_demote_args lq2_demote_args_of(const struct ggml_tensor
     a.g.v_bits        = p.v_bits;
     a.g.fit           = p.fit;
     a.g.rope          = p.rope;
+    a.g.v_per_channel = p.v_per_channel;
+    a.g.k_widths      = lq2_op_key_widths(dst) != NULL;
+    a.k_widths        = lq2_op_key_widths(dst) ? (const int8_t *) lq2_op_key_widths(dst)->data : NULL;
     return a;
 }
 
@@ -147,7 +143,7 @@ static inline struct lq2_dequant_args lq2_dequant_args_of(const struct ggml_tens
     a.k2             = (const uint8_t *) k2->data;
     a.g.k_group_bytes  = (int64_t) a.g.D * a.g.n_head_kv * LQ2_BLOCK_BYTES_B(p.G, p.k_bits);
     a.v2             = (const uint8_t *) v2->data;
-    a.g.v_row_bytes    = (int64_t) a.g.n_head_kv * (a.g.D / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, p.v_bits);
+    a.g.v2_stride      = lq2_v2_stride((int64_t) a.g.n_head_kv * a.g.D, p.G, p.v_bits, p.v_per_channel);
     a.rope_table     = rope ? (const char *) rope->data : NULL;
     a.g.rope_table_nb1 = rope ? (int64_t) rope->nb[1] : 0;
     a.k              = (const char *) k->data;
@@ -163,6 +159,9 @@ static inline struct lq2_dequant_args lq2_dequant_args_of(const struct ggml_tens
     a.g.rope_n_dims    = p.rope.n_dims;
     a.dst            = (lq2_half *) dst->data;
     a.g.dst_nb3        = (int64_t) dst->nb[3];
+    a.g.v_per_channel  = p.v_per_channel;
+    a.g.k_widths       = lq2_op_key_widths(dst) != NULL;
+    a.k_widths         = lq2_op_key_widths(dst) ? (const int8_t *) lq2_op_key_widths(dst)->data : NULL;
     return a;
 }
 

@@ -206,27 +206,7 @@ std::string logquant_cache::check_device(ggml_backend_dev_t dev) {
     if (!dev) {
         return {};
     }
-    for (auto & l : layers) { // every layer: head counts and code widths may differ
-        if ((l.widths || l.v_per_channel) && !device_takes_layer(dev, l)) {
-            // the GPU kernels do not read mixed key widths or per-channel values yet: such a layer
-            // keeps uniform widths and per-token values there (in the bytes allocated for it: the
-            // per-token values of a group take no more than per-channel ones at G = 32 or 64)
-            const layer before = l;
-            const size_t per_token = value_group_bytes(false, G, l.n_embd_v_gqa, l.v_bits);
-            l.widths = nullptr;
-            if (l.v_per_channel && per_token <= l.v_group_bytes) {
-                l.v_per_channel = 0;
-                l.v_group_bytes = per_token;
-            }
-            if (device_takes_layer(dev, l)) {
-                LLAMA_LOG_WARN("%s: layer %d keeps uniform key widths and per-token values on %s: its LogQuant "
-                               "kernels do not read mixed key widths or per-channel values yet\n", __func__, l.il,
-                               ggml_backend_dev_name(dev));
-                l.widths_host.clear();
-                continue;
-            }
-            l = before;
-        }
+    for (auto & l : layers) { // every layer: head counts, code widths and value grouping may differ
         if (!device_takes_layer(dev, l)) {
             return std::string("the ") + ggml_backend_dev_name(dev) + " backend does not run the LogQuant ops "
                    "(GGML_OP_LQ2_*) for layer " + std::to_string(l.il) + " in this build: keep the KV cache in host "

@@ -19,7 +19,8 @@ using namespace metal;
 static struct lq2_demote_args lq2_demote_args_from(constant struct lq2_demote_geom & g, device char * k2,
                                                    device char * v2, device char * staging, device const char * k,
                                                    device const char * v, device const char * rows,
-                                                   device char * scratch, constant float * rope_freq) {
+                                                   device char * scratch, constant float * rope_freq,
+                                                   device const char * kw) {
     struct lq2_demote_args a;
     a.k2        = (device uint8_t *) k2;
     a.v2        = (device uint8_t *) v2;
@@ -29,13 +30,15 @@ static struct lq2_demote_args lq2_demote_args_from(constant struct lq2_demote_ge
     a.rows      = (device const int32_t *) rows;
     a.scratch   = (device float *) scratch;
     a.rope_freq = rope_freq;
+    a.k_widths  = g.k_widths ? (device const int8_t *) kw : nullptr;
     a.g         = g;
     return a;
 }
 
 // Buffers: 0 the scalars, 1 k2, 2 v2, 3 staging, 4 f16 K rows, 5 f16 V rows, 6 the list, 7 the
-// frequencies (2 floats per RoPE pair). No scratch: the keys go through staging run by run
-// (lq2_demote_seq_step), in one threadgroup.
+// frequencies (2 floats per RoPE pair), 8 the key widths (ignored without them). No scratch: the
+// keys (and per-channel values) go through staging run by run (lq2_demote_seq_step), in one
+// threadgroup.
 #define LQ2_DEMOTE_KERNEL_ARGS                                                  \
     constant struct lq2_demote_geom & g         [[buffer(0)]],                 \
     device char                     * k2        [[buffer(1)]],                 \
@@ -45,19 +48,20 @@ static struct lq2_demote_args lq2_demote_args_from(constant struct lq2_demote_ge
     device const char               * v         [[buffer(5)]],                 \
     device const char               * rows      [[buffer(6)]],                 \
     constant float                  * rope_freq [[buffer(7)]],                 \
+    device const char               * kw        [[buffer(8)]],                 \
     uint3  tgpig [[threadgroup_position_in_grid]],                              \
     ushort tiitg [[thread_index_in_threadgroup]],                               \
     ushort ntg   [[threads_per_threadgroup]]
 
 // Grid: n_rows threadgroups; list row tgpig.x's values.
 kernel void kernel_lq2_demote_values(LQ2_DEMOTE_KERNEL_ARGS) {
-    const struct lq2_demote_args a = lq2_demote_args_from(g, k2, v2, staging, k, v, rows, nullptr, rope_freq);
+    const struct lq2_demote_args a = lq2_demote_args_from(g, k2, v2, staging, k, v, rows, nullptr, rope_freq, kw);
     lq2_demote_values(&a, (int64_t) tgpig.x, (int) tiitg, (int) ntg);
 }
 
 // Grid: one threadgroup; the keys, run after run, after the values kernel.
 kernel void kernel_lq2_demote_keys(LQ2_DEMOTE_KERNEL_ARGS) {
-    const struct lq2_demote_args a = lq2_demote_args_from(g, k2, v2, staging, k, v, rows, nullptr, rope_freq);
+    const struct lq2_demote_args a = lq2_demote_args_from(g, k2, v2, staging, k, v, rows, nullptr, rope_freq, kw);
     (void) tgpig;
     for (int s = 0; lq2_demote_seq_step(&a, s, (int) tiitg, (int) ntg); ++s) {
         threadgroup_barrier(mem_flags::mem_device);

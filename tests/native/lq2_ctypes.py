@@ -37,13 +37,14 @@ class AbShape(ctypes.Structure):  # lq2-attn-block.h
                 ("hk", ctypes.c_int32), ("scale", ctypes.c_float), ("softcap", ctypes.c_float),
                 ("max_bias", ctypes.c_float), ("G", ctypes.c_int32), ("k_bits", ctypes.c_int32),
                 ("v_bits", ctypes.c_int32), ("rope_mode", ctypes.c_int32), ("rope_n_dims", ctypes.c_int32),
-                ("rope_attn_factor", ctypes.c_float), ("score_correction", ctypes.c_int32)]
+                ("rope_attn_factor", ctypes.c_float), ("score_correction", ctypes.c_int32),
+                ("v_per_channel", ctypes.c_int32), ("k_widths", ctypes.c_int32)]
 
 
 class AttnGeom(ctypes.Structure):  # lq2-attn-block.h: the scalars of GGML_OP_LQ2_ATTN
     _fields_ = [(n, ctypes.c_int64) for n in (
                     "q_nb1", "q_nb2", "k_nb2", "k_nb3", "v_nb2", "v_nb3", "n_kv", "mask_nb1", "kg_bytes",
-                    "vrow_bytes", "mask2_nb1", "rope_nb1", "n_slots", "n_tokens", "n_tps", "dst_nb1",
+                    "v2_stride", "mask2_nb1", "rope_nb1", "n_slots", "n_tokens", "n_tps", "dst_nb1",
                     "dst_nb2")] + \
                [(n, ctypes.c_int32) for n in ("mask_f16", "n_head_kv", "n_part", "unused")] + \
                [("shape", AbShape)]
@@ -51,7 +52,7 @@ class AttnGeom(ctypes.Structure):  # lq2-attn-block.h: the scalars of GGML_OP_LQ
 
 class AttnArgs(ctypes.Structure):  # lq2-attn-block.h: the op's pointers and its scalars
     _fields_ = [(n, ctypes.c_void_p)
-                for n in ("q", "k", "v", "mask", "k2", "v2", "mask2", "rope", "parts", "dst")] + \
+                for n in ("q", "k", "v", "mask", "k2", "v2", "mask2", "rope", "parts", "dst", "k_widths")] + \
                [("g", AttnGeom)]
 
 

@@ -12,8 +12,8 @@
 //   gpu_vs_ref          LQ2_ATTN's GPU program (3 parts) against the CPU op's scalar path
 //   gpu_dequant_vs_ref  LQ2_DEQUANT's GPU code against the CPU op (f16 outputs)
 //   gpu_demote_bytes    stored bytes of LQ2_DEMOTE's GPU code that differ from the CPU op's
-// Cases with values grouped per channel (v_per_channel, which the GPU kernels do not take yet)
-// print "attn_vpc" / "demote_vpc" lines with the CPU's figures only.
+// Every case says whether its keys have mixed widths (kw=1, ggml_lq2_set_key_widths) and whether
+// its values are grouped per channel (vpc=1).
 #include "ggml.h"
 #include "ggml-cpu.h"
 #include "lq2-op-args.h"
@@ -40,6 +40,45 @@ static void valid_blocks(ggml_tensor * t, int n, int bits, std::mt19937 & gen) {
         memcpy(b + i + 2, &hm, 2);
         for (int j = 4; j < bytes; j++) {
             b[i + j] = (uint8_t) byte(gen);
+        }
+    }
+}
+
+// Mixed key widths for nk = Hkv * D channels with a mean of b bits per kv head: NEOX RoPE pairs
+// (c, c + D / 2) alike, consecutive pairs 0 / 2b, b / b or 2b / 0 (lq2-format.h).
+static std::vector<int8_t> random_widths(int D, int Hkv, int b, std::mt19937 & gen) {
+    std::vector<int8_t> w((size_t) D * Hkv);
+    std::uniform_int_distribution<int> pick(0, 2);
+    for (int h = 0; h < Hkv; h++) {
+        for (int i = 0; i < D / 2; i += 2) {
+            const int w0 = pick(gen) * b;
+            for (int c : { i, i + D / 2 }) {
+                w[(size_t) h * D + c]     = (int8_t) w0;
+                w[(size_t) h * D + c + 1] = (int8_t) (2 * b - w0);
+            }
+        }
+    }
+    return w;
+}
+
+// Key groups of G tokens with valid scales: channel c's block of widths[c] bits (or b for all).
+static void valid_key_groups(ggml_tensor * t, int G, int b, const std::vector<int8_t> & widths, int nk,
+                             std::mt19937 & gen) {
+    std::uniform_int_distribution<int> byte(0, 255);
+    std::uniform_real_distribution<float> d(0.01f, 0.1f), mn(-1.0f, 0.0f);
+    const size_t group = (size_t) nk * LQ2_BLOCK_BYTES_B(G, b);
+    uint8_t * p = (uint8_t *) t->data;
+    for (size_t g0 = 0; g0 + group <= ggml_nbytes(t); g0 += group) {
+        size_t off = g0;
+        for (int c = 0; c < nk; c++) {
+            const int w = widths.empty() ? b : widths[c];
+            const ggml_fp16_t hd = ggml_fp32_to_fp16(w ? d(gen) : 0.0f), hm = ggml_fp32_to_fp16(mn(gen));
+            memcpy(p + off, &hd, 2);
+            memcpy(p + off + 2, &hm, 2);
+            for (int j = 4; j < LQ2_BLOCK_BYTES_B(G, w); j++) {
+                p[off + j] = (uint8_t) byte(gen);
+            }
+            off += LQ2_BLOCK_BYTES_B(G, w);
         }
     }
 }
@@ -85,7 +124,12 @@ static void diff(const std::vector<float> & a, const std::vector<float> & b, dou
     }
 }
 
-struct shape { int D, Hkv, gq, n_kv, n_slots, nb, G, bits; bool rope; float max_bias, softcap; bool bc = false; bool vpc = false; };
+struct shape {
+    int D, Hkv, gq, n_kv, n_slots, nb, G, bits;
+    bool rope;
+    float max_bias, softcap;
+    bool bc = false, vpc = false, kw = false; // score correction, per-channel values, mixed key widths
+};
 
 static void run_attn(const shape & s, int seed) {
     ggml_init_params ip = { (size_t) 512 << 20, nullptr, false };
@@ -104,7 +148,13 @@ static void run_attn(const shape & s, int seed) {
     uniform(q, gen, -1.0f, 1.0f);
     uniform(k, gen, -1.0f, 1.0f);
     uniform(v, gen, -1.0f, 1.0f);
-    valid_blocks(k2, s.G, s.bits, gen);
+    const std::vector<int8_t> widths = s.kw ? random_widths(s.D, s.Hkv, s.bits, gen) : std::vector<int8_t>();
+    ggml_tensor * kw = nullptr;
+    if (s.kw) {
+        kw = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, nk);
+        memcpy(kw->data, widths.data(), widths.size());
+    }
+    valid_key_groups(k2, s.G, s.bits, widths, nk, gen);
     valid_blocks(v2, s.vpc ? s.G : LQ2_QK_V, s.bits, gen);
     if (rt) {
         // a real table: cos/sin of angles (positions 0..n_slots, NEOX frequencies)
@@ -138,6 +188,9 @@ static void run_attn(const shape & s, int seed) {
         dp.rope = ap.rope;
     }
     ggml_tensor * fused = ggml_lq2_attn(ctx, q, k, v, m, k2, v2, m2, rt, &ap, sizeof(ap));
+    if (kw) {
+        ggml_lq2_set_key_widths(fused, kw);
+    }
     compute(ctx, fused, 1, true);
     const std::vector<float> ref = as_f32(fused);
     compute(ctx, fused, 1, false);
@@ -148,10 +201,16 @@ static void run_attn(const shape & s, int seed) {
     lq2_attn_op_params ap0 = ap;
     ap0.score_correction = 0;
     ggml_tensor * plain = ggml_lq2_attn(ctx, q, k, v, m, k2, v2, m2, rt, &ap0, sizeof(ap0));
+    if (kw) {
+        ggml_lq2_set_key_widths(plain, kw);
+    }
     compute(ctx, plain, 1, false);
     const std::vector<float> plain1 = as_f32(plain);
 
     ggml_tensor * both = ggml_lq2_dequant(ctx, k2, v2, rt, k, v, &dp, sizeof(dp));
+    if (kw) {
+        ggml_lq2_set_key_widths(both, kw);
+    }
     compute(ctx, both, 1, true);
     const std::vector<float> deq_ref = as_f32(both);
     compute(ctx, both, 3, false);
@@ -171,14 +230,6 @@ static void run_attn(const shape & s, int seed) {
     diff(ref, fav, c, rc);
     diff(deq_ref, deq, d, rd);
     diff(simd1, plain1, e, re);
-    if (s.vpc) {
-        printf("attn_vpc D=%d Hkv=%d gq=%d n_kv=%d slots=%d nb=%d G=%d bits=%d rope=%d alibi=%g softcap=%g "
-               "simd_vs_ref %.3g threads %.3g fa_vs_fused %.3g dequant_simd_vs_ref %.3g max_out %.3g\n",
-               s.D, s.Hkv, s.gq, s.n_kv, s.n_slots, s.nb, s.G, s.bits, (int) s.rope, s.max_bias, s.softcap,
-               a, b, c, d, ra);
-        ggml_free(ctx);
-        return;
-    }
 
     // the GPU program on the same tensors: 3 parts, every block, step and thread
     std::vector<float> gpu_parts((size_t) lq2_attn_parts_floats(fused, 3));
@@ -201,7 +252,7 @@ static void run_attn(const shape & s, int seed) {
             }
         }
     }
-    for (int64_t e = 0; e < gd.g.n_slots * gd.g.D * gd.g.n_head_kv; e++) {
+    for (int64_t e = gd.g.n_slots * gd.g.D * gd.g.n_head_kv - 1; e >= 0; e--) {
         lq2_dequant_value(&gd, e);
     }
     for (int which = 0; which < 2; which++) {
@@ -215,16 +266,16 @@ static void run_attn(const shape & s, int seed) {
 
     diff(ref, gpu, g1, rg1);
     diff(deq_ref, gpu_deq, g2, rg2);
-    printf("attn D=%d Hkv=%d gq=%d n_kv=%d slots=%d nb=%d G=%d bits=%d rope=%d alibi=%g softcap=%g bc=%d "
-           "simd_vs_ref %.3g threads %.3g fa_vs_fused %.3g dequant_simd_vs_ref %.3g max_out %.3g bc_effect %.3g "
+    printf("attn D=%d Hkv=%d gq=%d n_kv=%d slots=%d nb=%d G=%d bits=%d rope=%d alibi=%g softcap=%g bc=%d vpc=%d "
+           "kw=%d simd_vs_ref %.3g threads %.3g fa_vs_fused %.3g dequant_simd_vs_ref %.3g max_out %.3g bc_effect %.3g "
            "gpu_vs_ref %.3g gpu_dequant_vs_ref %.3g\n",
            s.D, s.Hkv, s.gq, s.n_kv, s.n_slots, s.nb, s.G, s.bits, (int) s.rope, s.max_bias, s.softcap, (int) s.bc,
-           a, b, c, d, ra, e, g1, g2);
+           (int) s.vpc, (int) s.kw, a, b, c, d, ra, e, g1, g2);
     ggml_free(ctx);
 }
 
 static void run_demote(int D, int Hkv, int G, int bits, int n_rows, int first, bool rope, int seed, bool fit = false,
-                       bool vpc = false) {
+                       bool vpc = false, bool mixed_widths = false) {
     ggml_init_params ip = { (size_t) 64 << 20, nullptr, false };
     ggml_context * ctx = ggml_init(ip);
     std::mt19937 gen(seed);
@@ -256,6 +307,12 @@ static void run_demote(int D, int Hkv, int G, int bits, int n_rows, int first, b
     uniform(st, gen, -3.0f, 3.0f); // an open group's earlier rows
     memcpy(st0.data(), st->data, st0.size());
     ggml_tensor * out = ggml_lq2_demote(ctx, k2, v2, st, kc, vc, rows, &p, sizeof(p));
+    if (mixed_widths) {
+        const std::vector<int8_t> widths = random_widths(D, Hkv, bits, gen);
+        ggml_tensor * kw = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, nk);
+        memcpy(kw->data, widths.data(), widths.size());
+        ggml_lq2_set_key_widths(out, kw);
+    }
     std::vector<std::vector<uint8_t>> got;
     std::vector<uint8_t> staged_cpu, staged_gpu;
     for (bool use_ref : {true, false}) {
@@ -268,23 +325,12 @@ static void run_demote(int D, int Hkv, int G, int bits, int n_rows, int first, b
         all.insert(all.end(), (uint8_t *) v2->data, (uint8_t *) v2->data + ggml_nbytes(v2));
         got.push_back(all);
     }
-    if (vpc) { // the CPU's paths only; staging: the open group's keys and values both written
-        size_t n_diff = 0, n_set = 0;
-        for (size_t i = 0; i < got[0].size(); i++) {
-            n_diff += got[0][i] != got[1][i];
-            n_set  += got[0][i] != 0;
-        }
-        printf("demote_vpc D=%d Hkv=%d G=%d bits=%d rows=%d first=%d rope=%d fit=%d demote_bytes %zu nonzero %zu\n",
-               D, Hkv, G, bits, n_rows, first, (int) rope, (int) fit, n_diff, n_set);
-        ggml_free(ctx);
-        return;
-    }
     { // the GPU code: launch 1 (rows), then launch 2 (groups), 128 threads a block
         memset(k2->data, 0, ggml_nbytes(k2));
         memset(v2->data, 0, ggml_nbytes(v2));
         memcpy(st->data, st0.data(), st0.size());
         struct lq2_demote_args da = lq2_demote_args_of(out);
-        std::vector<float> scratch((size_t) (da.g.n_rows * da.g.nk));
+        std::vector<float> scratch((size_t) (da.g.n_rows * lq2_demote_scratch_row(&da)));
         da.scratch = scratch.data();
         if (!lq2_demote_supported(&da)) {
             fprintf(stderr, "the GPU demotion refused the case\n");
@@ -343,6 +389,11 @@ static void run_demote(int D, int Hkv, int G, int bits, int n_rows, int first, b
         const size_t len = (size_t) (last[LQ2_DEMOTE_SLOT] % G + 1) * nk * sizeof(float);
         n_stage = (size_t) (memcmp(staged_cpu.data() + off, staged_gpu.data() + off, len) != 0) +
                   (size_t) (memcmp(staged_cpu.data() + off, staged_seq.data() + off, len) != 0);
+        if (vpc) { // the open group's values, after its G rows of keys
+            const size_t voff = off + (size_t) G * nk * sizeof(float);
+            n_stage += (size_t) (memcmp(staged_cpu.data() + voff, staged_gpu.data() + voff, len) != 0) +
+                       (size_t) (memcmp(staged_cpu.data() + voff, staged_seq.data() + voff, len) != 0);
+        }
     }
     size_t n_diff = 0, n_set = 0, n_gpu = 0, n_seq = 0;
     for (size_t i = 0; i < got[0].size(); i++) {
@@ -351,9 +402,9 @@ static void run_demote(int D, int Hkv, int G, int bits, int n_rows, int first, b
         n_seq  += got[0][i] != got[3][i];
         n_set  += got[0][i] != 0;
     }
-    printf("demote D=%d Hkv=%d G=%d bits=%d rows=%d first=%d rope=%d fit=%d demote_bytes %zu nonzero %zu "
+    printf("demote D=%d Hkv=%d G=%d bits=%d rows=%d first=%d rope=%d fit=%d vpc=%d kw=%d demote_bytes %zu nonzero %zu "
            "gpu_demote_bytes %zu gpu_seq_demote_bytes %zu gpu_staging_differs %zu\n", D, Hkv, G, bits, n_rows, first,
-           (int) rope, (int) fit, n_diff, n_set, n_gpu, n_seq, n_stage);
+           (int) rope, (int) fit, (int) vpc, (int) mixed_widths, n_diff, n_set, n_gpu, n_seq, n_stage);
     ggml_free(ctx);
 }
 
@@ -369,10 +420,15 @@ int main() {
         // the score correction (2-bit keys, NEOX table; 4-bit without RoPE, ALiBi)
         { 64,  2, 7,  40, 256,   3, 64, 2, true,  0.0f,  0.0f, true },
         { 128, 1, 4,  33, 128,   2, 64, 4, false, 8.0f,  0.0f, true },
-        // values grouped per channel (CPU only so far)
+        // values grouped per channel
         { 64,  2, 7,  40, 256,   3, 64, 2, true,  0.0f,  0.0f, false, true },
         { 128, 2, 2,  33, 384,  40, 64, 4, true,  0.0f, 30.0f, false, true },
         { 64,  4, 1,  17, 128,   3, 32, 2, false, 8.0f,  0.0f, false, true },
+        // mixed key widths: alone, with per-channel values (the default format), with the correction
+        { 64,  2, 7,  40, 256,   3, 64, 2, true,  0.0f,  0.0f, false, false, true },
+        { 128, 2, 4,  33, 384,  40, 64, 4, true,  0.0f, 30.0f, false, true,  true },
+        { 64,  2, 7,  40, 256,   2, 64, 2, true,  0.0f,  0.0f, true,  true,  true },
+        { 128, 1, 4,  50, 256,   3, 128, 2, false, 8.0f, 0.0f, false, true,  true },
     };
     int seed = 1;
     for (const auto & s : cases) {
@@ -386,5 +442,8 @@ int main() {
     run_demote(128, 2, 64, 4, 70, 0, true, seed++, true);
     run_demote(64, 2, 64, 2, 150, 10, true, seed++, true, true); // values grouped per channel
     run_demote(64, 4, 32, 8, 33, 31, false, seed++, false, true);
+    run_demote(64, 2, 64, 2, 150, 10, true, seed++, true, false, true); // mixed key widths
+    run_demote(128, 2, 64, 4, 70, 0, true, seed++, false, true, true);  // both (the default format)
+    run_demote(64, 4, 32, 2, 90, 20, false, seed++, true, true, true);
     return 0;
 }

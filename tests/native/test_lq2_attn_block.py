@@ -18,10 +18,10 @@ from test_lq2_attn import CASES, F16_BYTES, Case, make, reference
 
 ORDERS = (0, 1, 2)  # first to last, last to first, odd threads then even ones
 
-# the CPU cases (but mixed key widths, which the GPU kernels do not read yet: supports_op says
-# no), plus the shapes the block's limits are about: G = 128 (a whole chunk), 8 query heads per
-# kv head (the most), head size 512 (four channels per thread), one token
-BLOCK_CASES = [*(c for c in CASES if not c.widths and not c.v_channels),
+# the CPU cases (mixed key widths and values grouped per channel included), plus the shapes the
+# block's limits are about: G = 128 (a whole chunk), 8 query heads per kv head (the most), head
+# size 512 (four channels per thread), one token
+BLOCK_CASES = [*CASES,
                Case(128, 8, 1, 300, 3 * 128 + 7, 128, mode=0),
                Case(512, 2, 1, 140, 70, 64, max_bias=8.0),
                Case(64, 8, 1, 1, 0, 64, mask="none")]
@@ -40,7 +40,7 @@ class Op:
     hidden by -inf in each token's 2-bit mask, as the cache pads them), the RoPE table."""
 
     def __init__(self, lib, case: Case, q, ka, va, ma, kb, vb, pos_b, mb, mask_f16: bool,
-                 unused_groups: int = 0, fill: int = 0):
+                 unused_groups: int = 0, fill: int = 0, kw=None):
         D, H, Hkv, G = case.D, case.H, case.Hkv, case.G
         self.case, self.T, self.S = case, q.shape[0], ka.shape[0]
         ng = -(-case.nB // G)
@@ -53,8 +53,13 @@ class Op:
         self.mb[:, :case.nB] = mb
         self.kb = np.full((self.n_slots // G, Hkv * D, ref.block_bytes(G, case.k_bits)), fill, np.uint8)
         self.kb[:ng] = kb
-        self.vb = np.full((self.n_slots, Hkv * D // 64, ref.block_bytes(64, case.v_bits)), fill, np.uint8)
-        self.vb[:case.nB] = vb
+        if case.v_channels:  # a group's blocks, one per channel
+            self.vb = np.full((self.n_slots // G, Hkv * D, ref.block_bytes(G, case.v_bits)), fill, np.uint8)
+            self.vb[:ng] = vb
+        else:  # a row of blocks per slot
+            self.vb = np.full((self.n_slots, Hkv * D // 64, ref.block_bytes(64, case.v_bits)), fill, np.uint8)
+            self.vb[:case.nB] = vb
+        self.kw = None if kw is None else np.ascontiguousarray(kw, np.int8)
         rope = RopeParams(case.mode, D if case.n_dims is None else case.n_dims, case.base, case.fscale, 1.0)
         self.rope = rope
         # rows for every group of the store (the cache keeps them for all slots)
@@ -69,10 +74,10 @@ class Op:
         row = Hkv * D * F16_BYTES
         nd = self.rope.n_dims
         shape = AbShape(D, H // Hkv, H, 0, 1.0 / np.sqrt(D), c.softcap, c.max_bias, c.G, c.k_bits, c.v_bits,
-                        c.mode, nd, 1.0, c.score_correction)
+                        c.mode, nd, 1.0, c.score_correction, int(c.v_channels), int(self.kw is not None))
         g = AttnGeom(q_nb1=D * 4, q_nb2=H * D * 4, k_nb2=row, k_nb3=c.nA * row, v_nb2=row, v_nb3=c.nA * row,
                      n_kv=c.nA, mask_nb1=self.ma.strides[0], kg_bytes=self.kb[0].nbytes,
-                     vrow_bytes=self.vb[0].nbytes, mask2_nb1=self.mb.strides[0],
+                     v2_stride=self.vb[0].nbytes, mask2_nb1=self.mb.strides[0],
                      rope_nb1=nd * c.G * F16_BYTES,
                      n_slots=self.n_slots, n_tokens=self.T, n_tps=self.T // self.S, dst_nb1=D * 4,
                      dst_nb2=H * D * 4, mask_f16=int(self.ma.dtype == np.float16), n_head_kv=Hkv,
@@ -80,7 +85,7 @@ class Op:
         return AttnArgs(self.q.ctypes.data, self.ka.ctypes.data, self.va.ctypes.data, self.ma.ctypes.data,
                         self.kb.ctypes.data, self.vb.ctypes.data, self.mb.ctypes.data,
                         self.tab.ctypes.data if nd > 0 else None, self.parts.ctypes.data,
-                        self.dst.ctypes.data, g)
+                        self.dst.ctypes.data, None if self.kw is None else self.kw.ctypes.data, g)
 
     def tiers(self, tok: int, a0: int, a1: int, g0: int, g1: int):
         """Token tok's tiers over the f16 cells [a0, a1) and the slots of groups [g0, g1), as the CPU
@@ -93,17 +98,19 @@ class Op:
         ka, va = self.ka[s], self.va[s]
         ta = TierF16(a1 - a0, ka.ctypes.data + a0 * row, row, va.ctypes.data + a0 * row, row,
                      self._ma32.ctypes.data + a0 * 4)
+        v0 = g0 if c.v_channels else g0 * G  # the first value group or row of the part
         tb = TierQ2((g1 - g0) * G, G, c.k_bits, c.v_bits, self.kb.ctypes.data + g0 * self.kb[0].nbytes,
-                    self.kb[0].nbytes, self.vb.ctypes.data + g0 * G * self.vb[0].nbytes, self.vb[0].nbytes,
+                    self.kb[0].nbytes, self.vb.ctypes.data + v0 * self.vb[0].nbytes, self.vb[0].nbytes,
                     None, self.rope, self.tab.ctypes.data + g0 * self.rope.n_dims * G * F16_BYTES,
-                    self._mb32.ctypes.data + g0 * G * 4, c.score_correction)
+                    self._mb32.ctypes.data + g0 * G * 4, c.score_correction,
+                    None if self.kw is None else self.kw.ctypes.data, int(c.v_channels))
         return ta, tb
 
 
 def single(lib, case: Case, d, mask_f16: bool = True, **kw) -> Op:
     """The op for make()'s one query token over one stream."""
     return Op(lib, case, d["q"][None], d["ka"][None], d["va"][None], d["ma"][None], d["kb"], d["vb"],
-              d["pos_b"], d["mb"][None], mask_f16, **kw)
+              d["pos_b"], d["mb"][None], mask_f16, kw=d["kw"], **kw)
 
 
 def work(lib, case: Case, op: Op) -> np.ndarray:
@@ -184,7 +191,7 @@ def test_gpu_program_equals_the_cpu(lib, ci):
     ma = d["ma"] if d["ma"] is not None else np.zeros(case.nA, np.float32)
     mb = d["mb"] if d["mb"] is not None else np.zeros(case.nB, np.float32)
     op = Op(lib, case, d["q"][None], d["ka"][None], d["va"][None], ma[None], d["kb"], d["vb"], d["pos_b"],
-            mb[None], f16_masks)
+            mb[None], f16_masks, kw=d["kw"])
     # the float64 reference sees the masks as the op holds them
     d["ma"] = None if d["ma"] is None else op.ma[0].astype(np.float32)
     d["mb"] = None if d["mb"] is None else op.mb[0, :case.nB].astype(np.float32)
