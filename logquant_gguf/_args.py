@@ -17,8 +17,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache type (default: %(default)s)")
     p.add_argument("--logquant-window", type=int, default=None, metavar="W",
                    help="W for the logquant / q2_window caches (default: %d)" % kv_types.DEFAULT_WINDOW)
-    p.add_argument("--key-bits", type=int, default=None, choices=kv_types.CODE_BITS,
-                   help="code bits of the logquant / q2_window low-bit tier's keys (default: 2)")
+    p.add_argument("--key-bits", type=int, default=None, choices=kv_types.KEY_CODE_BITS,
+                   help="code bits of the logquant / q2_window low-bit tier's keys (default: 2; 3: mixed "
+                        "widths of 0, 2 or 4 bits at a mean of 3)")
     p.add_argument("--value-bits", type=int, default=None, choices=kv_types.CODE_BITS,
                    help="code bits of its values (default: 2)")
     p.add_argument("--layer-bits", type=_layer_bits, default=None, metavar="L:K:V[,...]",

@@ -51,7 +51,7 @@ KV_TYPES: dict[str, KVType] = {
                "llama.cpp's symmetric 2-bit type, a naive 2-bit baseline"),
         KVType("logquant", GGML_TYPE_LQ2, GGML_TYPE_LQ2, 2.5,
                "LogQuant: f16 for the newest W..2W and W log-spaced older tokens, 2-bit for the "
-               "rest (keys per channel before RoPE, values per token)", POLICY_LOG),
+               "rest (keys and values grouped per channel of 64 tokens, keys before RoPE)", POLICY_LOG),
         KVType("q2_window", GGML_TYPE_LQ2, GGML_TYPE_LQ2, 2.5,
                "the same 2-bit tier with only the newest 3W tokens in f16 (the paper's baseline)",
                POLICY_WINDOW),
@@ -70,6 +70,9 @@ def get(name: str) -> KVType:
 
 
 CODE_BITS = (2, 4, 8)
+# keys may also have 3 bits: mixed key widths only (0, 2 or 4 bits per channel at a mean of 3,
+# chosen from the weights; there are no 3-bit codes), a 3.0-bits/value point beside 2-bit values
+KEY_CODE_BITS = (2, 3, 4, 8)
 
 
 KEY_GROUPS = (32, 64, 128)
@@ -119,9 +122,9 @@ class LogQuantBits:
         return s
 
 
-def _check_code_bits(name: str, b: object) -> int:
-    if isinstance(b, bool) or not isinstance(b, int) or b not in CODE_BITS:
-        raise ValueError(f"{name} must be one of {', '.join(map(str, CODE_BITS))}, got {b!r}")
+def _check_code_bits(name: str, b: object, allowed: tuple[int, ...] = CODE_BITS) -> int:
+    if isinstance(b, bool) or not isinstance(b, int) or b not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}, got {b!r}")
     return b
 
 
@@ -141,7 +144,7 @@ def check_bits(spec: KVType, key_bits: int | None, value_bits: int | None,
         if given:
             raise ValueError(f"{given[0]} applies to the LogQuant kv_types, not to kv_type={spec.name!r}")
         return None
-    k = _check_code_bits("logquant_key_bits", 2 if key_bits is None else key_bits)
+    k = _check_code_bits("logquant_key_bits", 2 if key_bits is None else key_bits, KEY_CODE_BITS)
     v = _check_code_bits("logquant_value_bits", 2 if value_bits is None else value_bits)
     layers = []
     if layer_bits is not None:
@@ -153,7 +156,7 @@ def check_bits(spec: KVType, key_bits: int | None, value_bits: int | None,
                 raise ValueError(f"logquant_layer_bits: layer must be an integer >= 0, got {il!r}")
             if not isinstance(kv, (tuple, list)) or len(kv) != 2:
                 raise ValueError(f"logquant_layer_bits[{il}] must be (key_bits, value_bits), got {kv!r}")
-            layers.append((il, _check_code_bits(f"logquant_layer_bits[{il}] key bits", kv[0]),
+            layers.append((il, _check_code_bits(f"logquant_layer_bits[{il}] key bits", kv[0], KEY_CODE_BITS),
                            _check_code_bits(f"logquant_layer_bits[{il}] value bits", kv[1])))
     g = 64 if key_group is None else key_group
     if isinstance(g, bool) or g not in KEY_GROUPS:
@@ -174,6 +177,9 @@ def check_bits(spec: KVType, key_bits: int | None, value_bits: int | None,
                          f"got {value_groups!r}")
     # keys grouped after RoPE have no pairs to widen: uniform widths there by default
     kw = key_widths or ("uniform" if keys_post_rope else "auto")
+    if kw == "uniform" and 3 in [k] + [row[1] for row in layers]:
+        raise ValueError("3-bit keys are mixed key widths (0, 2 or 4 bits per channel, a mean of 3): "
+                         "they need logquant_key_widths='auto' and keys grouped before RoPE")
     return LogQuantBits(k, v, tuple(sorted(layers)), g, bool(keys_post_rope), fit is not False,
                         bool(score_correction), kw, value_groups or "channel")
 

@@ -50,7 +50,8 @@ class Llama(llama_cpp.Llama):
     logquant_window: W for the "logquant" and "q2_window" caches (default 32): the f16 tier holds
     up to 3W tokens.
     logquant_key_bits, logquant_value_bits: code bits of those caches' low-bit tier, 2 (default),
-    4 or 8; logquant_layer_bits: per-layer overrides {layer: (key_bits, value_bits)}, e.g.
+    4 or 8; keys also 3: mixed key widths of 0, 2 or 4 bits per channel at a mean of 3 (there are no
+    3-bit codes), 3.0 bits per value with 2-bit values; logquant_layer_bits: per-layer overrides {layer: (key_bits, value_bits)}, e.g.
     {0: (8, 8)} for a sensitive first layer. These are the precision levers: b-bit codes cost
     b + 0.5 bits per value (see docs/levers.md for what they buy).
     logquant_key_group (32, 64, 128) and logquant_keys_post_rope: the key layout knobs of the

@@ -1,7 +1,8 @@
 """Mixed key widths (logquant_key_widths="auto", the default): each key channel of a 2-bit-key
 layer gets 0, 2 or 4 bits, a mean of 2, chosen from the model's Q/K weights. The widths follow an independent
 numpy prediction from the GGUF; the tier keeps its bytes; the state records them; a real model's
-logits come closer to f16's; bad settings are refused."""
+logits come closer to f16's; bad settings are refused. 3-bit keys (logquant_key_bits=3) are the
+same allocation at a mean of 3 (0, 2 or 4 bits per channel): 3.0 bits per value with 2-bit values."""
 
 from __future__ import annotations
 
@@ -52,17 +53,19 @@ def predicted_widths(path, il: int, n_head: int, n_head_kv: int, D: int, neox: b
     units = [(u, u + half) if neox else (2 * u, 2 * u + 1) for u in range(half)]
     gq = n_head // n_head_kv
     out = np.full((n_head_kv, D), b)
-    mse = [GAUSS_MSE[0], GAUSS_MSE[b], GAUSS_MSE[2 * b]]
+    out[:, n_dims::2], out[:, n_dims + 1::2] = (2, 4) if b == 3 else (b, b)  # past a partial RoPE
+    step = 4 if b == 4 else 2  # widths 0, step, 2 step (3-bit keys: 0, 2, 4)
+    mse = [GAUSS_MSE[0], GAUSS_MSE[step], GAUSS_MSE[2 * step]]
     for hk in range(n_head_kv):
         qe = eq.reshape(n_head_kv, gq, D)[hk].mean(0)
-        weight = [(qe[a] + qe[b]) * (ek[hk * D + a] + ek[hk * D + b]) for a, b in units]
+        weight = [(qe[a] + qe[b_]) * (ek[hk * D + a] + ek[hk * D + b_]) for a, b_ in units]
         level = [0] * len(units)
-        for _ in units:  # one step of b bits per unit: a mean of b
+        for _ in range(len(units) * b // step):  # steps of `step` bits to a mean of b
             gains = [weight[u] * (mse[lv] - mse[lv + 1]) if lv < 2 else -1.0
                      for u, lv in enumerate(level)]
             level[int(np.argmax(gains))] += 1
         for (a, bb), lv in zip(units, level):
-            out[hk, a] = out[hk, bb] = b * lv
+            out[hk, a] = out[hk, bb] = step * lv
     return out.reshape(-1).tolist()
 
 
@@ -122,6 +125,11 @@ def test_widths_follow_the_weights_qwen(real_model):
     assert llm.key_widths(0) == []
     llm.close()
     print(f"{n_mixed} of 23 layers with 4-bit keys have mixed widths")
+    # 3-bit keys: 0, 2 or 4 bits at a mean of 3
+    llm = Llama(str(real_model), kv_type="logquant", n_ctx=512, verbose=False, logquant_key_bits=3)
+    for il in (0, 5, 23):
+        assert llm.key_widths(il) == predicted_widths(real_model, il, 14, 2, 64, True, 64, 3), il
+    llm.close()
 
 
 def test_mixed_widths_keep_the_bytes_and_the_state(uneven):
@@ -150,7 +158,8 @@ def test_mixed_widths_keep_the_bytes_and_the_state(uneven):
 
 def test_mixed_widths_come_closer_to_f16_on_qwen(real_model):
     """Measured end to end in docs/levers.md; here a short check: 1600 tokens of code, KL of the
-    logits of the last 400 against f16's (uniform 0.130, mixed 0.086 when written)."""
+    logits of the last 400 against f16's (uniform 0.130, mixed 0.086 when written; 0.063 with
+    values per channel, and 3-bit keys at 3.0 bits 0.032)."""
     from logquant_gguf.bench import corpus
 
     probe = Llama(str(real_model), n_ctx=256, verbose=False)
@@ -160,8 +169,10 @@ def test_mixed_widths_come_closer_to_f16_on_qwen(real_model):
     ref = run_logits(real_model, seq, "f16", n_ctx=2048, flash_attn=True)[1200:]
     uniform = kl_to(ref, run_logits(real_model, seq, logquant_key_widths="uniform", **kw)[1200:])
     mixed = kl_to(ref, run_logits(real_model, seq, **kw)[1200:])
-    print(f"KL uniform {uniform:.4f}, mixed {mixed:.4f}")
+    k3 = kl_to(ref, run_logits(real_model, seq, logquant_key_bits=3, **kw)[1200:])
+    print(f"KL uniform {uniform:.4f}, mixed {mixed:.4f}, 3-bit keys {k3:.4f}")
     assert mixed < 0.85 * uniform
+    assert k3 < 0.85 * mixed
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -201,3 +212,53 @@ def test_tools_take_mixed_widths(uneven, tmp_path):
         assert p.returncode == 0, (p.stdout + p.stderr)[-2000:]
         ppl[kw] = p.stdout + p.stderr
     assert "tensor not allocated" not in ppl["auto"]
+
+
+def test_three_bit_keys_follow_the_weights(uneven, neox_partial):
+    """logquant_key_bits=3: 0, 2 or 4 bits per channel at a mean of exactly 3 per kv head (past a
+    partial RoPE alternately 2 and 4), as the numpy prediction; 3.0 bits per value with 2-bit
+    values; a saved state continues."""
+    for path, neox, n_dims in ((uneven, False, 64), (neox_partial, True, 32)):
+        llm = load(path, logquant_key_bits=3)
+        for il in range(llm.n_layer()):
+            got = llm.key_widths(il)
+            assert got == predicted_widths(path, il, 4, 2, 64, neox, n_dims, 3), il
+            per_head = np.array(got).reshape(2, 64)
+            assert set(got) <= {0, 2, 4} and (per_head.mean(1) == 3).all()
+        llm.eval(tokens(llm, 300, seed=4))
+        assert llm.kv_stats()["bits_per_value"] == pytest.approx(3.0, abs=0.02)
+        llm.close()
+    saved_state_continues(uneven, logquant_key_bits=3)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"logquant_key_bits": 3, "logquant_key_widths": "uniform"}, "3-bit keys are mixed key widths"),
+    ({"logquant_key_bits": 3, "logquant_keys_post_rope": True}, "3-bit keys are mixed key widths"),
+    ({"logquant_layer_bits": {1: (3, 2)}, "logquant_key_widths": "uniform"},
+     "3-bit keys are mixed key widths"),
+    ({"logquant_key_bits": 3, "logquant_key_group": 32}, "needs 2-bit keys"),
+    ({"logquant_value_bits": 3}, "logquant_value_bits must be one of 2, 4, 8"),
+    ({"logquant_key_bits": 5}, "logquant_key_bits must be one of 2, 3, 4, 8"),
+])
+def test_bad_three_bit_keys_are_refused(tiny_model, kw, match):
+    with pytest.raises(ValueError, match=match):
+        load(tiny_model, **kw)
+
+
+@pytest.mark.skipif(tool_path("llama-perplexity") is None, reason="this build has no llama-perplexity")
+def test_tools_take_three_bit_keys(uneven, tmp_path):
+    """Through llama.cpp's tool: LOGQUANT_KEY_BITS=3 runs (its first, unloaded sizing context
+    takes the widths by RoPE frequency, the same bytes); with uniform widths the cache itself
+    refuses and the tool fails. (Only the exit status there: llama.cpp's logger may drop the
+    lines a tool writes just before it exits, llama.cpp issue 22142.)"""
+    text = tmp_path / "text.txt"
+    text.write_text("def f(x):\n    return x\n" * 200)
+    cmd = [str(tool_path("llama-perplexity")), "-m", str(uneven), "-f", str(text), "-c", "128", "-b", "128",
+           "--chunks", "1", "-ctk", "lq2", "-ctv", "lq2", "-fa", "on", "-t", "2"]
+    env = {**tool_env("logquant"), "LOGQUANT_WINDOW": "8", "LOGQUANT_KEY_BITS": "3"}
+    p = run_tool(cmd + ["-v"], env)  # (-v: the cache's log line)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-2000:]
+    assert "bits K 3 V 2" in out, out[-2000:]  # written at the context's creation, long before the exit
+    p = run_tool(cmd, {**env, "LOGQUANT_KEY_WIDTHS": "uniform"})
+    assert p.returncode != 0

@@ -142,7 +142,7 @@ def test_state_round_trip_with_levers(tiny_model):
 
 
 @pytest.mark.parametrize("kw,match", [
-    ({"logquant_key_bits": 3}, "logquant_key_bits must be one of 2, 4, 8"),
+    ({"logquant_key_bits": 6}, "logquant_key_bits must be one of 2, 3, 4, 8"),
     ({"logquant_value_bits": 16}, "logquant_value_bits must be one of"),
     ({"logquant_key_bits": True}, "logquant_key_bits must be one of"),
     ({"logquant_layer_bits": [(0, 8, 8)]}, "must be a dict"),
@@ -170,6 +170,7 @@ def test_bits_on_a_llama_cpp_type_are_refused(tiny_model):
 @pytest.mark.parametrize("name,want", [
     ("logquant", ("logquant", {})),
     ("logquant+k4", ("logquant", {"logquant_key_bits": 4})),
+    ("logquant+k3", ("logquant", {"logquant_key_bits": 3})),
     ("q2_window+k4v8", ("q2_window", {"logquant_key_bits": 4, "logquant_value_bits": 8})),
     ("logquant+v4", ("logquant", {"logquant_value_bits": 4})),
     ("logquant+g128+postrope", ("logquant", {"logquant_key_group": 128, "logquant_keys_post_rope": True})),
@@ -185,7 +186,8 @@ def test_variant_names(name, want):
     assert kv_types.parse_variant(name) == want
 
 
-@pytest.mark.parametrize("name", ["logquant+k3", "logquant+x", "f16+k4", "logquant+L0:8", "nope+k4",
+@pytest.mark.parametrize("name", ["logquant+k5", "logquant+k3+uniform", "logquant+x", "f16+k4",
+                                  "logquant+L0:8", "nope+k4",
                                   "logquant+L0:8:8,1:8:8",
                                   "logquant+g48", "logquant+k4+g32", "q8_0+w64"])
 def test_bad_variant_names(name):

@@ -46,7 +46,7 @@ WIDTHS = {"024": (0, 2, 4), "01234": (0, 1, 2, 3, 4)}
 MEAN_BITS = 2
 FREQ_RULES = (6, 8, 10, 12, 14, 16)
 # mean squared error of a unit Gaussian's best uniform quantizer with 2^b levels (b = 0: its mean)
-GAUSS_MSE = {0: 1.0, 2: 0.1188, 4: 0.01154}
+GAUSS_MSE = {0: 1.0, 2: 0.1188, 4: 0.01154, 8: 9.0e-5}
 
 
 def quant_width(x: np.ndarray, bits: int) -> np.ndarray:
@@ -65,14 +65,15 @@ def coded_keys(kp: np.ndarray, low: np.ndarray, bits: int) -> np.ndarray:
     return out
 
 
-def allocate(err: dict[int, np.ndarray], weight: np.ndarray, widths: tuple[int, ...]) -> np.ndarray:
+def allocate(err: dict[int, np.ndarray], weight: np.ndarray, widths: tuple[int, ...],
+             mean_bits: int = MEAN_BITS) -> np.ndarray:
     """Greedy reverse water-filling per kv head: err[b] [NKV, HD/2] squared error of each RoPE pair
     at width b, weight [NKV, HD/2]; every pair starts at the narrowest width and the step with the
-    largest weighted error drop per bit is taken while the mean stays <= MEAN_BITS. -> [NKV, HD/2]."""
+    largest weighted error drop per bit is taken while the mean stays <= mean_bits. -> [NKV, HD/2]."""
     half = HD // 2
     alloc = np.full((NKV, half), widths[0])
     for g in range(NKV):
-        budget = MEAN_BITS * half - widths[0] * half  # bits per pair-channel left to give
+        budget = mean_bits * half - widths[0] * half  # bits per pair-channel left to give
         while True:
             best, best_gain = None, 0.0
             for p in range(half):
@@ -101,7 +102,7 @@ def layer_stats(q, k, kp, queries, history) -> dict:
     n_last = queries[-1] + 1
     low = np.flatnonzero(tiers(n_last)[2])
     half = HD // 2
-    by_bits = {b: coded_keys(kp, low, b) for b in (0, 1, 2, 3, 4)}
+    by_bits = {b: coded_keys(kp, low, b) for b in (0, 1, 2, 3, 4, 8)}
     # squared error per (kv head, pair), both channels of the pair
     err = {}
     for b, kq in by_bits.items():
@@ -110,7 +111,7 @@ def layer_stats(q, k, kp, queries, history) -> dict:
     qe = (q[history] ** 2)  # [H, NH, HD]
     qe = (qe[..., :half] + qe[..., half:]).mean(0)  # [NH, HD/2]
     qw = qe.reshape(NKV, NH // NKV, half).mean(1)
-    rows = {"k2": np.full((NKV, half), 2), "k3": np.full((NKV, half), 3)}
+    rows = {"k2": np.full((NKV, half), 2), "k3": np.full((NKV, half), 3), "k4": np.full((NKV, half), 4)}
     for wname, widths in WIDTHS.items():
         rows[f"keys_{wname}"] = allocate(err, np.ones((NKV, half)), widths)
         rows[f"queries_{wname}"] = allocate(err, qw, widths)
@@ -123,6 +124,12 @@ def layer_stats(q, k, kp, queries, history) -> dict:
         rows["weights_024"] = allocate(err, qwt, WIDTHS["024"])
         # keys' error predicted too: the pair's key variance times a Gaussian's error at b bits
         rows["model_024"] = allocate({b: kvar * GAUSS_MSE[b] for b in (0, 2, 4)}, qwt, WIDTHS["024"])
+        # a mean of 3 bits (a 3.0-bits/value point beside 2-bit values): widths from {0, 2, 4}
+        # and from {0, 2, 4, 8}, the formats there are
+        model_err = {b: kvar * GAUSS_MSE[b] for b in (0, 2, 4, 8)}
+        rows["model_024_m3"] = allocate(model_err, qwt, (0, 2, 4), 3)
+        rows["model_0248_m3"] = allocate(model_err, qwt, (0, 2, 4, 8), 3)
+        rows["queries_0248_m3"] = allocate(err, qw, (0, 2, 4, 8), 3)
     # a fixed rule by RoPE frequency: the z fastest pairs get 0 bits, the z slowest 4
     for z in FREQ_RULES:
         rows[f"freq_{z}"] = np.array([[0 if p < z else 4 if p >= half - z else 2 for p in range(half)]] * NKV)
@@ -220,6 +227,7 @@ def main() -> None:
 LABELS = {
     "k2": "2 bits on every channel (today)",
     "k3": "3 bits on every channel",
+    "k4": "4 bits on every channel",
     "keys_024": "{0, 2, 4} by key error",
     "queries_024": "{0, 2, 4} by key error x query energy",
     "keys_01234": "{0..4} by key error",
@@ -227,6 +235,9 @@ LABELS = {
     "early_024": "{0, 2, 4} by key error x query energy of tokens 64-127",
     "weights_024": "{0, 2, 4} by key error x query energy predicted from W_q, b_q, attn_norm",
     "model_024": "{0, 2, 4} by key error and query energy both predicted from the weights",
+    "model_024_m3": "mean 3 bits: {0, 2, 4} predicted from the weights",
+    "model_0248_m3": "mean 3 bits: {0, 2, 4, 8} predicted from the weights",
+    "queries_0248_m3": "mean 3 bits: {0, 2, 4, 8} by key error x query energy",
     **{f"freq_{z}": f"fixed: {z} fastest pairs 0 bits, {z} slowest 4" for z in FREQ_RULES},
 }
 

@@ -135,13 +135,13 @@ extern "C" void logquant_clear_last_error(void) {
 extern "C" int32_t logquant_set_bits(int32_t key_bits, int32_t value_bits, int32_t n_layers,
                                      const int32_t * layers, const int32_t * layer_key_bits,
                                      const int32_t * layer_value_bits) {
-    if (!LQ2_BITS_VALID(key_bits) || !LQ2_BITS_VALID(value_bits) || n_layers < 0 ||
+    if (!LQ2_KEY_BITS_VALID(key_bits) || !LQ2_BITS_VALID(value_bits) || n_layers < 0 ||
         (n_layers > 0 && (!layers || !layer_key_bits || !layer_value_bits))) {
         return -1;
     }
     std::vector<logquant_layer_bits> overrides;
     for (int32_t i = 0; i < n_layers; i++) {
-        if (layers[i] < 0 || !LQ2_BITS_VALID(layer_key_bits[i]) || !LQ2_BITS_VALID(layer_value_bits[i])) {
+        if (layers[i] < 0 || !LQ2_KEY_BITS_VALID(layer_key_bits[i]) || !LQ2_BITS_VALID(layer_value_bits[i])) {
             return -1;
         }
         overrides.push_back({layers[i], layer_key_bits[i], layer_value_bits[i]});

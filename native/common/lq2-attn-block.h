@@ -99,10 +99,10 @@ LQ2_INLINE int lq2_ab_channels_per_thread(int D) {
 
 // The shapes the kernels take; anything else stays on the CPU (supports_op says no). Values
 // grouped per channel take the key block types (as the CPU cache decides per layer).
-LQ2_INLINE int lq2_ab_supported(int D, int gq, int G, int k_bits, int v_bits, int v_per_channel, int rope_mode,
-                                int n_dims) {
+LQ2_INLINE int lq2_ab_supported(int D, int gq, int G, int k_bits, int k_widths, int v_bits, int v_per_channel,
+                                int rope_mode, int n_dims) {
     return D > 0 && D % LQ2_QK_V == 0 && D <= LQ2_AB_MAX_D && gq >= 1 && gq <= LQ2_AB_MAX_GQ &&
-           G <= LQ2_AB_CHUNK && lq2_key_type_b(G, k_bits) >= 0 &&
+           G <= LQ2_AB_CHUNK && lq2_key_bits_ok(G, k_bits, k_widths) &&
            (v_per_channel ? lq2_key_type_b(G, v_bits) >= 0 : lq2_value_type(v_bits) >= 0) &&
            (rope_mode == 0 || rope_mode == 2) && n_dims >= 0 && n_dims <= D && n_dims % 2 == 0;
 }

@@ -62,7 +62,8 @@ struct lq2_demote_args {
 
 LQ2_INLINE int lq2_demote_supported(const LQ2_TH struct lq2_demote_args * a) {
     // any key group size and width the block code handles, as the CPU forward does
-    return (a->g.G == 32 || a->g.G == 64 || a->g.G == 128) && LQ2_BITS_VALID(a->g.k_bits) && LQ2_BITS_VALID(a->g.v_bits) &&
+    return (a->g.G == 32 || a->g.G == 64 || a->g.G == 128) &&
+           (LQ2_BITS_VALID(a->g.k_bits) || (a->g.k_bits == 3 && a->g.k_widths)) && LQ2_BITS_VALID(a->g.v_bits) &&
            a->g.nv % LQ2_QK_V == 0 && a->g.n_head_kv > 0 && a->g.nk % a->g.n_head_kv == 0 && a->g.rope.n_dims % 2 == 0 &&
            a->g.rope.n_dims <= a->g.nk / a->g.n_head_kv && (a->g.rope.mode == 0 || a->g.rope.mode == 2);
 }

@@ -42,9 +42,9 @@ struct lq2_dequant_args {
 
 // The shapes the kernels take (given a table when the keys are pre-RoPE). Values grouped per
 // channel take the key block types (as the CPU cache decides per layer).
-LQ2_INLINE int lq2_dequant_shape_ok(int D, int G, int k_bits, int v_bits, int v_per_channel, int rope_mode, int n_dims,
-                                    int64_t n_slots) {
-    return lq2_key_type_b(G, k_bits) >= 0 &&
+LQ2_INLINE int lq2_dequant_shape_ok(int D, int G, int k_bits, int k_widths, int v_bits, int v_per_channel,
+                                    int rope_mode, int n_dims, int64_t n_slots) {
+    return lq2_key_bits_ok(G, k_bits, k_widths) &&
            (v_per_channel ? lq2_key_type_b(G, v_bits) >= 0 : lq2_value_type(v_bits) >= 0) && D % LQ2_QK_V == 0 &&
            D <= LQ2_DQ_MAX_D && n_slots % G == 0 && n_dims >= 0 && n_dims <= D && n_dims % 2 == 0 &&
            (rope_mode == 0 || rope_mode == 2);

@@ -452,6 +452,14 @@ LQ2_VALUES_TEMPLATE LQ2_INLINE void lq2_quantize_block(LQ2_VALUES_PTR x, int64_t
 // f16-rounded mean of the group's finite values, read for every token.
 #define LQ2_WIDTH_VALID(b) ((b) == 0 || (b) == 2 || (b) == 4 || (b) == 8)
 
+// A layer's key bits: 2, 4 or 8 (uniform codes, or mixed widths 0/b/2b), or 3: mixed widths only
+// (0, 2 or 4 bits per channel at a mean of 3, for a 3.0-bits/value point; there are no 3-bit
+// codes), at G = 64 as 4-bit keys. `mixed`: the layer has mixed widths.
+#define LQ2_KEY_BITS_VALID(b) (LQ2_BITS_VALID(b) || (b) == 3)
+LQ2_INLINE int lq2_key_bits_ok(int G, int b, int mixed) {
+    return b == 3 ? mixed && G == 64 : lq2_key_type_b(G, b) >= 0;
+}
+
 // Byte offset of channel c's block in a group whose channels have widths w (c <= channels).
 LQ2_INLINE int64_t lq2_widths_offset(const LQ2_DEV int8_t * w, int c, int G) {
     int64_t off = 0;

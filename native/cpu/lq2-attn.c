@@ -624,7 +624,7 @@ static int attn_core(const struct lq2_attn_params * p, const float * q,
     const int vb     = has_b ? b->v_bits : 2;
     const int n_dims = has_b ? b->rope.n_dims : 0;
     const int vpc    = has_b && b->v_per_channel;
-    if (has_b && (lq2_key_type_b(G, kb) < 0 || (vpc ? lq2_key_type_b(G, vb) : lq2_value_type(vb)) < 0 ||
+    if (has_b && (!lq2_key_bits_ok(G, kb, b->k_widths != NULL) || (vpc ? lq2_key_type_b(G, vb) : lq2_value_type(vb)) < 0 ||
                   n_dims < 0 || n_dims > D || n_dims % 2 != 0 ||
                   (b->rope.mode != LQ2_ROPE_NORMAL && b->rope.mode != LQ2_ROPE_NEOX) ||
                   (n_dims > 0 && !b->rope_table && !b->pos))) {

@@ -54,8 +54,8 @@ extern "C" int lq2_cuda_demote(const struct lq2_demote_args * a, cudaStream_t st
 }
 
 extern "C" int lq2_cuda_dequant(const struct lq2_dequant_args * a, cudaStream_t stream) {
-    if (!lq2_dequant_shape_ok(a->g.D, a->g.G, a->g.k_bits, a->g.v_bits, a->g.v_per_channel, a->g.rope_mode,
-                              a->g.rope_n_dims, a->g.n_slots) ||
+    if (!lq2_dequant_shape_ok(a->g.D, a->g.G, a->g.k_bits, a->g.k_widths, a->g.v_bits, a->g.v_per_channel,
+                              a->g.rope_mode, a->g.rope_n_dims, a->g.n_slots) ||
         (a->g.rope_n_dims > 0 && !a->rope_table) || (a->g.k_widths && !a->k_widths)) {
         return -1;
     }

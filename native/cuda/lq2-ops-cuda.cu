@@ -27,15 +27,16 @@ bool ggml_cuda_lq2_supports_op(const ggml_tensor * op) {
         case GGML_OP_LQ2_ATTN: {
             const auto p = op_params_of<lq2_attn_op_params>(op);
             const ggml_tensor * q = op->src[0], * k = op->src[1];
-            return lq2_ab_supported((int) q->ne[0], (int) (q->ne[1] / k->ne[1]), p.G, p.k_bits, p.v_bits,
-                                    p.v_per_channel, p.rope.mode, p.rope.n_dims) &&
+            return lq2_ab_supported((int) q->ne[0], (int) (q->ne[1] / k->ne[1]), p.G, p.k_bits,
+                                    lq2_op_key_widths(op) != nullptr, p.v_bits, p.v_per_channel, p.rope.mode,
+                                    p.rope.n_dims) &&
                    q->ne[2] <= 65535 && k->nb[0] == sizeof(lq2_half) && op->src[2]->nb[0] == sizeof(lq2_half);
         }
         case GGML_OP_LQ2_DEQUANT: {
             const lq2_dequant_args a = lq2_dequant_args_of(op);
             // (asked before the graph is allocated: the data pointers may still be NULL)
-            return lq2_dequant_shape_ok(a.g.D, a.g.G, a.g.k_bits, a.g.v_bits, a.g.v_per_channel, a.g.rope_mode,
-                                        a.g.rope_n_dims, a.g.n_slots) &&
+            return lq2_dequant_shape_ok(a.g.D, a.g.G, a.g.k_bits, a.g.k_widths, a.g.v_bits, a.g.v_per_channel,
+                                        a.g.rope_mode, a.g.rope_n_dims, a.g.n_slots) &&
                    (a.g.rope_n_dims == 0 || op->src[2] != nullptr);
         }
         default:

@@ -40,20 +40,27 @@ logquant_cache::logquant_cache(const logquant_settings & s, const llama_model & 
     if (settings.window < 1) {
         refuse("window must be >= 1, got " + std::to_string(settings.window));
     }
-    bool bits_ok = LQ2_BITS_VALID(settings.key_bits) && LQ2_BITS_VALID(settings.value_bits);
+    bool bits_ok = LQ2_KEY_BITS_VALID(settings.key_bits) && LQ2_BITS_VALID(settings.value_bits);
+    bool any_k3  = settings.key_bits == 3;
     for (const auto & lb : settings.layer_bits) {
-        bits_ok = bits_ok && lb.il >= 0 && LQ2_BITS_VALID(lb.key_bits) && LQ2_BITS_VALID(lb.value_bits);
+        bits_ok = bits_ok && lb.il >= 0 && LQ2_KEY_BITS_VALID(lb.key_bits) && LQ2_BITS_VALID(lb.value_bits);
+        any_k3  = any_k3 || lb.key_bits == 3;
     }
     if (!bits_ok) {
-        refuse("code bits must be 2, 4 or 8 (LOGQUANT_KEY_BITS, LOGQUANT_VALUE_BITS, LOGQUANT_LAYER_BITS=il:k:v,...)");
+        refuse("code bits must be 2, 4 or 8, and key bits may also be 3 (LOGQUANT_KEY_BITS, LOGQUANT_VALUE_BITS, "
+               "LOGQUANT_LAYER_BITS=il:k:v,...)");
     }
-    bool group_ok = lq2_key_type_b(G, settings.key_bits) >= 0;
+    if (any_k3 && !settings.key_widths) {
+        refuse("3-bit keys are mixed key widths (0, 2 or 4 bits per channel, a mean of 3): they need "
+               "key widths \"auto\", not \"uniform\"");
+    }
+    bool group_ok = lq2_key_bits_ok(G, settings.key_bits, 1);
     for (const auto & lb : settings.layer_bits) {
-        group_ok = group_ok && lq2_key_type_b(G, lb.key_bits) >= 0;
+        group_ok = group_ok && lq2_key_bits_ok(G, lb.key_bits, 1);
     }
     if (!group_ok) {
         refuse("key group " + std::to_string(G) + " is not available with these key bits (2-bit keys: 32, 64, "
-               "128; 4- and 8-bit keys: 64)");
+               "128; 3-, 4- and 8-bit keys: 64)");
     }
 
     // Keys are stored before RoPE when we can undo and redo the graph's RoPE exactly: plain
@@ -84,18 +91,28 @@ logquant_cache::logquant_cache(const logquant_settings & s, const llama_model & 
                        "AFTER RoPE (lower quality than pre-RoPE; no context shift)\n", __func__,
                        yarn ? "YaRN" : "rope type or frequency factors");
     }
+    if (any_k3 && rope.n_dims == 0 && !no_rope) {
+        refuse("3-bit keys are mixed key widths, which need keys stored before RoPE (this context's RoPE is not "
+               "plain NORM/NEOX); use 2- or 4-bit keys");
+    }
     if (settings.key_widths && rope.n_dims == 0 && !no_rope) {
         LLAMA_LOG_WARN("%s: keys grouped after RoPE keep uniform widths (mixed key widths need pre-RoPE keys)\n",
                        __func__);
     } else if (settings.key_widths) {
         std::string why; // why some layers could not have them (one message for all)
-        int32_t n_without = 0;
+        int32_t n_without = 0, n_by_frequency = 0;
         for (int32_t il = 0; il < (int32_t) model.layers.size(); il++) {
             const int32_t kb = settings.bits_of(il).first;
-            if (kb != 2 && kb != 4) {
+            if (kb != 2 && kb != 3 && kb != 4) {
                 continue; // 8-bit keys stay uniform
             }
-            std::vector<int8_t> w = logquant_key_widths(model, hparams, il, kb, rope, why);
+            std::string why_il;
+            std::vector<int8_t> w = logquant_key_widths(model, hparams, il, kb, rope, why_il);
+            why = why_il.empty() ? why : why_il;
+            if (w.empty() && kb == 3) {
+                refuse("layer " + std::to_string(il) + " cannot have 3-bit keys: " + why_il);
+            }
+            n_by_frequency += kb == 3 && !why_il.empty(); // widths by a fixed rule, not the weights
             if (w.empty()) {
                 n_without++;
                 continue;
@@ -105,9 +122,9 @@ logquant_cache::logquant_cache(const logquant_settings & s, const llama_model & 
             }
             key_widths_of[il] = std::move(w);
         }
-        if (n_without > 0) {
-            LLAMA_LOG_WARN("%s: %d layers keep uniform key widths: no mixed ones (%s)\n", __func__, n_without,
-                           why.c_str());
+        if (n_without > 0 || n_by_frequency > 0) {
+            LLAMA_LOG_WARN("%s: %d layers keep uniform key widths, %d with 3-bit keys take theirs by RoPE frequency: "
+                           "no widths from the weights (%s)\n", __func__, n_without, n_by_frequency, why.c_str());
         }
     }
     // Each sequence may hold a partial group open; a sequence reaches the 2-bit tier only past 2W
@@ -125,7 +142,7 @@ logquant_cache::logquant_cache(const logquant_settings & s, const llama_model & 
                    settings.policy == LOGQUANT_POLICY_LOG ? "log" : "window", capacity,
                    rope.n_dims > 0 ? "before" : no_rope ? "without" : "after", G, settings.key_bits, settings.value_bits,
                    overrides.empty() ? "" : ", layers il:K:V", overrides.c_str(),
-                   key_widths_of.empty() ? "" : ", mixed key widths (0/b/2b bits per channel, from the weights)",
+                   key_widths_of.empty() ? "" : ", mixed key widths (0/b/2b bits per channel, 0/2/4 for 3-bit keys)",
                    settings.value_per_channel ? "channel" : "token");
 }
 

@@ -52,13 +52,14 @@ extern "C" bool ggml_metal_lq2_supports_op(const ggml_tensor * op) {
             lq2_attn_op_params p;
             memcpy(&p, op->op_params, sizeof(p));
             const ggml_tensor * q = op->src[0], * k = op->src[1];
-            return lq2_ab_supported((int) q->ne[0], (int) (q->ne[1] / k->ne[1]), p.G, p.k_bits, p.v_bits,
-                                    p.v_per_channel, p.rope.mode, p.rope.n_dims);
+            return lq2_ab_supported((int) q->ne[0], (int) (q->ne[1] / k->ne[1]), p.G, p.k_bits,
+                                    lq2_op_key_widths(op) != nullptr, p.v_bits, p.v_per_channel, p.rope.mode,
+                                    p.rope.n_dims);
         }
         case GGML_OP_LQ2_DEQUANT: {
             const lq2_dequant_args a = lq2_dequant_args_of(op);
-            return lq2_dequant_shape_ok(a.g.D, a.g.G, a.g.k_bits, a.g.v_bits, a.g.v_per_channel, a.g.rope_mode,
-                                        a.g.rope_n_dims, a.g.n_slots);
+            return lq2_dequant_shape_ok(a.g.D, a.g.G, a.g.k_bits, a.g.k_widths, a.g.v_bits, a.g.v_per_channel,
+                                        a.g.rope_mode, a.g.rope_n_dims, a.g.n_slots);
         }
         default:
             return false;

@@ -27,7 +27,8 @@ static int thread_at(int i, int order) {
 // result in a->dst.
 int lq2_ab_emulate(const struct lq2_attn_args * a, int order) {
     const struct lq2_ab_shape * s = &a->g.shape;
-    if (!lq2_ab_supported(s->D, s->gq, s->G, s->k_bits, s->v_bits, s->v_per_channel, s->rope_mode, s->rope_n_dims) ||
+    if (!lq2_ab_supported(s->D, s->gq, s->G, s->k_bits, s->k_widths, s->v_bits, s->v_per_channel, s->rope_mode,
+                          s->rope_n_dims) ||
         (s->rope_n_dims > 0 && !a->rope) || (s->k_widths && !a->k_widths) || a->g.n_part < 1 || a->g.n_slots % s->G != 0) {
         return -1;
     }

@@ -45,13 +45,14 @@ static void valid_blocks(ggml_tensor * t, int n, int bits, std::mt19937 & gen) {
 }
 
 // Mixed key widths for nk = Hkv * D channels with a mean of b bits per kv head: NEOX RoPE pairs
-// (c, c + D / 2) alike, consecutive pairs 0 / 2b, b / b or 2b / 0 (lq2-format.h).
+// (c, c + D / 2) alike, consecutive pairs 0 / 2b, b / b or 2b / 0 (lq2-format.h); 3-bit keys
+// 2 / 4 or 4 / 2.
 static std::vector<int8_t> random_widths(int D, int Hkv, int b, std::mt19937 & gen) {
     std::vector<int8_t> w((size_t) D * Hkv);
     std::uniform_int_distribution<int> pick(0, 2);
     for (int h = 0; h < Hkv; h++) {
         for (int i = 0; i < D / 2; i += 2) {
-            const int w0 = pick(gen) * b;
+            const int w0 = b == 3 ? 2 + 2 * (pick(gen) % 2) : pick(gen) * b;
             for (int c : { i, i + D / 2 }) {
                 w[(size_t) h * D + c]     = (int8_t) w0;
                 w[(size_t) h * D + c + 1] = (int8_t) (2 * b - w0);
@@ -92,6 +93,11 @@ static void uniform(ggml_tensor * t, std::mt19937 & gen, float lo, float hi) {
             ((ggml_fp16_t *) t->data)[i] = ggml_fp32_to_fp16(u(gen));
         }
     }
+}
+
+// A case's value bits: its bits, but 2 with 3-bit keys (which exist only for keys).
+static int value_bits_of(int bits) {
+    return bits == 3 ? 2 : bits;
 }
 
 static void compute(ggml_context * ctx, ggml_tensor * out, int n_threads, bool use_ref) {
@@ -141,8 +147,9 @@ static void run_attn(const shape & s, int seed) {
     ggml_tensor * v  = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, s.D, s.Hkv, s.n_kv, 1);
     ggml_tensor * m  = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, s.n_kv, s.nb, 1, 1);
     ggml_tensor * k2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, (int64_t) s.n_slots / s.G * nk * LQ2_BLOCK_BYTES_B(s.G, s.bits));
-    ggml_tensor * v2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, s.vpc ? (int64_t) s.n_slots / s.G * nk * LQ2_BLOCK_BYTES_B(s.G, s.bits)
-                                                            : (int64_t) s.n_slots * (nk / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, s.bits));
+    const int vb = value_bits_of(s.bits);
+    ggml_tensor * v2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, s.vpc ? (int64_t) s.n_slots / s.G * nk * LQ2_BLOCK_BYTES_B(s.G, vb)
+                                                            : (int64_t) s.n_slots * (nk / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, vb));
     ggml_tensor * m2 = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, s.n_slots, s.nb);
     ggml_tensor * rt = s.rope ? ggml_new_tensor_2d(ctx, GGML_TYPE_F16, (int64_t) s.D * s.G, s.n_slots / s.G) : nullptr;
     uniform(q, gen, -1.0f, 1.0f);
@@ -155,7 +162,7 @@ static void run_attn(const shape & s, int seed) {
         memcpy(kw->data, widths.data(), widths.size());
     }
     valid_key_groups(k2, s.G, s.bits, widths, nk, gen);
-    valid_blocks(v2, s.vpc ? s.G : LQ2_QK_V, s.bits, gen);
+    valid_blocks(v2, s.vpc ? s.G : LQ2_QK_V, vb, gen);
     if (rt) {
         // a real table: cos/sin of angles (positions 0..n_slots, NEOX frequencies)
         lq2_rope_params rp = { LQ2_ROPE_NEOX, s.D, 10000.0f, 1.0f, 1.0f };
@@ -179,10 +186,10 @@ static void run_attn(const shape & s, int seed) {
     const float scale = 1.0f / std::sqrt((float) s.D);
     lq2_attn_op_params ap = {};
     ap.scale = scale; ap.max_bias = s.max_bias; ap.softcap = s.softcap;
-    ap.G = s.G; ap.k_bits = s.bits; ap.v_bits = s.bits; ap.n_part_max = 8; ap.score_correction = s.bc;
+    ap.G = s.G; ap.k_bits = s.bits; ap.v_bits = vb; ap.n_part_max = 8; ap.score_correction = s.bc;
     ap.v_per_channel = s.vpc;
     lq2_dequant_op_params dp = {};
-    dp.G = s.G; dp.k_bits = s.bits; dp.v_bits = s.bits; dp.n_slots = s.n_slots; dp.v_per_channel = s.vpc;
+    dp.G = s.G; dp.k_bits = s.bits; dp.v_bits = vb; dp.n_slots = s.n_slots; dp.v_per_channel = s.vpc;
     if (s.rope) {
         ap.rope = { LQ2_ROPE_NEOX, s.D, 10000.0f, 1.0f, 1.0f };
         dp.rope = ap.rope;
@@ -282,8 +289,9 @@ static void run_demote(int D, int Hkv, int G, int bits, int n_rows, int first, b
     const int nk = D * Hkv, n_cells = n_rows + 16;
     const int64_t n_groups = (first + n_rows + G - 1) / G + 1;
     ggml_tensor * k2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, n_groups * nk * LQ2_BLOCK_BYTES_B(G, bits));
-    ggml_tensor * v2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, vpc ? n_groups * nk * LQ2_BLOCK_BYTES_B(G, bits)
-                                                          : n_groups * G * (nk / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, bits));
+    const int vb = value_bits_of(bits);
+    ggml_tensor * v2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, vpc ? n_groups * nk * LQ2_BLOCK_BYTES_B(G, vb)
+                                                          : n_groups * G * (nk / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, vb));
     ggml_tensor * st = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, (int64_t) G * nk * (vpc ? 2 : 1), 2);
     ggml_tensor * kc = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, nk, n_cells);
     ggml_tensor * vc = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, nk, n_cells);
@@ -299,7 +307,7 @@ static void run_demote(int D, int Hkv, int G, int bits, int n_rows, int first, b
         r[i * LQ2_DEMOTE_COLS + LQ2_DEMOTE_STAGE] = pad ? -1 : ((first + i) / G) % 2;
     }
     lq2_demote_op_params p = {};
-    p.G = G; p.k_bits = bits; p.v_bits = bits; p.n_head_kv = Hkv; p.fit = fit; p.v_per_channel = vpc;
+    p.G = G; p.k_bits = bits; p.v_bits = vb; p.n_head_kv = Hkv; p.fit = fit; p.v_per_channel = vpc;
     if (rope) {
         p.rope = { LQ2_ROPE_NEOX, D, 10000.0f, 1.0f, 1.0f };
     }
@@ -429,6 +437,8 @@ int main() {
         { 128, 2, 4,  33, 384,  40, 64, 4, true,  0.0f, 30.0f, false, true,  true },
         { 64,  2, 7,  40, 256,   2, 64, 2, true,  0.0f,  0.0f, true,  true,  true },
         { 128, 1, 4,  50, 256,   3, 128, 2, false, 8.0f, 0.0f, false, true,  true },
+        // 3-bit keys (widths of 2 and 4 bits, 2-bit values), with the correction
+        { 64,  2, 7,  40, 256,   3, 64, 3, true,  0.0f,  0.0f, true,  true,  true },
     };
     int seed = 1;
     for (const auto & s : cases) {
@@ -445,5 +455,6 @@ int main() {
     run_demote(64, 2, 64, 2, 150, 10, true, seed++, true, false, true); // mixed key widths
     run_demote(128, 2, 64, 4, 70, 0, true, seed++, false, true, true);  // both (the default format)
     run_demote(64, 4, 32, 2, 90, 20, false, seed++, true, true, true);
+    run_demote(64, 2, 64, 3, 150, 10, true, seed++, true, true, true); // 3-bit keys
     return 0;
 }

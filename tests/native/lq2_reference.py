@@ -199,7 +199,13 @@ def attention(q, ka, va, mask_a, kb_blocks, vb_blocks, pos_b, mask_b, *, G, n_he
     if score_correction and nB:
         pa, pb = rope_pairs(rope_mode, n_dims)
         for g, blocks in enumerate(kb_blocks):
-            d = blocks[:, 0:2].copy().view("<f2")[:, 0].astype(np.float64).reshape(n_head_kv, D)
+            if k_widths is None:
+                d = blocks[:, 0:2].copy().view("<f2")[:, 0].astype(np.float64).reshape(n_head_kv, D)
+            else:  # each channel's block at its offset (a 0-bit one has d = 0: no code noise)
+                flat = np.asarray(blocks).reshape(-1)
+                offs = np.concatenate([[0], np.cumsum([block_bytes(G, int(w)) for w in k_widths])[:-1]])
+                d = np.array([flat[o:o + 2].copy().view("<f2")[0] for o in offs], np.float64)
+                d = d.reshape(n_head_kv, D)
             var = d * d / 12.0
             var[:, :n_dims] *= np.float64(np.float32(attn_factor)) ** 2
             for h in range(H):

@@ -69,11 +69,12 @@ class Case:
 
 
 def random_widths(rng, Hkv: int, D: int, mode: int, n_dims: int, b: int) -> np.ndarray:
-    """0, b or 2b bits per RoPE pair (as many 0s as 2bs: a mean of b), b past n_dims."""
+    """0, b or 2b bits per RoPE pair (as many 0s as 2bs: a mean of b), b past n_dims; 3-bit keys
+    (b = 3): 2 or 4 bits, as many of each."""
     w = np.full((Hkv, D), b, np.int8)
     pa, pb = ref.rope_pairs(mode, n_dims)
     for h in range(Hkv):
-        pick = rng.choice([0, b, 2 * b], len(pa) // 2)
+        pick = rng.choice([2, 4] if b == 3 else [0, b, 2 * b], len(pa) // 2)
         pair_w = rng.permutation(np.concatenate([pick, 2 * b - pick, [b] * (len(pa) % 2)]))
         w[h, pa] = w[h, pb] = pair_w
     return w.reshape(-1)
@@ -107,6 +108,9 @@ CASES = [
     Case(128, 4, 4, 37, 200, 128, max_bias=8.0, v_bits=4, widths=True),
     Case(256, 4, 1, 3, 100, 64, mask="first_group", widths=True),
     Case(64, 14, 2, 96, 300, 64, k_bits=4, v_bits=4, base=1e6, widths=True),
+    # 3-bit keys (mixed widths of 2 and 4 bits), with per-channel values and the score correction
+    Case(64, 14, 2, 96, 300, 64, k_bits=3, base=1e6, widths=True, v_channels=True),
+    Case(128, 8, 2, 20, 130, 64, mode=0, n_dims=128, k_bits=3, widths=True, score_correction=1),
     # values grouped per channel: group sizes, 4- and 8-bit values, partial last group, masks, widths
     Case(64, 14, 2, 96, 300, 64, mask="none", base=1e6, v_channels=True),
     Case(128, 8, 2, 20, 130, 32, mode=0, n_dims=64, softcap=30.0, v_channels=True),
