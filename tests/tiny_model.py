@@ -64,10 +64,16 @@ class _Writer:
         """A projection whose outputs have about `gain` times its inputs' per-channel spread."""
         self.t(name, n_out, n_in, scale=gain / np.sqrt(n_in))
 
-    def qk(self, name: str, heads: int, head_dim: int, n_in: int, scale: float, z) -> None:
-        """A Q or K projection, Gaussian, whose row for head channel c is scaled by z[c]."""
+    def qk(self, name: str, heads: int, head_dim: int, n_in: int, scale: float, z,
+           quant: gguf.GGMLQuantizationType | None = None) -> None:
+        """A Q or K projection, Gaussian, whose row for head channel c is scaled by z[c]; stored
+        quantized to `quant` when given."""
         x = self.rng.standard_normal((heads * head_dim, n_in)).astype(np.float32) * np.float32(scale)
-        self.w.add_tensor(name, x * np.tile(np.asarray(z, np.float32), heads)[:, None])
+        x = x * np.tile(np.asarray(z, np.float32), heads)[:, None]
+        if quant is None:
+            self.w.add_tensor(name, x)
+        else:
+            self.w.add_tensor(name, gguf.quants.quantize(x, quant), raw_dtype=quant)
 
     def channel_scales(self, head_dim: int, spread: float) -> np.ndarray:
         """exp(spread * N(0, 1)) per head channel (1 when spread is 0), shared by the heads."""
@@ -100,13 +106,15 @@ class _Writer:
 
 def write_tiny_llama(path: Path, *, n_embd: int = 64, n_head: int = 4, n_head_kv: int = 2,
                      head_dim: int = 64, n_layer: int = 2, n_ff: int = 128, n_ctx: int = 2048,
-                     qk_scale: float = 0.5, channel_spread: float = 0.0, seed: int = 0) -> Path:
+                     qk_scale: float = 0.5, channel_spread: float = 0.0, seed: int = 0,
+                     qk_quant: gguf.GGMLQuantizationType | None = None) -> Path:
     """A llama-architecture model with a byte-level SPM vocabulary (259 tokens).
 
     qk_scale: spread of the Q/K projections; the default gives sharp attention (differences
     between KV caches show), a small one soft attention (rounding differences stay small).
     channel_spread: Q/K rows of head channel c scaled by exp(channel_spread * z_c), z_c ~ N(0, 1)
-    shared by the heads, so that channels matter unequally, as in real models."""
+    shared by the heads, so that channels matter unequally, as in real models. qk_quant: the Q/K
+    weights' type (with channel_spread; e.g. Q4_0, which the CPU repacks on AVX2 and ARM)."""
     m = _Writer(path, "llama", n_embd=n_embd, n_layer=n_layer, n_ctx=n_ctx, seed=seed)
     w = m.w
     w.add_feed_forward_length(n_ff)
@@ -120,8 +128,8 @@ def write_tiny_llama(path: Path, *, n_embd: int = 64, n_head: int = 4, n_head_kv
         m.ones(f"blk.{i}.attn_norm.weight", n_embd)
         if channel_spread:
             z = m.channel_scales(head_dim, channel_spread)
-            m.qk(f"blk.{i}.attn_q.weight", n_head, head_dim, n_embd, qk_scale, z)
-            m.qk(f"blk.{i}.attn_k.weight", n_head_kv, head_dim, n_embd, qk_scale, z)
+            m.qk(f"blk.{i}.attn_q.weight", n_head, head_dim, n_embd, qk_scale, z, qk_quant)
+            m.qk(f"blk.{i}.attn_k.weight", n_head_kv, head_dim, n_embd, qk_scale, z, qk_quant)
         else:
             m.t(f"blk.{i}.attn_q.weight", n_head * head_dim, n_embd, scale=qk_scale)
             m.t(f"blk.{i}.attn_k.weight", n_head_kv * head_dim, n_embd, scale=qk_scale)

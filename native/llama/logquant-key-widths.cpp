@@ -31,19 +31,75 @@
 #include "llama-impl.h"
 #include "llama-model.h"
 
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
+
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
 
+// A weight the CPU repacked for its kernels (Q4_0 and others on AVX2 and ARM: buffer type
+// CPU_REPACK), whose buffer cannot be read back: multiplied on the CPU backend by 127 times the
+// identity, a slice of its inputs at a time, then divided by 127. The repacked kernels quantize
+// the identity's columns to 8 bits exactly (127 has scale 1), and each output is one weight times
+// 127, so this is the dequantized weight to within a rounding of the division.
+static std::vector<float> repacked_weight_f32(const ggml_tensor * w) {
+    const int64_t n_in = w->ne[0], n_out = w->ne[1], slice = 256;
+    ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(w->buffer));
+    ggml_backend_t be = dev ? ggml_backend_dev_init(dev, nullptr) : nullptr;
+    if (!be || w->ne[2] != 1 || w->ne[3] != 1) {
+        if (be) {
+            ggml_backend_free(be);
+        }
+        return {};
+    }
+    std::vector<float> out((size_t) (n_in * n_out)), eye, y;
+    bool ok = true;
+    for (int64_t i0 = 0; ok && i0 < n_in; i0 += slice) {
+        const int64_t n = std::min(slice, n_in - i0);
+        ggml_init_params ip = { 4 * ggml_tensor_overhead() + ggml_graph_overhead(), nullptr, /*no_alloc =*/ true };
+        ggml_context * ctx = ggml_init(ip);
+        ggml_tensor * x = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_in, n);
+        ggml_tensor * r = ggml_mul_mat(ctx, const_cast<ggml_tensor *>(w), x); // [n_out, n]
+        ggml_cgraph * gf = ggml_new_graph(ctx);
+        ggml_build_forward_expand(gf, r);
+        ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors(ctx, be);
+        ok = buf != nullptr;
+        if (ok) {
+            eye.assign((size_t) (n_in * n), 0.0f);
+            for (int64_t c = 0; c < n; c++) {
+                eye[(size_t) (c * n_in + i0 + c)] = 127.0f;
+            }
+            ggml_backend_tensor_set(x, eye.data(), 0, ggml_nbytes(x));
+            ok = ggml_backend_graph_compute(be, gf) == GGML_STATUS_SUCCESS;
+        }
+        if (ok) {
+            y.resize((size_t) (n_out * n));
+            ggml_backend_tensor_get(r, y.data(), 0, ggml_nbytes(r));
+            for (int64_t c = 0; c < n; c++) {
+                for (int64_t o = 0; o < n_out; o++) {
+                    out[(size_t) (o * n_in + i0 + c)] = y[(size_t) (c * n_out + o)] / 127.0f;
+                }
+            }
+        }
+        if (buf) {
+            ggml_backend_buffer_free(buf);
+        }
+        ggml_free(ctx);
+    }
+    ggml_backend_free(be);
+    return ok ? out : std::vector<float>();
+}
+
 // A weight as f32, or empty when it cannot be read back: not loaded (llama.cpp's tools size a
-// context first on a model whose weights are not allocated), a repacked CPU buffer (no
-// get_tensor), or a type without a conversion.
+// context first on a model whose weights are not allocated), or a type without a conversion.
 static std::vector<float> weight_f32(const ggml_tensor * t) {
     if (!t || !t->buffer || !t->data || !ggml_is_contiguous(t)) {
         return {};
     }
     if (std::strcmp(ggml_backend_buft_name(ggml_backend_buffer_get_type(t->buffer)), "CPU_REPACK") == 0) {
-        return {};
+        return repacked_weight_f32(t);
     }
     std::vector<uint8_t> raw(ggml_nbytes(t));
     ggml_backend_tensor_get(t, raw.data(), 0, raw.size());
@@ -137,7 +193,7 @@ static std::vector<int8_t> widths_from_weights(const llama_model & model, const 
     const std::vector<float> qn = weight_f32(L.attn_q_norm), kn = weight_f32(L.attn_k_norm);
     if (wq.empty() || wk.empty() || (L.attn_norm && gamma.empty()) || (L.wq_b && bq.empty()) ||
         (L.attn_q_norm && qn.empty()) || (L.attn_k_norm && kn.empty())) {
-        why = "the Q/K weights cannot be read back here: not loaded (a size estimate), or repacked CPU weights";
+        why = "the Q/K weights cannot be read back here: not loaded (a size estimate)";
         return {};
     }
     const int64_t n_in = L.wq->ne[0], D = hparams.n_embd_head_k();
