@@ -122,9 +122,13 @@ logquant_cache::logquant_cache(const logquant_settings & s, const llama_model & 
             }
             key_widths_of[il] = std::move(w);
         }
-        if (n_without > 0 || n_by_frequency > 0) {
-            LLAMA_LOG_WARN("%s: %d layers keep uniform key widths, %d with 3-bit keys take theirs by RoPE frequency: "
-                           "no widths from the weights (%s)\n", __func__, n_without, n_by_frequency, why.c_str());
+        if (n_without > 0) {
+            LLAMA_LOG_WARN("%s: %d layers keep uniform key widths: no mixed ones (%s)\n", __func__, n_without,
+                           why.c_str());
+        }
+        if (n_by_frequency > 0) {
+            LLAMA_LOG_WARN("%s: %d layers of 3-bit keys take their widths by RoPE frequency (%s)\n", __func__,
+                           n_by_frequency, why.c_str());
         }
     }
     // Each sequence may hold a partial group open; a sequence reaches the 2-bit tier only past 2W
