@@ -244,7 +244,9 @@ def test_three_bit_keys_follow_the_weights(uneven, neox_partial):
         llm.eval(tokens(llm, 300, seed=4))
         assert llm.kv_stats()["bits_per_value"] == pytest.approx(3.0, abs=0.02)
         llm.close()
-    saved_state_continues(uneven, logquant_key_bits=3)
+    state = saved_state_continues(uneven, logquant_key_bits=3)
+    with pytest.raises(ValueError, match="logquant_key_bits=3"):  # a state of 3-bit keys is theirs alone
+        load(uneven).load_state(state)
 
 
 @pytest.mark.parametrize("kw,match", [
