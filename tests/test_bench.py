@@ -124,6 +124,21 @@ def test_completion_baseline_matches_itself(tiny_model, out):
     assert len(doc["results"]["per_prompt"]["q4_0"]) == 2
 
 
+def test_completion_takes_more_prompts_than_modules(tiny_model):
+    """More prompts than code documents: the first round is one cut per document (the prompts of
+    earlier runs, in order), later rounds cut each further in; no prompt twice."""
+    from logquant_gguf.bench.core import BenchConfig
+
+    cfg = BenchConfig(model=env.resolve_model(str(tiny_model)), kv_types=["f16"], out_root=Path("unused"))
+    n_docs = len(list(completion.corpus.documents("code")))
+    first, _ = completion.make_prompts(cfg, n_docs, 64)
+    more, texts = completion.make_prompts(cfg, n_docs + 5, 64)
+    assert len(more) == n_docs + 5 and len(texts) == n_docs
+    assert [p["tokens"] for p in more[:n_docs]] == [p["tokens"] for p in first]
+    assert len({tuple(p["tokens"]) for p in more}) == len(more)
+    assert {p["file"] for p in more[n_docs:]} <= {p["file"] for p in first}
+
+
 def test_layers_ranks_every_logquant_layer_and_measures_the_recipes(tiny_model, out):
     """Each of the tiny model's two layers alone at 8-bit codes, ranked by gain; the recipes
     (the best layer, then both) measured whole: more layers at 8 bits cost more bits and, with

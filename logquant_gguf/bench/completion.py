@@ -2,9 +2,10 @@
 
 Prompts are Python standard library modules cut right after a `def ...:` line found past
 --prompt-tokens worth of text (so the model writes a function body), keeping the last
---prompt-tokens tokens. Per kv_type: the share of generated tokens identical (position by
-position) to the baseline's, the common prefix, and exact match of the first generated line with
-the baseline's and with the line the real source has there.
+--prompt-tokens tokens; one per module first, then (for more prompts than modules) further cuts,
+each past another --prompt-tokens worth of text. Per kv_type: the share of generated tokens
+identical (position by position) to the baseline's, the common prefix, and exact match of the
+first generated line with the baseline's and with the line the real source has there.
 """
 
 from __future__ import annotations
@@ -43,20 +44,31 @@ def cut_after_def(text: str, start: int) -> tuple[str, str] | None:
 
 
 def make_prompts(cfg: BenchConfig, n: int, n_tokens: int) -> tuple[list[dict], list[dict]]:
-    """Up to n prompts (one per code document), and the documents' records."""
+    """Up to n prompts, and the documents' records: in round 0 each code document is cut after
+    its first def past a prompt's worth of text (the prompts of earlier runs); each later round
+    cuts every document again a prompt's worth of text past its previous cut."""
     tok = cfg.tokenizer()
     prompts, texts = [], []
+    docs = list(corpus.documents("code"))
+    step = n_tokens * CHARS_PER_TOKEN
+    start = {str(d.path): step for d in docs}  # where each document's next cut is looked for
     try:
-        for doc in corpus.documents("code"):
-            if len(prompts) == n:
+        for k in range(1 << 16):
+            n_before = len(prompts)
+            for doc in docs:
+                if len(prompts) == n:
+                    break
+                cut = cut_after_def(doc.text, start[str(doc.path)])
+                if cut is None:
+                    continue
+                start[str(doc.path)] = len(cut[0]) + step
+                tokens = tok.tokenize(cut[0])[-n_tokens:]
+                prompts.append({"file": str(doc.path), "tokens": tok.bos + tokens,
+                                "truth_line": cut[1]})
+                if k == 0:
+                    texts.append(doc.record())
+            if len(prompts) in (n, n_before):  # enough, or no document has more
                 break
-            cut = cut_after_def(doc.text, n_tokens * CHARS_PER_TOKEN)
-            if cut is None:
-                continue
-            tokens = tok.tokenize(cut[0])[-n_tokens:]
-            prompts.append({"file": str(doc.path), "tokens": tok.bos + tokens,
-                            "truth_line": cut[1]})
-            texts.append(doc.record())
     finally:
         tok.close()
     return prompts, texts

@@ -18,10 +18,11 @@
 //              key is dequantized and re-rotated in registers: thread t reads byte
 //              LQ2_CODE_BYTE_B(t) of each channel's block, both channels of a RoPE pair at once,
 //              and the group's cos/sin rows (f16, the cache's table) at index t. With mixed key
-//              widths each channel's block has its own width and offset, which phase 0 put in
-//              shared memory (the blocks' offsets are a prefix sum over the channels).
-//              (2-bit with score correction: phase 0, threads jj < gq, computes each head's
-//              correction first.)
+//              widths each channel's block has its own width and offset, which the block's load
+//              step put in shared memory (the blocks' offsets are a prefix sum over the channels).
+//              A 2-bit group first has a header step: thread c converts channel c's scale and
+//              minimum to f32 in shared memory, once for all G tokens (and with the score
+//              correction, threads jj < gq then compute each head's correction).
 //   2. max     thread jj < gq: the chunk's max for query head jj, the new running max, and the
 //              factor alpha that rescales the head's sums.
 //   3. weight  thread t < n: exp(score - M) for every head (0 for masked tokens).
@@ -91,6 +92,8 @@ struct lq2_ab_shared {
     float corr[LQ2_AB_MAX_GQ];             // score correction of the current 2-bit group
     int32_t kw[LQ2_AB_MAX_D];              // this kv head's key width per channel, and the byte
     int32_t koff[LQ2_AB_MAX_D];            // offset of its block in the head's part of a group
+    float kd[LQ2_AB_MAX_D];                // the current 2-bit group's scale and minimum per
+    float km[LQ2_AB_MAX_D];                // channel, as f32
 };
 
 LQ2_INLINE int lq2_ab_channels_per_thread(int D) {
@@ -178,11 +181,21 @@ LQ2_INLINE void lq2_ab_score_f16(int t, const LQ2_TH struct lq2_ab_shape * sh, c
     }
 }
 
+// ---- phase 0, 2-bit tier: thread ith converts the scale and minimum of channels ith, ith + T,
+// ... of the group's key blocks (kg: this kv head's first) to f32, for every token's score.
+LQ2_INLINE void lq2_ab_headers(int ith, const LQ2_TH struct lq2_ab_shape * sh, const LQ2_DEV uint8_t * kg,
+                               LQ2_TG struct lq2_ab_shared * sm) {
+    for (int c = ith; c < sh->D; c += LQ2_AB_THREADS) {
+        const LQ2_DEV lq2_half * h = (const LQ2_DEV lq2_half *) (kg + sm->koff[c]);
+        sm->kd[c] = lq2_fp16_to_fp32(h[0]);
+        sm->km[c] = lq2_fp16_to_fp32(h[1]);
+    }
+}
+
 // ---- phase 0b, 2-bit tier with score correction: thread jj < gq computes its head's correction
-// for the group (lq2-format.h; lq2-attn.c's correct_scores computes the same). kg: this kv head's
-// first channel block in the group.
-LQ2_INLINE void lq2_ab_correction(int jj, const LQ2_TH struct lq2_ab_shape * sh, const LQ2_DEV uint8_t * kg,
-                                  LQ2_TG struct lq2_ab_shared * sm) {
+// for the group (lq2-format.h; lq2-attn.c's correct_scores computes the same) from the scales
+// phase 0 converted.
+LQ2_INLINE void lq2_ab_correction(int jj, const LQ2_TH struct lq2_ab_shape * sh, LQ2_TG struct lq2_ab_shared * sm) {
     const int   nd   = sh->rope_n_dims, half = nd / 2;
     const float af2  = sh->rope_attn_factor * sh->rope_attn_factor;
     const LQ2_TG float * q = sm->q + jj * sh->D;
@@ -190,19 +203,20 @@ LQ2_INLINE void lq2_ab_correction(int jj, const LQ2_TH struct lq2_ab_shape * sh,
     for (int i = 0; i < half; ++i) {
         const int a = sh->rope_mode == 2 ? i : 2 * i;
         const int b = sh->rope_mode == 2 ? i + half : 2 * i + 1;
-        const float va = lq2_code_noise_var(lq2_fp16_to_fp32(*(const LQ2_DEV lq2_half *) (kg + sm->koff[a]))) * af2;
-        const float vb = lq2_code_noise_var(lq2_fp16_to_fp32(*(const LQ2_DEV lq2_half *) (kg + sm->koff[b]))) * af2;
+        const float va = lq2_code_noise_var(sm->kd[a]) * af2;
+        const float vb = lq2_code_noise_var(sm->kd[b]) * af2;
         v += 0.5f * (q[a] * q[a] + q[b] * q[b]) * (va + vb);
     }
     for (int c = nd; c < sh->D; ++c) {
-        v += q[c] * q[c] * lq2_code_noise_var(lq2_fp16_to_fp32(*(const LQ2_DEV lq2_half *) (kg + sm->koff[c])));
+        v += q[c] * q[c] * lq2_code_noise_var(sm->kd[c]);
     }
     sm->corr[jj] = sh->score_correction ? lq2_score_correction(v, sh->scale) : 0.0f;
 }
 
 // ---- phase 1, 2-bit tier: thread t < n scores token t of the group: its key dequantized from
-// each channel's block and re-rotated with the group's cos/sin rows cs (pair i: G cosines, then G
-// sines; unused when rope_n_dims is 0). mask: the token's entry of the 2-bit mask.
+// each channel's block (with the scales phase 0 converted) and re-rotated with the group's
+// cos/sin rows cs (pair i: G cosines, then G sines; unused when rope_n_dims is 0). mask: the
+// token's entry of the 2-bit mask.
 LQ2_INLINE void lq2_ab_score_q2(int t, const LQ2_TH struct lq2_ab_shape * sh, const LQ2_DEV uint8_t * kg,
                                 const LQ2_DEV lq2_half * cs, float mask, LQ2_TG struct lq2_ab_shared * sm) {
     const int G = sh->G, nd = sh->rope_n_dims, half = nd / 2, D = sh->D;
@@ -213,8 +227,8 @@ LQ2_INLINE void lq2_ab_score_q2(int t, const LQ2_TH struct lq2_ab_shape * sh, co
     for (int i = 0; i < half; ++i) { // a RoPE pair: both channels in this thread's registers
         const int a = sh->rope_mode == 2 ? i : 2 * i;
         const int b = sh->rope_mode == 2 ? i + half : 2 * i + 1;
-        const float x0 = lq2_block_value(kg + sm->koff[a], G, sm->kw[a], t);
-        const float x1 = lq2_block_value(kg + sm->koff[b], G, sm->kw[b], t);
+        const float x0 = lq2_code_value(kg + sm->koff[a], G, sm->kw[a], t, sm->kd[a], sm->km[a]);
+        const float x1 = lq2_code_value(kg + sm->koff[b], G, sm->kw[b], t, sm->kd[b], sm->km[b]);
         const float ct = lq2_fp16_to_fp32(cs[2 * i * G + t]), st = lq2_fp16_to_fp32(cs[2 * i * G + G + t]);
         const float ka = x0 * ct - x1 * st, kb2 = x0 * st + x1 * ct;
         for (int jj = 0; jj < sh->gq; ++jj) {
@@ -223,7 +237,7 @@ LQ2_INLINE void lq2_ab_score_q2(int t, const LQ2_TH struct lq2_ab_shape * sh, co
         }
     }
     for (int c = nd; c < D; ++c) { // channels RoPE leaves alone (all of them when keys are post-RoPE)
-        const float kc = lq2_block_value(kg + sm->koff[c], G, sm->kw[c], t);
+        const float kc = lq2_code_value(kg + sm->koff[c], G, sm->kw[c], t, sm->kd[c], sm->km[c]);
         for (int jj = 0; jj < sh->gq; ++jj) {
             dot[jj] = LQ2_FMA(sm->q[jj * D + c], kc, dot[jj]);
         }
@@ -290,9 +304,13 @@ LQ2_INLINE void lq2_ab_fold(int ith, const LQ2_TH struct lq2_ab_shape * sh, cons
         for (int jj = 0; jj < sh->gq; ++jj) {
             o[jj] = acc[jj * LQ2_AB_MAX_R + r] * sm->alpha[jj];
         }
+        // per-channel values: channel c's block holds all n tokens; its scale and minimum once
+        const LQ2_DEV uint8_t * cblk = v + c * cbs;
+        const float cd = form == LQ2_AB_V_PER_CHAN ? lq2_fp16_to_fp32(((const LQ2_DEV lq2_half *) cblk)[0]) : 0.0f;
+        const float cm = form == LQ2_AB_V_PER_CHAN ? lq2_fp16_to_fp32(((const LQ2_DEV lq2_half *) cblk)[1]) : 0.0f;
         for (int t = 0; t < n; ++t) {
             const LQ2_DEV uint8_t * row = v + t * nb_v;
-            const float vc = form == LQ2_AB_V_PER_CHAN  ? lq2_block_value(v + c * cbs, sh->G, sh->v_bits, t)
+            const float vc = form == LQ2_AB_V_PER_CHAN  ? lq2_code_value(cblk, sh->G, sh->v_bits, t, cd, cm)
                            : form == LQ2_AB_V_PER_TOKEN ? lq2_block_value(row + (c / LQ2_QK_V) * vbs, LQ2_QK_V,
                                                                           sh->v_bits, c % LQ2_QK_V)
                                                         : lq2_fp16_to_fp32(((const LQ2_DEV lq2_half *) row)[c]);
@@ -398,8 +416,8 @@ LQ2_INLINE float lq2_ab_mask_at(const LQ2_DEV char * row, int f16, int64_t j) {
 }
 
 // Step `step` of block (part, kv head sh->hk, token tok) for thread ith: the work between two
-// barriers. Step 0 loads the query; then 4 steps per f16 chunk (score, max, weight, fold), 4 per
-// 2-bit group (5 with the score correction); then the store. Returns 0 past the last step. The
+// barriers. Step 0 loads the query; then 4 steps per f16 chunk (score, max, weight, fold), 5 per
+// 2-bit group (headers first; 6 with the score correction); then the store. Returns 0 past the last step. The
 // kernel is: for (s = 0; lq2_ab_step(..., s, ...); ++s) barrier(); every thread takes the same
 // steps, so the barriers are uniform.
 LQ2_INLINE int lq2_ab_step(const LQ2_TH struct lq2_attn_args * a, const LQ2_TH struct lq2_ab_shape * sh, int part,
@@ -438,14 +456,17 @@ LQ2_INLINE int lq2_ab_step(const LQ2_TH struct lq2_attn_args * a, const LQ2_TH s
     }
     s -= 4 * n_fc;
     const int64_t ng = a->g.n_slots / G, g0 = ng * part / a->g.n_part, g1 = ng * (part + 1) / a->g.n_part;
-    const int per_group = sh->score_correction ? 5 : 4;
+    // per group: headers, (correction,) score, max, weight, fold
+    const int per_group = sh->score_correction ? 6 : 5;
     if (s < per_group * (g1 - g0)) {
         const int64_t g = g0 + s / per_group;
-        const int phase = (int) (s % per_group) + (sh->score_correction ? 0 : 1);
+        const int in_group = (int) (s % per_group);
+        const int phase = in_group == 0 ? -1 : in_group - (sh->score_correction ? 1 : 0);
         const int kbs = LQ2_BLOCK_BYTES_B(G, sh->k_bits);
         const LQ2_DEV uint8_t * kg = (const LQ2_DEV uint8_t *) (a->k2 + g * a->g.kg_bytes + (int64_t) hk * D * kbs);
         switch (phase) {
-            case 0: if (ith < gq) lq2_ab_correction(ith, sh, kg, sm); break;
+            case -1: lq2_ab_headers(ith, sh, kg, sm); break;
+            case 0: if (ith < gq) lq2_ab_correction(ith, sh, sm); break;
             case 1:
                 if (ith < G) {
                     const LQ2_DEV lq2_half * cs = (const LQ2_DEV lq2_half *) (a->rope ? a->rope + g * a->g.rope_nb1 : a->rope);

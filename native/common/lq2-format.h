@@ -344,15 +344,22 @@ LQ2_INLINE struct lq2_fit_sums lq2_fit_add(struct lq2_fit_sums s, float x, float
     return s;
 }
 
-// Code j of a block of n b-bit codes, and the value it stands for (d * code + m: exact product;
-// a 0-bit block stands for m alone).
+// Code j of a block of n b-bit codes (b > 0).
+LQ2_INLINE int lq2_block_code(const LQ2_DEV uint8_t * blk, int n, int b, int j) {
+    return (blk[4 + LQ2_CODE_BYTE_B(j, n, b)] >> LQ2_CODE_SHIFT_B(j, n, b)) & LQ2_LEVELS_B(b);
+}
+
+// The value code j of a block stands for, from the block's d and m as f32: d * code + m (an
+// exact product: one rounding, fused or not); a 0-bit block (b = 0) stands for m alone. Kernels
+// that read many codes of one block convert its d and m once and call this.
+LQ2_INLINE float lq2_code_value(const LQ2_DEV uint8_t * blk, int n, int b, int j, float d, float m) {
+    return b == 0 ? m : d * (float) lq2_block_code(blk, n, b, j) + m;
+}
+
+// Code j of a block of n b-bit codes, and the value it stands for.
 LQ2_INLINE float lq2_block_value(const LQ2_DEV uint8_t * blk, int n, int b, int j) {
     const LQ2_DEV lq2_half * h = (const LQ2_DEV lq2_half *) blk;
-    if (b == 0) {
-        return lq2_fp16_to_fp32(h[1]);
-    }
-    const int q = (blk[4 + LQ2_CODE_BYTE_B(j, n, b)] >> LQ2_CODE_SHIFT_B(j, n, b)) & LQ2_LEVELS_B(b);
-    return lq2_fp16_to_fp32(h[0]) * (float) q + lq2_fp16_to_fp32(h[1]);
+    return lq2_code_value(blk, n, b, j, lq2_fp16_to_fp32(h[0]), lq2_fp16_to_fp32(h[1]));
 }
 
 // ---- one block, as every backend quantizes it
