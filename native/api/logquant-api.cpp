@@ -176,24 +176,23 @@ extern "C" int32_t logquant_set_codes(int32_t fit, int32_t score_correction) {
     return 0;
 }
 
-extern "C" int32_t logquant_set_key_widths(int32_t mode) {
-    if (mode != 0 && mode != 1) {
+// A 0/1 setting: 0, or -1 for anything else (nothing changed).
+static int32_t set_switch(int32_t logquant_settings::* field, int32_t on) {
+    if (on != 0 && on != 1) {
         return -1;
     }
     logquant_settings s = logquant_settings_current();
-    s.key_widths = mode;
+    s.*field = on;
     logquant_settings_set(s);
     return 0;
 }
 
+extern "C" int32_t logquant_set_key_widths(int32_t mode) {
+    return set_switch(&logquant_settings::key_widths, mode);
+}
+
 extern "C" int32_t logquant_set_value_groups(int32_t per_channel) {
-    if (per_channel != 0 && per_channel != 1) {
-        return -1;
-    }
-    logquant_settings s = logquant_settings_current();
-    s.value_per_channel = per_channel;
-    logquant_settings_set(s);
-    return 0;
+    return set_switch(&logquant_settings::value_per_channel, per_channel);
 }
 
 extern "C" int32_t logquant_set_key_format(int32_t key_group, int32_t keys_post_rope) {

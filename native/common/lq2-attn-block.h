@@ -181,7 +181,7 @@ LQ2_INLINE void lq2_ab_score_f16(int t, const LQ2_TH struct lq2_ab_shape * sh, c
     }
 }
 
-// ---- phase 0, 2-bit tier: thread ith converts the scale and minimum of channels ith, ith + T,
+// ---- phase 0a, 2-bit tier: thread ith converts the scale and minimum of channels ith, ith + T,
 // ... of the group's key blocks (kg: this kv head's first) to f32, for every token's score.
 LQ2_INLINE void lq2_ab_headers(int ith, const LQ2_TH struct lq2_ab_shape * sh, const LQ2_DEV uint8_t * kg,
                                LQ2_TG struct lq2_ab_shared * sm) {
@@ -194,7 +194,7 @@ LQ2_INLINE void lq2_ab_headers(int ith, const LQ2_TH struct lq2_ab_shape * sh, c
 
 // ---- phase 0b, 2-bit tier with score correction: thread jj < gq computes its head's correction
 // for the group (lq2-format.h; lq2-attn.c's correct_scores computes the same) from the scales
-// phase 0 converted.
+// phase 0a converted.
 LQ2_INLINE void lq2_ab_correction(int jj, const LQ2_TH struct lq2_ab_shape * sh, LQ2_TG struct lq2_ab_shared * sm) {
     const int   nd   = sh->rope_n_dims, half = nd / 2;
     const float af2  = sh->rope_attn_factor * sh->rope_attn_factor;
@@ -214,7 +214,7 @@ LQ2_INLINE void lq2_ab_correction(int jj, const LQ2_TH struct lq2_ab_shape * sh,
 }
 
 // ---- phase 1, 2-bit tier: thread t < n scores token t of the group: its key dequantized from
-// each channel's block (with the scales phase 0 converted) and re-rotated with the group's
+// each channel's block (with the scales phase 0a converted) and re-rotated with the group's
 // cos/sin rows cs (pair i: G cosines, then G sines; unused when rope_n_dims is 0). mask: the
 // token's entry of the 2-bit mask.
 LQ2_INLINE void lq2_ab_score_q2(int t, const LQ2_TH struct lq2_ab_shape * sh, const LQ2_DEV uint8_t * kg,
@@ -417,9 +417,9 @@ LQ2_INLINE float lq2_ab_mask_at(const LQ2_DEV char * row, int f16, int64_t j) {
 
 // Step `step` of block (part, kv head sh->hk, token tok) for thread ith: the work between two
 // barriers. Step 0 loads the query; then 4 steps per f16 chunk (score, max, weight, fold), 5 per
-// 2-bit group (headers first; 6 with the score correction); then the store. Returns 0 past the last step. The
-// kernel is: for (s = 0; lq2_ab_step(..., s, ...); ++s) barrier(); every thread takes the same
-// steps, so the barriers are uniform.
+// 2-bit group (headers first; 6 with the score correction); then the store. Returns 0 past the
+// last step. The kernel is: for (s = 0; lq2_ab_step(..., s, ...); ++s) barrier(); every thread
+// takes the same steps, so the barriers are uniform.
 LQ2_INLINE int lq2_ab_step(const LQ2_TH struct lq2_attn_args * a, const LQ2_TH struct lq2_ab_shape * sh, int part,
                            int64_t tok, int step, int ith, LQ2_TG struct lq2_ab_shared * sm, LQ2_TH float * acc) {
     const int D = sh->D, gq = sh->gq, G = sh->G, hk = sh->hk;

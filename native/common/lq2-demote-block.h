@@ -54,7 +54,7 @@ struct lq2_demote_args {
     const LQ2_DEV char    * k;
     const LQ2_DEV char    * v;
     const LQ2_DEV int32_t * rows;
-    LQ2_DEV float         * scratch;   // n_rows * lq2_demote_scratch_row floats (CUDA's form)
+    LQ2_DEV float         * scratch;   // n_rows * lq2_demote_channels floats (CUDA's form)
     const LQ2_CONST float * rope_freq; // Metal: pair i's frequency as [2 i], [2 i + 1]
     const LQ2_DEV int8_t  * k_widths;  // I8 [nk] when g.k_widths, else unused
     struct lq2_demote_geom  g;
@@ -68,22 +68,23 @@ LQ2_INLINE int lq2_demote_supported(const LQ2_TH struct lq2_demote_args * a) {
            a->g.rope.n_dims <= a->g.nk / a->g.n_head_kv && (a->g.rope.mode == 0 || a->g.rope.mode == 2);
 }
 
-// Floats of one list row in the scratch buffer: its un-rotated keys, then (per-channel values)
-// its values.
-LQ2_INLINE int64_t lq2_demote_scratch_row(const LQ2_TH struct lq2_demote_args * a) {
+// Channels of a token that wait for their group (in a scratch row, in staging) and that the
+// group requantizes: its nk key channels, then (per-channel values) its nv value channels.
+LQ2_INLINE int64_t lq2_demote_channels(const LQ2_TH struct lq2_demote_args * a) {
     return a->g.nk + (a->g.v_per_channel ? a->g.nv : 0);
 }
 
-// Channels a group requantizes: its key channels, then (per-channel values) its value channels.
-LQ2_INLINE int64_t lq2_demote_group_channels(const LQ2_TH struct lq2_demote_args * a) {
-    return lq2_demote_scratch_row(a);
+// Where channel c of a group's token t is in its staging row (the CPU's layout): keys [G][nk],
+// then per-channel values [G][nv].
+LQ2_INLINE int64_t lq2_demote_stage_at(const LQ2_TH struct lq2_demote_args * a, int64_t t, int64_t c) {
+    return c < a->g.nk ? t * a->g.nk + c : a->g.G * a->g.nk + t * a->g.nv + (c - a->g.nk);
 }
 
 LQ2_INLINE int32_t lq2_demote_col(const LQ2_TH struct lq2_demote_args * a, int64_t i, int col) {
     return a->rows[i * LQ2_DEMOTE_COLS + col];
 }
 
-// Channel c (< lq2_demote_group_channels) of the group holding `slot`, requantized from n_tok
+// Channel c (< lq2_demote_channels) of the group holding `slot`, requantized from n_tok
 // values at x with stride sx: key channel c (mixed widths: its width, at its offset in its kv
 // head's blocks, which take the bytes of uniform codes), or value channel c - nk.
 LQ2_VALUES_TEMPLATE LQ2_INLINE void lq2_demote_channel(const LQ2_TH struct lq2_demote_args * a, int64_t slot, int64_t c,
@@ -161,7 +162,7 @@ LQ2_INLINE void lq2_demote_row(const LQ2_TH struct lq2_demote_args * a, int64_t 
         return;
     }
     lq2_demote_values(a, i, ith, nth);
-    LQ2_DEV float * row = a->scratch + i * lq2_demote_scratch_row(a);
+    LQ2_DEV float * row = a->scratch + i * lq2_demote_channels(a);
     for (int64_t w = ith; w < a->g.nk; w += nth) {
         lq2_demote_key(a, i, w, row);
     }
@@ -202,14 +203,11 @@ LQ2_INLINE void lq2_demote_group(const LQ2_TH struct lq2_demote_args * a, int64_
     const int64_t slot = lq2_demote_col(a, i, LQ2_DEMOTE_SLOT);
     const int n_tok = (int) (slot % a->g.G) + 1;
     const LQ2_DEV float * stage = (const LQ2_DEV float *) (a->staging + lq2_demote_col(a, i, LQ2_DEMOTE_STAGE) * a->g.staging_nb1);
-    const int64_t sr = lq2_demote_scratch_row(a);
-    for (int64_t c = ith; c < lq2_demote_group_channels(a); c += nth) {
-        // channel c of token t in staging: keys [t][nk], then values [G][nv] after G key rows
-        const int64_t s0 = c < a->g.nk ? c : a->g.G * a->g.nk + (c - a->g.nk);
-        const int64_t ss = c < a->g.nk ? a->g.nk : a->g.nv;
+    const int64_t sr = lq2_demote_channels(a);
+    for (int64_t c = ith; c < sr; c += nth) {
         float x[128]; // G <= 128
         for (int t = 0; t < n_tok; ++t) {
-            x[t] = stage[s0 + t * ss];
+            x[t] = stage[lq2_demote_stage_at(a, t, c)];
         }
         for (int64_t j = r0; j <= i; ++j) {
             x[lq2_demote_col(a, j, LQ2_DEMOTE_SLOT) % a->g.G] = a->scratch[j * sr + c];
@@ -226,11 +224,10 @@ LQ2_INLINE void lq2_demote_stage(const LQ2_TH struct lq2_demote_args * a, int64_
         return; // no run ends here, or the group is full: its staging row is free now
     }
     LQ2_DEV float * stage = (LQ2_DEV float *) (a->staging + lq2_demote_col(a, i, LQ2_DEMOTE_STAGE) * a->g.staging_nb1);
-    const int64_t sr = lq2_demote_scratch_row(a);
+    const int64_t sr = lq2_demote_channels(a);
     for (int64_t w = ith; w < (i - r0 + 1) * sr; w += nth) {
-        const int64_t j = r0 + w / sr, c = w % sr, t = lq2_demote_col(a, j, LQ2_DEMOTE_SLOT) % a->g.G;
-        const int64_t at = c < a->g.nk ? t * a->g.nk + c : a->g.G * a->g.nk + t * a->g.nv + (c - a->g.nk);
-        stage[at] = a->scratch[j * sr + c];
+        const int64_t j = r0 + w / sr, c = w % sr;
+        stage[lq2_demote_stage_at(a, lq2_demote_col(a, j, LQ2_DEMOTE_SLOT) % a->g.G, c)] = a->scratch[j * sr + c];
     }
 }
 
@@ -260,19 +257,18 @@ LQ2_INLINE int lq2_demote_seq_step(const LQ2_TH struct lq2_demote_args * a, int 
     const int64_t slot = lq2_demote_col(a, i1, LQ2_DEMOTE_SLOT);
     LQ2_DEV float * stage = (LQ2_DEV float *) (a->staging + lq2_demote_col(a, i1, LQ2_DEMOTE_STAGE) * a->g.staging_nb1);
     if (step % 2 == 0) {
-        const int64_t i0 = lq2_demote_run_start(a, i1), sr = lq2_demote_scratch_row(a);
+        const int64_t i0 = lq2_demote_run_start(a, i1), sr = lq2_demote_channels(a);
         for (int64_t w = ith; w < (i1 - i0 + 1) * sr; w += nth) {
             const int64_t j = i0 + w / sr, c = w % sr, t = lq2_demote_col(a, j, LQ2_DEMOTE_SLOT) % a->g.G;
             if (c < a->g.nk) {
-                lq2_demote_key(a, j, c, stage + t * a->g.nk);
+                lq2_demote_key(a, j, c, stage + lq2_demote_stage_at(a, t, 0));
             } else {
-                lq2_demote_value_f32(a, j, c - a->g.nk, stage + a->g.G * a->g.nk + t * a->g.nv);
+                lq2_demote_value_f32(a, j, c - a->g.nk, stage + lq2_demote_stage_at(a, t, a->g.nk));
             }
         }
     } else {
-        for (int64_t c = ith; c < lq2_demote_group_channels(a); c += nth) {
-            const int64_t s0 = c < a->g.nk ? c : a->g.G * a->g.nk + (c - a->g.nk);
-            lq2_demote_channel(a, slot, c, stage + s0, c < a->g.nk ? a->g.nk : a->g.nv,
+        for (int64_t c = ith; c < lq2_demote_channels(a); c += nth) {
+            lq2_demote_channel(a, slot, c, stage + lq2_demote_stage_at(a, 0, c), c < a->g.nk ? a->g.nk : a->g.nv,
                                (int) (slot % a->g.G) + 1);
         }
     }

@@ -46,7 +46,7 @@ bool ggml_cuda_lq2_supports_op(const ggml_tensor * op) {
 
 void ggml_cuda_op_lq2_demote(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     lq2_demote_args a = lq2_demote_args_of(dst);
-    ggml_cuda_pool_alloc<float> scratch(ctx.pool(), (size_t) std::max<int64_t>(1, a.g.n_rows * lq2_demote_scratch_row(&a)));
+    ggml_cuda_pool_alloc<float> scratch(ctx.pool(), (size_t) std::max<int64_t>(1, a.g.n_rows * lq2_demote_channels(&a)));
     a.scratch = scratch.get();
     GGML_ASSERT(lq2_cuda_demote(&a, ctx.stream()) == 0 && "LQ2_DEMOTE: parameters the CUDA kernel does not take");
 }

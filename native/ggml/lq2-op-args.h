@@ -97,7 +97,7 @@ static inline int64_t lq2_attn_parts_floats(const struct ggml_tensor * dst, int3
     return (int64_t) n_part * q->ne[2] * q->ne[1] * (q->ne[0] + 2);
 }
 
-// scratch (n_rows * lq2_demote_scratch_row floats) is the caller's to set.
+// scratch (n_rows * lq2_demote_channels floats) is the caller's to set.
 static inline struct lq2_demote_args lq2_demote_args_of(const struct ggml_tensor * dst) {
     struct lq2_demote_op_params p;
     memcpy(&p, dst->op_params, sizeof(p));

@@ -338,7 +338,7 @@ static void run_demote(int D, int Hkv, int G, int bits, int n_rows, int first, b
         memset(v2->data, 0, ggml_nbytes(v2));
         memcpy(st->data, st0.data(), st0.size());
         struct lq2_demote_args da = lq2_demote_args_of(out);
-        std::vector<float> scratch((size_t) (da.g.n_rows * lq2_demote_scratch_row(&da)));
+        std::vector<float> scratch((size_t) (da.g.n_rows * lq2_demote_channels(&da)));
         da.scratch = scratch.data();
         if (!lq2_demote_supported(&da)) {
             fprintf(stderr, "the GPU demotion refused the case\n");
