@@ -23,13 +23,15 @@
 //              A 2-bit group first has a header step: thread c converts channel c's scale and
 //              minimum to f32 in shared memory, once for all G tokens (and with the score
 //              correction, threads jj < gq then compute each head's correction).
-//   2. max     thread jj < gq: the chunk's max for query head jj, the new running max, and the
-//              factor alpha that rescales the head's sums.
+//   2. max     every thread: simdgroup w (LQ2_AB_SIMD lanes) reduces the chunk's scores of query
+//              heads w, w + LQ2_AB_N_SIMD, ... with a simd max; its lane 0 sets the head's new
+//              running max and the factor alpha that rescales the head's sums.
 //   3. weight  thread t < n: exp(score - M) for every head (0 for masked tokens).
 //   4. fold    thread i: channels i, i + T, ... of every head's running output: rescaled by alpha,
 //              plus the chunk's weighted values (2-bit values dequantized per (token, channel):
 //              from a token's row of blocks, or with values grouped per channel from channel i's
-//              block of the group, where code t is token t's); threads jj < gq also update S.
+//              block of the group, where code t is token t's); the simdgroups also sum the
+//              weights, as in step 2, and lane 0 updates the head's S.
 // Nothing a thread writes in a phase is read by another thread in the same phase.
 #pragma once
 
@@ -56,6 +58,8 @@ extern "C" {
 
 #define LQ2_AB_THREADS 128 // threads per block
 #define LQ2_AB_CHUNK   128 // f16 tokens per chunk (one per thread); 2-bit chunks are one key group
+#define LQ2_AB_SIMD    32  // lanes of a simdgroup (Apple GPUs) / warp (NVIDIA)
+#define LQ2_AB_N_SIMD  (LQ2_AB_THREADS / LQ2_AB_SIMD)
 #define LQ2_AB_MAX_GQ  8   // query heads per kv head
 #define LQ2_AB_MAX_D   512 // head size
 #define LQ2_AB_MAX_R   (LQ2_AB_MAX_D / LQ2_AB_THREADS) // channels per thread and head
@@ -247,19 +251,74 @@ LQ2_INLINE void lq2_ab_score_q2(int t, const LQ2_TH struct lq2_ab_shape * sh, co
     }
 }
 
-// ---- phase 2: thread jj < gq, over the chunk's n scores of its head.
-LQ2_INLINE void lq2_ab_max(int jj, int n, LQ2_TG struct lq2_ab_shared * sm) {
+// ---- reductions over a chunk by simdgroups (Metal) / warps (CUDA) of LQ2_AB_SIMD lanes: the
+// simdgroup w = ith / LQ2_AB_SIMD takes heads w, w + LQ2_AB_N_SIMD, ...; lane l reads entries
+// l, l + LQ2_AB_SIMD, ... of the head's n scores (or weights), and the lanes' partials are merged
+// with simd_max / simd_sum (Metal) or an xor butterfly of shuffles (CUDA), with no barrier. The
+// host build (the tests) computes every lane's partial and merges them in the CUDA butterfly's
+// order, so it gets the value each lane gets; Metal's simd_sum order is its own.
+LQ2_INLINE float lq2_ab_max_lane(int lane, int jj, int n, const LQ2_TG struct lq2_ab_shared * sm) {
     float mx = -INFINITY;
-    for (int t = 0; t < n; ++t) {
+    for (int t = lane; t < n; t += LQ2_AB_SIMD) {
         const float v = sm->s[jj * LQ2_AB_CHUNK + t];
         mx = v > mx ? v : mx; // a NaN score is ignored here, as on the CPU
     }
-    const float M = sm->M[jj];
-    if (mx > M) {
-        sm->alpha[jj] = M == -INFINITY ? 0.0f : LQ2_EXPF(M - mx); // nothing summed yet: any factor
-        sm->M[jj]     = mx;
-    } else {
-        sm->alpha[jj] = 1.0f;
+    return mx;
+}
+
+LQ2_INLINE float lq2_ab_sum_lane(int lane, int jj, int n, const LQ2_TG struct lq2_ab_shared * sm) {
+    float s = 0.0f;
+    for (int t = lane; t < n; t += LQ2_AB_SIMD) {
+        s += sm->s[jj * LQ2_AB_CHUNK + t];
+    }
+    return s;
+}
+
+// The max (is_sum 0) or sum (1) over head jj's n entries, as every lane of the simdgroup gets it.
+LQ2_INLINE float lq2_ab_simd_reduce(int lane, int jj, int n, int is_sum, const LQ2_TG struct lq2_ab_shared * sm) {
+#if defined(__METAL_VERSION__)
+    return is_sum ? metal::simd_sum(lq2_ab_sum_lane(lane, jj, n, sm)) : metal::simd_max(lq2_ab_max_lane(lane, jj, n, sm));
+#elif defined(__CUDACC__) && defined(__CUDA_ARCH__)
+    float v = is_sum ? lq2_ab_sum_lane(lane, jj, n, sm) : lq2_ab_max_lane(lane, jj, n, sm);
+    for (int o = LQ2_AB_SIMD / 2; o > 0; o >>= 1) {
+        const float w = __shfl_xor_sync(0xffffffffu, v, o, LQ2_AB_SIMD);
+        v = is_sum ? v + w : (w > v ? w : v);
+    }
+    return v;
+#else
+    (void) lane;
+    float v[LQ2_AB_SIMD], w[LQ2_AB_SIMD];
+    for (int l = 0; l < LQ2_AB_SIMD; ++l) {
+        v[l] = is_sum ? lq2_ab_sum_lane(l, jj, n, sm) : lq2_ab_max_lane(l, jj, n, sm);
+    }
+    for (int o = LQ2_AB_SIMD / 2; o > 0; o >>= 1) {
+        for (int l = 0; l < LQ2_AB_SIMD; ++l) {
+            w[l] = is_sum ? v[l] + v[l ^ o] : (v[l ^ o] > v[l] ? v[l ^ o] : v[l]);
+        }
+        for (int l = 0; l < LQ2_AB_SIMD; ++l) {
+            v[l] = w[l];
+        }
+    }
+    return v[0];
+#endif
+}
+
+// ---- phase 2: every thread; lane 0 of a head's simdgroup sets the head's new running max and the
+// factor alpha that rescales its sums.
+LQ2_INLINE void lq2_ab_max(int ith, int n, const LQ2_TH struct lq2_ab_shape * sh, LQ2_TG struct lq2_ab_shared * sm) {
+    const int lane = ith % LQ2_AB_SIMD;
+    for (int jj = ith / LQ2_AB_SIMD; jj < sh->gq; jj += LQ2_AB_N_SIMD) { // uniform in a simdgroup
+        const float mx = lq2_ab_simd_reduce(lane, jj, n, 0, sm);
+        if (lane != 0) {
+            continue;
+        }
+        const float M = sm->M[jj];
+        if (mx > M) {
+            sm->alpha[jj] = M == -INFINITY ? 0.0f : LQ2_EXPF(M - mx); // nothing summed yet: any factor
+            sm->M[jj]     = mx;
+        } else {
+            sm->alpha[jj] = 1.0f;
+        }
     }
 }
 
@@ -271,13 +330,15 @@ LQ2_INLINE void lq2_ab_weight(int t, const LQ2_TH struct lq2_ab_shape * sh, LQ2_
     }
 }
 
-// Threads jj < gq in phase 4: the running sum.
-LQ2_INLINE void lq2_ab_sum(int jj, int n, LQ2_TG struct lq2_ab_shared * sm) {
-    float s = 0.0f;
-    for (int t = 0; t < n; ++t) {
-        s += sm->s[jj * LQ2_AB_CHUNK + t];
+// Every thread in phase 4: lane 0 of a head's simdgroup updates its running sum.
+LQ2_INLINE void lq2_ab_sum(int ith, int n, const LQ2_TH struct lq2_ab_shape * sh, LQ2_TG struct lq2_ab_shared * sm) {
+    const int lane = ith % LQ2_AB_SIMD;
+    for (int jj = ith / LQ2_AB_SIMD; jj < sh->gq; jj += LQ2_AB_N_SIMD) { // uniform in a simdgroup
+        const float s = lq2_ab_simd_reduce(lane, jj, n, 1, sm);
+        if (lane == 0) {
+            sm->S[jj] = LQ2_FMA(sm->S[jj], sm->alpha[jj], s);
+        }
     }
-    sm->S[jj] = LQ2_FMA(sm->S[jj], sm->alpha[jj], s);
 }
 
 // How phase 4 reads the chunk's values.
@@ -290,7 +351,8 @@ enum lq2_ab_values {
 // ---- phase 4: thread i folds channels i, i + T, ... of the chunk's n value rows into every head's
 // running output: rescaled by alpha, plus the chunk's weighted values. v: this kv head's values
 // of the chunk (token 0's row, or channel 0's block), read as `form` says (enum lq2_ab_values),
-// each 2-bit value dequantized where it is used. Threads jj < gq also update S.
+// each 2-bit value dequantized where it is used. Every thread also takes part in the sum of
+// the weights (lq2_ab_sum).
 LQ2_INLINE void lq2_ab_fold(int ith, const LQ2_TH struct lq2_ab_shape * sh, const LQ2_DEV uint8_t * v,
                             int64_t nb_v, int n, int form, LQ2_TG struct lq2_ab_shared * sm, LQ2_TH float * acc) {
     const int R = lq2_ab_channels_per_thread(sh->D), vbs = LQ2_BLOCK_BYTES_B(LQ2_QK_V, sh->v_bits);
@@ -323,9 +385,7 @@ LQ2_INLINE void lq2_ab_fold(int ith, const LQ2_TH struct lq2_ab_shape * sh, cons
             acc[jj * LQ2_AB_MAX_R + r] = o[jj];
         }
     }
-    if (ith < sh->gq) {
-        lq2_ab_sum(ith, n, sm);
-    }
+    lq2_ab_sum(ith, n, sh, sm);
 }
 
 // ---- last phase: the part's rows, unnormalized, and (M, S), as lq2_attn_merge reads them: head
@@ -445,7 +505,7 @@ LQ2_INLINE int lq2_ab_step(const LQ2_TH struct lq2_attn_args * a, const LQ2_TH s
                                      lq2_ab_mask_at(a->mask + tok * a->g.mask_nb1, a->g.mask_f16, t0 + ith), sm);
                 }
                 break;
-            case 1: if (ith < gq) lq2_ab_max(ith, n, sm); break;
+            case 1: lq2_ab_max(ith, n, sh, sm); break;
             case 2: if (ith < n) lq2_ab_weight(ith, sh, sm); break;
             default:
                 lq2_ab_fold(ith, sh, (const LQ2_DEV uint8_t *) (vbase + t0 * a->g.v_nb2), a->g.v_nb2, n, LQ2_AB_V_F16, sm,
@@ -474,7 +534,7 @@ LQ2_INLINE int lq2_ab_step(const LQ2_TH struct lq2_attn_args * a, const LQ2_TH s
                     lq2_ab_score_q2(ith, sh, kg, cs, lq2_fp16_to_fp32(m2[g * G + ith]), sm);
                 }
                 break;
-            case 2: if (ith < gq) lq2_ab_max(ith, G, sm); break;
+            case 2: lq2_ab_max(ith, G, sh, sm); break;
             case 3: if (ith < G) lq2_ab_weight(ith, sh, sm); break;
             default:
                 if (sh->v_per_channel) { // the group's blocks, D per kv head

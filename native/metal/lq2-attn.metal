@@ -2,12 +2,13 @@
 // prefill path's dequantization (GGML_OP_LQ2_DEQUANT), on the per-thread code the CUDA kernels
 // and the host tests share (lq2-attn-block.h, lq2-dequant-block.h): one threadgroup of
 // LQ2_AB_THREADS threads per (part, kv head, query token) runs lq2_ab_step with a threadgroup
-// barrier after each step, then a combine kernel merges the parts.
+// barrier after each step (a chunk's max and sum per query head are simd_max / simd_sum over a
+// 32-wide simdgroup, lq2_ab_simd_reduce), then a combine kernel merges the parts.
 //
 // Status: never compiled by Apple's Metal compiler, never run on a Mac. It is checked on Linux
 // with clang against a small metal_stdlib stand-in (tests/native/test_metal_sources.py: syntax,
-// types, address spaces), and its per-thread code runs on the host in the tests. Not yet
-// registered in ggml-metal (pipelines, encoder, supports_op), so no build uses it.
+// types, address spaces), and its per-thread code runs on the host in the tests. Patch 0014
+// registers it in ggml-metal with -DLOGQUANT_METAL=ON, off unless LOGQUANT_METAL=1 is set.
 //
 // Buffers: the op's tensors by index, as ggml-metal binds them; the scalars in one constant
 // struct (lq2_attn_geom / lq2_dequant_geom below), as ggml-metal's kargs. The block's shared
