@@ -102,6 +102,9 @@ logquant_cache::logquant_cache(const logquant_settings & s, const llama_model & 
         std::string why; // why some layers could not have them (one message for all)
         int32_t n_without = 0, n_by_frequency = 0;
         for (int32_t il = 0; il < (int32_t) model.layers.size(); il++) {
+            if (hparams.is_swa(il)) {
+                continue; // sliding-window layers stay in llama.cpp's f16 cache (patch 0006)
+            }
             const int32_t kb = settings.bits_of(il).first;
             if (kb != 2 && kb != 3 && kb != 4) {
                 continue; // 8-bit keys stay uniform
