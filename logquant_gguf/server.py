@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 from . import __version__, models
 from ._args import add_model_args, model_kwargs
+from .chat_format import chat_formatter
 from .llama import Llama
 
 try:  # the `server` extra; without it the CLI still lists `serve`, which then says what to install
@@ -43,7 +44,6 @@ try:  # the `server` extra; without it the CLI still lists `serve`, which then s
     from fastapi.middleware.cors import CORSMiddleware
     from fastapi.responses import FileResponse, JSONResponse
     from fastapi.staticfiles import StaticFiles
-    from llama_cpp import llama_chat_format
     from llama_cpp.server import app as upstream
     from llama_cpp.server.settings import ServerSettings
     from llama_cpp.server.types import (
@@ -89,7 +89,7 @@ class LoadedModel:
         self.last_stats: dict[str, Any] = {}
         self.last_stats_time: float | None = None
         self.longest_piece = _longest_piece(llm)
-        self.chat_formatter = _chat_formatter(llm)
+        self.chat_formatter = chat_formatter(llm)
 
     def names(self) -> set[str]:
         """Model names a request may use: the alias and the file it was loaded from."""
@@ -123,22 +123,6 @@ def _longest_piece(llm: Llama) -> int | None:
     # A negative result is the length of a piece that does not fit the buffer.
     return max(1, max(abs(llama_cpp.llama_token_to_piece(vocab, t, buf, len(buf), 0, True))
                       for t in range(llama_cpp.llama_vocab_n_tokens(vocab))))
-
-
-def _chat_formatter(llm: Llama) -> Callable[..., Any] | None:
-    """The formatter (messages -> prompt text) behind llm's chat handler, when it has one.
-
-    llama-cpp-python makes the handlers of chat templates and named chat formats as closures over
-    a formatter (chat_formatter_to_chat_completion_handler) and keeps no other reference to it;
-    we need it to count a chat prompt's tokens without running the model. Other handlers
-    (multimodal ones, say) have none: the gate then counts the message texts alone.
-    """
-    handler = (llm.chat_handler or llm._chat_handlers.get(llm.chat_format)
-               or llama_chat_format.get_chat_completion_handler(llm.chat_format))
-    code = getattr(handler, "__code__", None)
-    cells = dict(zip(code.co_freevars, handler.__closure__ or ())) if code is not None else {}
-    cell = cells.get("chat_formatter")
-    return cell.cell_contents if cell is not None else None
 
 
 def _error(status: int, message: str, *, type_: str = "invalid_request_error",

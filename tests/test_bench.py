@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from logquant_gguf import KV_TYPES, bench
-from logquant_gguf.bench import capacity, completion, env, memory, perplexity, report
+from logquant_gguf.bench import capacity, chat, completion, env, memory, perplexity, report
 
 # The llama.cpp types every build has, in decreasing size; new types come on top.
 BASE_TYPES = [t for t in ("f16", "q8_0", "q4_0", "q2_0") if t in KV_TYPES]
@@ -122,6 +122,36 @@ def test_completion_baseline_matches_itself(tiny_model, out):
     assert s["f16"]["token_match"] == 1.0 and s["f16"]["first_line_vs_base"] == 1.0
     assert 0 <= s["q4_0"]["token_match"] <= 1
     assert len(doc["results"]["per_prompt"]["q4_0"]) == 2
+
+
+def test_chat_replies_against_the_baseline(tiny_model, out):
+    doc = run_part(tiny_model, out, "chat", "--prompts", "2", "--gen-tokens", "40", kv=["f16", "q4_0"])
+    rows = doc["results"]["per_reply"]
+    assert [len(r) for r in rows.values()] == [2, 2]
+    assert all(n > 5 for n in doc["settings"]["prompt_tokens"])  # the chat template's text is in
+    s = doc["results"]["summary"]
+    assert s["f16"]["token_match"] == 1.0 and 0 <= s["q4_0"]["token_match"] <= 1
+    for r in rows["f16"]:
+        if len(r["tokens"]) < 40:  # ended before the limit: by an end-of-generation token
+            assert r["stopped"]
+        assert r["before_loop"] == (len(r["tokens"]) if r["loop_onset"] is None else r["loop_onset"])
+        assert r["loop_onset"] == (None if r["stopped"] else chat.loop_onset(r["tokens"]))
+
+
+def test_chat_loop_onset():
+    """A reply ending in a repeated unit: where the unit first starts; short repeats, or a unit not
+    repeated for LOOP_MIN_TOKENS tokens after its first occurrence, are no loop."""
+    head = list(range(100, 150))
+    unit = [1, 2, 3, 4, 5, 6, 7]
+    assert chat.loop_onset(head + unit * 8) == 50
+    assert chat.loop_onset(head + unit * 8 + [1, 2]) == 50  # cut inside a unit
+    assert chat.loop_onset(head + unit * 4) is None  # 21 tokens of repeats after the first unit
+    assert chat.loop_onset(head + [9] * 40) == 50  # a period of 1
+    assert chat.loop_onset(list(range(300))) is None
+    assert chat.loop_onset(head + unit * 8 + [99]) is None  # the reply left the loop
+    long_unit = list(range(200, 260))  # a period of 60: two units are enough repeats
+    assert chat.loop_onset(head + long_unit * 2) == 50
+    assert chat.distinct_4grams([1, 2, 3, 4, 1, 2, 3, 4]) == pytest.approx(4 / 5)
 
 
 def test_completion_takes_more_prompts_than_modules(tiny_model):

@@ -108,25 +108,32 @@ def quant_mse(x: np.ndarray, levels: int = 3, steps: int = 8) -> tuple[np.ndarra
     return best[0], best[1] / x.shape[-1], best[2] ** 2 / 12.0
 
 
-def quant_lsq(x: np.ndarray, levels: int = 3, iters: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def lsq_rounds(x: np.ndarray, levels: int = 3, iters: int = 4):
     """Codes from [min, max], then a few rounds of: refit (d, m) to the codes by least squares,
-    re-round; the best round kept (llama.cpp's k-quants search the same way). O(n) per round."""
+    re-round (llama.cpp's k-quants search the same way). O(n) per round. Yields each round's
+    (d, m, dequantized x, squared error per group)."""
     lo, hi = x.min(-1, keepdims=True), x.max(-1, keepdims=True)
     d, m = (hi - lo) / levels, lo
-    best = None
     n = x.shape[-1]
     for _ in range(iters + 1):
         safe = np.where(d > 0, d, 1.0)
         c = np.clip(np.floor((x - m) / safe + 0.5), 0, levels)
         y = c * d + m
-        best = keep_best(best, y, ((y - x) ** 2).sum(-1), d)
+        yield d, m, y, ((y - x) ** 2).sum(-1)
         sc, sx = c.sum(-1, keepdims=True), x.sum(-1, keepdims=True)
         scc, scx = (c * c).sum(-1, keepdims=True), (c * x).sum(-1, keepdims=True)
         den = n * scc - sc * sc
         ok = den > 0
         d = np.where(ok, (n * scx - sc * sx) / np.where(ok, den, 1.0), d)
         m = np.where(ok, (sx - d * sc) / n, m)
-    return best[0], best[1] / n, best[2] ** 2 / 12.0
+
+
+def quant_lsq(x: np.ndarray, levels: int = 3, iters: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """lsq_rounds' best round: (dequantized, error variance per group, step^2 / 12)."""
+    best = None
+    for d, _m, y, e in lsq_rounds(x, levels, iters):
+        best = keep_best(best, y, e, d)
+    return best[0], best[1] / x.shape[-1], best[2] ** 2 / 12.0
 
 
 def quantize_tier(kp: np.ndarray, idx: np.ndarray, method):

@@ -118,10 +118,14 @@ class Session:
         for _ in range(n):
             tok = int(np.argmax(self.logits()))
             out.append(tok)
-            if tok in stop or llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, tok):
+            if tok in stop or self.is_eog(tok):
                 break
             self.step(tok)
         return out
+
+    def is_eog(self, tok: int) -> bool:
+        """Whether tok ends a generation (EOS, EOT, ...)."""
+        return bool(llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, tok))
 
     def kv_stats(self) -> dict:
         return self.llm.kv_stats()
