@@ -6,7 +6,11 @@
 #   2. test-backend-ops for GGML_OP_LQ2_DEMOTE / _ATTN / _DEQUANT: every case, CUDA against the CPU
 #      (demoted codes must be the CPU's bytes: NMSE 0)
 #   3. pytest -m cuda: the cache in VRAM against the same model on the CPU, state round trip
-#   4. bench speed --device cuda at 4k, 16k, 32k for f16, q8_0, q4_0 and logquant (one run)
+#   4. bench speed --device cuda at 4k, 16k, 32k for f16, q8_0, q4_0 and logquant (one run), on
+#      the default model, or where it is not installed on random weights with its shapes
+#      (scripts/shaped_model.py: the model cannot travel to a lent machine)
+# A lent machine reaches no package index: make the kit first (bash scripts/gpu_kit.sh, here),
+# carry .gpu-kit, and the build installs from it (scripts/offline_install.sh).
 # Each step's output goes to bench/results/cuda/ as well as to the terminal: commit that folder.
 # A failing step does not stop the later ones; the exit status is the number of failed steps.
 #
@@ -25,9 +29,14 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv > "$OUT/gpu.txt" 2>&1 || true
 cat "$OUT/gpu.txt"
 
+CUDA_ARGS="-DGGML_CUDA=ON -DLOGQUANT_CUDA=ON -DLOGQUANT_BUILD_TOOLS=ON -DCMAKE_CUDA_ARCHITECTURES=${LOGQUANT_CUDA_ARCH:-native}"
 if [ "${LOGQUANT_SKIP_BUILD:-0}" != 1 ] && [ "$STAGE" != checks ]; then
-    step build env CMAKE_ARGS="-DLLAMA_BUILD=OFF -DGGML_CUDA=ON -DLOGQUANT_CUDA=ON -DLOGQUANT_BUILD_TOOLS=ON -DCMAKE_CUDA_ARCHITECTURES=${LOGQUANT_CUDA_ARCH:-native}" \
-        python3 -m pip install -q -C build-dir=build/cuda ".[model,bench,test]"
+    if [ -d .gpu-kit ]; then # a lent machine reaches no package index: the kit (scripts/gpu_kit.sh)
+        step build bash scripts/offline_install.sh build/cuda $CUDA_ARGS
+    else
+        step build env CMAKE_ARGS="-DLLAMA_BUILD=OFF $CUDA_ARGS" \
+            python3 -m pip install -q -C build-dir=build/cuda ".[model,bench,test]"
+    fi
 fi
 if [ "$STAGE" = build ]; then
     echo "gpu_check: build done ($failed failed)"
@@ -37,7 +46,13 @@ PKG=$(installed_package)
 
 step test-backend-ops "$PKG/bin/test-backend-ops" test -b CUDA0 -o LQ2_DEMOTE,LQ2_ATTN,LQ2_DEQUANT
 step pytest-cuda bash -c "cd /tmp && python3 -m pytest -q -m cuda -rs '$PWD/tests/test_gpu.py'"
-step bench-speed bash -c "cd /tmp && python3 -m logquant_gguf bench speed --device cuda --depths ${GPU_CHECK_DEPTHS:-4096,16384,32768} --kv-types f16,q8_0,q4_0,logquant --out '$PWD/bench/results'"
+# the default model, else (it cannot travel to a lent machine) random weights with its shapes
+MODEL=qwen2.5-coder-0.5b
+if ! (cd /tmp && python3 -c 'from logquant_gguf import models; models.model_path()') > /dev/null 2>&1; then
+    MODEL=/tmp/qwen2.5-coder-0.5b-shaped.gguf
+    [ -f "$MODEL" ] || python3 scripts/shaped_model.py qwen2.5-coder-0.5b "$MODEL"
+fi
+step bench-speed bash -c "cd /tmp && python3 -m logquant_gguf bench speed --model '$MODEL' --device cuda --depths ${GPU_CHECK_DEPTHS:-4096,16384,32768} --kv-types f16,q8_0,q4_0,logquant --out '$PWD/bench/results'"
 
 echo "gpu_check: $failed step(s) failed; results in $OUT"
 exit "$failed"

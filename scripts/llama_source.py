@@ -6,7 +6,9 @@ The pin is the llama.cpp vendored in the llama-cpp-python sdist named below. The
 `export` (write that checkout's commits back to patches/). Nothing of llama.cpp is kept in this repo.
 
 Offline builds: set LOGQUANT_LLAMA_CPP_SOURCE to the sdist archive, to the unpacked sdist, or to
-its vendor/llama.cpp tree.
+its vendor/llama.cpp tree. `pack` writes that tree without what our build never reads (docs,
+vocabulary files, other backends: 5 MB instead of the sdist's 77), for a machine that cannot reach
+PyPI and takes little luggage (scripts/gpu_kit.sh).
 """
 
 from __future__ import annotations
@@ -130,6 +132,33 @@ def apply_series(tree: Path) -> None:
                     f"patch {p.name} does not apply to the pinned llama.cpp:\n{r.stderr}")
 
 
+# What `pack` leaves out: nothing the patches touch nor anything our CMake builds (CPU, CUDA, Metal,
+# RPC, the tools) reads.
+PACK_SKIP = ("docs", "models", "media", "benches", ".github", "app", "pocs", "skills", "gguf-py", "conversion",
+             "tools/ui", "ggml/src/ggml-vulkan", "ggml/src/ggml-sycl", "ggml/src/ggml-opencl",
+             "ggml/src/ggml-hexagon", "ggml/src/ggml-et", "ggml/src/ggml-openvino", "ggml/src/ggml-webgpu",
+             "ggml/src/ggml-cann", "ggml/src/ggml-virtgpu", "ggml/src/ggml-musa", "ggml/src/ggml-zdnn",
+             "ggml/src/ggml-zendnn")
+
+
+def pack(dest: Path, cache: Path) -> None:
+    """Writes the pristine tree, less PACK_SKIP, as dest (a .tar.xz of one folder, llama.cpp), once
+    the series is proven to apply to it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "llama.cpp"
+        unpack_pristine(tree, cache)
+        for rel in PACK_SKIP:
+            shutil.rmtree(tree / rel, ignore_errors=True)
+        check = Path(tmp) / "check"
+        shutil.copytree(tree, check, symlinks=True)
+        apply_series(check)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(dest, "w:xz") as tar:
+            tar.add(tree, arcname="llama.cpp")
+    print(f"packed {dest} ({dest.stat().st_size / 2**20:.1f} MiB): llama.cpp {PIN_VERSION} without "
+          f"{', '.join(PACK_SKIP)}")
+
+
 def materialize(dest: Path, cache: Path) -> None:
     """The build's entry point: dest holds the patched tree, rebuilt only when stale."""
     stamp = dest / ".logquant-series"
@@ -205,7 +234,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     default_cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "logquant-gguf"
-    for name in ("materialize", "prepare"):
+    for name in ("materialize", "prepare", "pack"):
         s = sub.add_parser(name)
         s.add_argument("dest", type=Path)
         s.add_argument("--cache", type=Path, default=default_cache, help="where the sdist is kept")
@@ -219,6 +248,8 @@ def main() -> int:
             materialize(a.dest.resolve(), a.cache)
         elif a.cmd == "prepare":
             prepare(a.dest.resolve(), a.cache)
+        elif a.cmd == "pack":
+            pack(a.dest.resolve(), a.cache)
         elif a.cmd == "export":
             export(a.src.resolve())
         elif a.cmd == "describe":
