@@ -134,8 +134,8 @@ def apply_series(tree: Path) -> None:
 
 # What `pack` leaves out: nothing the patches touch nor anything our CMake builds (CPU, CUDA, Metal,
 # RPC, the tools) reads.
-PACK_SKIP = ("docs", "models", "media", "benches", ".github", "app", "pocs", "skills", "gguf-py", "conversion",
-             "tools/ui", "ggml/src/ggml-vulkan", "ggml/src/ggml-sycl", "ggml/src/ggml-opencl",
+PACK_SKIP = ("docs", "models", "media", "benches", ".github", "app", "pocs", "skills", "gguf-py",
+             "conversion", "tools/ui", "ggml/src/ggml-vulkan", "ggml/src/ggml-sycl", "ggml/src/ggml-opencl",
              "ggml/src/ggml-hexagon", "ggml/src/ggml-et", "ggml/src/ggml-openvino", "ggml/src/ggml-webgpu",
              "ggml/src/ggml-cann", "ggml/src/ggml-virtgpu", "ggml/src/ggml-musa", "ggml/src/ggml-zdnn",
              "ggml/src/ggml-zendnn")
