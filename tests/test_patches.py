@@ -50,6 +50,25 @@ def test_prepare_then_export_changes_nothing(tmp_path, source_env):
     assert after == before
 
 
+def test_pack_is_a_tree_the_build_takes(tmp_path, source_env):
+    """The offline kit's llama.cpp (scripts/gpu_kit.sh): without the skipped folders, and the
+    series applies to it, from LOGQUANT_LLAMA_CPP_SOURCE pointing at the unpacked tree."""
+    import tarfile
+
+    archive = tmp_path / "llama.cpp.tar.xz"
+    r = run(source_env, "pack", archive, "--cache", tmp_path / "cache")
+    assert r.returncode == 0, r.stderr
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+        tar.extractall(tmp_path / "kit")
+    assert "llama.cpp/ggml/include/ggml.h" in names
+    assert not any(n.startswith(("llama.cpp/models/", "llama.cpp/docs/")) for n in names)
+    env = dict(source_env, LOGQUANT_LLAMA_CPP_SOURCE=str(tmp_path / "kit" / "llama.cpp"))
+    r = run(env, "materialize", tmp_path / "tree", "--cache", tmp_path / "cache")
+    assert r.returncode == 0, r.stderr
+    assert "GGML_OP_LQ2_DEMOTE" in (tmp_path / "tree" / "ggml" / "include" / "ggml.h").read_text()
+
+
 def test_a_corrupt_archive_is_refused(tmp_path):
     bad = tmp_path / "llama_cpp_python-0.3.36.tar.gz"
     bad.write_bytes(b"not the sdist")
