@@ -125,7 +125,8 @@ def test_completion_baseline_matches_itself(tiny_model, out):
 
 
 def test_chat_replies_against_the_baseline(tiny_model, out):
-    doc = run_part(tiny_model, out, "chat", "--prompts", "2", "--gen-tokens", "40", kv=["f16", "q4_0"])
+    doc = run_part(tiny_model, out, "chat", "--prompts", "2", "--gen-tokens", "40",
+                   "--chat-format", "llama-2", kv=["f16", "q4_0"])
     rows = doc["results"]["per_reply"]
     assert [len(r) for r in rows.values()] == [2, 2]
     assert all(n > 5 for n in doc["settings"]["prompt_tokens"])  # the chat template's text is in
@@ -136,6 +137,14 @@ def test_chat_replies_against_the_baseline(tiny_model, out):
             assert r["stopped"]
         assert r["before_loop"] == (len(r["tokens"]) if r["loop_onset"] is None else r["loop_onset"])
         assert r["loop_onset"] == (None if r["stopped"] else chat.loop_onset(r["tokens"]))
+
+
+def test_chat_refuses_a_model_without_a_chat_template(tiny_model, out, capsys):
+    """The tiny model's GGUF has no template: llama-cpp-python's "llama-2" fallback would go
+    unnoticed, as it did on Gemma 3 270M (a base model), whose every reply was one EOS token."""
+    assert bench.main(["chat", "--model", str(tiny_model), "--out", str(out), "--kv-types", "f16",
+                       "--threads", "1", "--prompts", "1", "--gen-tokens", "4"]) == 2
+    assert "no chat template" in capsys.readouterr().err
 
 
 def test_chat_loop_onset():

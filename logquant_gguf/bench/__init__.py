@@ -17,16 +17,29 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import (capacity, chat, completion, layers, levers, memory, passkey, peers, perplexity, quality,
-               speed, summary)
+from . import (
+    capacity,
+    chat,
+    completion,
+    layers,
+    levers,
+    memory,
+    passkey,
+    peers,
+    perplexity,
+    quality,
+    speed,
+    summary,
+)
 from .core import BenchConfig, run_part
 from .env import resolve_model, select_kv_types
 
 # The order `all` runs them in (capacity reads memory's results).
 PARTS = {m.NAME: m for m in (memory, quality, speed, capacity, perplexity, passkey, completion,
                               chat, levers, layers, peers)}
-# peers needs another llama.cpp build, layers is a tuning run of one model: by name only
-ALL = [n for n in PARTS if n not in (peers.NAME, layers.NAME)]
+# peers needs another llama.cpp build, layers is a tuning run of one model, chat a chat model (not
+# a base one such as Gemma 3 270M): by name only
+ALL = [n for n in PARTS if n not in (peers.NAME, layers.NAME, chat.NAME)]
 DEFAULT_OUT = Path("bench") / "results"
 
 

@@ -18,7 +18,7 @@ import statistics
 
 from tqdm import tqdm
 
-from ..chat_format import chat_tokens
+from ..chat_format import chat_tokens, has_chat_template
 from . import report
 from .completion import compare
 from .core import BenchConfig, PartResult
@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"number of messages, at most {len(MESSAGES)} (default all; --quick 2)")
     p.add_argument("--gen-tokens", type=int, default=None,
                    help="greedy tokens per reply at most (default 512; --quick 48)")
+    p.add_argument("--chat-format", default=None,
+                   help="a llama-cpp-python chat format name (chatml, gemma, llama-2, ...) for a model "
+                        "whose GGUF has no chat template (default: the GGUF's template; none: refused)")
 
 
 def loop_onset(tokens: list[int]) -> int | None:
@@ -74,12 +77,17 @@ def distinct_4grams(tokens: list[int]) -> float:
     return len(set(grams)) / len(grams) if grams else 1.0
 
 
-def measure(cfg: BenchConfig, n_prompts: int, gen: int) -> tuple[dict, list[int]]:
+def measure(cfg: BenchConfig, n_prompts: int, gen: int,
+            chat_format: str | None = None) -> tuple[dict, list[int]]:
     """({kv_type: [per-reply rows]}, prompt lengths in tokens)."""
     messages = list(MESSAGES[:n_prompts])
     tok = cfg.tokenizer()
     try:
-        prompts = [chat_tokens(tok.llm, [{"role": "user", "content": m}]) for m in messages]
+        if chat_format is None and not has_chat_template(tok.llm):
+            raise ValueError(f"{cfg.model.slug} has no chat template in its GGUF (a base model?): bench "
+                             "chat needs a chat model, or --chat-format NAME for the prompt format it was "
+                             "tuned on")
+        prompts = [chat_tokens(tok.llm, [{"role": "user", "content": m}], chat_format) for m in messages]
     finally:
         tok.close()
     n_ctx = max(len(p) for p in prompts) + gen + 16
@@ -120,7 +128,7 @@ def summarize(outputs: dict) -> dict:
 def run(cfg: BenchConfig, args: argparse.Namespace) -> PartResult:
     n = min(args.prompts or cfg.pick(2, len(MESSAGES)), len(MESSAGES))
     gen = args.gen_tokens or cfg.pick(48, 512)
-    outputs, prompt_lens = measure(cfg, n, gen)
+    outputs, prompt_lens = measure(cfg, n, gen, args.chat_format)
     summary = summarize(outputs)
     t = report.table(["kv_type", "replies stuck in a loop %", "tokens before a loop (median)",
                       "distinct 4-grams %", f"tokens = {cfg.baseline} %", "common prefix (tokens)"],
@@ -136,6 +144,7 @@ def run(cfg: BenchConfig, args: argparse.Namespace) -> PartResult:
     title = f"open-ended chat, {gen} greedy tokens, {cfg.model.slug}"
     figs = [report.bar_plot(cfg.out_dir / "chat.png", title, list(summary), bars, "%")]
     return PartResult(settings={"prompts": n, "gen_tokens": gen, "prompt_tokens": prompt_lens,
+                                "chat_format": args.chat_format or "the GGUF's template",
                                 "loop_max_period": LOOP_MAX_PERIOD, "loop_min_tokens": LOOP_MIN_TOKENS},
                       results={"per_reply": outputs, "summary": summary}, markdown=md,
                       figures=[f for f in figs if f])
