@@ -15,6 +15,17 @@ def has_chat_template(llm: Any) -> bool:
     return "tokenizer.chat_template" in llm.metadata
 
 
+def uses_fallback_format(llm: Any) -> bool:
+    """Whether llm chats in llama-cpp-python's "llama-2" fallback because its GGUF has no template
+    and nobody chose a format or handler: a base model (Gemma 3 270M's GGUF, say) answers that with
+    nothing, so the chat front ends say so instead of printing empty replies."""
+    return not has_chat_template(llm) and llm.chat_handler is None and llm.chat_format == "llama-2"
+
+
+FALLBACK_NOTE = ("has no chat template (a base model?); the chat uses llama-cpp-python's 'llama-2' "
+                 "format, which it may not follow; `logquant-gguf generate` continues text")
+
+
 def chat_formatter(llm: Any, chat_format: str | None = None) -> Callable[..., Any] | None:
     """The formatter (messages -> prompt text) behind llm's chat handler, or behind the named
     chat format, when it has one.

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from . import models
+from .chat_format import FALLBACK_NOTE, uses_fallback_format
 from .llama import Llama
 
 _loaded: dict[tuple, Llama] = {}
@@ -37,6 +40,8 @@ def chat(messages: Sequence[dict], *, llm: Llama | None = None, model_path: str 
          **kwargs: Any) -> Iterator[str]:
     """Streams the assistant's reply to messages ([{"role": ..., "content": ...}, ...])."""
     llm = llm or load(model_path, kv_type=kv_type)
+    if uses_fallback_format(llm):
+        warnings.warn(f"{Path(str(llm.model_path)).name} {FALLBACK_NOTE}", stacklevel=2)
     for chunk in llm.create_chat_completion(list(messages), max_tokens=max_tokens,
                                             temperature=temperature, stream=True, **kwargs):
         text = chunk["choices"][0]["delta"].get("content")

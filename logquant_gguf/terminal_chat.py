@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from .chat_format import FALLBACK_NOTE, uses_fallback_format
+
 HELP = """\
 commands:
   /reset        forget the conversation (keeps the system prompt)
@@ -133,8 +135,11 @@ def run_chat(llm: Any, system_prompt: str | None = None, max_tokens: int = 512,
     """
     chat = _Chat(llm, system_prompt, max_tokens, temperature, stream_out)
     interactive = hasattr(stdin, "isatty") and stdin.isatty()
-    chat.say(f"chatting with {Path(str(getattr(llm, 'model_path', 'the model'))).name} "
-             f"(kv_type {getattr(llm, 'kv_type', '?')}); /help for commands, Ctrl-D to quit")
+    name = Path(str(getattr(llm, "model_path", "the model"))).name
+    chat.say(f"chatting with {name} (kv_type {getattr(llm, 'kv_type', '?')}); /help for commands, "
+             "Ctrl-D to quit")
+    if uses_fallback_format(llm):
+        chat.say(f"note: {name} {FALLBACK_NOTE}")
     while True:
         stream_out.write("you> ")
         stream_out.flush()

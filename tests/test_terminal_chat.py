@@ -40,6 +40,20 @@ def test_messages_build_the_history_and_end_of_input_ends_the_chat(llm):
     assert out.rstrip().endswith("you>")  # the last prompt, then end of input
 
 
+def test_a_model_without_a_chat_template_is_named_in_the_banner(llm):
+    """The tiny model's GGUF has no template, as a base model's (Gemma 3 270M): llama-cpp-python
+    falls back to its "llama-2" format, which the chat says instead of printing empty replies."""
+    _, out = chat(llm, "")
+    assert "has no chat template (a base model?)" in out and "'llama-2'" in out
+
+
+def test_the_chat_function_warns_about_the_fallback_format(llm):
+    from logquant_gguf import chat as chat_fn
+
+    with pytest.warns(UserWarning, match="has no chat template"):
+        list(chat_fn([{"role": "user", "content": "hi"}], llm=llm, max_tokens=2))
+
+
 def test_streamed_text_is_what_the_history_keeps(llm):
     history, out = chat(llm, "hi\n")
     reply = history[-1]["content"]
