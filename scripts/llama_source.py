@@ -137,8 +137,7 @@ def apply_series(tree: Path) -> None:
 PACK_SKIP = ("docs", "models", "media", "benches", ".github", "app", "pocs", "skills", "gguf-py",
              "conversion", "tools/ui", "ggml/src/ggml-vulkan", "ggml/src/ggml-sycl", "ggml/src/ggml-opencl",
              "ggml/src/ggml-hexagon", "ggml/src/ggml-et", "ggml/src/ggml-openvino", "ggml/src/ggml-webgpu",
-             "ggml/src/ggml-cann", "ggml/src/ggml-virtgpu", "ggml/src/ggml-musa", "ggml/src/ggml-zdnn",
-             "ggml/src/ggml-zendnn")
+             "ggml/src/ggml-cann", "ggml/src/ggml-virtgpu", "ggml/src/ggml-zdnn", "ggml/src/ggml-zendnn")
 
 
 def pack(dest: Path, cache: Path) -> None:
