@@ -45,6 +45,22 @@ MESSAGES = (
     "Write a dialogue between two robots who disagree about art.",
     "What are the pros and cons of working from home?",
     "Tell a fable about a fox, a crow and a river, and explain its moral.",
+    "Describe the life cycle of a star, from cloud to remnant.",
+    "Write a short speech for the opening of a small town library.",
+    "How does a refrigerator keep food cold? Explain step by step.",
+    "Write a story about a child who builds a raft and sails down a river.",
+    "What makes a good teacher? Give examples.",
+    "Explain recursion to someone who has never programmed.",
+    "Describe a thunderstorm over the sea as seen from a ship.",
+    "Plan a three-day trip to the mountains for a family with two children.",
+    "Write a review of an imaginary restaurant that serves only soup.",
+    "Why is sleep important? Discuss the body and the mind.",
+    "Write a conversation between a gardener and a bee.",
+    "Explain how the internet delivers a web page, from click to screen.",
+    "Tell me about the invention of the bicycle and how it changed cities.",
+    "Write instructions for building a simple bookshelf.",
+    "Describe the perfect autumn afternoon.",
+    "What are the most important skills for a software engineer, and why?",
 )
 
 
