@@ -139,12 +139,43 @@ def test_chat_replies_against_the_baseline(tiny_model, out):
         assert r["loop_onset"] == (None if r["stopped"] else chat.loop_onset(r["tokens"]))
 
 
+def test_chat_sampled_replies_draw_the_same_numbers(tiny_model, tmp_path):
+    """With --temperature every kv_type draws the same random numbers for a request: run twice with
+    one type, the replies are the same; the settings say how they were made."""
+    doc = run_part(tiny_model, tmp_path, "chat", "--prompts", "2", "--gen-tokens", "24",
+                   "--chat-format", "llama-2", "--temperature", "0.7", kv=["f16", "q8_0"])
+    assert doc["settings"]["temperature"] == 0.7
+    again = run_part(tiny_model, tmp_path / "again", "chat", "--prompts", "2", "--gen-tokens", "24",
+                     "--chat-format", "llama-2", "--temperature", "0.7", kv=["f16"])
+    assert [r["tokens"] for r in again["results"]["per_reply"]["f16"]] == \
+        [r["tokens"] for r in doc["results"]["per_reply"]["f16"]]
+
+
 def test_chat_refuses_a_model_without_a_chat_template(tiny_model, out, capsys):
     """The tiny model's GGUF has no template: llama-cpp-python's "llama-2" fallback would go
     unnoticed, as it did on Gemma 3 270M (a base model), whose every reply was one EOS token."""
     assert bench.main(["chat", "--model", str(tiny_model), "--out", str(out), "--kv-types", "f16",
                        "--threads", "1", "--prompts", "1", "--gen-tokens", "4"]) == 2
     assert "no chat template" in capsys.readouterr().err
+
+
+def test_sampling_follows_the_default_chain():
+    """bench chat's sampler: top-k, top-p, min-p, then the temperature; a draw u picks along the
+    cumulative probabilities in descending order."""
+    import numpy as np
+
+    from logquant_gguf.bench.session import sample
+
+    logits = np.full(1000, -50.0)
+    logits[[7, 3, 9]] = [5.0, 5.0 - np.log(2.0), 5.0 - np.log(4.0)]  # probabilities 4 : 2 : 1
+    logits[11] = 5.0 - np.log(40.0)  # under min-p (0.05 of the largest)
+    assert sample(logits, 1.0, 0.0) == 7
+    assert sample(logits, 1.0, 0.5) == 7 and sample(logits, 1.0, 0.6) == 3
+    assert sample(logits, 1.0, 0.99) == 9  # 11 is never drawn, nor the 996 others
+    assert {sample(logits, 1.0, u) for u in np.linspace(0, 0.999, 200)} == {7, 3, 9}
+    assert {sample(logits, 0.01, u) for u in np.linspace(0, 0.999, 50)} == {7}  # cold: the top only
+    flat = np.zeros(100)  # every token alike: top-k keeps 40 of them
+    assert len({sample(flat, 1.0, u) for u in np.linspace(0, 0.999, 400)}) == 38  # top-p: 95 % of 40
 
 
 def test_chat_loop_onset():

@@ -1,8 +1,10 @@
-"""bench chat: greedy replies to open-ended chat messages, and how soon each kv_type falls into a loop.
+"""bench chat: replies to open-ended chat messages, and how soon each kv_type falls into a loop.
 
 Issue 14 saw open-ended chats fall into repetition much sooner with the 2-bit cache than with f16
 or q8_0. Each message (a fixed set of open-ended requests, one turn under the model's chat
-template) gets a greedy reply of up to --gen-tokens. Per reply:
+template) gets a greedy reply of up to --gen-tokens (or, with --temperature, a sampled one: every
+kv_type draws the same random numbers for a request, so replies part only where logits do). Per
+reply:
 
 - whether it ends stuck in a verbatim loop: cut by the token limit, its last tokens a unit of at
   most LOOP_MAX_PERIOD tokens repeated, at least LOOP_MIN_TOKENS tokens of repeats after the first
@@ -68,7 +70,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", type=int, default=None,
                    help=f"number of messages, at most {len(MESSAGES)} (default all; --quick 2)")
     p.add_argument("--gen-tokens", type=int, default=None,
-                   help="greedy tokens per reply at most (default 512; --quick 48)")
+                   help="tokens per reply at most (default 512; --quick 48)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0: greedy replies (default); else sampled as llama-cpp-python samples by default "
+                        "(top-k 40, top-p 0.95, min-p 0.05), every kv_type with the same seed per request")
     p.add_argument("--chat-format", default=None,
                    help="a llama-cpp-python chat format name (chatml, gemma, llama-2, ...) for a model "
                         "whose GGUF has no chat template (default: the GGUF's template; none: refused)")
@@ -93,8 +98,8 @@ def distinct_4grams(tokens: list[int]) -> float:
     return len(set(grams)) / len(grams) if grams else 1.0
 
 
-def measure(cfg: BenchConfig, n_prompts: int, gen: int,
-            chat_format: str | None = None) -> tuple[dict, list[int]]:
+def measure(cfg: BenchConfig, n_prompts: int, gen: int, chat_format: str | None = None,
+            temperature: float = 0.0) -> tuple[dict, list[int]]:
     """({kv_type: [per-reply rows]}, prompt lengths in tokens)."""
     messages = list(MESSAGES[:n_prompts])
     tok = cfg.tokenizer()
@@ -114,8 +119,8 @@ def measure(cfg: BenchConfig, n_prompts: int, gen: int,
         s = cfg.session(kv, n_ctx)
         try:
             rows = []
-            for msg, prompt in zip(messages, prompts):
-                toks = s.greedy(prompt, gen)
+            for i, (msg, prompt) in enumerate(zip(messages, prompts)):
+                toks = s.generate(prompt, gen, temperature=temperature, seed=i)
                 stopped = len(toks) < gen or s.is_eog(toks[-1])
                 onset = None if stopped else loop_onset(toks)
                 rows.append({"message": msg, "tokens": toks, "text": s.detokenize(toks), "stopped": stopped,
@@ -144,23 +149,25 @@ def summarize(outputs: dict) -> dict:
 def run(cfg: BenchConfig, args: argparse.Namespace) -> PartResult:
     n = min(args.prompts or cfg.pick(2, len(MESSAGES)), len(MESSAGES))
     gen = args.gen_tokens or cfg.pick(48, 512)
-    outputs, prompt_lens = measure(cfg, n, gen, args.chat_format)
+    outputs, prompt_lens = measure(cfg, n, gen, args.chat_format, args.temperature)
     summary = summarize(outputs)
     t = report.table(["kv_type", "replies stuck in a loop %", "tokens before a loop (median)",
                       "distinct 4-grams %", f"tokens = {cfg.baseline} %", "common prefix (tokens)"],
                      [[kv, 100 * s["looping"], s["before_loop_median"], 100 * s["distinct_4grams"],
                        100 * s["token_match"], s["common_prefix"]] for kv, s in summary.items()])
-    md = (f"{n} open-ended chat messages (one turn, the model's chat template), greedy replies of up to "
+    how = "greedy" if args.temperature <= 0 else f"sampled (temperature {args.temperature}, the same seeds)"
+    md = (f"{n} open-ended chat messages (one turn, the model's chat template), {how} replies of up to "
           f"{gen} tokens. A reply is stuck in a loop when the token limit cuts it while its last tokens "
           f"repeat a unit of at most {LOOP_MAX_PERIOD} tokens ({LOOP_MIN_TOKENS} or more tokens of "
           f"repeats); a reply without one counts its length as tokens before a loop.\n\n{t}\n")
     bars = {"replies stuck in a loop %": [100 * s["looping"] for s in summary.values()],
             "distinct 4-grams %": [100 * s["distinct_4grams"] for s in summary.values()],
             f"tokens = {cfg.baseline} %": [100 * s["token_match"] for s in summary.values()]}
-    title = f"open-ended chat, {gen} greedy tokens, {cfg.model.slug}"
+    title = f"open-ended chat, {how} replies of {gen} tokens, {cfg.model.slug}"
     figs = [report.bar_plot(cfg.out_dir / "chat.png", title, list(summary), bars, "%")]
     return PartResult(settings={"prompts": n, "gen_tokens": gen, "prompt_tokens": prompt_lens,
                                 "chat_format": args.chat_format or "the GGUF's template",
+                                "temperature": args.temperature,
                                 "loop_max_period": LOOP_MAX_PERIOD, "loop_min_tokens": LOOP_MIN_TOKENS},
                       results={"per_reply": outputs, "summary": summary}, markdown=md,
                       figures=[f for f in figs if f])

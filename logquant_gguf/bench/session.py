@@ -112,11 +112,21 @@ class Session:
 
     def greedy(self, prompt: Sequence[int], n: int, stop: Sequence[int] = ()) -> list[int]:
         """Greedy continuation of prompt (evaluated from an empty cache), up to n tokens."""
+        return self.generate(prompt, n, stop=stop)
+
+    def generate(self, prompt: Sequence[int], n: int, stop: Sequence[int] = (), temperature: float = 0.0,
+                 seed: int = 0) -> list[int]:
+        """Continuation of prompt (from an empty cache), up to n tokens: greedy at temperature 0,
+        else sampled as llama-cpp-python samples by default (top-k 40, top-p 0.95, min-p 0.05, then
+        the temperature) from a generator seeded with seed. Two caches given the same seed draw the
+        same random numbers, so their texts part only where their logits do."""
+        rng = np.random.default_rng(seed)
         self.reset()
         self.prefill(prompt)
         out: list[int] = []
         for _ in range(n):
-            tok = int(np.argmax(self.logits()))
+            logits = self.logits()
+            tok = int(np.argmax(logits)) if temperature <= 0 else sample(logits, temperature, rng.random())
             out.append(tok)
             if tok in stop or self.is_eog(tok):
                 break
@@ -136,6 +146,25 @@ class Session:
 
     def close(self) -> None:
         self.llm.close()
+
+
+def sample(logits: np.ndarray, temperature: float, u: float, top_k: int = 40, top_p: float = 0.95,
+           min_p: float = 0.05) -> int:
+    """The token the uniform draw u in [0, 1) picks through llama-cpp-python's default sampler
+    chain, in its order: the top_k logits; the fewest of them whose probability reaches top_p; those
+    of probability >= min_p times the largest; then the temperature, and the draw."""
+    idx = np.argpartition(-logits, top_k - 1)[:top_k]
+    idx = idx[np.argsort(-logits[idx], kind="stable")]
+    x = logits[idx].astype(np.float64)
+    p = np.exp(x - x[0])
+    p /= p.sum()
+    n = min(int(np.searchsorted(np.cumsum(p), top_p)) + 1, len(idx))
+    idx, x, p = idx[:n], x[:n], p[:n]
+    keep = p >= min_p * p[0]
+    idx, x = idx[keep], x[keep]
+    q = np.exp((x - x[0]) / temperature)
+    c = np.cumsum(q / q.sum())
+    return int(idx[min(int(np.searchsorted(c, u, side="right")), len(idx) - 1)])
 
 
 def timed(fn, *args: Any) -> float:
