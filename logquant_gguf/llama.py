@@ -51,9 +51,10 @@ class Llama(llama_cpp.Llama):
     up to 3W tokens.
     logquant_key_bits, logquant_value_bits: code bits of those caches' low-bit tier, 2 (default),
     4 or 8; keys also 3: mixed key widths of 0, 2 or 4 bits per channel at a mean of 3 (there are no
-    3-bit codes), 3.0 bits per value with 2-bit values; logquant_layer_bits: per-layer overrides {layer: (key_bits, value_bits)}, e.g.
-    {0: (8, 8)} for a sensitive first layer. These are the precision levers: b-bit codes cost
-    b + 0.5 bits per value (see docs/levers.md for what they buy).
+    3-bit codes), 3.0 bits per value with 2-bit values; logquant_layer_bits: per-layer overrides
+    {layer: (key_bits, value_bits)}, e.g. {0: (8, 8)} for a sensitive first layer. These are the
+    precision levers: b-bit codes cost b + 0.5 bits per value (see docs/levers.md for what they
+    buy).
     logquant_key_group (32, 64, 128) and logquant_keys_post_rope: the key layout knobs of the
     format study (defaults 64 and False: groups of 64 tokens per channel, before RoPE).
     logquant_fit, logquant_score_correction: how the low-bit codes are made and read, at no

@@ -34,13 +34,24 @@ the attention probabilities, beside uniform 2- and 3-bit keys.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 import numpy as np
-from key_noise_study import HD, NH, NKV, SCALE, G, W, forward_layers, quant_lsq, rope, softmax, tiers
+from key_noise_study import (
+    HD,
+    NH,
+    NKV,
+    G,
+    W,
+    attention_kl,
+    forward_layers,
+    quant_lsq,
+    rope,
+    study_parser,
+    tiers,
+)
 
 WIDTHS = {"024": (0, 2, 4), "01234": (0, 1, 2, 3, 4)}
 MEAN_BITS = 2
@@ -94,10 +105,6 @@ def allocate(err: dict[int, np.ndarray], weight: np.ndarray, widths: tuple[int, 
     return alloc
 
 
-def kl(p: np.ndarray, pq: np.ndarray) -> float:
-    return float((p * (np.log(p + 1e-30) - np.log(pq + 1e-30))).sum())
-
-
 def layer_stats(q, k, kp, queries, history) -> dict:
     n_last = queries[-1] + 1
     low = np.flatnonzero(tiers(n_last)[2])
@@ -144,17 +151,7 @@ def layer_stats(q, k, kp, queries, history) -> dict:
         full_k = k[:n_last].copy()
         full_k[low] = rope(kq, low.astype(np.float64))
         coded[name] = full_k
-    acc: dict[str, list[float]] = {}
-    for i in queries:
-        n = i + 1
-        is_low = tiers(n)[2]
-        for h in range(NH):
-            g = h // (NH // NKV)
-            p = softmax(k[:n, g] @ q[i, h] * SCALE)
-            for name, full_k in coded.items():
-                kk = np.where(is_low[:, None], full_k[:n, g], k[:n, g])
-                acc.setdefault(f"kl_{name}", []).append(kl(p, softmax(kk @ q[i, h] * SCALE)))
-    out = {name: float(np.mean(v)) for name, v in acc.items()}
+    out = attention_kl(q, k, coded, queries)
     for name, alloc in rows.items():
         out[f"bits_{name}"] = float(alloc.mean())
         if name.startswith(("keys", "queries")):
@@ -198,12 +195,8 @@ group's minimum absorbs), sum_i (W_k[c, i] gamma_i)^2. -> {layer: ([NKV, HD/2], 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="qwen2.5-coder-0.5b")
-    ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--queries", type=int, default=64, help="last queries measured per layer")
+    ap = study_parser(__doc__)
     ap.add_argument("--history", type=int, default=64, help="queries before them that weigh the pairs")
-    ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     t0 = time.time()
     rep = {"model": a.model, "queries": a.queries, "history": a.history, "window": W, "group": G,

@@ -165,6 +165,60 @@ def softmax(s: np.ndarray) -> np.ndarray:
     return p / p.sum()
 
 
+def kl(p: np.ndarray, pq: np.ndarray) -> float:
+    return float((p * (np.log(p + 1e-30) - np.log(pq + 1e-30))).sum())
+
+
+def attention_kl(q, k, coded_keys: dict, queries) -> dict:
+    """{kl_<name>: KL(exact || tiered) of the attention, mean over queries and heads} for each
+    coded_keys[name] (post-RoPE keys of every position, the 2-bit tier's coded): the 2-bit tokens
+    of each query's own tiers read them, the others exact keys; values exact."""
+    acc: dict[str, list[float]] = {}
+    for i in queries:
+        n = i + 1
+        is_low = tiers(n)[2]
+        for h in range(NH):
+            g = h // (NH // NKV)
+            p = softmax(k[:n, g] @ q[i, h] * SCALE)
+            for name, full_k in coded_keys.items():
+                kk = np.where(is_low[:, None], full_k[:n, g], k[:n, g])
+                acc.setdefault(f"kl_{name}", []).append(kl(p, softmax(kk @ q[i, h] * SCALE)))
+    return {name: float(np.mean(x)) for name, x in acc.items()}
+
+
+def output_error(q, k, v, w_o, coded_values: dict, queries) -> dict:
+    """{name: relative squared error of the attention output after W_o, mean over queries} for
+    each coded_values[name] (values of every position, the 2-bit tier's coded); keys exact."""
+    acc: dict[str, list[float]] = {}
+    for i in queries:
+        n = i + 1
+        is_low = tiers(n)[2]
+        o = np.empty((NH, HD), np.float32)
+        oc = {name: np.empty((NH, HD), np.float32) for name in coded_values}
+        for h in range(NH):
+            g = h // (NH // NKV)
+            p = softmax(k[:n, g] @ q[i, h] * SCALE)
+            o[h] = p @ v[:n, g]
+            for name, vc in coded_values.items():
+                oc[name][h] = p @ np.where(is_low[:, None], vc[:n, g], v[:n, g])
+        y = w_o @ o.reshape(-1)
+        ref = float(y @ y)
+        for name in coded_values:
+            e = w_o @ (oc[name] - o).reshape(-1)
+            acc.setdefault(name, []).append(float(e @ e) / ref)
+    return {name: float(np.mean(x)) for name, x in acc.items()}
+
+
+def study_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every study takes: model, tokens of real code, last queries measured, output."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--model", default="qwen2.5-coder-0.5b")
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--queries", type=int, default=64, help="last queries measured per layer")
+    ap.add_argument("--out", type=Path, required=True)
+    return ap
+
+
 def layer_stats(q, k, kp, queries, methods) -> dict:
     """Per-layer means over queries x heads."""
     acc: dict[str, list[float]] = {}
@@ -205,12 +259,12 @@ def layer_stats(q, k, kp, queries, methods) -> dict:
                 pq = softmax(sq)
                 add(f"mass_low_{name}", pq[is_low].sum())
                 add(f"mass_sink_{name}", pq[0])
-                add(f"kl_{name}", (p * (np.log(p + 1e-30) - np.log(pq + 1e-30))).sum())
+                add(f"kl_{name}", kl(p, pq))
                 for tag, fv in (("+bc", full_var[0]), ("+bc_step", full_var[1])):
                     sig2 = noise_variance(q[i, h], fv[:n, g])
                     pc = softmax(np.where(is_low, sq - sig2 / 2.0, sq))
                     add(f"mass_low_{name}{tag}", pc[is_low].sum())
-                    add(f"kl_{name}{tag}", (p * (np.log(p + 1e-30) - np.log(pc + 1e-30))).sum())
+                    add(f"kl_{name}{tag}", kl(p, pc))
                     if tag == "+bc":
                         add(f"sigma2_{name}", sig2[is_low].mean() if is_low.any() else 0.0)
     return {k_: float(np.mean(v)) for k_, v in acc.items()}
@@ -267,12 +321,7 @@ def forward_layers(model: str, n_tokens: int, values: bool = False):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="qwen2.5-coder-0.5b")
-    ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--queries", type=int, default=64, help="last queries measured per layer")
-    ap.add_argument("--out", type=Path, required=True)
-    a = ap.parse_args()
+    a = study_parser(__doc__).parse_args()
     t0 = time.time()
     methods = {"minmax": quant_minmax, "mse": quant_mse, "lsq": quant_lsq}
     report = {"model": a.model, "tokens": a.tokens, "queries": a.queries, "window": W, "group": G, "layers": {}}

@@ -35,14 +35,24 @@ tiers), values and keys measured apart as in the key-noise and value-noise studi
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 import numpy as np
-from channel_bits_study import GAUSS_MSE, allocate, kl, weight_energy
-from key_noise_study import HD, NH, NKV, SCALE, W, forward_layers, lsq_rounds, rope, softmax, tiers
+from channel_bits_study import GAUSS_MSE, allocate, weight_energy
+from key_noise_study import (
+    HD,
+    NKV,
+    W,
+    attention_kl,
+    forward_layers,
+    lsq_rounds,
+    output_error,
+    rope,
+    study_parser,
+    tiers,
+)
 
 M_STEP = 1.0 / 8.0  # minimum grid, in sigma_c
 D_STEPS = 16.0      # scale grid steps per octave
@@ -188,37 +198,13 @@ def layer_stats(model, il, q, k, kp, v, w_o, queries, energy) -> dict:
             vq, sat = code_tier(v, low, np.full((NKV, HD), 2), G, meta, mu, sig)
             coded_v[f"v2_g{G}_{meta}"] = vq
             out[f"sat_v2_g{G}_{meta}"] = sat
-    acc: dict[str, list[float]] = {}
-    for i in queries:
-        n = i + 1
-        is_low = tiers(n)[2]
-        o = np.empty((NH, HD), np.float32)
-        oc = {name: np.empty((NH, HD), np.float32) for name in coded_v}
-        for h in range(NH):
-            g = h // (NH // NKV)
-            p = softmax(k[:n, g] @ q[i, h] * SCALE)
-            for name, full_k in coded_k.items():
-                kk = np.where(is_low[:, None], full_k[:n, g], k[:n, g])
-                acc.setdefault(f"kl_{name}", []).append(kl(p, softmax(kk @ q[i, h] * SCALE)))
-            o[h] = p @ v[:n, g]
-            for name, vc in coded_v.items():
-                oc[name][h] = p @ np.where(is_low[:, None], vc[:n, g], v[:n, g])
-        y = w_o @ o.reshape(-1)
-        ref = float(y @ y)
-        for name in coded_v:
-            e = w_o @ (oc[name] - o).reshape(-1)
-            acc.setdefault(f"err_{name}", []).append(float(e @ e) / ref)
-    out.update({name: float(np.mean(x)) for name, x in acc.items()})
+    out.update(attention_kl(q, k, coded_k, queries))
+    out.update({f"err_{name}": e for name, e in output_error(q, k, v, w_o, coded_v, queries).items()})
     return out
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="qwen2.5-coder-0.5b")
-    ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--queries", type=int, default=64, help="last queries measured per layer")
-    ap.add_argument("--out", type=Path, required=True)
-    a = ap.parse_args()
+    a = study_parser(__doc__).parse_args()
     t0 = time.time()
     rep = {"model": a.model, "queries": a.queries, "window": W, "layers": {}}
     energy = weight_energy(a.model)

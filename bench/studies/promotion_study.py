@@ -21,7 +21,6 @@ Compare with 3- and 4-bit keys (`k3`, `k4`: fitted codes of 7 and 15 levels) in 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -34,10 +33,12 @@ from key_noise_study import (
     G,
     W,
     forward_layers,
+    kl,
     quant_lsq,
     quantize_tier,
     rope,
     softmax,
+    study_parser,
     tiers,
 )
 
@@ -50,10 +51,6 @@ def quant_lsq3(x: np.ndarray):
 
 def quant_lsq4(x: np.ndarray):
     return quant_lsq(x, levels=15)
-
-
-def kl(p: np.ndarray, pq: np.ndarray) -> float:
-    return float((p * (np.log(p + 1e-30) - np.log(pq + 1e-30))).sum())
 
 
 def layer_stats(q, k, kp, queries, history) -> dict:
@@ -101,12 +98,8 @@ def layer_stats(q, k, kp, queries, history) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="qwen2.5-coder-0.5b")
-    ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--queries", type=int, default=64, help="last queries measured per layer")
+    ap = study_parser(__doc__)
     ap.add_argument("--history", type=int, default=64, help="queries before them whose mass selects")
-    ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     t0 = time.time()
     rep = {"model": a.model, "queries": a.queries, "history": a.history, "window": W, "group": G,

@@ -32,14 +32,13 @@ thing added to the residual stream. The residual stream continues exact.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 from channel_bits_study import GAUSS_MSE, quant_width
-from key_noise_study import HD, NH, NKV, SCALE, G, W, forward_layers, quant_lsq, softmax, tiers
+from key_noise_study import HD, NH, NKV, G, W, forward_layers, output_error, quant_lsq, study_parser, tiers
 
 
 def hadamard(n: int) -> np.ndarray:
@@ -116,34 +115,12 @@ def variants(v: np.ndarray, b_v: np.ndarray, low: np.ndarray, w_o: np.ndarray) -
 
 
 def layer_stats(q, k, v, w_o, b_v, queries) -> dict:
-    coded = variants(v, b_v, np.flatnonzero(tiers(queries[-1] + 1)[2]), w_o)
-    acc: dict[str, list[float]] = {}
-    for i in queries:
-        n = i + 1
-        is_low = tiers(n)[2]
-        o = np.empty((NH, HD), np.float32)
-        oc = {name: np.empty((NH, HD), np.float32) for name in coded}
-        for h in range(NH):
-            g = h // (NH // NKV)
-            p = softmax(k[:n, g] @ q[i, h] * SCALE)
-            o[h] = p @ v[:n, g]
-            for name, vc in coded.items():
-                oc[name][h] = p @ np.where(is_low[:, None], vc[:n, g], v[:n, g])
-        y = w_o @ o.reshape(-1)
-        ref = float(y @ y)
-        for name in coded:
-            e = w_o @ (oc[name] - o).reshape(-1)
-            acc.setdefault(name, []).append(float(e @ e) / ref)
-    return {name: float(np.mean(x)) for name, x in acc.items()}
+    low = np.flatnonzero(tiers(queries[-1] + 1)[2])
+    return output_error(q, k, v, w_o, variants(v, b_v, low, w_o), queries)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="qwen2.5-coder-0.5b")
-    ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--queries", type=int, default=64, help="last queries measured per layer")
-    ap.add_argument("--out", type=Path, required=True)
-    a = ap.parse_args()
+    a = study_parser(__doc__).parse_args()
     t0 = time.time()
     rep = {"model": a.model, "queries": a.queries, "window": W, "layers": {}}
     for il, q, k, _kp, v, w_o, b_v in forward_layers(a.model, a.tokens, values=True):

@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from tqdm import tqdm
-
 from ..chat_format import chat_tokens, has_chat_template
 from . import report
 from .completion import compare
@@ -112,25 +110,16 @@ def measure(cfg: BenchConfig, n_prompts: int, gen: int, chat_format: str | None 
     finally:
         tok.close()
     n_ctx = max(len(p) for p in prompts) + gen + 16
-    outputs: dict[str, list[dict]] = {}
-    order = [cfg.baseline] + [kv for kv in cfg.kv_types if kv != cfg.baseline]
-    bar = tqdm(total=len(order) * len(prompts), desc="chat", unit="reply")
-    for kv in order:
-        s = cfg.session(kv, n_ctx)
-        try:
-            rows = []
-            for i, (msg, prompt) in enumerate(zip(messages, prompts)):
-                toks = s.generate(prompt, gen, temperature=temperature, seed=i)
-                stopped = len(toks) < gen or s.is_eog(toks[-1])
-                onset = None if stopped else loop_onset(toks)
-                rows.append({"message": msg, "tokens": toks, "text": s.detokenize(toks), "stopped": stopped,
-                             "loop_onset": onset, "before_loop": len(toks) if onset is None else onset,
-                             "distinct_4grams": distinct_4grams(toks)})
-                bar.update()
-            outputs[kv] = rows
-        finally:
-            s.close()
-    bar.close()
+
+    def row(s, i, prompt):
+        toks = s.generate(prompt, gen, temperature=temperature, seed=i)
+        stopped = len(toks) < gen or s.is_eog(toks[-1])
+        onset = None if stopped else loop_onset(toks)
+        return {"message": messages[i], "tokens": toks, "text": s.detokenize(toks), "stopped": stopped,
+                "loop_onset": onset, "before_loop": len(toks) if onset is None else onset,
+                "distinct_4grams": distinct_4grams(toks)}
+
+    outputs = cfg.rows_per_type(n_ctx, prompts, row, "chat", "reply")
     for rows in outputs.values():
         for row, ref in zip(rows, outputs[cfg.baseline]):
             row.update(compare(ref["tokens"], row["tokens"]))

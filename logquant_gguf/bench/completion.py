@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 
-from tqdm import tqdm
-
 from . import corpus, report
 from .core import BenchConfig, PartResult
 
@@ -88,21 +86,12 @@ def compare(ref: list[int], cand: list[int]) -> dict:
 def measure(cfg: BenchConfig, prompts: list[dict], gen: int) -> dict:
     """{kv_type: [per-prompt rows]}: generated tokens and text, compared with the baseline."""
     n_ctx = max(len(p["tokens"]) for p in prompts) + gen + 16
-    outputs: dict[str, list[dict]] = {}
-    order = [cfg.baseline] + [kv for kv in cfg.kv_types if kv != cfg.baseline]
-    bar = tqdm(total=len(order) * len(prompts), desc="completion", unit="prompt")
-    for kv in order:
-        s = cfg.session(kv, n_ctx)
-        try:
-            rows = []
-            for p in prompts:
-                toks = s.greedy(p["tokens"], gen)
-                rows.append({"file": p["file"], "tokens": toks, "text": s.detokenize(toks)})
-                bar.update()
-            outputs[kv] = rows
-        finally:
-            s.close()
-    bar.close()
+
+    def row(s, _i, p):
+        toks = s.greedy(p["tokens"], gen)
+        return {"file": p["file"], "tokens": toks, "text": s.detokenize(toks)}
+
+    outputs = cfg.rows_per_type(n_ctx, prompts, row, "completion", "prompt")
     for rows in outputs.values():
         for row, ref, p in zip(rows, outputs[cfg.baseline], prompts):
             row.update(compare(ref["tokens"], row["tokens"]))

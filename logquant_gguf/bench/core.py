@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tqdm import tqdm
 
 from . import corpus, env, report
 from .session import Session
@@ -59,6 +61,26 @@ class BenchConfig:
             return tok.bos + tokens, texts
         finally:
             tok.close()
+
+    def rows_per_type(self, n_ctx: int, items: Sequence[Any], row: Callable[[Session, int, Any], dict],
+                      desc: str, unit: str) -> dict[str, list[dict]]:
+        """{kv_type: [row(session, i, item) for each item]}: one session of n_ctx cells per
+        kv_type, the baseline's first (so later rows can be compared with it), with a progress bar."""
+        outputs: dict[str, list[dict]] = {}
+        order = [self.baseline] + [kv for kv in self.kv_types if kv != self.baseline]
+        bar = tqdm(total=len(order) * len(items), desc=desc, unit=unit)
+        for kv in order:
+            s = self.session(kv, n_ctx)
+            try:
+                rows = []
+                for i, item in enumerate(items):
+                    rows.append(row(s, i, item))
+                    bar.update()
+                outputs[kv] = rows
+            finally:
+                s.close()
+        bar.close()
+        return outputs
 
     def pick(self, quick: Any, default: Any, full: Any = None) -> Any:
         """The setting for this run's size (--quick / default / --full)."""

@@ -22,12 +22,13 @@
 // construction
 
 logquant_cache::logquant_cache(const llama_model & model, const llama_hparams & hparams, uint32_t kv_size,
-                               uint32_t n_seq_max, bool unified)
-    : logquant_cache(logquant_settings_current(), model, hparams, kv_size, n_seq_max, unified) {}
+                               uint32_t n_seq_max, bool unified, const std::function<bool(int32_t)> & holds_layer)
+    : logquant_cache(logquant_settings_current(), model, hparams, kv_size, n_seq_max, unified, holds_layer) {}
 
 // One read of the settings (they may change between two reads by another thread's C API call).
 logquant_cache::logquant_cache(const logquant_settings & s, const llama_model & model, const llama_hparams & hparams,
-                               uint32_t kv_size, uint32_t n_seq_max, bool unified)
+                               uint32_t kv_size, uint32_t n_seq_max, bool unified,
+                               const std::function<bool(int32_t)> & holds_layer)
     : G(s.key_group), n_stream(unified ? 1 : std::max(1u, n_seq_max)), settings(s), kv_size(kv_size),
       // without a context (none of llama.cpp's callers), llama.cpp's default ubatch
       n_ubatch(logquant_context_cparams() ? logquant_context_cparams()->n_ubatch : 512u), capacity(kv_size * n_stream + n_ubatch),
@@ -102,8 +103,8 @@ logquant_cache::logquant_cache(const logquant_settings & s, const llama_model & 
         std::string why; // why some layers could not have them (one message for all)
         int32_t n_without = 0, n_by_frequency = 0;
         for (int32_t il = 0; il < (int32_t) model.layers.size(); il++) {
-            if (hparams.is_swa(il)) {
-                continue; // sliding-window layers stay in llama.cpp's f16 cache (patch 0006)
+            if (!holds_layer(il)) {
+                continue; // another cache's layer (Gemma 3's sliding-window ones stay f16, patch 0006)
             }
             const int32_t kb = settings.bits_of(il).first;
             if (kb != 2 && kb != 3 && kb != 4) {

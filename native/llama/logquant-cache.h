@@ -33,6 +33,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <utility>
@@ -154,8 +155,10 @@ public:
 
     // kv_size: cells per stream the caller asked for (the context size, or a sequence's share of
     // it with one stream per sequence); the 2-bit tier holds that many for every stream.
+    // holds_layer: whether layer il will be one of this cache's (add_layer), as llama_kv_cache's
+    // layer filter says; per-layer work (the key widths) is done for those only.
     logquant_cache(const llama_model & model, const llama_hparams & hparams, uint32_t kv_size,
-                   uint32_t n_seq_max, bool unified);
+                   uint32_t n_seq_max, bool unified, const std::function<bool(int32_t)> & holds_layer);
 
     // Empty when this model and setup can use LogQuant; else the reason, for the error message.
     // reuses_kv: some layers read another layer's K/V (Gemma 3n / Gemma 4).
@@ -329,7 +332,8 @@ private:
     static std::vector<std::pair<int32_t, uint32_t>> f16_tokens(const llama_kv_cells & cells, int32_t seq_id);
 
     logquant_cache(const logquant_settings & s, const llama_model & model, const llama_hparams & hparams,
-                   uint32_t kv_size, uint32_t n_seq_max, bool unified);
+                   uint32_t kv_size, uint32_t n_seq_max, bool unified,
+                   const std::function<bool(int32_t)> & holds_layer);
 
     bool read_book(llama_io_read_i & io, int64_t n, int64_t n_grp, std::vector<int64_t> & open,
                    std::string & why); // state_read's bookkeeping part, validated
