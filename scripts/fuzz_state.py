@@ -57,6 +57,7 @@ REPO = Path(__file__).resolve().parent.parent
 LQ_MAGIC = 0x4C513205     # logquant_cache's state section, version 5 (widths tag, value grouping per layer)
 LQ_MAGIC_V4 = 0x4C513204  # version 4 (no value grouping: per token), which the cache still reads
 SEQ_MAGIC = 0xAF143CD8    # llama_context's magic of a sequence's state
+CELL_LAYOUT_TAG = 0x4C51324C  # where the f16 cells were (logquant_cell_layout), ahead of the streams
 GGML_TYPE_F16 = 1
 I32_MIN, I32_MAX = -(2**31), 2**31 - 1
 WINDOW = 8                # small, so that short sequences reach the 2-bit tier
@@ -142,6 +143,7 @@ class Layout:
     fields: dict[str, Field] = field(default_factory=dict)
     data: list[tuple[str, int, int]] = field(default_factory=list)   # tensor bytes: (name, start, end)
     streams: list[dict] = field(default_factory=list)
+    cell_layout: list[list[int]] = field(default_factory=list)      # per stream: the saved cell indices
     n_embd_k: list[int] = field(default_factory=list)                # per llama.cpp layer
     n_embd_v: list[int] = field(default_factory=list)
     lq: LQSection | None = None
@@ -222,6 +224,14 @@ def parse_state(buf: bytes, dims: Layout | None = None) -> Layout:
     r = _Reader(buf, lay)
     n = r.num("kv.arch_len", "I")
     r.blob("kv.arch", n)
+    if r.off + 4 <= len(buf) and struct.unpack_from("<I", buf, r.off)[0] == CELL_LAYOUT_TAG:
+        r.num("kv.layout_tag", "I")
+        for s in range(r.num("kv.layout_n_stream", "I")):
+            r.num(f"kv.layout_head[{s}]", "I")
+            k = r.num(f"kv.layout_n[{s}]", "I")
+            if k > 1 << 20:
+                raise Truncated("cell layout with too many cells")
+            lay.cell_layout.append([r.num(f"kv.layout_idx[{s}][{i}]", "I") for i in range(k)])
     n_stream = r.num("kv.n_stream", "I")
     for s in range(n_stream):
         cc = r.num(f"kv.cell_count[{s}]", "I")
@@ -467,6 +477,7 @@ SET_WEIGHTS = {
     "lq.window": 0.3, "lq.policy": 0.3, "lq.group": 0.5, "lq.rope_dims": 0.3, "lq.magic": 0.2,
     "kv.cell_pos": 2, "kv.cell_seq": 2, "kv.cell_nseq": 1, "kv.cell_count": 1, "kv.n_stream": 0.5,
     "kv.n_layer": 0.3, "kv.k_row": 0.3, "kv.v_row": 0.3, "kv.k_type": 0.2, "kv.arch_len": 0.2,
+    "kv.layout_idx": 2, "kv.layout_head": 1, "kv.layout_n": 1, "kv.layout_n_stream": 0.3, "kv.layout_tag": 0.2,
 }
 
 

@@ -126,7 +126,7 @@ def test_two_sequences_each_match_their_single_sequence_run(llm, unified):
     ctx.close()
     for got, want in ((got_a, run_alone(llm, ca)), (got_b, run_alone(llm, cb))):
         for g, w in zip(got, want):
-            # 10 TOL: the float-rounding defect of test_logquant's state round trip. In a unified
+            # 10 TOL: summation order. In a unified
             # cache the tiers are scanned in another order, an f16 K/V value then rounds the other
             # way now and then, and fitted scales pass that on to the whole group: one token's
             # values with values grouped per token (1.2e-3 off at most here), a channel's 64
@@ -225,9 +225,8 @@ def test_state_round_trip_with_two_sequences(llm, unified):
     assert llama_cpp.llama_state_seq_get_size(other.ctx, 0) == 0
     ctx.close()
     other.close()
-    for s in (0, 1):  # restored cells may sit in other places: summation order only (1.1e-5 here
-        # with values grouped per channel, whose fitted scales spread a rounding over a group)
-        np.testing.assert_allclose(got[s], want[s], atol=1e-4, rtol=0)
+    for s in (0, 1):  # the cells go back where they were (patch 0015): the same sums, bit for bit
+        np.testing.assert_array_equal(got[s], want[s])
 
 
 def test_llama_cpp_default_context_has_a_stream_per_sequence(llm):

@@ -60,6 +60,18 @@ struct logquant_layer_bits {
     int32_t value_bits;
 };
 
+// Where a saved context's f16 cells were in one stream: its search head and, in order, the index
+// of each cell of llama.cpp's cell list. A whole-context state starts with the layouts of its
+// streams (LOGQUANT_CELL_LAYOUT_TAG, then logquant_cache::write_cell_layout), and llama_kv_cache's
+// read places the cells there instead of packing them from cell 0 (patch 0015): the fused
+// attention folds the f16 tier in cell order and a new token takes the first free cell after the
+// head, so only then does the restored context continue bit for bit as the saved one.
+struct logquant_cell_layout {
+    uint32_t              head = 0;
+    std::vector<uint32_t> idxs;
+};
+#define LOGQUANT_CELL_LAYOUT_TAG 0x4c51324cu // "LQ2L"; a state without it starts with its stream count
+
 // Settings read when a cache is created (C API logquant_set_params / logquant_set_bits, or env
 // for llama.cpp's tools).
 // Automatic prefill threshold when the 2-bit tier lives on a GPU (logquant_settings::prefill_fa_min).
@@ -236,6 +248,10 @@ public:
     // The whole context's state only: a sequence's own state (llama_state_seq_*) is refused.
     void state_write(llama_io_write_i & io, int32_t seq_id) const;
     bool state_read (llama_io_read_i  & io, int32_t seq_id);
+    // The tag and every stream's logquant_cell_layout (heads: llama_kv_cache's search heads); read
+    // back after the tag, each index checked against the stream's cells.
+    void write_cell_layout(llama_io_write_i & io, const std::vector<uint32_t> & heads) const;
+    bool read_cell_layout(llama_io_read_i & io, std::vector<logquant_cell_layout> & layout, std::string & why) const;
 
     logquant_tier_stats stats(int64_t bytes_f16) const;
 

@@ -331,3 +331,62 @@ bool logquant_cache::read_book(llama_io_read_i & io, int64_t n, int64_t n_grp, s
     }
     return true;
 }
+
+// ---------------------------------------------------------------------------------------------
+// where the f16 cells are (logquant_cell_layout): written ahead of llama.cpp's cell list
+
+void logquant_cache::write_cell_layout(llama_io_write_i & io, const std::vector<uint32_t> & heads) const {
+    const uint32_t tag = LOGQUANT_CELL_LAYOUT_TAG;
+    io.write(&tag, sizeof(tag));
+    io.write(&n_stream, sizeof(n_stream));
+    for (uint32_t st = 0; st < n_stream; st++) {
+        const llama_kv_cells & cells = (*v_cells)[st];
+        std::vector<uint32_t> idxs; // the cells llama.cpp lists: every used one, in order
+        for (uint32_t i = 0; i < cells.size(); i++) {
+            if (!cells.is_empty(i)) {
+                idxs.push_back(i);
+            }
+        }
+        const uint32_t head = st < heads.size() ? heads[st] : 0, n_idx = (uint32_t) idxs.size();
+        io.write(&head, sizeof(head));
+        io.write(&n_idx, sizeof(n_idx));
+        if (n_idx > 0) {
+            io.write(idxs.data(), idxs.size() * sizeof(uint32_t));
+        }
+    }
+}
+
+bool logquant_cache::read_cell_layout(llama_io_read_i & io, std::vector<logquant_cell_layout> & layout,
+                                      std::string & why) const {
+    uint32_t n_st = 0;
+    io.read(&n_st, sizeof(n_st));
+    if (n_st != n_stream) {
+        why = "the state has " + std::to_string(n_st) + " cell streams, this context " + std::to_string(n_stream);
+        return false;
+    }
+    layout.assign(n_stream, logquant_cell_layout{});
+    for (uint32_t st = 0; st < n_stream; st++) {
+        const uint32_t n_cells = (*v_cells)[st].size();
+        uint32_t n_idx = 0;
+        io.read(&layout[st].head, sizeof(uint32_t));
+        io.read(&n_idx, sizeof(n_idx));
+        if (layout[st].head >= n_cells || n_idx > n_cells) {
+            why = "corrupt f16 cell layout of stream " + std::to_string(st) + " (head " +
+                  std::to_string(layout[st].head) + ", " + std::to_string(n_idx) + " cells of " +
+                  std::to_string(n_cells) + ")";
+            return false;
+        }
+        layout[st].idxs.resize(n_idx);
+        if (n_idx > 0) {
+            io.read(layout[st].idxs.data(), n_idx * sizeof(uint32_t));
+        }
+        for (uint32_t i = 0; i < n_idx; i++) {
+            if (layout[st].idxs[i] >= n_cells || (i > 0 && layout[st].idxs[i] <= layout[st].idxs[i - 1])) {
+                why = "corrupt f16 cell layout of stream " + std::to_string(st) + " (cell index " +
+                      std::to_string(layout[st].idxs[i]) + ")";
+                return false;
+            }
+        }
+    }
+    return true;
+}
