@@ -477,7 +477,8 @@ SET_WEIGHTS = {
     "lq.window": 0.3, "lq.policy": 0.3, "lq.group": 0.5, "lq.rope_dims": 0.3, "lq.magic": 0.2,
     "kv.cell_pos": 2, "kv.cell_seq": 2, "kv.cell_nseq": 1, "kv.cell_count": 1, "kv.n_stream": 0.5,
     "kv.n_layer": 0.3, "kv.k_row": 0.3, "kv.v_row": 0.3, "kv.k_type": 0.2, "kv.arch_len": 0.2,
-    "kv.layout_idx": 2, "kv.layout_head": 1, "kv.layout_n": 1, "kv.layout_n_stream": 0.3, "kv.layout_tag": 0.2,
+    "kv.layout_idx": 2, "kv.layout_head": 1, "kv.layout_n": 1, "kv.layout_n_stream": 0.3,
+    "kv.layout_tag": 0.2,
 }
 
 

@@ -232,7 +232,8 @@ def test_corrupt_cell_layout_is_refused_and_the_context_works(tiny_model):
     b = bytearray(state.llama_state)
     at = bytes(b).find(CELL_LAYOUT_TAG)
     first = at + 16  # tag, stream count, head, cell count, then the first index
-    struct.pack_into("<I", b, first, struct.unpack_from("<I", b, first + 4)[0])  # = the second: not increasing
+    second = struct.unpack_from("<I", b, first + 4)[0]
+    struct.pack_into("<I", b, first, second)  # the first index equal to the second: not increasing
     state.llama_state = bytes(b)
     other = load(tiny_model)
     with pytest.raises(ValueError, match="could not load this state"):
