@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _capi, kv_types, rpc
+from . import _capi, _llama_log, kv_types, rpc
 from ._runtime import load_llama_cpp
 
 llama_cpp = load_llama_cpp()
@@ -139,7 +139,8 @@ class Llama(llama_cpp.Llama):
                     _capi.set_logquant_prefill(-1 if prefill_fa_min is None else prefill_fa_min)
                     _capi.take_refusal()
                 try:
-                    super().__init__(str(path), type_k=spec.type_k, type_v=spec.type_v, **kwargs)
+                    with _llama_log.errors_logged() as load_errors:
+                        super().__init__(str(path), type_k=spec.type_k, type_v=spec.type_v, **kwargs)
                 except BaseException:
                     # what was made before the failure (the model, its buffers on RPC servers
                     # too) goes now, while its devices are registered, not at garbage collection
@@ -150,10 +151,11 @@ class Llama(llama_cpp.Llama):
                     refusal = _capi.take_refusal() if spec.is_logquant else ""
         except ValueError as e:
             if "Failed to load model" in str(e):
+                why = _llama_log.reason(load_errors)
                 raise ModelFileError(
                     f"llama.cpp could not load {path} ({path.stat().st_size} bytes): the file is "
                     "truncated, corrupt, or of an architecture this llama.cpp does not know "
-                    "(run with verbose=True for llama.cpp's reason)") from e
+                    + (f"(llama.cpp: {why})" if why else "(run with verbose=True for llama.cpp's log)")) from e
             if refusal:  # llama.cpp only logs why the cache was refused
                 raise ValueError(f"kv_type={kv_type!r} cannot be used with {path.name}: LogQuant cache: "
                                  f"{refusal}") from None
@@ -319,15 +321,17 @@ class Llama(llama_cpp.Llama):
             raise ValueError(f"this state holds {state.n_tokens} tokens, more than this Llama's "
                              f"n_ctx={self.n_ctx()}; load it into a Llama with n_ctx >= {state.n_tokens}")
         try:
-            super().load_state(state)
+            with _llama_log.errors_logged() as errors:
+                super().load_state(state)
         except Exception as e:
             # llama-cpp-python set the token list before llama.cpp refused the data: a later
             # completion would skip evaluating a prefix the cache does not hold
             self.n_tokens = 0
             self._batch_ends = []
             self._ctx.kv_cache_clear()
-            raise ValueError(f"could not load this state ({e}); the KV cache and the token list are "
-                             "now empty") from e
+            why = _llama_log.reason(errors)
+            raise ValueError(f"could not load this state ({e}{': ' + why if why else ''}); the KV cache "
+                             "and the token list are now empty") from e
         self._batch_ends = [state.n_tokens]  # a rollback into the state replays from its end
 
     def n_layer(self) -> int:
