@@ -152,10 +152,10 @@ class Llama(llama_cpp.Llama):
         except ValueError as e:
             if "Failed to load model" in str(e):
                 why = _llama_log.reason(load_errors)
+                why = f"llama.cpp: {why}" if why else "run with verbose=True for llama.cpp's log"
                 raise ModelFileError(
                     f"llama.cpp could not load {path} ({path.stat().st_size} bytes): the file is "
-                    "truncated, corrupt, or of an architecture this llama.cpp does not know "
-                    + (f"(llama.cpp: {why})" if why else "(run with verbose=True for llama.cpp's log)")) from e
+                    f"truncated, corrupt, or of an architecture this llama.cpp does not know ({why})") from e
             if refusal:  # llama.cpp only logs why the cache was refused
                 raise ValueError(f"kv_type={kv_type!r} cannot be used with {path.name}: LogQuant cache: "
                                  f"{refusal}") from None

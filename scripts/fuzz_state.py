@@ -143,7 +143,6 @@ class Layout:
     fields: dict[str, Field] = field(default_factory=dict)
     data: list[tuple[str, int, int]] = field(default_factory=list)   # tensor bytes: (name, start, end)
     streams: list[dict] = field(default_factory=list)
-    cell_layout: list[list[int]] = field(default_factory=list)      # per stream: the saved cell indices
     n_embd_k: list[int] = field(default_factory=list)                # per llama.cpp layer
     n_embd_v: list[int] = field(default_factory=list)
     lq: LQSection | None = None
@@ -231,7 +230,8 @@ def parse_state(buf: bytes, dims: Layout | None = None) -> Layout:
             k = r.num(f"kv.layout_n[{s}]", "I")
             if k > 1 << 20:
                 raise Truncated("cell layout with too many cells")
-            lay.cell_layout.append([r.num(f"kv.layout_idx[{s}][{i}]", "I") for i in range(k)])
+            for i in range(k):
+                r.num(f"kv.layout_idx[{s}][{i}]", "I")
     n_stream = r.num("kv.n_stream", "I")
     for s in range(n_stream):
         cc = r.num(f"kv.cell_count[{s}]", "I")

@@ -190,20 +190,27 @@ def test_state_round_trip_continues_the_saved_context(tiny_model, kv_type, fit):
 CELL_LAYOUT_TAG = struct.pack("<I", 0x4C51324C)  # logquant_cell_layout's tag (native/llama/logquant-cache.h)
 
 
-def without_cell_layout(state):
-    """The state as a build before patch 0015 wrote it: the same bytes without the cell layout
-    between the model's architecture name and the stream count."""
-    import copy
-
+def cell_layout(state) -> tuple[int, int, list[tuple[int, list[int]]]]:
+    """Where a state's cell layout starts and ends (between the model's architecture name and the
+    stream count), and each stream's (search head, cell indices)."""
     b = bytes(state.llama_state)
     at = b.find(b"\x05\x00\x00\x00llama") + 9
     assert b[at:at + 4] == CELL_LAYOUT_TAG
-    n_stream = struct.unpack_from("<I", b, at + 4)[0]
-    end = at + 8
-    for _ in range(n_stream):
-        end += 8 + 4 * struct.unpack_from("<I", b, end + 4)[0]  # head, count, the cells
+    end, streams = at + 8, []
+    for _ in range(struct.unpack_from("<I", b, at + 4)[0]):
+        head, n = struct.unpack_from("<II", b, end)
+        streams.append((head, list(struct.unpack_from(f"<{n}I", b, end + 8))))
+        end += 8 + 4 * n
+    return at, end, streams
+
+
+def without_cell_layout(state):
+    """The state as a build before patch 0015 wrote it: the same bytes without the cell layout."""
+    import copy
+
+    at, end, _ = cell_layout(state)
     old = copy.copy(state)
-    old.llama_state = b[:at] + b[end:]
+    old.llama_state = bytes(state.llama_state)[:at] + bytes(state.llama_state)[end:]
     old.llama_state_size = len(old.llama_state)
     return old
 
@@ -214,11 +221,14 @@ def test_state_without_a_cell_layout_loads_packed(tiny_model):
     llm = load(tiny_model)
     llm.eval(tokens(llm, 150))
     state = llm.save_state()
+    saved = cell_layout(state)[2][0][1]
+    assert saved != list(range(len(saved)))  # the saved context has holes
     more = tokens(llm, 8, seed=9)
     llm.eval(more)
     other = load(tiny_model)
     other.load_state(without_cell_layout(state))
     assert f16_positions(other) == policy_model(150, W)
+    assert cell_layout(other.save_state())[2] == [(0, list(range(len(saved))))]  # packed, head 0
     other.eval(more)
     np.testing.assert_allclose(last_logits(other), last_logits(llm), rtol=0, atol=1e-4)
 
@@ -230,8 +240,7 @@ def test_corrupt_cell_layout_is_refused_and_the_context_works(tiny_model):
     llm.eval(tokens(llm, 150))
     state = llm.save_state()
     b = bytearray(state.llama_state)
-    at = bytes(b).find(CELL_LAYOUT_TAG)
-    first = at + 16  # tag, stream count, head, cell count, then the first index
+    first = cell_layout(state)[0] + 16  # tag, stream count, head, cell count, then the first index
     second = struct.unpack_from("<I", b, first + 4)[0]
     struct.pack_into("<I", b, first, second)  # the first index equal to the second: not increasing
     state.llama_state = bytes(b)

@@ -126,12 +126,12 @@ def test_two_sequences_each_match_their_single_sequence_run(llm, unified):
     ctx.close()
     for got, want in ((got_a, run_alone(llm, ca)), (got_b, run_alone(llm, cb))):
         for g, w in zip(got, want):
-            # 10 TOL: summation order. In a unified
-            # cache the tiers are scanned in another order, an f16 K/V value then rounds the other
-            # way now and then, and fitted scales pass that on to the whole group: one token's
-            # values with values grouped per token (1.2e-3 off at most here), a channel's 64
-            # tokens with values grouped per channel (3.7e-3). A wrong slot, group or sequence is
-            # off by the logits' own size (the check below).
+            # 10 TOL: summation order. In a unified cache the tiers are scanned in another
+            # order, an f16 K/V value then rounds the other way now and then, and fitted scales
+            # pass that on to the whole group: one token's values with values grouped per token
+            # (1.2e-3 off at most here), a channel's 64 tokens with values grouped per channel
+            # (3.7e-3). A wrong slot, group or sequence is off by the logits' own size (the
+            # check below).
             np.testing.assert_allclose(g, w, atol=10 * TOL, rtol=0)
     # the sequences are not independent by accident: another sequence's tokens do change logits
     assert not np.allclose(got_a[-1], got_b[-1], atol=1e-2)
