@@ -30,6 +30,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--value-groups", default=None, choices=kv_types.VALUE_GROUPS,
                    help="what shares a value scale: channel (default: each channel of a key group's "
                         "tokens, as keys; GPU caches keep per-token ones so far) or token")
+    p.add_argument("--scale-bits", type=int, default=None, choices=kv_types.SCALE_BITS,
+                   help="bits of each low-bit block's scale and minimum: 16 (default, f16) or 8 (a byte "
+                        "each, relative to per-channel references from the model's weights)")
     p.add_argument("--n-ctx", type=int, default=4096, help="context size (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: llama.cpp's)")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
@@ -42,7 +45,7 @@ def model_kwargs(a: argparse.Namespace) -> dict:
         extra["logquant_window"] = a.logquant_window
     for opt, key in (("key_bits", "logquant_key_bits"), ("value_bits", "logquant_value_bits"),
                      ("layer_bits", "logquant_layer_bits"), ("key_widths", "logquant_key_widths"),
-                     ("value_groups", "logquant_value_groups")):
+                     ("value_groups", "logquant_value_groups"), ("scale_bits", "logquant_scale_bits")):
         if getattr(a, opt, None) is not None:
             extra[key] = getattr(a, opt)
     return extra

@@ -20,6 +20,7 @@ int32_t logquant_set_prefill(int32_t fa_min_tokens);
 int32_t logquant_set_codes(int32_t fit, int32_t score_correction);
 int32_t logquant_set_key_widths(int32_t mode);
 int32_t logquant_set_value_groups(int32_t per_channel);
+int32_t logquant_set_scale_bits(int32_t bits);
 int32_t logquant_set_bits(int32_t key_bits, int32_t value_bits, int32_t n_layers,
                           const int32_t * layers, const int32_t * layer_key_bits,
                           const int32_t * layer_value_bits);
@@ -144,3 +145,5 @@ def set_logquant_bits(bits) -> None:
         raise ValueError(f"invalid LogQuant key widths: {bits}")
     if lib.logquant_set_value_groups(int(bits.value_groups == "channel")) != 0:
         raise ValueError(f"invalid LogQuant value groups: {bits}")
+    if lib.logquant_set_scale_bits(bits.scale_bits) != 0:
+        raise ValueError(f"invalid LogQuant scale bits: {bits}")

@@ -78,6 +78,7 @@ KEY_CODE_BITS = (2, 3, 4, 8)
 KEY_GROUPS = (32, 64, 128)
 KEY_WIDTHS = ("auto", "uniform")
 VALUE_GROUPS = ("channel", "token")
+SCALE_BITS = (16, 8)  # bits of a block's scale and of its minimum: f16, or 8 relative to per-channel references
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ class LogQuantBits:
     score_correction: bool = False
     key_widths: str = "auto"  # 0, b or 2b bits per key channel (b-bit keys) from the weights; or "uniform"
     value_groups: str = "channel"  # a scale per channel of a key group's tokens; or "token" (per token)
+    scale_bits: int = 16  # f16 scales and minimums; 8: a byte each (docs/levers.md)
 
     @property
     def is_default(self) -> bool:
@@ -108,7 +110,7 @@ class LogQuantBits:
                 "layer_bits": {str(il): [k, v] for il, k, v in self.layers},
                 "key_group": self.key_group, "keys_post_rope": self.keys_post_rope,
                 "fit": self.fit, "score_correction": self.score_correction, "key_widths": self.key_widths,
-                "value_groups": self.value_groups}
+                "value_groups": self.value_groups, "scale_bits": self.scale_bits}
 
     def __str__(self) -> str:
         s = f"logquant_key_bits={self.key}, logquant_value_bits={self.value}"
@@ -119,6 +121,7 @@ class LogQuantBits:
         s += ", logquant_score_correction=True" if self.score_correction else ""
         s += f", logquant_key_widths={self.key_widths!r}" if self.key_widths != "auto" else ""
         s += f", logquant_value_groups={self.value_groups!r}" if self.value_groups != "channel" else ""
+        s += f", logquant_scale_bits={self.scale_bits}" if self.scale_bits != 16 else ""
         return s
 
 
@@ -132,14 +135,15 @@ def check_bits(spec: KVType, key_bits: int | None, value_bits: int | None,
                layer_bits: dict[int, tuple[int, int]] | None, key_group: int | None = None,
                keys_post_rope: bool | None = None, fit: bool | None = None,
                score_correction: bool | None = None, key_widths: str | None = None,
-               value_groups: str | None = None) -> LogQuantBits | None:
+               value_groups: str | None = None, scale_bits: int | None = None) -> LogQuantBits | None:
     """The LogQuant format settings, validated; None for a kv_type without a low-bit tier."""
     flags = (("logquant_keys_post_rope", keys_post_rope), ("logquant_fit", fit),
              ("logquant_score_correction", score_correction))
     given = [n for n, v in (("logquant_key_bits", key_bits), ("logquant_value_bits", value_bits),
                             ("logquant_layer_bits", layer_bits), ("logquant_key_group", key_group),
                             *flags, ("logquant_key_widths", key_widths),
-                            ("logquant_value_groups", value_groups)) if v is not None]
+                            ("logquant_value_groups", value_groups),
+                            ("logquant_scale_bits", scale_bits)) if v is not None]
     if not spec.is_logquant:
         if given:
             raise ValueError(f"{given[0]} applies to the LogQuant kv_types, not to kv_type={spec.name!r}")
@@ -175,13 +179,18 @@ def check_bits(spec: KVType, key_bits: int | None, value_bits: int | None,
     if value_groups is not None and value_groups not in VALUE_GROUPS:
         raise ValueError(f"logquant_value_groups must be one of {', '.join(map(repr, VALUE_GROUPS))}, "
                          f"got {value_groups!r}")
+    if scale_bits is not None and (isinstance(scale_bits, bool) or scale_bits not in SCALE_BITS):
+        raise ValueError(f"logquant_scale_bits must be one of {', '.join(map(str, SCALE_BITS))}, got {scale_bits!r}")
+    if scale_bits == 8 and keys_post_rope:
+        raise ValueError("logquant_scale_bits=8 needs keys grouped before RoPE (not logquant_keys_post_rope): "
+                         "a key channel's reference holds only before RoPE")
     # keys grouped after RoPE have no pairs to widen: uniform widths there by default
     kw = key_widths or ("uniform" if keys_post_rope else "auto")
     if kw == "uniform" and 3 in [k] + [row[1] for row in layers]:
         raise ValueError("3-bit keys are mixed key widths (0, 2 or 4 bits per channel, a mean of 3): "
                          "they need logquant_key_widths='auto' and keys grouped before RoPE")
     return LogQuantBits(k, v, tuple(sorted(layers)), g, bool(keys_post_rope), fit is not False,
-                        bool(score_correction), kw, value_groups or "channel")
+                        bool(score_correction), kw, value_groups or "channel", scale_bits or 16)
 
 
 def parse_layer_bits(text: str) -> dict[int, tuple[int, int]]:
@@ -208,7 +217,8 @@ def parse_variant(name: str) -> tuple[str, dict]:
     "+minmax" (min/max scales instead of the default least-squares fit; "+fit" says the default),
     "+bc" (score correction), "+uniform" (every key channel 2 bits, logquant_key_widths="uniform";
     "+kw" says the default, mixed widths); "+vtok" (values grouped per token,
-    logquant_value_groups="token"; "+vch" says the default, per channel); "+w64" (the window W);
+    logquant_value_groups="token"; "+vch" says the default, per channel); "+s8" (8-bit scales and
+    minimums, logquant_scale_bits=8; "+s16" says the default); "+w64" (the window W);
     and for any type "+norot" (llama.cpp's Hadamard rotation off) and "+swa" (a sliding-window
     model's window layers cached at their window size, swa_full=False, as the LogQuant types do;
     llama-cpp-python defaults to full size); modifiers combine:
@@ -239,6 +249,8 @@ def parse_variant(name: str) -> tuple[str, dict]:
             kw["logquant_key_widths"] = "auto" if m == "kw" else "uniform"
         elif m in ("vch", "vtok"):  # values grouped per channel (the default) or per token
             kw["logquant_value_groups"] = "channel" if m == "vch" else "token"
+        elif m in ("s8", "s16"):  # bits of a block's scale and minimum
+            kw["logquant_scale_bits"] = int(m[1:])
         elif m[:1] == "g" and m[1:].isdigit():
             kw["logquant_key_group"] = int(m[1:])
         elif m[:1] == "w" and m[1:].isdigit() and spec.is_logquant:
@@ -257,5 +269,5 @@ def parse_variant(name: str) -> tuple[str, dict]:
     check_bits(spec, kw.get("logquant_key_bits"), kw.get("logquant_value_bits"),
                kw.get("logquant_layer_bits"), kw.get("logquant_key_group"), kw.get("logquant_keys_post_rope"),
                kw.get("logquant_fit"), kw.get("logquant_score_correction"), kw.get("logquant_key_widths"),
-               kw.get("logquant_value_groups"))
+               kw.get("logquant_value_groups"), kw.get("logquant_scale_bits"))
     return base, kw

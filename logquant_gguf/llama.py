@@ -71,6 +71,10 @@ class Llama(llama_cpp.Llama):
     its own scale and minimum, as the keys have; "token": each token's 64 channels share one
     (KIVI's layout, the format before). The same bytes; per channel halves the values' share of
     the error on Qwen (docs/levers.md). Host memory only so far, as the key widths.
+    logquant_scale_bits: 16 (the default) stores each block's scale and minimum in f16; 8 stores
+    a byte each, relative to per-channel references computed once from the model's K/V weights:
+    a quarter of a bit per value less (docs/levers.md). Needs keys grouped before RoPE; values
+    grouped per token keep f16 ones. A Metal device does not take such a layer yet.
     logquant_prefill_fa_min: ubatches of at least this many tokens (prompts) attend through
     llama.cpp's flash attention over both tiers dequantized to f16, like an f16 cache, instead
     of LogQuant's fused kernel that reads the 2-bit tier in place; 0: always the fused kernel,
@@ -97,7 +101,7 @@ class Llama(llama_cpp.Llama):
                  logquant_key_group: int | None = None, logquant_keys_post_rope: bool | None = None,
                  logquant_fit: bool | None = None, logquant_score_correction: bool | None = None,
                  logquant_key_widths: str | None = None, logquant_value_groups: str | None = None,
-                 logquant_prefill_fa_min: int | None = None,
+                 logquant_scale_bits: int | None = None, logquant_prefill_fa_min: int | None = None,
                  attn_rotation: bool = True,
                  n_seq_max: int = 1, kv_unified: bool = True, rpc_servers: str | None = None,
                  **kwargs: Any):
@@ -111,7 +115,8 @@ class Llama(llama_cpp.Llama):
         prefill_fa_min = _check_prefill(spec, logquant_prefill_fa_min)
         bits = kv_types.check_bits(spec, logquant_key_bits, logquant_value_bits, logquant_layer_bits,
                                    logquant_key_group, logquant_keys_post_rope, logquant_fit,
-                                   logquant_score_correction, logquant_key_widths, logquant_value_groups)
+                                   logquant_score_correction, logquant_key_widths, logquant_value_groups,
+                                   logquant_scale_bits)
         for key, want in (("type_k", spec.type_k), ("type_v", spec.type_v)):
             given = kwargs.pop(key, None)
             if given is not None and given != want:
@@ -285,6 +290,7 @@ class Llama(llama_cpp.Llama):
             state["logquant_score_correction"] = self.logquant_bits.score_correction
             state["logquant_key_widths"] = self.logquant_bits.key_widths
             state["logquant_value_groups"] = self.logquant_bits.value_groups
+            state["logquant_scale_bits"] = self.logquant_bits.scale_bits
         return state
 
     def save_state(self) -> llama_cpp.LlamaState:

@@ -54,8 +54,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-LQ_MAGIC = 0x4C513205     # logquant_cache's state section, version 5 (widths tag, value grouping per layer)
+LQ_MAGIC = 0x4C513206     # logquant_cache's state section, version 6 (widths tag, value grouping, refs tag)
 LQ_MAGIC_V4 = 0x4C513204  # version 4 (no value grouping: per token), which the cache still reads
+LQ_MAGIC_V5 = 0x4C513205  # version 5 (no refs tag: f16 headers), which the cache still reads
 SEQ_MAGIC = 0xAF143CD8    # llama_context's magic of a sequence's state
 CELL_LAYOUT_TAG = 0x4C51324C  # where the f16 cells were (logquant_cell_layout), ahead of the streams
 GGML_TYPE_F16 = 1
@@ -89,6 +90,7 @@ class LQLayer:
     vb: int
     wtag: int  # hash of the layer's mixed key widths, 0 for uniform ones
     vpc: int   # 1: values grouped per channel (by key group), 0: per token (by slot)
+    rtag: int  # hash of the layer's header references (8-bit scales), 0 for f16 headers
     k2: bytes
     v2: bytes
     staging: list[bytes]
@@ -125,6 +127,8 @@ class LQSection:
             out.append(struct.pack("<3iI", ly.il, ly.kb, ly.vb, ly.wtag))
             if self.magic != LQ_MAGIC_V4:
                 out.append(struct.pack("<i", ly.vpc))
+            if self.magic == LQ_MAGIC:
+                out.append(struct.pack("<I", ly.rtag))
             out += [ly.k2, ly.v2, *ly.staging]
         return b"".join(out)
 
@@ -200,11 +204,13 @@ class _Reader:
         return b
 
 
-def lq_sizes(lay: Layout, il: int, group: int, kb: int, vb: int) -> tuple[int, int, int, int, int]:
+def lq_sizes(lay: Layout, il: int, group: int, kb: int, vb: int, s8: bool = False) -> tuple[int, int, int, int, int]:
     """(bytes per key group, bytes per value row (per token), bytes per value group (per channel),
-    key channels, value channels) of a LogQuant layer."""
+    key channels, value channels) of a LogQuant layer; s8: 2-byte block headers (8-bit scales),
+    which values grouped per token do not take."""
     nek, nev = lay.n_embd_k[il], lay.n_embd_v[il]
-    return (nek * (4 + group * kb // 8), (nev // 64) * (4 + 64 * vb // 8), nev * (4 + group * vb // 8),
+    hdr = 2 if s8 else 4
+    return (nek * (hdr + group * kb // 8), (nev // 64) * (4 + 64 * vb // 8), nev * (hdr + group * vb // 8),
             nek, nev)
 
 
@@ -271,7 +277,7 @@ def parse_state(buf: bytes, dims: Layout | None = None) -> Layout:
     magic = r.num("lq.magic", "I")
     w, pol, g, rd = (r.num(f"lq.{k}", "i") for k in ("window", "policy", "group", "rope_dims"))
     if magic != LQ_MAGIC or g <= 0:
-        raise ValueError(f"no LogQuant section of version 5 where expected (magic {magic:#x}, group {g}): "
+        raise ValueError(f"no LogQuant section of version 6 where expected (magic {magic:#x}, group {g}): "
                          "the state layout changed, update parse_state")
     n = r.num("lq.n_slots", "q")
     if not 0 <= n <= len(buf):
@@ -295,9 +301,10 @@ def parse_state(buf: bytes, dims: Layout | None = None) -> Layout:
         il, kb, vb = (r.num(f"lq.{k}[{li}]", "i") for k in ("il", "kbits", "vbits"))
         wtag = r.num(f"lq.wtag[{li}]", "I")
         vpc = r.num(f"lq.vpc[{li}]", "i")
+        rtag = r.num(f"lq.rtag[{li}]", "I")
         if not 0 <= il < len(lay.n_embd_k) or kb not in (2, 4, 8) or vb not in (2, 4, 8) or vpc not in (0, 1):
             raise ValueError(f"LogQuant layer {li}: il {il}, bits {kb}/{vb}, value grouping {vpc}")
-        kgb, vrb, vgb, nek, nev = lq_sizes(lay, il, g, kb, vb)
+        kgb, vrb, vgb, nek, nev = lq_sizes(lay, il, g, kb, vb, rtag != 0)
         k2 = r.blob(f"lq.k2[{li}]", n_grp * kgb)
         v2 = r.blob(f"lq.v2[{li}]", lq_value_bytes(n, n_grp, vpc, vrb, vgb)) if n_grp * kgb > 0 else b""
         staging = []
@@ -307,7 +314,7 @@ def parse_state(buf: bytes, dims: Layout | None = None) -> Layout:
                 raise Truncated("staging of a bad open group")
             # the open group's keys, then (per-channel values) its values
             staging.append(r.blob(f"lq.staging[{li}][{k}]", f * (nek + (nev if vpc else 0)) * 4))
-        layers.append(LQLayer(il, kb, vb, wtag, vpc, k2, v2, staging))
+        layers.append(LQLayer(il, kb, vb, wtag, vpc, rtag, k2, v2, staging))
     lay.lq_end = r.off
     lay.lq = LQSection(magic, w, pol, g, rd, slot_pos, slot_ids, fills, opens, layers)
     if r.off != len(buf):
@@ -330,7 +337,7 @@ def reframe(sec: LQSection, lay: Layout) -> None:
         kb = ly.kb if ly.kb in (2, 4, 8) else 2
         vb = ly.vb if ly.vb in (2, 4, 8) else 2
         vpc = ly.vpc if ly.vpc in (0, 1) else 0
-        kgb, vrb, vgb, nek, nev = lq_sizes(lay, il, sec.group, kb, vb)
+        kgb, vrb, vgb, nek, nev = lq_sizes(lay, il, sec.group, kb, vb, ly.rtag != 0)
         ly.k2 = fit(ly.k2, n_grp * kgb)
         ly.v2 = fit(ly.v2, lq_value_bytes(n, n_grp, vpc, vrb, vgb)) if n_grp * kgb > 0 else b""
         staging = []
@@ -350,7 +357,7 @@ def check_invariants(lay: Layout, base: Layout, n_seq: int) -> list[str]:
     if head(sec) != head(ref):
         bad.append(f"header {head(sec)} != {head(ref)}")
     def layer_heads(s):
-        return [(ly.il, ly.kb, ly.vb, ly.wtag, ly.vpc) for ly in s.layers]
+        return [(ly.il, ly.kb, ly.vb, ly.wtag, ly.vpc, ly.rtag) for ly in s.layers]
     if layer_heads(sec) != layer_heads(ref):
         bad.append("layers differ from the saved ones")
     G, n, n_grp = sec.group, len(sec.slot_pos), sec.n_grp()
@@ -473,7 +480,7 @@ def edit_section(sec: LQSection, spec: dict) -> None:
 SET_WEIGHTS = {
     "lq.group_fill": 6, "lq.open_grp": 5, "lq.open_seq": 4, "lq.n_open": 3, "lq.n_slots": 4,
     "lq.slot_nids": 3, "lq.slot_id": 4, "lq.slot_pos": 3, "lq.n_layers": 1, "lq.il": 1, "lq.kbits": 1,
-    "lq.vbits": 1, "lq.wtag": 0.5, "lq.vpc": 0.5,
+    "lq.vbits": 1, "lq.wtag": 0.5, "lq.vpc": 0.5, "lq.rtag": 0.5,
     "lq.window": 0.3, "lq.policy": 0.3, "lq.group": 0.5, "lq.rope_dims": 0.3, "lq.magic": 0.2,
     "kv.cell_pos": 2, "kv.cell_seq": 2, "kv.cell_nseq": 1, "kv.cell_count": 1, "kv.n_stream": 0.5,
     "kv.n_layer": 0.3, "kv.k_row": 0.3, "kv.v_row": 0.3, "kv.k_type": 0.2, "kv.arch_len": 0.2,
@@ -748,7 +755,7 @@ class Scenario:
         self.layout = parse_state(self.base)
         st = self.capi.kv_stats(self.ctx_ptr)["logquant"]
         sec = self.layout.lq
-        sizes = [(ly.vpc, lq_sizes(self.layout, ly.il, sec.group, ly.kb, ly.vb)) for ly in sec.layers]
+        sizes = [(ly.vpc, lq_sizes(self.layout, ly.il, sec.group, ly.kb, ly.vb, ly.rtag != 0)) for ly in sec.layers]
         per_group = sum(kgb + (vgb if vpc else sec.group * vrb) for vpc, (kgb, vrb, vgb, _, _) in sizes)
         self.n_groups = st["bytes_q2"] // per_group if per_group else 0
         self.gen = Gen(self.layout, self.n_seq, self.n_groups)

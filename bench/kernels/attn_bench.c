@@ -132,7 +132,7 @@ int main(int argc, char ** argv) {
             const int n = (int) (nB - g * G < G ? nB - g * G : G);
             for (int t = 0; t < n; ++t)
                 for (int c = 0; c < HKV * D; ++c) kpre[t * HKV * D + c] = offs[c] + frand();
-            lq2_quantize_k_group(kpre, HKV * D, n, HKV * D, G, 2, 0, kb + g * HKV * D * kbs);
+            lq2_quantize_k_group(kpre, HKV * D, n, HKV * D, G, 2, 0, NULL, kb + g * HKV * D * kbs);
             // the f16 loop gets the same keys, roped, at tokens NA + g * G + t
             for (int t = 0; t < n; ++t) {
                 lq2_rope_rows(&rope, kpre + t * HKV * D, D, HKV, pos[g * G + t], 0);
@@ -147,7 +147,7 @@ int main(int argc, char ** argv) {
         }
         for (int64_t g = 0; g < ng; ++g) { // per channel: laid out as the keys, G = 64 (same bytes)
             const int n = (int) (nB - g * G < G ? nB - g * G : G);
-            lq2_quantize_k_group(vrow + g * G * HKV * D, HKV * D, n, HKV * D, G, 2, 0, vc + g * HKV * D * kbs);
+            lq2_quantize_k_group(vrow + g * G * HKV * D, HKV * D, n, HKV * D, G, 2, 0, NULL, vc + g * HKV * D * kbs);
         }
         for (size_t i = 0; i < szA; ++i) {
             ka[i] = k16[i] = lq2_fp32_to_fp16(frand() * 3.0f);

@@ -160,6 +160,7 @@ def tool_env(kv: str) -> dict[str, str]:
             "LOGQUANT_KEY_WIDTHS": levers.get("logquant_key_widths",
                                               "uniform" if levers.get("logquant_keys_post_rope") else "auto"),
             "LOGQUANT_VALUE_GROUPS": levers.get("logquant_value_groups", "channel"),
+            "LOGQUANT_SCALE_BITS": str(levers.get("logquant_scale_bits", 16)),
             **rot}
 
 

@@ -195,6 +195,16 @@ extern "C" int32_t logquant_set_value_groups(int32_t per_channel) {
     return set_switch(&logquant_settings::value_per_channel, per_channel);
 }
 
+extern "C" int32_t logquant_set_scale_bits(int32_t bits) {
+    if (bits != 8 && bits != 16) {
+        return -1;
+    }
+    logquant_settings s = logquant_settings_current();
+    s.scale_bits = bits;
+    logquant_settings_set(s);
+    return 0;
+}
+
 extern "C" int32_t logquant_set_key_format(int32_t key_group, int32_t keys_post_rope) {
     if (lq2_key_type_b(key_group, 2) < 0 || (keys_post_rope != 0 && keys_post_rope != 1)) {
         return -1;

@@ -60,6 +60,14 @@ LLAMA_API int32_t logquant_set_key_widths(int32_t mode);
 // layer whose tier is on a GPU keeps per-token values. Returns 0, or -1 for another value.
 LLAMA_API int32_t logquant_set_value_groups(int32_t per_channel);
 
+// Bits of each block's scale and minimum, for contexts created after this call (docs/levers.md):
+// 16 (the default) an f16 pair; 8 a byte each, relative to per-channel references computed from
+// the model's weights, a quarter of a bit per value less at key groups of 64. Needs keys stored
+// before RoPE; values grouped per token keep f16 ones (LOGQUANT_SCALE_BITS=8|16 for llama.cpp's
+// tools). Host memory and CUDA (never run on a GPU); a Metal device does not take such a layer
+// yet. Returns 0, or -1 for another value.
+LLAMA_API int32_t logquant_set_scale_bits(int32_t bits);
+
 // Ubatches of at least fa_min_tokens tokens attend through ggml's flash attention over both
 // tiers dequantized to f16 (the prefill path); smaller ones (decode) through the fused two-tier
 // op. 0: always the fused op, the faster on the CPU (LOGQUANT_PREFILL_FA_MIN for llama.cpp's

@@ -83,6 +83,7 @@ struct lq2_ab_shape {
     int32_t score_correction;
     int32_t v_per_channel; // values grouped per channel (lq2-op-params.h), else per token
     int32_t k_widths;      // 1: channel c's key width is the args' k_widths[hk * D + c], else k_bits
+    int32_t s8;            // 1: 8-bit block headers from the args' refs (lq2-format.h), else f16
 };
 
 // The block's shared memory.
@@ -152,7 +153,7 @@ LQ2_INLINE void lq2_ab_begin(int ith, const LQ2_TH struct lq2_ab_shape * sh, con
     }
     for (int c = ith; c < sh->D; c += LQ2_AB_THREADS) { // O(D) per channel, once per block
         sm->kw[c]   = kw ? (int32_t) kw[c] : sh->k_bits;
-        sm->koff[c] = kw ? (int32_t) lq2_widths_offset(kw, c, sh->G) : c * LQ2_BLOCK_BYTES_B(sh->G, sh->k_bits);
+        sm->koff[c] = kw ? (int32_t) lq2_widths_offset(kw, c, sh->G, sh->s8) : c * LQ2_BLOCK_BYTES_H(sh->G, sh->k_bits, sh->s8);
     }
     if (ith < sh->gq) {
         sm->M[ith]     = -INFINITY;
@@ -187,12 +188,14 @@ LQ2_INLINE void lq2_ab_score_f16(int t, const LQ2_TH struct lq2_ab_shape * sh, c
 
 // ---- phase 0a, 2-bit tier: thread ith converts the scale and minimum of channels ith, ith + T,
 // ... of the group's key blocks (kg: this kv head's first) to f32, for every token's score.
+// krefs: this kv head's key channel references (8-bit headers), or 0. A 0-bit channel's scale
+// is 0 whatever its header says (the score correction leaves it out).
 LQ2_INLINE void lq2_ab_headers(int ith, const LQ2_TH struct lq2_ab_shape * sh, const LQ2_DEV uint8_t * kg,
-                               LQ2_TG struct lq2_ab_shared * sm) {
+                               const LQ2_DEV float * krefs, LQ2_TG struct lq2_ab_shared * sm) {
     for (int c = ith; c < sh->D; c += LQ2_AB_THREADS) {
-        const LQ2_DEV lq2_half * h = (const LQ2_DEV lq2_half *) (kg + sm->koff[c]);
-        sm->kd[c] = lq2_fp16_to_fp32(h[0]);
-        sm->km[c] = lq2_fp16_to_fp32(h[1]);
+        const struct lq2_pair dm = lq2_block_dm(kg + sm->koff[c], lq2_ref_at(krefs, c));
+        sm->kd[c] = sm->kw[c] ? dm.a : 0.0f;
+        sm->km[c] = dm.b;
     }
 }
 
@@ -223,7 +226,7 @@ LQ2_INLINE void lq2_ab_correction(int jj, const LQ2_TH struct lq2_ab_shape * sh,
 // token's entry of the 2-bit mask.
 LQ2_INLINE void lq2_ab_score_q2(int t, const LQ2_TH struct lq2_ab_shape * sh, const LQ2_DEV uint8_t * kg,
                                 const LQ2_DEV lq2_half * cs, float mask, LQ2_TG struct lq2_ab_shared * sm) {
-    const int G = sh->G, nd = sh->rope_n_dims, half = nd / 2, D = sh->D;
+    const int G = sh->G, nd = sh->rope_n_dims, half = nd / 2, D = sh->D, hdr = LQ2_HDR_BYTES(sh->s8);
     float dot[LQ2_AB_MAX_GQ];
     for (int jj = 0; jj < sh->gq; ++jj) {
         dot[jj] = 0.0f;
@@ -231,8 +234,8 @@ LQ2_INLINE void lq2_ab_score_q2(int t, const LQ2_TH struct lq2_ab_shape * sh, co
     for (int i = 0; i < half; ++i) { // a RoPE pair: both channels in this thread's registers
         const int a = sh->rope_mode == 2 ? i : 2 * i;
         const int b = sh->rope_mode == 2 ? i + half : 2 * i + 1;
-        const float x0 = lq2_code_value(kg + sm->koff[a], G, sm->kw[a], t, sm->kd[a], sm->km[a]);
-        const float x1 = lq2_code_value(kg + sm->koff[b], G, sm->kw[b], t, sm->kd[b], sm->km[b]);
+        const float x0 = lq2_code_value(kg + sm->koff[a], hdr, G, sm->kw[a], t, sm->kd[a], sm->km[a]);
+        const float x1 = lq2_code_value(kg + sm->koff[b], hdr, G, sm->kw[b], t, sm->kd[b], sm->km[b]);
         const float ct = lq2_fp16_to_fp32(cs[2 * i * G + t]), st = lq2_fp16_to_fp32(cs[2 * i * G + G + t]);
         const float ka = x0 * ct - x1 * st, kb2 = x0 * st + x1 * ct;
         for (int jj = 0; jj < sh->gq; ++jj) {
@@ -241,7 +244,7 @@ LQ2_INLINE void lq2_ab_score_q2(int t, const LQ2_TH struct lq2_ab_shape * sh, co
         }
     }
     for (int c = nd; c < D; ++c) { // channels RoPE leaves alone (all of them when keys are post-RoPE)
-        const float kc = lq2_code_value(kg + sm->koff[c], G, sm->kw[c], t, sm->kd[c], sm->km[c]);
+        const float kc = lq2_code_value(kg + sm->koff[c], hdr, G, sm->kw[c], t, sm->kd[c], sm->km[c]);
         for (int jj = 0; jj < sh->gq; ++jj) {
             dot[jj] = LQ2_FMA(sm->q[jj * D + c], kc, dot[jj]);
         }
@@ -351,12 +354,14 @@ enum lq2_ab_values {
 // ---- phase 4: thread i folds channels i, i + T, ... of the chunk's n value rows into every head's
 // running output: rescaled by alpha, plus the chunk's weighted values. v: this kv head's values
 // of the chunk (token 0's row, or channel 0's block), read as `form` says (enum lq2_ab_values),
-// each 2-bit value dequantized where it is used. Every thread also takes part in the sum of
-// the weights (lq2_ab_sum).
+// each 2-bit value dequantized where it is used; vrefs: this kv head's value channel references
+// (per-channel values with 8-bit headers), or 0. Every thread also takes part in the sum of the
+// weights (lq2_ab_sum).
 LQ2_INLINE void lq2_ab_fold(int ith, const LQ2_TH struct lq2_ab_shape * sh, const LQ2_DEV uint8_t * v,
-                            int64_t nb_v, int n, int form, LQ2_TG struct lq2_ab_shared * sm, LQ2_TH float * acc) {
+                            int64_t nb_v, int n, int form, const LQ2_DEV float * vrefs, LQ2_TG struct lq2_ab_shared * sm,
+                            LQ2_TH float * acc) {
     const int R = lq2_ab_channels_per_thread(sh->D), vbs = LQ2_BLOCK_BYTES_B(LQ2_QK_V, sh->v_bits);
-    const int cbs = LQ2_BLOCK_BYTES_B(sh->G, sh->v_bits); // a channel's block (per-channel values)
+    const int cbs = LQ2_BLOCK_BYTES_H(sh->G, sh->v_bits, sh->s8); // a channel's block (per-channel values)
     for (int r = 0; r < R; ++r) {
         const int c = ith + r * LQ2_AB_THREADS;
         if (c >= sh->D) {
@@ -368,13 +373,14 @@ LQ2_INLINE void lq2_ab_fold(int ith, const LQ2_TH struct lq2_ab_shape * sh, cons
         }
         // per-channel values: channel c's block holds all n tokens; its scale and minimum once
         const LQ2_DEV uint8_t * cblk = v + c * cbs;
-        const float cd = form == LQ2_AB_V_PER_CHAN ? lq2_fp16_to_fp32(((const LQ2_DEV lq2_half *) cblk)[0]) : 0.0f;
-        const float cm = form == LQ2_AB_V_PER_CHAN ? lq2_fp16_to_fp32(((const LQ2_DEV lq2_half *) cblk)[1]) : 0.0f;
+        const struct lq2_pair none = lq2_ref_at(0, 0); // values per token: f16 headers
+        const struct lq2_pair cdm = form == LQ2_AB_V_PER_CHAN ? lq2_block_dm(cblk, lq2_ref_at(vrefs, c)) : none;
         for (int t = 0; t < n; ++t) {
             const LQ2_DEV uint8_t * row = v + t * nb_v;
-            const float vc = form == LQ2_AB_V_PER_CHAN  ? lq2_code_value(cblk, sh->G, sh->v_bits, t, cd, cm)
+            const float vc = form == LQ2_AB_V_PER_CHAN
+                                 ? lq2_code_value(cblk, LQ2_HDR_BYTES(sh->s8), sh->G, sh->v_bits, t, cdm.a, cdm.b)
                            : form == LQ2_AB_V_PER_TOKEN ? lq2_block_value(row + (c / LQ2_QK_V) * vbs, LQ2_QK_V,
-                                                                          sh->v_bits, c % LQ2_QK_V)
+                                                                          sh->v_bits, c % LQ2_QK_V, none)
                                                         : lq2_fp16_to_fp32(((const LQ2_DEV lq2_half *) row)[c]);
             for (int jj = 0; jj < sh->gq; ++jj) { // a masked token adds nothing, whatever its value
                 const float w = sm->s[jj * LQ2_AB_CHUNK + t];
@@ -468,6 +474,7 @@ struct lq2_attn_args {
     LQ2_DEV float      * parts; // [n_part][n_tokens][n_head][D + 2]
     LQ2_DEV char       * dst;
     const LQ2_DEV int8_t * k_widths; // I8 [n_head_kv * D] when shape.k_widths, else unused
+    const LQ2_DEV float  * refs;     // F32 [2, channels] when shape.s8 (lq2-op-params.h), else unused
     struct lq2_attn_geom g;
 };
 
@@ -508,8 +515,8 @@ LQ2_INLINE int lq2_ab_step(const LQ2_TH struct lq2_attn_args * a, const LQ2_TH s
             case 1: lq2_ab_max(ith, n, sh, sm); break;
             case 2: if (ith < n) lq2_ab_weight(ith, sh, sm); break;
             default:
-                lq2_ab_fold(ith, sh, (const LQ2_DEV uint8_t *) (vbase + t0 * a->g.v_nb2), a->g.v_nb2, n, LQ2_AB_V_F16, sm,
-                            acc);
+                lq2_ab_fold(ith, sh, (const LQ2_DEV uint8_t *) (vbase + t0 * a->g.v_nb2), a->g.v_nb2, n, LQ2_AB_V_F16, 0,
+                            sm, acc);
                 break;
         }
         return 1;
@@ -522,10 +529,12 @@ LQ2_INLINE int lq2_ab_step(const LQ2_TH struct lq2_attn_args * a, const LQ2_TH s
         const int64_t g = g0 + s / per_group;
         const int in_group = (int) (s % per_group);
         const int phase = in_group == 0 ? -1 : in_group - (sh->score_correction ? 1 : 0);
-        const int kbs = LQ2_BLOCK_BYTES_B(G, sh->k_bits);
+        const int kbs = LQ2_BLOCK_BYTES_H(G, sh->k_bits, sh->s8);
         const LQ2_DEV uint8_t * kg = (const LQ2_DEV uint8_t *) (a->k2 + g * a->g.kg_bytes + (int64_t) hk * D * kbs);
+        const LQ2_DEV float * krefs = sh->s8 ? a->refs + (int64_t) 2 * hk * D : 0;
+        const LQ2_DEV float * vrefs = sh->s8 ? a->refs + (int64_t) 2 * (a->g.n_head_kv + hk) * D : 0; // after the keys'
         switch (phase) {
-            case -1: lq2_ab_headers(ith, sh, kg, sm); break;
+            case -1: lq2_ab_headers(ith, sh, kg, krefs, sm); break;
             case 0: if (ith < gq) lq2_ab_correction(ith, sh, sm); break;
             case 1:
                 if (ith < G) {
@@ -538,13 +547,13 @@ LQ2_INLINE int lq2_ab_step(const LQ2_TH struct lq2_attn_args * a, const LQ2_TH s
             case 3: if (ith < G) lq2_ab_weight(ith, sh, sm); break;
             default:
                 if (sh->v_per_channel) { // the group's blocks, D per kv head
-                    const int64_t vhead = (int64_t) D * LQ2_BLOCK_BYTES_B(G, sh->v_bits);
+                    const int64_t vhead = (int64_t) D * LQ2_BLOCK_BYTES_H(G, sh->v_bits, sh->s8);
                     lq2_ab_fold(ith, sh, (const LQ2_DEV uint8_t *) (a->v2 + g * a->g.v2_stride + hk * vhead), 0, G,
-                                LQ2_AB_V_PER_CHAN, sm, acc);
+                                LQ2_AB_V_PER_CHAN, vrefs, sm, acc);
                 } else { // the group's G rows
                     const int64_t vhead = (int64_t) (D / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, sh->v_bits);
                     lq2_ab_fold(ith, sh, (const LQ2_DEV uint8_t *) (a->v2 + g * G * a->g.v2_stride + hk * vhead),
-                                a->g.v2_stride, G, LQ2_AB_V_PER_TOKEN, sm, acc);
+                                a->g.v2_stride, G, LQ2_AB_V_PER_TOKEN, 0, sm, acc);
                 }
                 break;
         }

@@ -41,7 +41,7 @@ struct lq2_demote_geom {
     int32_t n_head_kv, G, k_bits, v_bits, fit;
     int32_t v_per_channel; // values grouped per channel (lq2-op-params.h)
     int32_t k_widths;      // 1: the args' k_widths give each key channel's width (lq2-format.h)
-    int32_t unused;
+    int32_t s8;            // 1: 8-bit block headers from the args' refs (lq2-format.h), else f16
     struct lq2_rope_params rope; // n_dims 0: keys are stored as they come
 };
 
@@ -57,6 +57,7 @@ struct lq2_demote_args {
     LQ2_DEV float         * scratch;   // n_rows * lq2_demote_channels floats (CUDA's form)
     const LQ2_CONST float * rope_freq; // Metal: pair i's frequency as [2 i], [2 i + 1]
     const LQ2_DEV int8_t  * k_widths;  // I8 [nk] when g.k_widths, else unused
+    const LQ2_DEV float   * refs;      // F32 [2, lq2_demote_channels] when g.s8, else unused
     struct lq2_demote_geom  g;
 };
 
@@ -89,17 +90,18 @@ LQ2_INLINE int32_t lq2_demote_col(const LQ2_TH struct lq2_demote_args * a, int64
 // head's blocks, which take the bytes of uniform codes), or value channel c - nk.
 LQ2_VALUES_TEMPLATE LQ2_INLINE void lq2_demote_channel(const LQ2_TH struct lq2_demote_args * a, int64_t slot, int64_t c,
                                                        LQ2_VALUES_PTR x, int64_t sx, int n_tok) {
-    const int G = a->g.G;
+    const int G = a->g.G, s8 = a->g.s8;
+    const struct lq2_pair ref = lq2_ref_at(s8 ? a->refs : 0, c); // channels in lq2_demote_channels' order
     if (c < a->g.nk) {
         const int64_t D = a->g.nk / a->g.n_head_kv, h = c / D, e = c % D;
-        const int kbs = LQ2_BLOCK_BYTES_B(G, a->g.k_bits);
+        const int kbs = LQ2_BLOCK_BYTES_H(G, a->g.k_bits, s8);
         const LQ2_DEV int8_t * w = a->g.k_widths ? a->k_widths + h * D : 0;
-        const int64_t off = h * D * kbs + (w ? lq2_widths_offset(w, (int) e, G) : e * kbs);
-        lq2_quantize_block(x, sx, n_tok, G, w ? (int) w[e] : a->g.k_bits, a->g.fit,
+        const int64_t off = h * D * kbs + (w ? lq2_widths_offset(w, (int) e, G, s8) : e * kbs);
+        lq2_quantize_block(x, sx, n_tok, G, w ? (int) w[e] : a->g.k_bits, a->g.fit, ref,
                            a->k2 + (slot / G) * a->g.k_group_bytes + off);
     } else {
-        lq2_quantize_block(x, sx, n_tok, G, a->g.v_bits, a->g.fit,
-                           a->v2 + (slot / G) * a->g.v2_stride + (c - a->g.nk) * LQ2_BLOCK_BYTES_B(G, a->g.v_bits));
+        lq2_quantize_block(x, sx, n_tok, G, a->g.v_bits, a->g.fit, ref,
+                           a->v2 + (slot / G) * a->g.v2_stride + (c - a->g.nk) * LQ2_BLOCK_BYTES_H(G, a->g.v_bits, s8));
     }
 }
 
@@ -117,7 +119,8 @@ LQ2_INLINE void lq2_demote_values(const LQ2_TH struct lq2_demote_args * a, int64
         for (int j = 0; j < LQ2_QK_V; ++j) {
             x[j] = lq2_fp16_to_fp32(vsrc[b * LQ2_QK_V + j]);
         }
-        lq2_quantize_block(x, 1, LQ2_QK_V, LQ2_QK_V, a->g.v_bits, a->g.fit, a->v2 + slot * a->g.v2_stride + b * vbs);
+        lq2_quantize_block(x, 1, LQ2_QK_V, LQ2_QK_V, a->g.v_bits, a->g.fit, lq2_ref_at(0, 0),
+                           a->v2 + slot * a->g.v2_stride + b * vbs);
     }
 }
 

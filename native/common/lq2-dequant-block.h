@@ -22,7 +22,7 @@ struct lq2_dequant_geom {
     int32_t rope_mode, rope_n_dims;    // as lq2_rope_params
     int32_t v_per_channel;             // values grouped per channel (lq2-op-params.h)
     int32_t k_widths;                  // 1: the args' k_widths give each key channel's width
-    int32_t unused;
+    int32_t s8;                        // 1: 8-bit block headers from the args' refs (lq2-format.h)
 };
 
 #define LQ2_DQ_MAX_D 512 // head size: a thread holds one token's key of one kv head
@@ -37,6 +37,7 @@ struct lq2_dequant_args {
     const LQ2_DEV char    * v;
     LQ2_DEV lq2_half      * dst;
     const LQ2_DEV int8_t  * k_widths; // I8 [n_head_kv * D] when g.k_widths, else unused
+    const LQ2_DEV float   * refs;     // F32 [2, channels] when g.s8 (lq2-op-params.h), else unused
     struct lq2_dequant_geom g;
 };
 
@@ -53,7 +54,9 @@ LQ2_INLINE int lq2_dequant_shape_ok(int D, int G, int k_bits, int k_widths, int 
 // Keys: token t of group g, kv head hk: dequantized, re-rotated with the group's table rows, f16.
 // The channels are read in order first, so that mixed widths' block offsets are a running sum.
 LQ2_INLINE void lq2_dequant_key(const LQ2_TH struct lq2_dequant_args * a, int64_t g, int hk, int t) {
-    const int D = a->g.D, G = a->g.G, nd = a->g.rope_n_dims, half = nd / 2, kbs = LQ2_BLOCK_BYTES_B(G, a->g.k_bits);
+    const int D = a->g.D, G = a->g.G, nd = a->g.rope_n_dims, half = nd / 2, s8 = a->g.s8;
+    const int kbs = LQ2_BLOCK_BYTES_H(G, a->g.k_bits, s8);
+    const LQ2_DEV float * krefs = s8 ? a->refs + (int64_t) 2 * hk * D : 0;
     const LQ2_DEV uint8_t * kg = a->k2 + g * a->g.k_group_bytes + (int64_t) hk * D * kbs;
     const LQ2_DEV int8_t * kw = a->g.k_widths ? a->k_widths + (int64_t) hk * D : 0;
     const LQ2_DEV lq2_half * cs = (const LQ2_DEV lq2_half *) (a->rope_table ? a->rope_table + g * a->g.rope_table_nb1 : a->rope_table);
@@ -61,8 +64,8 @@ LQ2_INLINE void lq2_dequant_key(const LQ2_TH struct lq2_dequant_args * a, int64_
     float x[LQ2_DQ_MAX_D];
     for (int c = 0, off = 0; c < D; ++c) {
         const int b = kw ? (int) kw[c] : a->g.k_bits;
-        x[c] = lq2_block_value(kg + off, G, b, t);
-        off += LQ2_BLOCK_BYTES_B(G, b);
+        x[c] = lq2_block_value(kg + off, G, b, t, lq2_ref_at(krefs, c));
+        off += LQ2_BLOCK_BYTES_H(G, b, s8);
     }
     for (int i = 0; i < half; ++i) {
         const int ca = a->g.rope_mode == 2 ? i : 2 * i, cb = a->g.rope_mode == 2 ? i + half : 2 * i + 1;
@@ -85,11 +88,11 @@ LQ2_INLINE void lq2_dequant_value(const LQ2_TH struct lq2_dequant_args * a, int6
     float x;
     if (a->g.v_per_channel) {
         const int G = a->g.G;
-        const LQ2_DEV uint8_t * b = a->v2 + (s / G) * a->g.v2_stride + c * LQ2_BLOCK_BYTES_B(G, a->g.v_bits);
-        x = lq2_block_value(b, G, a->g.v_bits, (int) (s % G));
+        const LQ2_DEV uint8_t * b = a->v2 + (s / G) * a->g.v2_stride + c * LQ2_BLOCK_BYTES_H(G, a->g.v_bits, a->g.s8);
+        x = lq2_block_value(b, G, a->g.v_bits, (int) (s % G), lq2_ref_at(a->g.s8 ? a->refs : 0, nv + c)); // after the keys'
     } else {
         const LQ2_DEV uint8_t * b = a->v2 + s * a->g.v2_stride + (c / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, a->g.v_bits);
-        x = lq2_block_value(b, LQ2_QK_V, a->g.v_bits, (int) (c % LQ2_QK_V));
+        x = lq2_block_value(b, LQ2_QK_V, a->g.v_bits, (int) (c % LQ2_QK_V), lq2_ref_at(0, 0));
     }
     vout[s * nv + c] = lq2_fp32_to_fp16(x);
 }

@@ -265,25 +265,113 @@ LQ2_INLINE lq2_half lq2_fp32_to_fp16_sat(float x) {
     return lq2_fp32_to_fp16(x);
 }
 
+// Two floats: (cos, sin), a rotated pair, a block's (d, m), a channel's references (mu, sigma).
+struct lq2_pair {
+    float a, b;
+};
+
 // ---- quantization arithmetic (the part every backend must agree on bit for bit)
 
 // Largest code of b-bit codes.
 #define LQ2_LEVELS_B(b) ((1 << (b)) - 1)
 
-// From the finite min/max of a group (lo > hi means "no finite value seen") to the stored d, m for
-// codes 0..levels, returned packed as d | m << 16 (no pointers: Metal would need address-space
-// qualifiers).
-LQ2_INLINE uint32_t lq2_group_params(float lo, float hi, int levels) {
+// ---- 8-bit headers (the scale_bits lever, LOGQUANT_SCALE_BITS=8, docs/levers.md)
+//
+// A block's header is the f16 pair (d, m), 4 bytes, or, in a layer given per-channel references
+// (mu, sigma) (the op's refs source, F32 [2, n_embd_k_gqa (+ n_embd_v_gqa)]: key channels, then
+// the channels of values grouped per channel), two bytes (e, k):
+//   d = sigma * S[e & 15] * 2^((e >> 4) - 15), S[i] = round(128 * 2^(i / 16)): steps of about
+//       4.4 % over sigma * [2^-8, 2^8);
+//   m = fma(sigma, k / 8, mu), k an int8: mu +- 16 sigma in steps of sigma / 8.
+// A quarter of a bit per value less at G = 64 (Qwen: no measurable cost, no block outside its
+// range; docs/levers.md). sigma has at most 8 significant bits (lq2_ref_round), so d has at most
+// 16 and d * code stays exact, as with f16 scales; the decoding is products and an fma, no exp2
+// whose last bits differ between libm, CUDA and Metal, so every backend reads the same (d, m).
+// Only blocks of one channel have one reference: keys before RoPE, values grouped per channel.
+// In code, `ref` is the block's channel's (mu, sigma), sigma 0 for a layer of f16 headers; params
+// are packed in a uint32, f16 d | m << 16 or e | k << 8.
+#define LQ2_HDR_F16 4
+#define LQ2_HDR_S8  2
+#define LQ2_HDR_BYTES(s8) ((s8) ? LQ2_HDR_S8 : LQ2_HDR_F16)
+#define LQ2_BLOCK_BYTES_H(n, b, s8) (LQ2_HDR_BYTES(s8) + (n) * (b) / 8)
+#define LQ2_REF_SIGMA_MIN 1.0e-20f // references are clamped here: d stays far from f32's subnormals
+
+// Channel ch's references, or (0, 0) (f16 headers) without refs.
+LQ2_INLINE struct lq2_pair lq2_ref_at(const LQ2_DEV float * refs, int64_t ch) {
+    struct lq2_pair r;
+    r.a = refs ? refs[2 * ch] : 0.0f;
+    r.b = refs ? refs[2 * ch + 1] : 0.0f;
+    return r;
+}
+
+// A reference scale as stored: clamped to [LQ2_REF_SIGMA_MIN, 2^100] and rounded to 8
+// significant bits (the host does this once when it makes the refs).
+LQ2_INLINE float lq2_ref_round(float sigma) {
+    sigma = sigma > LQ2_REF_SIGMA_MIN ? sigma : LQ2_REF_SIGMA_MIN; // NaN too
+    sigma = sigma < 1.0e30f ? sigma : 1.0e30f;
+    uint32_t u = LQ2_F32_BITS(sigma);
+    u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u; // 7 mantissa bits, nearest even
+    return LQ2_BITS_F32(u);
+}
+
+LQ2_INLINE float lq2_s8_scale(uint32_t e, float sigma) {
+    const int s = e & 15u;
+    const float S = s < 8 ? (s < 4 ? (s < 2 ? (s == 0 ? 128.0f : 134.0f) : (s == 2 ? 140.0f : 146.0f))
+                                   : (s < 6 ? (s == 4 ? 152.0f : 159.0f) : (s == 6 ? 166.0f : 173.0f)))
+                          : (s < 12 ? (s < 10 ? (s == 8 ? 181.0f : 189.0f) : (s == 10 ? 197.0f : 206.0f))
+                                    : (s < 14 ? (s == 12 ? 215.0f : 225.0f) : (s == 14 ? 235.0f : 245.0f)));
+    return (sigma * S) * LQ2_BITS_F32((uint32_t) (127 + (int) (e >> 4) - 15) << 23); // both products exact
+}
+
+LQ2_INLINE float lq2_s8_min(int k, struct lq2_pair ref) {
+    return LQ2_FMA(ref.b, (float) k * 0.125f, ref.a);
+}
+
+// The (d, m) of packed params.
+LQ2_INLINE struct lq2_pair lq2_params_dm(uint32_t p, struct lq2_pair ref) {
+    struct lq2_pair dm;
+    if (ref.b > 0.0f) {
+        dm.a = lq2_s8_scale(p & 0xffu, ref.b);
+        dm.b = lq2_s8_min((int) (int8_t) (uint8_t) ((p >> 8) & 0xffu), ref);
+    } else {
+        dm.a = lq2_fp16_to_fp32((lq2_half) (p & 0xffffu));
+        dm.b = lq2_fp16_to_fp32((lq2_half) (p >> 16));
+    }
+    return dm;
+}
+
+// The params nearest to a wanted (d, m): f16 rounding, or e the closest decoded scale (binary
+// search, the smaller on a tie) and k rounded to nearest.
+LQ2_INLINE uint32_t lq2_params_of(float d, float m, struct lq2_pair ref) {
+    if (!(ref.b > 0.0f)) {
+        return (uint32_t) lq2_fp32_to_fp16_sat(d) | ((uint32_t) lq2_fp32_to_fp16_sat(m) << 16);
+    }
+    uint32_t lo = 0, hi = 255; // the smallest e whose scale is >= d (255 when none is)
+    while (lo < hi) {
+        const uint32_t mid = (lo + hi) >> 1;
+        if (lq2_s8_scale(mid, ref.b) >= d) {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    if (lo > 0 && d - lq2_s8_scale(lo - 1, ref.b) <= lq2_s8_scale(lo, ref.b) - d) {
+        lo -= 1;
+    }
+    const float t = LQ2_FLOOR(LQ2_DIV(m - ref.a, ref.b) * 8.0f + 0.5f);
+    const int   k = t >= 127.0f ? 127 : t >= -128.0f ? (int) t : -128; // NaN -> -128
+    return lo | ((uint32_t) (uint8_t) (int8_t) k << 8);
+}
+
+// From the finite min/max of a group (lo > hi means "no finite value seen") to the stored params
+// for codes 0..levels (no pointers: Metal would need address-space qualifiers).
+LQ2_INLINE uint32_t lq2_group_params(float lo, float hi, int levels, struct lq2_pair ref) {
     if (!(lo <= hi)) {
         lo = 0.0f;
         hi = 0.0f;
     }
-    const lq2_half d = lq2_fp32_to_fp16_sat(LQ2_DIV(hi - lo, (float) levels));
-    const lq2_half m = lq2_fp32_to_fp16_sat(lo);
-    return (uint32_t) d | ((uint32_t) m << 16);
+    return lq2_params_of(LQ2_DIV(hi - lo, (float) levels), lo, ref);
 }
-#define LQ2_PARAMS_D(p) ((lq2_half) ((p) & 0xffffu))
-#define LQ2_PARAMS_M(p) ((lq2_half) ((p) >> 16))
 
 // Fitted ranges (the `fit` lever, LOGQUANT_FIT, on by default): min/max codes spend their two
 // outer levels on a group's extremes; a least-squares refit of (d, m) to the codes, re-rounded,
@@ -306,9 +394,9 @@ LQ2_INLINE struct lq2_fit_sums lq2_fit_start(void) {
     return s;
 }
 
-// The (d, m) minimizing sum (x - d c - m)^2 for the codes summed in s, f16-rounded and packed as
-// lq2_group_params does; `keep` when the codes do not determine a positive scale.
-LQ2_INLINE uint32_t lq2_fit_params(struct lq2_fit_sums s, uint32_t keep) {
+// The (d, m) minimizing sum (x - d c - m)^2 for the codes summed in s, rounded to the header's
+// grid (lq2_params_of); `keep` when the codes do not determine a positive scale.
+LQ2_INLINE uint32_t lq2_fit_params(struct lq2_fit_sums s, uint32_t keep, struct lq2_pair ref) {
     const float den = LQ2_FMA(s.n, s.scc, -(s.sc * s.sc));
     if (!(den > 0.0f)) {
         return keep;
@@ -318,10 +406,10 @@ LQ2_INLINE uint32_t lq2_fit_params(struct lq2_fit_sums s, uint32_t keep) {
         return keep;
     }
     const float m = LQ2_DIV(LQ2_FMA(-d, s.sc, s.sx), s.n);
-    return (uint32_t) lq2_fp32_to_fp16_sat(d) | ((uint32_t) lq2_fp32_to_fp16_sat(m) << 16);
+    return lq2_params_of(d, m, ref);
 }
 
-// Code of x given the f16-rounded scale and minimum converted back to f32.
+// Code of x given the block's stored scale and minimum as f32.
 LQ2_INLINE uint32_t lq2_code(float x, float d, float m, int levels) {
     if (d == 0.0f) {
         return 0;
@@ -330,8 +418,8 @@ LQ2_INLINE uint32_t lq2_code(float x, float d, float m, int levels) {
     return v >= (float) levels ? (uint32_t) levels : v > 0.0f ? (uint32_t) v : 0u; // NaN fails both tests -> 0
 }
 
-// Adds one finite value x of a group to a fit round's sums (lq2-format.h's fit note above), coded
-// with the round's f16-rounded d and m (as f32).
+// Adds one finite value x of a group to a fit round's sums (the fit note above), coded with the
+// round's stored d and m (as f32).
 LQ2_INLINE struct lq2_fit_sums lq2_fit_add(struct lq2_fit_sums s, float x, float d, float m, int levels) {
     const float c = (float) lq2_code(x, d, m, levels);
     const float e = LQ2_FMA(d, c, m) - x; // d * c is exact: the same as the dequantized value - x
@@ -344,22 +432,39 @@ LQ2_INLINE struct lq2_fit_sums lq2_fit_add(struct lq2_fit_sums s, float x, float
     return s;
 }
 
-// Code j of a block of n b-bit codes (b > 0).
-LQ2_INLINE int lq2_block_code(const LQ2_DEV uint8_t * blk, int n, int b, int j) {
-    return (blk[4 + LQ2_CODE_BYTE_B(j, n, b)] >> LQ2_CODE_SHIFT_B(j, n, b)) & LQ2_LEVELS_B(b);
+// Code j of a block of n b-bit codes (b > 0) after a header of hdr bytes (LQ2_HDR_BYTES).
+LQ2_INLINE int lq2_block_code(const LQ2_DEV uint8_t * blk, int hdr, int n, int b, int j) {
+    return (blk[hdr + LQ2_CODE_BYTE_B(j, n, b)] >> LQ2_CODE_SHIFT_B(j, n, b)) & LQ2_LEVELS_B(b);
 }
 
 // The value code j of a block stands for, from the block's d and m as f32: d * code + m (an
 // exact product: one rounding, fused or not); a 0-bit block (b = 0) stands for m alone. Kernels
-// that read many codes of one block convert its d and m once and call this.
-LQ2_INLINE float lq2_code_value(const LQ2_DEV uint8_t * blk, int n, int b, int j, float d, float m) {
-    return b == 0 ? m : d * (float) lq2_block_code(blk, n, b, j) + m;
+// that read many codes of one block decode its header once (lq2_block_dm) and call this.
+LQ2_INLINE float lq2_code_value(const LQ2_DEV uint8_t * blk, int hdr, int n, int b, int j, float d, float m) {
+    return b == 0 ? m : d * (float) lq2_block_code(blk, hdr, n, b, j) + m;
+}
+
+// A block's (d, m) from its header, f16 or 8-bit (ref.b > 0).
+LQ2_INLINE struct lq2_pair lq2_block_dm(const LQ2_DEV uint8_t * blk, struct lq2_pair ref) {
+    const uint32_t p = ref.b > 0.0f ? (uint32_t) blk[0] | ((uint32_t) blk[1] << 8)
+                                    : (uint32_t) blk[0] | ((uint32_t) blk[1] << 8) | ((uint32_t) blk[2] << 16) |
+                                          ((uint32_t) blk[3] << 24);
+    return lq2_params_dm(p, ref);
+}
+
+LQ2_INLINE void lq2_block_set_params(LQ2_DEV uint8_t * blk, uint32_t p, struct lq2_pair ref) {
+    blk[0] = (uint8_t) (p & 0xffu);
+    blk[1] = (uint8_t) ((p >> 8) & 0xffu);
+    if (!(ref.b > 0.0f)) {
+        blk[2] = (uint8_t) ((p >> 16) & 0xffu);
+        blk[3] = (uint8_t) (p >> 24);
+    }
 }
 
 // Code j of a block of n b-bit codes, and the value it stands for.
-LQ2_INLINE float lq2_block_value(const LQ2_DEV uint8_t * blk, int n, int b, int j) {
-    const LQ2_DEV lq2_half * h = (const LQ2_DEV lq2_half *) blk;
-    return lq2_code_value(blk, n, b, j, lq2_fp16_to_fp32(h[0]), lq2_fp16_to_fp32(h[1]));
+LQ2_INLINE float lq2_block_value(const LQ2_DEV uint8_t * blk, int n, int b, int j, struct lq2_pair ref) {
+    const struct lq2_pair dm = lq2_block_dm(blk, ref);
+    return lq2_code_value(blk, LQ2_HDR_BYTES(ref.b > 0.0f), n, b, j, dm.a, dm.b);
 }
 
 // ---- one block, as every backend quantizes it
@@ -374,38 +479,66 @@ LQ2_INLINE float lq2_block_value(const LQ2_DEV uint8_t * blk, int n, int b, int 
 #    define LQ2_VALUES_PTR const float *
 #endif
 
-// The fitted params (the rounds above) of n values at x with stride sx, from the min/max params p;
-// non-finite values (NaN marks an absent token) are left out.
-LQ2_VALUES_TEMPLATE LQ2_INLINE uint32_t lq2_fit_block(LQ2_VALUES_PTR x, int64_t sx, int n, int L, uint32_t p) {
+// A fit round (above) over n values at x with stride sx, coded with params p; non-finite values
+// (NaN marks an absent token) are left out.
+LQ2_VALUES_TEMPLATE LQ2_INLINE struct lq2_fit_sums lq2_fit_round(LQ2_VALUES_PTR x, int64_t sx, int n, int L, uint32_t p,
+                                                                 struct lq2_pair ref) {
+    const struct lq2_pair dm = lq2_params_dm(p, ref);
+    struct lq2_fit_sums s = lq2_fit_start();
+    for (int j = 0; j < n; ++j) {
+        const float v = x[j * sx];
+        if (lq2_isfinite(v)) {
+            s = lq2_fit_add(s, v, dm.a, dm.b, L);
+        }
+    }
+    return s;
+}
+
+// The fitted params (the rounds above) of n values at x with stride sx, from the min/max params p.
+// With 8-bit headers the best round's grid neighbours (e +- 1, k +- 1) are tried as well: the
+// rounding to a coarse grid can miss the best point near the least-squares one.
+LQ2_VALUES_TEMPLATE LQ2_INLINE uint32_t lq2_fit_block(LQ2_VALUES_PTR x, int64_t sx, int n, int L, uint32_t p,
+                                                      struct lq2_pair ref) {
     uint32_t best = p;
     float best_err = INFINITY;
     for (int r = 0; r <= LQ2_FIT_ROUNDS; ++r) {
-        const float d = lq2_fp16_to_fp32(LQ2_PARAMS_D(p)), m = lq2_fp16_to_fp32(LQ2_PARAMS_M(p));
-        struct lq2_fit_sums s = lq2_fit_start();
-        for (int j = 0; j < n; ++j) {
-            const float v = x[j * sx];
-            if (lq2_isfinite(v)) {
-                s = lq2_fit_add(s, v, d, m, L);
-            }
-        }
+        const struct lq2_fit_sums s = lq2_fit_round(x, sx, n, L, p, ref);
         if (s.err < best_err) {
             best_err = s.err;
             best = p;
         }
-        const uint32_t next = lq2_fit_params(s, p);
+        const uint32_t next = lq2_fit_params(s, p, ref);
         if (next == p) {
             break;
         }
         p = next;
     }
+    if (ref.b > 0.0f) {
+        const int e0 = (int) (best & 0xffu), k0 = (int) (int8_t) (uint8_t) ((best >> 8) & 0xffu);
+        for (int de = -1; de <= 1; ++de) {
+            for (int dk = -1; dk <= 1; ++dk) {
+                const int e = e0 + de, k = k0 + dk;
+                if ((de == 0 && dk == 0) || e < 0 || e > 255 || k < -128 || k > 127) {
+                    continue;
+                }
+                const uint32_t q = (uint32_t) e | ((uint32_t) (uint8_t) (int8_t) k << 8);
+                const float err = lq2_fit_round(x, sx, n, L, q, ref).err;
+                if (err < best_err) {
+                    best_err = err;
+                    best = q;
+                }
+            }
+        }
+    }
     return best;
 }
 
 // One block of n b-bit codes from n values at x with stride sx, of which the first n_valid are
-// present (the rest get code 0); fit: fitted params instead of min/max. The CPU's reference and
-// the CUDA demotion both run this, so they store the same bytes.
+// present (the rest get code 0); fit: fitted params instead of min/max; ref: the channel's
+// references for an 8-bit header, sigma 0 for f16. The CPU's reference and the GPU demotions
+// all run this, so they store the same bytes.
 LQ2_VALUES_TEMPLATE LQ2_INLINE void lq2_quantize_block(LQ2_VALUES_PTR x, int64_t sx, int n_valid, int n, int b, int fit,
-                                                       LQ2_DEV uint8_t * blk) {
+                                                       struct lq2_pair ref, LQ2_DEV uint8_t * blk) {
     if (b == 0) { // a 0-bit channel of mixed key widths (below): the header alone, m the mean
         float sum = 0.0f, cnt = 0.0f;
         for (int j = 0; j < n_valid; ++j) {
@@ -415,9 +548,7 @@ LQ2_VALUES_TEMPLATE LQ2_INLINE void lq2_quantize_block(LQ2_VALUES_PTR x, int64_t
                 cnt += 1.0f;
             }
         }
-        LQ2_DEV lq2_half * h = (LQ2_DEV lq2_half *) blk;
-        h[0] = 0;
-        h[1] = lq2_fp32_to_fp16_sat(cnt > 0.0f ? LQ2_DIV(sum, cnt) : 0.0f);
+        lq2_block_set_params(blk, lq2_params_of(0.0f, cnt > 0.0f ? LQ2_DIV(sum, cnt) : 0.0f, ref), ref);
         return;
     }
     float lo = INFINITY, hi = -INFINITY;
@@ -429,19 +560,18 @@ LQ2_VALUES_TEMPLATE LQ2_INLINE void lq2_quantize_block(LQ2_VALUES_PTR x, int64_t
         }
     }
     const int L = LQ2_LEVELS_B(b);
-    uint32_t p = lq2_group_params(lo, hi, L);
-    p = fit ? lq2_fit_block(x, sx, n_valid, L, p) : p;
-    LQ2_DEV lq2_half * h = (LQ2_DEV lq2_half *) blk;
-    h[0] = LQ2_PARAMS_D(p);
-    h[1] = LQ2_PARAMS_M(p);
-    const float d = lq2_fp16_to_fp32(LQ2_PARAMS_D(p)), m = lq2_fp16_to_fp32(LQ2_PARAMS_M(p));
-    LQ2_DEV uint8_t * qs = blk + 4;
+    uint32_t p = lq2_group_params(lo, hi, L, ref);
+    p = fit ? lq2_fit_block(x, sx, n_valid, L, p, ref) : p;
+    lq2_block_set_params(blk, p, ref);
+    const struct lq2_pair dm = lq2_params_dm(p, ref);
+    const int hdr = LQ2_HDR_BYTES(ref.b > 0.0f);
+    LQ2_DEV uint8_t * qs = blk + hdr;
     const int nb = n * b / 8;
     for (int l = 0; l < nb; ++l) { // byte l: codes l, l + nb, l + 2 nb, ...
         uint32_t byte = 0;
         for (int k = 0; k < 8 / b; ++k) {
             const int j = l + k * nb;
-            byte |= (j < n_valid ? lq2_code(x[j * sx], d, m, L) : 0u) << (b * k);
+            byte |= (j < n_valid ? lq2_code(x[j * sx], dm.a, dm.b, L) : 0u) << (b * k);
         }
         qs[l] = (uint8_t) byte;
     }
@@ -467,11 +597,12 @@ LQ2_INLINE int lq2_key_bits_ok(int G, int b, int mixed) {
     return b == 3 ? mixed && G == 64 : lq2_key_type_b(G, b) >= 0;
 }
 
-// Byte offset of channel c's block in a group whose channels have widths w (c <= channels).
-LQ2_INLINE int64_t lq2_widths_offset(const LQ2_DEV int8_t * w, int c, int G) {
+// Byte offset of channel c's block in a group whose channels have widths w (c <= channels) and
+// headers of 8 bits (s8) or f16.
+LQ2_INLINE int64_t lq2_widths_offset(const LQ2_DEV int8_t * w, int c, int G, int s8) {
     int64_t off = 0;
     for (int i = 0; i < c; ++i) {
-        off += LQ2_BLOCK_BYTES_B(G, (int) w[i]);
+        off += LQ2_BLOCK_BYTES_H(G, (int) w[i], s8);
     }
     return off;
 }
@@ -487,10 +618,6 @@ LQ2_INLINE double lq2_rope_freq(int i, int n_dims, float freq_base, float freq_s
     return (double) freq_scale * pow((double) freq_base, -2.0 * (double) i / (double) n_dims);
 }
 #endif
-
-struct lq2_pair {
-    float a, b;
-};
 
 // (cos, sin) of pos * f without double (Metal), f given as f_hi + f_lo (the host splits the double
 // frequency): the product in two floats (an fma recovers the rounding error of p * f_hi), then

@@ -28,6 +28,16 @@ enum lq2_op_src_widths {
     LQ2_DEQUANT_SRC_WIDTHS = 5,
 };
 
+// Optional sources: a layer's channel references for 8-bit block headers (lq2-format.h), F32
+// [2, n_embd_k_gqa (+ n_embd_v_gqa for values grouped per channel)]: (mu, sigma) of every key
+// channel, then of every value channel; set by ggml_lq2_set_header_refs. Present: key blocks (and
+// per-channel value blocks) have 2-byte headers; values grouped per token keep f16 ones.
+enum lq2_op_src_refs {
+    LQ2_DEMOTE_SRC_REFS  = 7,
+    LQ2_ATTN_SRC_REFS    = 9,
+    LQ2_DEQUANT_SRC_REFS = 6,
+};
+
 // How a layer's 2-bit values are grouped (v_per_channel in the params below):
 //   0: per token, as KIVI does: a group is 64 channels of one token (LQ2_TYPE_V64...), the v2
 //      store one row per slot;

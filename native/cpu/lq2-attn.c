@@ -183,13 +183,15 @@ static void scores_cm(const float * q, const float * k, int D, int G, float * s,
 // (one pass instead of dequantize, then rotate), for b-bit codes. Same arithmetic as dequant + rope_cm: d * code + m
 // (exact), then x0 * c - x1 * s and x0 * s + x1 * c.
 // Mixed key widths (w non-NULL, lq2-format.h): both channels of a pair have w[a] bits; 0 bits
-// read the block's m for every token (d = 0 and no codes).
-static void dequant_rope_cm_avx2(const char * kg, int D, int G, int bits, const int8_t * w,
+// read the block's m for every token (d = 0 and no codes). refs: the head's D channel references
+// for 8-bit headers, NULL for f16 ones.
+static void dequant_rope_cm_avx2(const char * kg, int D, int G, int bits, const int8_t * w, const float * refs,
                                  const struct lq2_rope_params * rp, const lq2_half * cs, float * k) {
-    const int kbs = LQ2_BLOCK_BYTES_B(G, bits), half = rp->n_dims / 2;
+    const int s8 = refs != NULL, hdr = LQ2_HDR_BYTES(s8);
+    const int kbs = LQ2_BLOCK_BYTES_H(G, bits, s8), half = rp->n_dims / 2;
     int64_t off[LQ2_ATTN_MAX_D + 1];
     for (int c = 0; c <= D; ++c) {
-        off[c] = w ? (c ? off[c - 1] + LQ2_BLOCK_BYTES_B(G, (int) w[c - 1]) : 0) : (int64_t) c * kbs;
+        off[c] = w ? (c ? off[c - 1] + LQ2_BLOCK_BYTES_H(G, (int) w[c - 1], s8) : 0) : (int64_t) c * kbs;
     }
     for (int i = 0; i < half; ++i) {
         const int a = rp->mode == LQ2_ROPE_NEOX ? i : 2 * i;
@@ -200,8 +202,8 @@ static void dequant_rope_cm_avx2(const char * kg, int D, int G, int bits, const 
         const uint8_t * ba = (const uint8_t *) kg + off[a];
         const uint8_t * bb = (const uint8_t *) kg + off[b];
         if (pb == 0) { // the pair's means, rotated
-            const float xa = lq2_fp16_to_fp32(((const lq2_half *) ba)[1]);
-            const float xb = lq2_fp16_to_fp32(((const lq2_half *) bb)[1]);
+            const float xa = lq2_block_dm(ba, lq2_ref_at(refs, a)).b;
+            const float xb = lq2_block_dm(bb, lq2_ref_at(refs, b)).b;
             const __m256 x0 = _mm256_set1_ps(xa), x1 = _mm256_set1_ps(xb);
             const lq2_half * c = cs + (int64_t) 2 * i * G;
             const lq2_half * s = c + G;
@@ -212,17 +214,16 @@ static void dequant_rope_cm_avx2(const char * kg, int D, int G, int bits, const 
             }
             continue;
         }
-        const __m256 da = _mm256_set1_ps(lq2_fp16_to_fp32(((const lq2_half *) ba)[0]));
-        const __m256 ma = _mm256_set1_ps(lq2_fp16_to_fp32(((const lq2_half *) ba)[1]));
-        const __m256 db = _mm256_set1_ps(lq2_fp16_to_fp32(((const lq2_half *) bb)[0]));
-        const __m256 mb = _mm256_set1_ps(lq2_fp16_to_fp32(((const lq2_half *) bb)[1]));
+        const struct lq2_pair dma = lq2_block_dm(ba, lq2_ref_at(refs, a)), dmb = lq2_block_dm(bb, lq2_ref_at(refs, b));
+        const __m256 da = _mm256_set1_ps(dma.a), ma = _mm256_set1_ps(dma.b);
+        const __m256 db = _mm256_set1_ps(dmb.a), mb = _mm256_set1_ps(dmb.b);
         const lq2_half * c = cs + (int64_t) 2 * i * G;
         const lq2_half * s = c + G;
         float * ka = k + (int64_t) a * G;
         float * kb = k + (int64_t) b * G;
         for (int l = 0; l < nb; l += 8) {
-            const __m256i qa = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *) (ba + 4 + l)));
-            const __m256i qb = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *) (bb + 4 + l)));
+            const __m256i qa = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *) (ba + hdr + l)));
+            const __m256i qb = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *) (bb + hdr + l)));
             for (int kk = 0; kk < per_byte; ++kk) {
                 const int t = kk * nb + l;
                 const __m256 x0 = _mm256_fmadd_ps(da, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(qa, pb * kk), cmask)), ma);
@@ -234,10 +235,11 @@ static void dequant_rope_cm_avx2(const char * kg, int D, int G, int bits, const 
         }
     }
     if (rp->n_dims < D) { // channels past n_dims pass through
+        const float * r = refs ? refs + 2 * rp->n_dims : NULL;
         if (w) {
-            lq2_dequantize_k_group_cm_w(kg + off[rp->n_dims], D - rp->n_dims, G, w + rp->n_dims, k + (int64_t) rp->n_dims * G);
+            lq2_dequantize_k_group_cm_w(kg + off[rp->n_dims], D - rp->n_dims, G, w + rp->n_dims, r, k + (int64_t) rp->n_dims * G);
         } else {
-            lq2_dequantize_k_group_cm(kg + (int64_t) rp->n_dims * kbs, D - rp->n_dims, G, bits, k + (int64_t) rp->n_dims * G);
+            lq2_dequantize_k_group_cm(kg + (int64_t) rp->n_dims * kbs, D - rp->n_dims, G, bits, r, k + (int64_t) rp->n_dims * G);
         }
     }
 }
@@ -546,45 +548,46 @@ static int all_masked(const float * mask, int64_t n) {
 
 // ---- one key group, as the kernel reads it
 
-static void keys_group_cm(const void * kg, int D, int G, int bits, const int8_t * w, const struct lq2_rope_params * rp,
-                          const lq2_half * cs, float * k, int simd) {
+static void keys_group_cm(const void * kg, int D, int G, int bits, const int8_t * w, const float * refs,
+                          const struct lq2_rope_params * rp, const lq2_half * cs, float * k, int simd) {
 #if LQ2_AVX2
     if (simd) {
-        dequant_rope_cm_avx2((const char *) kg, D, G, bits, w, rp, cs, k);
+        dequant_rope_cm_avx2((const char *) kg, D, G, bits, w, refs, rp, cs, k);
         return;
     }
 #endif
     if (w) {
-        lq2_dequantize_k_group_cm_w_ref(kg, D, G, w, k);
+        lq2_dequantize_k_group_cm_w_ref(kg, D, G, w, refs, k);
     } else {
-        lq2_dequantize_k_group_cm_ref(kg, D, G, bits, k);
+        lq2_dequantize_k_group_cm_ref(kg, D, G, bits, refs, k);
     }
     rope_cm(rp, k, cs, G, simd);
 }
 
-void lq2_keys_group_cm(const void * kg, int D, int G, int bits, const int8_t * widths, const struct lq2_rope_params * rp,
-                       const lq2_half * cs, float * k) {
-    keys_group_cm(kg, D, G, bits, widths, rp, cs, k, LQ2_AVX2);
+void lq2_keys_group_cm(const void * kg, int D, int G, int bits, const int8_t * widths, const float * refs,
+                       const struct lq2_rope_params * rp, const lq2_half * cs, float * k) {
+    keys_group_cm(kg, D, G, bits, widths, refs, rp, cs, k, LQ2_AVX2);
 }
 
-void lq2_keys_group_cm_ref(const void * kg, int D, int G, int bits, const int8_t * widths,
+void lq2_keys_group_cm_ref(const void * kg, int D, int G, int bits, const int8_t * widths, const float * refs,
                            const struct lq2_rope_params * rp, const lq2_half * cs, float * k) {
-    keys_group_cm(kg, D, G, bits, widths, rp, cs, k, 0);
+    keys_group_cm(kg, D, G, bits, widths, refs, rp, cs, k, 0);
 }
 
 // ---- bias correction (lq2-format.h): one group's scores lowered by their expected inflation
 
 static void correct_scores(const struct lq2_attn_params * p, const struct lq2_rope_params * rp, const char * kg,
-                           int D, int G, int bits, const int8_t * w, const float * q, int j0, int j1, float * sbuf,
-                           int nt, int n) {
-    const int   kbs  = LQ2_BLOCK_BYTES_B(G, bits), half = rp->n_dims / 2;
+                           int D, int G, int bits, const int8_t * w, const float * refs, const float * q, int j0,
+                           int j1, float * sbuf, int nt, int n) {
+    const int   s8   = refs != NULL;
+    const int   kbs  = LQ2_BLOCK_BYTES_H(G, bits, s8), half = rp->n_dims / 2;
     const float af2  = rp->attn_factor * rp->attn_factor; // the table's rows carry it
     float var[LQ2_ATTN_MAX_D];
     int64_t off = 0;
     for (int c = 0; c < D; ++c) { // a 0-bit channel's d is 0: its error is not a code's, left out
-        const float d = lq2_fp16_to_fp32(*(const lq2_half *) (kg + off));
+        const float d = !w || w[c] ? lq2_block_dm((const uint8_t *) kg + off, lq2_ref_at(refs, c)).a : 0.0f;
         var[c] = lq2_code_noise_var(d) * (c < rp->n_dims ? af2 : 1.0f);
-        off += w ? LQ2_BLOCK_BYTES_B(G, (int) w[c]) : kbs;
+        off += w ? LQ2_BLOCK_BYTES_H(G, (int) w[c], s8) : kbs;
     }
     for (int j = j0; j < j1; ++j) {
         const float * qj = q + (int64_t) j * D;
@@ -641,8 +644,9 @@ static int attn_core(const struct lq2_attn_params * p, const float * q,
     float * Mv = M_out ? M_out : sbuf + (size_t) nt * p->n_head + (size_t) n_dims * G; // after csbuf
     float * Sv = S_out ? S_out : Mv + p->n_head;
 
-    const int kbs = LQ2_BLOCK_BYTES_B(G, kb);
-    const size_t vhead_bytes = vpc ? (size_t) D * LQ2_BLOCK_BYTES_B(G, vb)
+    const int s8  = has_b && b->refs != NULL;
+    const int kbs = LQ2_BLOCK_BYTES_H(G, kb, s8);
+    const size_t vhead_bytes = vpc ? (size_t) D * LQ2_BLOCK_BYTES_H(G, vb, s8)
                                    : (size_t) (D / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, vb);
     const int hk0 = h0 / gq, hk1 = h1 > h0 ? (h1 - 1) / gq + 1 : hk0; // kv heads [hk0, hk1)
     for (int j = h0; j < h1; ++j) {
@@ -695,16 +699,18 @@ static int attn_core(const struct lq2_attn_params * p, const float * q,
             const int j1 = h1 < (hk + 1) * gq ? h1 : (hk + 1) * gq;
             const char * kg = (const char *) b->k + g * b->nb_kg + (size_t) hk * D * kbs;
             const int8_t * kw = b->k_widths ? b->k_widths + (int64_t) hk * D : NULL;
-            keys_group_cm(kg, D, G, kb, kw, &b->rope, cs, kbuf, simd);
+            const float * kr = s8 ? b->refs + (int64_t) 2 * hk * D : NULL;
+            const float * vref = s8 ? b->refs + (int64_t) 2 * (p->n_head_kv + hk) * D : NULL; // after the keys'
+            keys_group_cm(kg, D, G, kb, kw, kr, &b->rope, cs, kbuf, simd);
             // per-channel values: the head's D value blocks of the group, channel-major; the AVX2
             // fold reads them so, the scalar one token-major
             const int v_cm = vpc && LQ2_AVX2 && simd && G % 8 == 0 && D % 8 == 0 ? G : 0;
             if (vpc) {
                 const char * vg = (const char *) b->v + g * b->nb_v + (size_t) hk * vhead_bytes;
                 if (simd) {
-                    lq2_dequantize_k_group_cm(vg, D, G, vb, vcm);
+                    lq2_dequantize_k_group_cm(vg, D, G, vb, vref, vcm);
                 } else {
-                    lq2_dequantize_k_group_cm_ref(vg, D, G, vb, vcm);
+                    lq2_dequantize_k_group_cm_ref(vg, D, G, vb, vref, vcm);
                 }
                 if (!v_cm) {
                     values_to_rows(vcm, D, G, n, vbuf);
@@ -730,7 +736,7 @@ static int attn_core(const struct lq2_attn_params * p, const float * q,
                 scores_cm(q + (int64_t) j * D, kbuf, D, G, sbuf + (int64_t) j * nt, simd);
             }
             if (b->score_correction) {
-                correct_scores(p, &b->rope, kg, D, G, kb, kw, q, j0, j1, sbuf, nt, n);
+                correct_scores(p, &b->rope, kg, D, G, kb, kw, kr, q, j0, j1, sbuf, nt, n);
             }
             for (j = j0; j < j1; ++j) {
                 const struct head_ctx h = make_head_ctx(p, j);

@@ -73,15 +73,20 @@ struct lq2_tier_q2 {
     // of k_bits (kv head h's at k_widths + h * D); NULL: every channel k_bits.
     const int8_t         * k_widths;
     int32_t                v_per_channel;
+    // 8-bit headers (lq2-format.h): (mu, sigma) per channel, the n_head_kv * D key channels, then
+    // (values grouped per channel) the value channels; NULL: f16 headers. Values grouped per token
+    // keep f16 headers.
+    const float          * refs;
 };
 
 // One kv head's keys of one 2-bit group as the attention reads them: dequantized and re-rotated
 // with the group's rows of the cos/sin table (rope n_dims 0: stored after RoPE, cs unused),
 // channel-major k[c * G + t]. kg: the head's first channel block in the group.
 // widths: the head's D channel widths (mixed key widths), or NULL for `bits` on every channel.
-void lq2_keys_group_cm    (const void * kg, int D, int G, int bits, const int8_t * widths,
+// refs: the head's D channel references for 8-bit headers, or NULL.
+void lq2_keys_group_cm    (const void * kg, int D, int G, int bits, const int8_t * widths, const float * refs,
                            const struct lq2_rope_params * rp, const lq2_half * cs, float * k);
-void lq2_keys_group_cm_ref(const void * kg, int D, int G, int bits, const int8_t * widths,
+void lq2_keys_group_cm_ref(const void * kg, int D, int G, int bits, const int8_t * widths, const float * refs,
                            const struct lq2_rope_params * rp, const lq2_half * cs, float * k);
 
 // Scratch bytes one thread needs.

@@ -32,14 +32,17 @@ void ggml_compute_forward_lq2_demote(const struct ggml_compute_params * params, 
     const struct ggml_tensor * vc      = dst->src[4];
     const struct ggml_tensor * rows    = dst->src[5];
     const int8_t * widths = dst->src[LQ2_DEMOTE_SRC_WIDTHS] ? (const int8_t *) dst->src[LQ2_DEMOTE_SRC_WIDTHS]->data : NULL;
+    const float  * refs   = dst->src[LQ2_DEMOTE_SRC_REFS] ? (const float *) dst->src[LQ2_DEMOTE_SRC_REFS]->data : NULL;
 
     const int64_t nk = kc->ne[0];
     const int64_t nv = vc->ne[0];
     const int64_t D  = nk / p.n_head_kv;
     const int64_t G  = p.G;
-    const size_t  group_bytes  = (size_t) nk * LQ2_BLOCK_BYTES_B(p.G, p.k_bits);
+    const int     s8 = refs != NULL;
+    const float * vrefs = refs ? refs + 2 * nk : NULL; // per-channel values' references, after the keys'
+    const size_t  group_bytes  = (size_t) nk * LQ2_BLOCK_BYTES_H(p.G, p.k_bits, s8);
     const size_t  vrow_bytes   = (size_t) (nv / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, p.v_bits);
-    const size_t  vgroup_bytes = (size_t) nv * LQ2_BLOCK_BYTES_B(p.G, p.v_bits); // per-channel values
+    const size_t  vgroup_bytes = (size_t) nv * LQ2_BLOCK_BYTES_H(p.G, p.v_bits, s8); // per-channel values
     const int     ref = params->use_ref;
 
     float * vrow = (float *) malloc((size_t) nv * sizeof(float));
@@ -82,18 +85,18 @@ void ggml_compute_forward_lq2_demote(const struct ggml_compute_params * params, 
             const int n_tok = (int) (slot % G) + 1;
             char * kdst = (char *) k2->data + grp * group_bytes;
             if (widths) {
-                lq2_quantize_k_group_w(stage, nk, n_tok, (int) nk, (int) G, widths, p.fit, kdst);
+                lq2_quantize_k_group_w(stage, nk, n_tok, (int) nk, (int) G, widths, p.fit, refs, kdst);
             } else if (ref) {
-                lq2_quantize_k_group_ref(stage, nk, n_tok, (int) nk, (int) G, p.k_bits, p.fit, kdst);
+                lq2_quantize_k_group_ref(stage, nk, n_tok, (int) nk, (int) G, p.k_bits, p.fit, refs, kdst);
             } else {
-                lq2_quantize_k_group(stage, nk, n_tok, (int) nk, (int) G, p.k_bits, p.fit, kdst);
+                lq2_quantize_k_group(stage, nk, n_tok, (int) nk, (int) G, p.k_bits, p.fit, refs, kdst);
             }
             if (p.v_per_channel) {
                 char * vdst = (char *) v2->data + grp * vgroup_bytes;
                 if (ref) {
-                    lq2_quantize_k_group_ref(vstage, nv, n_tok, (int) nv, (int) G, p.v_bits, p.fit, vdst);
+                    lq2_quantize_k_group_ref(vstage, nv, n_tok, (int) nv, (int) G, p.v_bits, p.fit, vrefs, vdst);
                 } else {
-                    lq2_quantize_k_group(vstage, nv, n_tok, (int) nv, (int) G, p.v_bits, p.fit, vdst);
+                    lq2_quantize_k_group(vstage, nv, n_tok, (int) nv, (int) G, p.v_bits, p.fit, vrefs, vdst);
                 }
             }
         }
@@ -171,9 +174,11 @@ void ggml_compute_forward_lq2_attn(const struct ggml_compute_params * params, st
     const int64_t n_slots   = mask2->ne[0];
     const int64_t G         = op.G;
     const int64_t n_groups  = n_slots / G;
-    const size_t  kg_bytes  = (size_t) (n_head_kv * D) * LQ2_BLOCK_BYTES_B(op.G, op.k_bits);
+    const float * refs      = dst->src[LQ2_ATTN_SRC_REFS] ? (const float *) dst->src[LQ2_ATTN_SRC_REFS]->data : NULL;
+    const int     s8        = refs != NULL;
+    const size_t  kg_bytes  = (size_t) (n_head_kv * D) * LQ2_BLOCK_BYTES_H(op.G, op.k_bits, s8);
     const size_t  vrow_bytes = (size_t) (n_head_kv * D / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, op.v_bits);
-    const size_t  vg_bytes  = (size_t) (n_head_kv * D) * LQ2_BLOCK_BYTES_B(op.G, op.v_bits);
+    const size_t  vg_bytes  = (size_t) (n_head_kv * D) * LQ2_BLOCK_BYTES_H(op.G, op.v_bits, s8);
 
     const int64_t pairs  = n_tokens * n_head_kv;
     const int64_t n_part = attn_n_part(dst, nth);
@@ -247,6 +252,7 @@ void ggml_compute_forward_lq2_attn(const struct ggml_compute_params * params, st
         tb.mask       = mask_b + b0;
         tb.score_correction = op.score_correction;
         tb.k_widths   = dst->src[LQ2_ATTN_SRC_WIDTHS] ? (const int8_t *) dst->src[LQ2_ATTN_SRC_WIDTHS]->data : NULL;
+        tb.refs       = refs;
 
         const int rc = params->use_ref
             ? lq2_attn_partial_ref(&p, qrow, &ta, &tb, h0, h1, acc, M, S, work)
@@ -302,14 +308,16 @@ void ggml_compute_forward_lq2_dequant(const struct ggml_compute_params * params,
     const struct ggml_tensor * k    = dst->src[3];
     const struct ggml_tensor * v    = dst->src[4];
     const int8_t * widths = dst->src[LQ2_DEQUANT_SRC_WIDTHS] ? (const int8_t *) dst->src[LQ2_DEQUANT_SRC_WIDTHS]->data : NULL;
+    const float  * refs   = dst->src[LQ2_DEQUANT_SRC_REFS] ? (const float *) dst->src[LQ2_DEQUANT_SRC_REFS]->data : NULL;
 
     const int ith = params->ith, nth = params->nth;
     const int64_t D = dst->ne[0], n_head_kv = dst->ne[1], nk = D * n_head_kv;
     const int64_t G = p.G, n_groups = p.n_slots / G, n_kv = k->ne[2];
-    const size_t  kbs = (size_t) LQ2_BLOCK_BYTES_B(p.G, p.k_bits);
+    const int     s8  = refs != NULL;
+    const size_t  kbs = (size_t) LQ2_BLOCK_BYTES_H(p.G, p.k_bits, s8);
     const size_t  kg_bytes = (size_t) nk * kbs;
     const size_t  vrow_bytes = (size_t) (nk / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, p.v_bits);
-    const size_t  vbs = (size_t) LQ2_BLOCK_BYTES_B(p.G, p.v_bits); // per-channel values
+    const size_t  vbs = (size_t) LQ2_BLOCK_BYTES_H(p.G, p.v_bits, s8); // per-channel values
     const size_t  row_bytes = (size_t) nk * sizeof(ggml_fp16_t); // one token, all kv heads
 
     char * kout = (char *) dst->data;                // keys: token t at kout + t * row_bytes
@@ -327,19 +335,21 @@ void ggml_compute_forward_lq2_dequant(const struct ggml_compute_params * params,
             const char * kg = (const char *) k2->data + g * kg_bytes + (size_t) hk * D * kbs;
             const lq2_half * cs = rope ? (const lq2_half *) ((const char *) rope->data + g * rope->nb[1]) : NULL;
             const int8_t * kw = widths ? widths + hk * D : NULL;
+            const float  * kr = refs ? refs + 2 * hk * D : NULL;
             if (ref) {
-                lq2_keys_group_cm_ref(kg, (int) D, (int) G, p.k_bits, kw, &p.rope, cs, kbuf);
+                lq2_keys_group_cm_ref(kg, (int) D, (int) G, p.k_bits, kw, kr, &p.rope, cs, kbuf);
             } else {
-                lq2_keys_group_cm(kg, (int) D, (int) G, p.k_bits, kw, &p.rope, cs, kbuf);
+                lq2_keys_group_cm(kg, (int) D, (int) G, p.k_bits, kw, kr, &p.rope, cs, kbuf);
             }
             group_to_f16_rows(kbuf, D, G, g, hk, kout, row_bytes);
         } else if (item < n_kitems + n_vitems && p.v_per_channel) {
             const int64_t g = (item - n_kitems) / n_head_kv, hk = (item - n_kitems) % n_head_kv;
             const char * vg = (const char *) v2->data + (g * nk + hk * D) * vbs;
+            const float * vr = refs ? refs + 2 * (nk + hk * D) : NULL; // after the keys'
             if (ref) {
-                lq2_dequantize_k_group_cm_ref(vg, (int) D, (int) G, p.v_bits, kbuf);
+                lq2_dequantize_k_group_cm_ref(vg, (int) D, (int) G, p.v_bits, vr, kbuf);
             } else {
-                lq2_dequantize_k_group_cm(vg, (int) D, (int) G, p.v_bits, kbuf);
+                lq2_dequantize_k_group_cm(vg, (int) D, (int) G, p.v_bits, vr, kbuf);
             }
             group_to_f16_rows(kbuf, D, G, g, hk, vout, row_bytes);
         } else if (item < n_kitems + n_vitems) {

@@ -1,6 +1,6 @@
 // lq2-quants.c: scalar reference and AVX2 quantize / dequantize of the LogQuant formats.
 //
-// A block is d (f16), m (f16), n * b / 8 bytes of codes, whatever its n (32, 64, 128) and code bits
+// A block is a header (f16 d and m, or 8-bit ones: lq2-format.h), n * b / 8 bytes of codes, whatever its n (32, 64, 128) and code bits
 // b (2, 4, 8): the helpers below take the block as bytes plus n and b, so one implementation serves
 // every key group size, values, and the wider codes.
 //
@@ -49,21 +49,16 @@ int lq2_type_traits_check(void) {
 
 // ---- one block, scalar
 
-static inline void blk_set_params(uint8_t * blk, uint32_t p) {
-    lq2_half * h = (lq2_half *) blk;
-    h[0] = LQ2_PARAMS_D(p);
-    h[1] = LQ2_PARAMS_M(p);
-}
-
-static inline float blk_d(const uint8_t * blk) { return lq2_fp16_to_fp32(((const lq2_half *) blk)[0]); }
-static inline float blk_m(const uint8_t * blk) { return lq2_fp16_to_fp32(((const lq2_half *) blk)[1]); }
+// Channel c's references (lq2-format.h's 8-bit headers), (0, 0) for f16 headers (refs NULL).
+static inline struct lq2_pair ref_of(const float * refs, int c) { return lq2_ref_at(refs, c); }
 
 // The scalar block quantizer is lq2-format.h's lq2_quantize_block (the GPU demotions run it too);
 // the AVX2 one below stores the same bytes (its params come from the same lq2_fit_block).
 
-static void dequant_block_ref(const uint8_t * blk, int n, int b, float * y) {
-    const float d = blk_d(blk), m = blk_m(blk);
-    const uint8_t * qs = blk + 4;
+static void dequant_block_ref(const uint8_t * blk, int n, int b, struct lq2_pair ref, float * y) {
+    const struct lq2_pair dm = lq2_block_dm(blk, ref);
+    const float d = dm.a, m = dm.b;
+    const uint8_t * qs = blk + LQ2_HDR_BYTES(ref.b > 0.0f);
     const int L = LQ2_LEVELS_B(b);
     for (int j = 0; j < n; ++j) {
         const int q = (qs[LQ2_CODE_BYTE_B(j, n, b)] >> LQ2_CODE_SHIFT_B(j, n, b)) & L;
@@ -75,7 +70,7 @@ static void dequant_block_ref(const uint8_t * blk, int n, int b, float * y) {
 
 #if LQ2_AVX2
 // n contiguous values; absent values are NaN (left out of min/max, code 0: same as the reference).
-static void quant_block_avx2(const float * x, int n, int b, int fit, uint8_t * blk) {
+static void quant_block_avx2(const float * x, int n, int b, int fit, struct lq2_pair ref, uint8_t * blk) {
     const __m256 inf  = _mm256_set1_ps(INFINITY);
     const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256 lo = inf, hi = _mm256_set1_ps(-INFINITY);
@@ -92,12 +87,14 @@ static void quant_block_avx2(const float * x, int n, int b, int fit, uint8_t * b
     l4 = _mm_min_ss(l4, _mm_shuffle_ps(l4, l4, 1));
     h4 = _mm_max_ss(h4, _mm_shuffle_ps(h4, h4, 1));
     const int L = LQ2_LEVELS_B(b);
-    const uint32_t p = lq2_group_params(_mm_cvtss_f32(l4), _mm_cvtss_f32(h4), L);
-    blk_set_params(blk, fit ? lq2_fit_block(x, 1, n, L, p) : p);
+    uint32_t p = lq2_group_params(_mm_cvtss_f32(l4), _mm_cvtss_f32(h4), L, ref);
+    p = fit ? lq2_fit_block(x, 1, n, L, p, ref) : p;
+    lq2_block_set_params(blk, p, ref);
 
-    uint8_t * qs = blk + 4;
+    uint8_t * qs = blk + LQ2_HDR_BYTES(ref.b > 0.0f);
     const int nb = n * b / 8, per_byte = 8 / b; // code j -> byte j % nb, bits b * (j / nb)
-    const float d = blk_d(blk), m = blk_m(blk);
+    const struct lq2_pair dm = lq2_params_dm(p, ref);
+    const float d = dm.a, m = dm.b;
     if (d == 0.0f) {
         memset(qs, 0, (size_t) nb);
         return;
@@ -118,9 +115,10 @@ static void quant_block_avx2(const float * x, int n, int b, int fit, uint8_t * b
     }
 }
 
-static void dequant_block_avx2(const uint8_t * blk, int n, int b, float * y) {
-    const __m256 vd = _mm256_set1_ps(blk_d(blk)), vm = _mm256_set1_ps(blk_m(blk));
-    const uint8_t * qs = blk + 4;
+static void dequant_block_avx2(const uint8_t * blk, int n, int b, struct lq2_pair ref, float * y) {
+    const struct lq2_pair dm = lq2_block_dm(blk, ref);
+    const __m256 vd = _mm256_set1_ps(dm.a), vm = _mm256_set1_ps(dm.b);
+    const uint8_t * qs = blk + LQ2_HDR_BYTES(ref.b > 0.0f);
     const int nb = n * b / 8, per_byte = 8 / b;
     const __m256i mask = _mm256_set1_epi32(LQ2_LEVELS_B(b));
     for (int l = 0; l < nb; l += 8) {
@@ -140,14 +138,15 @@ static void dequant_block_avx2(const uint8_t * blk, int n, int b, float * y) {
 void lq2_quantize_v_row_ref(const float * x, void * y, int64_t n, int bits, int fit) {
     assert(n % LQ2_QK_V == 0 && LQ2_BITS_VALID(bits));
     for (int64_t i = 0; i < n / LQ2_QK_V; ++i) {
-        lq2_quantize_block(x + i * LQ2_QK_V, 1, LQ2_QK_V, LQ2_QK_V, bits, fit, (uint8_t *) y + i * V_BLOCK_BYTES(bits));
+        lq2_quantize_block(x + i * LQ2_QK_V, 1, LQ2_QK_V, LQ2_QK_V, bits, fit, ref_of(NULL, 0),
+                           (uint8_t *) y + i * V_BLOCK_BYTES(bits));
     }
 }
 
 void lq2_dequantize_v_row_ref(const void * x, float * y, int64_t n, int bits) {
     assert(n % LQ2_QK_V == 0 && LQ2_BITS_VALID(bits));
     for (int64_t i = 0; i < n / LQ2_QK_V; ++i) {
-        dequant_block_ref((const uint8_t *) x + i * V_BLOCK_BYTES(bits), LQ2_QK_V, bits, y + i * LQ2_QK_V);
+        dequant_block_ref((const uint8_t *) x + i * V_BLOCK_BYTES(bits), LQ2_QK_V, bits, ref_of(NULL, 0), y + i * LQ2_QK_V);
     }
 }
 
@@ -155,7 +154,7 @@ void lq2_quantize_v_row(const float * x, void * y, int64_t n, int bits, int fit)
 #if LQ2_AVX2
     assert(n % LQ2_QK_V == 0 && LQ2_BITS_VALID(bits));
     for (int64_t i = 0; i < n / LQ2_QK_V; ++i) {
-        quant_block_avx2(x + i * LQ2_QK_V, LQ2_QK_V, bits, fit, (uint8_t *) y + i * V_BLOCK_BYTES(bits));
+        quant_block_avx2(x + i * LQ2_QK_V, LQ2_QK_V, bits, fit, ref_of(NULL, 0), (uint8_t *) y + i * V_BLOCK_BYTES(bits));
     }
 #else
     lq2_quantize_v_row_ref(x, y, n, bits, fit);
@@ -166,27 +165,29 @@ void lq2_dequantize_v_row(const void * x, float * y, int64_t n, int bits) {
 #if LQ2_AVX2
     assert(n % LQ2_QK_V == 0 && LQ2_BITS_VALID(bits));
     for (int64_t i = 0; i < n / LQ2_QK_V; ++i) {
-        dequant_block_avx2((const uint8_t *) x + i * V_BLOCK_BYTES(bits), LQ2_QK_V, bits, y + i * LQ2_QK_V);
+        dequant_block_avx2((const uint8_t *) x + i * V_BLOCK_BYTES(bits), LQ2_QK_V, bits, ref_of(NULL, 0), y + i * LQ2_QK_V);
     }
 #else
     lq2_dequantize_v_row_ref(x, y, n, bits);
 #endif
 }
 
-// ---- keys
+// ---- keys (refs: channel c's references at refs[2 c], for 8-bit headers; NULL: f16 headers)
 
-void lq2_quantize_k_group_ref(const float * x, int64_t ldx, int n_tok, int n_ch, int G, int bits, int fit, void * y) {
+void lq2_quantize_k_group_ref(const float * x, int64_t ldx, int n_tok, int n_ch, int G, int bits, int fit,
+                              const float * refs, void * y) {
     assert(lq2_key_type_b(G, bits) >= 0 && n_tok >= 0 && n_tok <= G);
-    const int bs = LQ2_BLOCK_BYTES_B(G, bits);
+    const int bs = LQ2_BLOCK_BYTES_H(G, bits, refs != NULL);
     for (int c = 0; c < n_ch; ++c) {
-        lq2_quantize_block(x + c, ldx, n_tok, G, bits, fit, (uint8_t *) y + (int64_t) c * bs);
+        lq2_quantize_block(x + c, ldx, n_tok, G, bits, fit, ref_of(refs, c), (uint8_t *) y + (int64_t) c * bs);
     }
 }
 
-void lq2_quantize_k_group(const float * x, int64_t ldx, int n_tok, int n_ch, int G, int bits, int fit, void * y) {
+void lq2_quantize_k_group(const float * x, int64_t ldx, int n_tok, int n_ch, int G, int bits, int fit,
+                          const float * refs, void * y) {
 #if LQ2_AVX2
     assert(lq2_key_type_b(G, bits) >= 0 && n_tok >= 0 && n_tok <= G);
-    const int bs = LQ2_BLOCK_BYTES_B(G, bits);
+    const int bs = LQ2_BLOCK_BYTES_H(G, bits, refs != NULL);
     float slab[8 * 128]; // 8 channels x G tokens, channel-major; absent tokens are NaN
     for (int c0 = 0; c0 < n_ch; c0 += 8) {
         const int nc = n_ch - c0 < 8 ? n_ch - c0 : 8;
@@ -196,29 +197,29 @@ void lq2_quantize_k_group(const float * x, int64_t ldx, int n_tok, int n_ch, int
             }
         }
         for (int c = 0; c < nc; ++c) {
-            quant_block_avx2(slab + c * G, G, bits, fit, (uint8_t *) y + (int64_t) (c0 + c) * bs);
+            quant_block_avx2(slab + c * G, G, bits, fit, ref_of(refs, c0 + c), (uint8_t *) y + (int64_t) (c0 + c) * bs);
         }
     }
 #else
-    lq2_quantize_k_group_ref(x, ldx, n_tok, n_ch, G, bits, fit, y);
+    lq2_quantize_k_group_ref(x, ldx, n_tok, n_ch, G, bits, fit, refs, y);
 #endif
 }
 
-void lq2_dequantize_k_group_cm_ref(const void * x, int n_ch, int G, int bits, float * y) {
-    const int bs = LQ2_BLOCK_BYTES_B(G, bits);
+void lq2_dequantize_k_group_cm_ref(const void * x, int n_ch, int G, int bits, const float * refs, float * y) {
+    const int bs = LQ2_BLOCK_BYTES_H(G, bits, refs != NULL);
     for (int c = 0; c < n_ch; ++c) {
-        dequant_block_ref((const uint8_t *) x + (int64_t) c * bs, G, bits, y + (int64_t) c * G);
+        dequant_block_ref((const uint8_t *) x + (int64_t) c * bs, G, bits, ref_of(refs, c), y + (int64_t) c * G);
     }
 }
 
-void lq2_dequantize_k_group_cm(const void * x, int n_ch, int G, int bits, float * y) {
+void lq2_dequantize_k_group_cm(const void * x, int n_ch, int G, int bits, const float * refs, float * y) {
 #if LQ2_AVX2
-    const int bs = LQ2_BLOCK_BYTES_B(G, bits);
+    const int bs = LQ2_BLOCK_BYTES_H(G, bits, refs != NULL);
     for (int c = 0; c < n_ch; ++c) {
-        dequant_block_avx2((const uint8_t *) x + (int64_t) c * bs, G, bits, y + (int64_t) c * G);
+        dequant_block_avx2((const uint8_t *) x + (int64_t) c * bs, G, bits, ref_of(refs, c), y + (int64_t) c * G);
     }
 #else
-    lq2_dequantize_k_group_cm_ref(x, n_ch, G, bits, y);
+    lq2_dequantize_k_group_cm_ref(x, n_ch, G, bits, refs, y);
 #endif
 }
 
@@ -226,53 +227,56 @@ void lq2_dequantize_k_group_cm(const void * x, int n_ch, int G, int bits, float 
 // (the shared scalar one, whose bytes the AVX2 one equals); the attention's reads take AVX2
 
 void lq2_quantize_k_group_w(const float * x, int64_t ldx, int n_tok, int n_ch, int G, const int8_t * widths, int fit,
-                            void * y) {
+                            const float * refs, void * y) {
     assert(n_tok >= 0 && n_tok <= G);
     uint8_t * blk = (uint8_t *) y;
     for (int c = 0; c < n_ch; ++c) {
         assert(LQ2_WIDTH_VALID(widths[c]));
-        lq2_quantize_block(x + c, ldx, n_tok, G, widths[c], fit, blk);
-        blk += LQ2_BLOCK_BYTES_B(G, widths[c]);
+        lq2_quantize_block(x + c, ldx, n_tok, G, widths[c], fit, ref_of(refs, c), blk);
+        blk += LQ2_BLOCK_BYTES_H(G, widths[c], refs != NULL);
     }
 }
 
-static void dequant_k_group_cm_w(const void * x, int n_ch, int G, const int8_t * widths, float * y, int simd) {
+static void dequant_k_group_cm_w(const void * x, int n_ch, int G, const int8_t * widths, const float * refs, float * y,
+                                 int simd) {
     const uint8_t * blk = (const uint8_t *) x;
     for (int c = 0; c < n_ch; ++c) {
         float * yc = y + (int64_t) c * G;
         if (widths[c] == 0) {
-            const float m = blk_m(blk);
+            const float m = lq2_block_dm(blk, ref_of(refs, c)).b;
             for (int t = 0; t < G; ++t) {
                 yc[t] = m;
             }
         } else {
 #if LQ2_AVX2
             if (simd) {
-                dequant_block_avx2(blk, G, widths[c], yc);
+                dequant_block_avx2(blk, G, widths[c], ref_of(refs, c), yc);
             } else
 #endif
             {
-                dequant_block_ref(blk, G, widths[c], yc);
+                dequant_block_ref(blk, G, widths[c], ref_of(refs, c), yc);
             }
         }
-        blk += LQ2_BLOCK_BYTES_B(G, widths[c]);
+        blk += LQ2_BLOCK_BYTES_H(G, widths[c], refs != NULL);
     }
     (void) simd;
 }
 
-void lq2_dequantize_k_group_cm_w(const void * x, int n_ch, int G, const int8_t * widths, float * y) {
-    dequant_k_group_cm_w(x, n_ch, G, widths, y, LQ2_AVX2);
+void lq2_dequantize_k_group_cm_w(const void * x, int n_ch, int G, const int8_t * widths, const float * refs, float * y) {
+    dequant_k_group_cm_w(x, n_ch, G, widths, refs, y, LQ2_AVX2);
 }
 
-void lq2_dequantize_k_group_cm_w_ref(const void * x, int n_ch, int G, const int8_t * widths, float * y) {
-    dequant_k_group_cm_w(x, n_ch, G, widths, y, 0);
+void lq2_dequantize_k_group_cm_w_ref(const void * x, int n_ch, int G, const int8_t * widths, const float * refs,
+                                     float * y) {
+    dequant_k_group_cm_w(x, n_ch, G, widths, refs, y, 0);
 }
 
-void lq2_dequantize_k_group(const void * x, int n_ch, int G, int bits, int n_tok, float * y, int64_t ldy) {
-    const int bs = LQ2_BLOCK_BYTES_B(G, bits);
+void lq2_dequantize_k_group(const void * x, int n_ch, int G, int bits, int n_tok, const float * refs, float * y,
+                            int64_t ldy) {
+    const int bs = LQ2_BLOCK_BYTES_H(G, bits, refs != NULL);
     float col[128];
     for (int c = 0; c < n_ch; ++c) {
-        dequant_block_ref((const uint8_t *) x + (int64_t) c * bs, G, bits, col);
+        dequant_block_ref((const uint8_t *) x + (int64_t) c * bs, G, bits, ref_of(refs, c), col);
         for (int t = 0; t < n_tok; ++t) {
             y[(int64_t) t * ldy + c] = col[t];
         }

@@ -51,7 +51,7 @@ extern "C" int lq2_cuda_attn(const struct lq2_attn_args * a, cudaStream_t stream
     const struct lq2_ab_shape * sh = &a->g.shape;
     if (!lq2_ab_supported(sh->D, sh->gq, sh->G, sh->k_bits, sh->k_widths, sh->v_bits, sh->v_per_channel,
                           sh->rope_mode, sh->rope_n_dims) ||
-        (sh->rope_n_dims > 0 && !a->rope) || (sh->k_widths && !a->k_widths) || a->g.n_part < 1 || a->g.n_slots % sh->G != 0 || a->g.n_tokens > 65535) {
+        (sh->rope_n_dims > 0 && !a->rope) || (sh->k_widths && !a->k_widths) || (sh->s8 && !a->refs) || a->g.n_part < 1 || a->g.n_slots % sh->G != 0 || a->g.n_tokens > 65535) {
         return -1;
     }
     if (a->g.n_tokens == 0) {

@@ -42,7 +42,8 @@ static __global__ void lq2_dequant_copy_kernel(const struct lq2_dequant_args a) 
 }
 
 extern "C" int lq2_cuda_demote(const struct lq2_demote_args * a, cudaStream_t stream) {
-    if (!lq2_demote_supported(a) || (a->g.n_rows > 0 && !a->scratch) || (a->g.k_widths && !a->k_widths)) {
+    if (!lq2_demote_supported(a) || (a->g.n_rows > 0 && !a->scratch) || (a->g.k_widths && !a->k_widths) ||
+        (a->g.s8 && !a->refs)) {
         return -1;
     }
     if (a->g.n_rows > 0) {
@@ -56,7 +57,7 @@ extern "C" int lq2_cuda_demote(const struct lq2_demote_args * a, cudaStream_t st
 extern "C" int lq2_cuda_dequant(const struct lq2_dequant_args * a, cudaStream_t stream) {
     if (!lq2_dequant_shape_ok(a->g.D, a->g.G, a->g.k_bits, a->g.k_widths, a->g.v_bits, a->g.v_per_channel,
                               a->g.rope_mode, a->g.rope_n_dims, a->g.n_slots) ||
-        (a->g.rope_n_dims > 0 && !a->rope_table) || (a->g.k_widths && !a->k_widths)) {
+        (a->g.rope_n_dims > 0 && !a->rope_table) || (a->g.k_widths && !a->k_widths) || (a->g.s8 && !a->refs)) {
         return -1;
     }
     const int64_t n_groups = a->g.n_slots / a->g.G;

@@ -1,6 +1,6 @@
 // lq2-op-args.h: the LogQuant ops' tensors and params (lq2-op-params.h) as the GPU kernels'
 // argument structs (lq2-attn-block.h, lq2-demote-block.h, lq2-dequant-block.h), mixed key widths
-// and per-channel values included. One place for the mapping: the CUDA
+// per-channel values and 8-bit headers included. One place for the mapping: the CUDA
 // glue (native/cuda/lq2-ops-cuda.cu) and the host check that runs the kernels' per-thread code on
 // the CPU op's tensors (tests/native/lq2_ops_check.cpp) both call these.
 #pragma once
@@ -28,10 +28,21 @@ static inline const struct ggml_tensor * lq2_op_key_widths(const struct ggml_ten
     return op->src[src];
 }
 
-// Bytes per value row (values grouped per token: one row per slot) or per value group (grouped
-// per channel: one block of G codes per channel), for nv channels.
-static inline int64_t lq2_v2_stride(int64_t nv, int G, int v_bits, int v_per_channel) {
-    return v_per_channel ? nv * LQ2_BLOCK_BYTES_B(G, v_bits) : (nv / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, v_bits);
+// A LogQuant op's channel references for 8-bit block headers (ggml_lq2_set_header_refs,
+// lq2-op-params.h), or NULL: f16 headers.
+static inline const struct ggml_tensor * lq2_op_header_refs(const struct ggml_tensor * op) {
+    const int src = op->op == GGML_OP_LQ2_DEMOTE ? LQ2_DEMOTE_SRC_REFS
+                  : op->op == GGML_OP_LQ2_ATTN   ? LQ2_ATTN_SRC_REFS
+                                                 : LQ2_DEQUANT_SRC_REFS;
+    return op->src[src];
+}
+
+// Bytes per value row (values grouped per token: one row per slot, f16 headers) or per value
+// group (grouped per channel: one block of G codes per channel, 8-bit headers when s8), for nv
+// channels.
+static inline int64_t lq2_v2_stride(int64_t nv, int G, int v_bits, int v_per_channel, int s8) {
+    return v_per_channel ? nv * LQ2_BLOCK_BYTES_H(G, v_bits, s8)
+                         : (nv / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, v_bits);
 }
 
 // parts: lq2_attn_parts_floats() floats of scratch for n_part parts.
@@ -57,9 +68,10 @@ static inline struct lq2_attn_args lq2_attn_args_of(const struct ggml_tensor * d
     a.g.mask_nb1               = (int64_t) mask->nb[1]; // the streams' rows are contiguous, as the CPU forward reads them
     a.g.mask_f16               = mask->type == GGML_TYPE_F16;
     a.k2                       = (const char *) k2->data;
-    a.g.kg_bytes               = n_head_kv * D * LQ2_BLOCK_BYTES_B(op.G, op.k_bits);
+    const struct ggml_tensor * refs = lq2_op_header_refs(dst);
+    a.g.kg_bytes               = n_head_kv * D * LQ2_BLOCK_BYTES_H(op.G, op.k_bits, refs != NULL);
     a.v2                       = (const char *) v2->data;
-    a.g.v2_stride              = lq2_v2_stride(n_head_kv * D, op.G, op.v_bits, op.v_per_channel);
+    a.g.v2_stride              = lq2_v2_stride(n_head_kv * D, op.G, op.v_bits, op.v_per_channel, refs != NULL);
     a.mask2                    = (const char *) mask2->data;
     a.g.mask2_nb1              = (int64_t) mask2->nb[1];
     a.rope                     = rope ? (const char *) rope->data : NULL;
@@ -89,6 +101,8 @@ static inline struct lq2_attn_args lq2_attn_args_of(const struct ggml_tensor * d
     a.g.shape.v_per_channel    = op.v_per_channel;
     a.g.shape.k_widths         = lq2_op_key_widths(dst) != NULL;
     a.k_widths                 = lq2_op_key_widths(dst) ? (const int8_t *) lq2_op_key_widths(dst)->data : NULL;
+    a.g.shape.s8               = refs != NULL;
+    a.refs                     = refs ? (const float *) refs->data : NULL;
     return a;
 }
 
@@ -108,9 +122,10 @@ static inline struct lq2_demote_args lq2_demote_args_of(const struct ggml_tensor
     a.g.nk            = k->ne[0];
     a.g.nv            = v->ne[0];
     a.k2            = (uint8_t *) k2->data;
-    a.g.k_group_bytes = a.g.nk * LQ2_BLOCK_BYTES_B(p.G, p.k_bits);
+    const struct ggml_tensor * refs = lq2_op_header_refs(dst);
+    a.g.k_group_bytes = a.g.nk * LQ2_BLOCK_BYTES_H(p.G, p.k_bits, refs != NULL);
     a.v2            = (uint8_t *) v2->data;
-    a.g.v2_stride     = lq2_v2_stride(a.g.nv, p.G, p.v_bits, p.v_per_channel);
+    a.g.v2_stride     = lq2_v2_stride(a.g.nv, p.G, p.v_bits, p.v_per_channel, refs != NULL);
     a.staging       = (char *) staging->data;
     a.g.staging_nb1   = (int64_t) staging->nb[1];
     a.k             = (const char *) k->data;
@@ -128,6 +143,8 @@ static inline struct lq2_demote_args lq2_demote_args_of(const struct ggml_tensor
     a.g.v_per_channel = p.v_per_channel;
     a.g.k_widths      = lq2_op_key_widths(dst) != NULL;
     a.k_widths        = lq2_op_key_widths(dst) ? (const int8_t *) lq2_op_key_widths(dst)->data : NULL;
+    a.g.s8            = refs != NULL;
+    a.refs            = refs ? (const float *) refs->data : NULL;
     return a;
 }
 
@@ -141,9 +158,10 @@ static inline struct lq2_dequant_args lq2_dequant_args_of(const struct ggml_tens
     a.g.D              = (int32_t) dst->ne[0];
     a.g.n_head_kv      = (int32_t) dst->ne[1];
     a.k2             = (const uint8_t *) k2->data;
-    a.g.k_group_bytes  = (int64_t) a.g.D * a.g.n_head_kv * LQ2_BLOCK_BYTES_B(p.G, p.k_bits);
+    const struct ggml_tensor * refs = lq2_op_header_refs(dst);
+    a.g.k_group_bytes  = (int64_t) a.g.D * a.g.n_head_kv * LQ2_BLOCK_BYTES_H(p.G, p.k_bits, refs != NULL);
     a.v2             = (const uint8_t *) v2->data;
-    a.g.v2_stride      = lq2_v2_stride((int64_t) a.g.n_head_kv * a.g.D, p.G, p.v_bits, p.v_per_channel);
+    a.g.v2_stride      = lq2_v2_stride((int64_t) a.g.n_head_kv * a.g.D, p.G, p.v_bits, p.v_per_channel, refs != NULL);
     a.rope_table     = rope ? (const char *) rope->data : NULL;
     a.g.rope_table_nb1 = rope ? (int64_t) rope->nb[1] : 0;
     a.k              = (const char *) k->data;
@@ -162,6 +180,8 @@ static inline struct lq2_dequant_args lq2_dequant_args_of(const struct ggml_tens
     a.g.v_per_channel  = p.v_per_channel;
     a.g.k_widths       = lq2_op_key_widths(dst) != NULL;
     a.k_widths         = lq2_op_key_widths(dst) ? (const int8_t *) lq2_op_key_widths(dst)->data : NULL;
+    a.g.s8             = refs != NULL;
+    a.refs             = refs ? (const float *) refs->data : NULL;
     return a;
 }
 

@@ -106,3 +106,35 @@ struct ggml_tensor * ggml_lq2_set_key_widths(struct ggml_tensor * op, struct ggm
     op->src[src] = widths;
     return op;
 }
+
+struct ggml_tensor * ggml_lq2_set_header_refs(struct ggml_tensor * op, struct ggml_tensor * refs) {
+    GGML_ASSERT(refs->type == GGML_TYPE_F32 && ggml_is_contiguous(refs) && refs->ne[0] == 2);
+    struct lq2_demote_op_params dp;
+    int64_t n_embd_k = 0, n_embd_v = 0; // the layer's key and value channels, all kv heads
+    int     src = 0, v_per_channel = 0;
+    switch (op->op) {
+        case GGML_OP_LQ2_DEMOTE:
+            memcpy(&dp, op->op_params, sizeof(dp));
+            n_embd_k = op->src[3]->ne[0], n_embd_v = op->src[4]->ne[0], v_per_channel = dp.v_per_channel;
+            src = LQ2_DEMOTE_SRC_REFS;
+            break;
+        case GGML_OP_LQ2_ATTN: {
+            struct lq2_attn_op_params ap;
+            memcpy(&ap, op->op_params, sizeof(ap));
+            n_embd_k = n_embd_v = op->src[1]->ne[0] * op->src[1]->ne[1], v_per_channel = ap.v_per_channel;
+            src = LQ2_ATTN_SRC_REFS;
+            break;
+        }
+        case GGML_OP_LQ2_DEQUANT: {
+            struct lq2_dequant_op_params qp;
+            memcpy(&qp, op->op_params, sizeof(qp));
+            n_embd_k = n_embd_v = op->ne[0] * op->ne[1], v_per_channel = qp.v_per_channel;
+            src = LQ2_DEQUANT_SRC_REFS;
+            break;
+        }
+        default: GGML_ABORT("ggml_lq2_set_header_refs: not a LogQuant op");
+    }
+    GGML_ASSERT(refs->ne[1] == n_embd_k + (v_per_channel ? n_embd_v : 0));
+    op->src[src] = refs;
+    return op;
+}

@@ -135,6 +135,31 @@ logquant_cache::logquant_cache(const logquant_settings & s, const llama_model & 
                            n_by_frequency, why.c_str());
         }
     }
+    if (settings.scale_bits != 8 && settings.scale_bits != 16) {
+        refuse("scale bits must be 16 (f16 scales and minimums) or 8, got " + std::to_string(settings.scale_bits));
+    }
+    if (settings.scale_bits == 8 && rope.n_dims == 0 && !no_rope) {
+        refuse("8-bit scales are relative to each key channel's reference, which needs keys stored before RoPE "
+               "(this context's RoPE is not plain NORM/NEOX, or keys_post_rope was asked); use scale bits 16");
+    }
+    if (settings.scale_bits == 8) {
+        std::string why;
+        int32_t n_without = 0;
+        for (int32_t il = 0; il < (int32_t) model.layers.size(); il++) {
+            if (!holds_layer(il)) {
+                continue;
+            }
+            std::vector<float> r = logquant_header_refs(model, hparams, il, settings.value_per_channel != 0, why);
+            if (r.empty()) {
+                n_without++;
+                continue;
+            }
+            header_refs_of[il] = std::move(r);
+        }
+        if (n_without > 0) { // a size estimate on unloaded weights, or a fused QKV projection
+            LLAMA_LOG_WARN("%s: %d layers keep f16 scales: no 8-bit ones (%s)\n", __func__, n_without, why.c_str());
+        }
+    }
     // Each sequence may hold a partial group open; a sequence reaches the 2-bit tier only past 2W
     // tokens, which bounds how many can at once.
     const int64_t n_open_max = std::min<int64_t>(this->n_seq_max, capacity / (2 * (int64_t) settings.window + 1) + 1);
@@ -146,12 +171,13 @@ logquant_cache::logquant_cache(const logquant_settings & s, const llama_model & 
         overrides += " " + std::to_string(lb.il) + ":" + std::to_string(lb.key_bits) + ":" + std::to_string(lb.value_bits);
     }
     LLAMA_LOG_INFO("%s: LogQuant cache: window %d, policy %s, low-bit tier %u tokens, keys %s RoPE in groups "
-                   "of %d, bits K %d V %d%s%s%s, values grouped per %s\n", __func__, settings.window,
+                   "of %d, bits K %d V %d%s%s%s, values grouped per %s%s\n", __func__, settings.window,
                    settings.policy == LOGQUANT_POLICY_LOG ? "log" : "window", capacity,
                    rope.n_dims > 0 ? "before" : no_rope ? "without" : "after", G, settings.key_bits, settings.value_bits,
                    overrides.empty() ? "" : ", layers il:K:V", overrides.c_str(),
                    key_widths_of.empty() ? "" : ", mixed key widths (0/b/2b bits per channel, 0/2/4 for 3-bit keys)",
-                   settings.value_per_channel ? "channel" : "token");
+                   settings.value_per_channel ? "channel" : "token",
+                   header_refs_of.empty() ? "" : ", 8-bit scales and minimums");
 }
 
 std::string logquant_cache::check_supported(const llama_model & model, const llama_hparams & hparams, bool v_trans,
@@ -186,7 +212,7 @@ std::string logquant_cache::check_supported(const llama_model & model, const lla
 // at the nodes: the probe's tensors are never allocated).
 bool logquant_cache::device_takes_layer(ggml_backend_dev_t dev, const layer & l) const {
     const int64_t D = l.n_embd_k_gqa / l.n_head_kv, n_kv = 256, n_slots = std::min<int64_t>(256, n_groups * G);
-    ggml_init_params ip = { 17 * ggml_tensor_overhead(), nullptr, /*no_alloc =*/ true };
+    ggml_init_params ip = { 18 * ggml_tensor_overhead(), nullptr, /*no_alloc =*/ true };
     ggml_context * ctx = ggml_init(ip);
     ggml_tensor * k2  = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, ggml_nelements(l.k2));
     ggml_tensor * v2  = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, ggml_nelements(l.v2));
@@ -214,6 +240,12 @@ bool logquant_cache::device_takes_layer(ggml_backend_dev_t dev, const layer & l)
         ggml_lq2_set_key_widths(attn, w);
         ggml_lq2_set_key_widths(deq, w);
     }
+    if (l.refs) {
+        ggml_tensor * r = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 2, l.refs->ne[1]);
+        ggml_lq2_set_header_refs(dem, r);
+        ggml_lq2_set_header_refs(attn, r);
+        ggml_lq2_set_header_refs(deq, r);
+    }
     const bool ok = ggml_backend_dev_supports_op(dev, dem) && ggml_backend_dev_supports_op(dev, attn) &&
                     ggml_backend_dev_supports_op(dev, deq);
     ggml_free(ctx);
@@ -221,9 +253,9 @@ bool logquant_cache::device_takes_layer(ggml_backend_dev_t dev, const layer & l)
 }
 
 // Bytes of the values of one group's G slots, all channels: per channel, G-code blocks of the key
-// types; per token, 64-channel value blocks.
-static size_t value_group_bytes(bool per_channel, int32_t G, uint32_t n_embd_v_gqa, int32_t v_bits) {
-    return per_channel ? (size_t) n_embd_v_gqa * LQ2_BLOCK_BYTES_B(G, v_bits)
+// types (8-bit headers when s8); per token, 64-channel value blocks.
+static size_t value_group_bytes(bool per_channel, int32_t G, uint32_t n_embd_v_gqa, int32_t v_bits, bool s8) {
+    return per_channel ? (size_t) n_embd_v_gqa * LQ2_BLOCK_BYTES_H(G, v_bits, s8)
                        : (size_t) G * (n_embd_v_gqa / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, v_bits);
 }
 
@@ -275,9 +307,18 @@ void logquant_cache::add_layer(ggml_context * ctx, int32_t il, uint32_t n_embd_k
     l.n_head_kv    = n_head_kv;
     l.n_head       = n_head;
     std::tie(l.k_bits, l.v_bits) = settings.bits_of(il);
-    l.k_group_bytes = (size_t) n_embd_k_gqa * LQ2_BLOCK_BYTES_B(G, l.k_bits);
     l.v_per_channel = settings.value_per_channel && lq2_key_type_b(G, l.v_bits) >= 0;
-    l.v_group_bytes = value_group_bytes(l.v_per_channel, G, n_embd_v_gqa, l.v_bits);
+    // 8-bit headers: the references of the key channels, and of the value channels when those are
+    // grouped per channel (this layer's value bits may have left them per token)
+    l.refs = nullptr;
+    if (auto it = header_refs_of.find(il); it != header_refs_of.end() && it->second.size() >= 2 * (size_t) n_embd_k_gqa) {
+        l.refs_host = it->second;
+        l.refs_host.resize(2 * (size_t) (n_embd_k_gqa + (l.v_per_channel ? n_embd_v_gqa : 0)));
+        l.refs = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 2, (int64_t) l.refs_host.size() / 2);
+        ggml_format_name(l.refs, "cache_k2_refs_l%d", il);
+    }
+    l.k_group_bytes = (size_t) n_embd_k_gqa * LQ2_BLOCK_BYTES_H(G, l.k_bits, l.refs != nullptr);
+    l.v_group_bytes = value_group_bytes(l.v_per_channel, G, n_embd_v_gqa, l.v_bits, l.refs != nullptr);
     l.k2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, n_groups * (int64_t) l.k_group_bytes);
     l.v2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, n_groups * (int64_t) l.v_group_bytes);
     l.staging = ggml_new_tensor_2d(ctx, GGML_TYPE_F32,
@@ -306,16 +347,19 @@ void logquant_cache::add_layer(ggml_context * ctx, int32_t il, uint32_t n_embd_k
     layers.push_back(std::move(l));
 }
 
-void logquant_cache::upload_key_widths() {
-    if (widths_uploaded) {
+void logquant_cache::upload_layer_constants() {
+    if (constants_uploaded) {
         return;
     }
     for (const auto & l : layers) {
         if (l.widths && l.widths->buffer) {
             ggml_backend_tensor_set(l.widths, l.widths_host.data(), 0, l.widths_host.size());
         }
+        if (l.refs && l.refs->buffer) {
+            ggml_backend_tensor_set(l.refs, l.refs_host.data(), 0, l.refs_host.size() * sizeof(float));
+        }
     }
-    widths_uploaded = true;
+    constants_uploaded = true;
 }
 
 int32_t logquant_cache::n_mixed_layers() const {
@@ -335,9 +379,11 @@ logquant_tier_stats logquant_cache::stats(int64_t bytes_f16) const {
     for (const auto & l : layers) {
         s.bytes_q2  += (int64_t) (ggml_nbytes(l.k2) + ggml_nbytes(l.v2) + ggml_nbytes(l.staging));
         s.bytes_aux += (int64_t) ggml_nbytes(l.staging);
-        if (l.widths) {
-            s.bytes_q2  += (int64_t) ggml_nbytes(l.widths);
-            s.bytes_aux += (int64_t) ggml_nbytes(l.widths);
+        for (const ggml_tensor * t : { l.widths, l.refs }) { // per-layer constants
+            if (t) {
+                s.bytes_q2  += (int64_t) ggml_nbytes(t);
+                s.bytes_aux += (int64_t) ggml_nbytes(t);
+            }
         }
         bits   += 8.0 * (double) (l.k_group_bytes + l.v_group_bytes) / G;
         values += (double) (l.n_embd_k_gqa + l.n_embd_v_gqa);

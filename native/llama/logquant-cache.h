@@ -112,6 +112,11 @@ struct logquant_settings {
     // layer whose value bits have no key type at G (4- or 8-bit values with G 32 or 128) keeps
     // per-token values.
     int32_t value_per_channel = 1;
+    // Bits of each block's scale and minimum (lq2-format.h's 8-bit headers; LOGQUANT_SCALE_BITS):
+    // 16, the f16 pair, or 8, a byte each relative to per-channel references from the model's
+    // weights (logquant-header-refs.cpp): a quarter of a bit per value less at G = 64. Needs keys
+    // stored before RoPE; values grouped per token keep f16 headers.
+    int32_t scale_bits = 16;
     std::string layer_bits_error; // LOGQUANT_LAYER_BITS as given, when it could not be read
 
     // The code bits of layer il: {key, value}.
@@ -123,6 +128,12 @@ struct logquant_settings {
 // in why, when they cannot be.
 std::vector<int8_t> logquant_key_widths(const llama_model & model, const llama_hparams & hparams, int32_t il,
                                         int32_t bits, const lq2_rope_params & rope, std::string & why);
+
+// A layer's channel references for 8-bit headers (lq2-format.h), (mu, sigma) per key channel, then
+// (values: per-channel values) per value channel, from the model's weights
+// (logquant-header-refs.cpp); empty, with the reason in why, when they cannot be read.
+std::vector<float> logquant_header_refs(const llama_model & model, const llama_hparams & hparams, int32_t il,
+                                        bool values, std::string & why);
 
 logquant_settings logquant_settings_current();
 void              logquant_settings_set(const logquant_settings & s);
@@ -285,6 +296,8 @@ public:
         ggml_tensor * rope;    // the cos/sin table of this layer's buffer (rope_tables), or null
         ggml_tensor * widths;  // I8 [n_embd_k_gqa]: mixed key widths (settings.key_widths), or null
         std::vector<int8_t> widths_host; // their values (empty: uniform k_bits)
+        ggml_tensor * refs;    // F32 [2, channels]: references of 8-bit headers (settings.scale_bits), or null
+        std::vector<float> refs_host;    // their values (empty: f16 headers)
         uint32_t n_embd_k_gqa;
         uint32_t n_embd_v_gqa;
         uint32_t n_head_kv;
@@ -310,8 +323,9 @@ public:
     // The cos/sin table rows changed since the last upload: groups [dirty_g0, dirty_g1). The
     // graph input uploads them to every table (one per buffer the layers live in) before compute.
     void upload_rope_tables();
-    // The layers' key widths, after the buffers were allocated or cleared (set_input calls it).
-    void upload_key_widths();
+    // The layers' key widths and header references, after the buffers were allocated or cleared
+    // (set_input calls it).
+    void upload_layer_constants();
     int32_t n_mixed_layers() const; // layers with mixed key widths
 
     lq2_rope_params         rope;       // n_dims 0: keys stay post-RoPE (explicit fallback), or no RoPE
@@ -338,7 +352,8 @@ private:
     std::map<ggml_context *, ggml_tensor *> rope_tables; // one per buffer the layers live in
     int64_t             dirty_g0 = 0, dirty_g1 = 0;
     std::map<int32_t, std::vector<int8_t>> key_widths_of; // by layer, when settings.key_widths
-    bool                widths_uploaded = false;
+    std::map<int32_t, std::vector<float>> header_refs_of; // by layer, keys' then values', when scale_bits is 8
+    bool                constants_uploaded = false;
     std::vector<llama_kv_cells> *  v_cells       = nullptr; // see bind()
     const std::vector<uint32_t> *  seq_to_stream = nullptr;
     uint32_t                       stream_size   = 0;

@@ -67,7 +67,7 @@ void llm_graph_input_logquant::set_input(const llama_ubatch * ubatch) {
     ggml_backend_tensor_set(mask2, m.data(), 0, ggml_nbytes(mask2));
 
     lq->upload_rope_tables();
-    lq->upload_key_widths();
+    lq->upload_layer_constants();
 }
 
 bool llm_graph_input_logquant::can_reuse(const llm_graph_params & params) {
@@ -107,6 +107,9 @@ logquant_attn_nodes logquant_build_attn(ggml_context * ctx, ggml_cgraph * gf, ll
     if (l.widths) {
         ggml_lq2_set_key_widths(demoted, l.widths);
     }
+    if (l.refs) {
+        ggml_lq2_set_header_refs(demoted, l.refs);
+    }
     ggml_format_name(demoted, "lq_demote_l%d", il);
     ggml_build_forward_expand(gf, demoted);
 
@@ -123,6 +126,9 @@ logquant_attn_nodes logquant_build_attn(ggml_context * ctx, ggml_cgraph * gf, ll
         ggml_tensor * both = ggml_lq2_dequant(ctx, demoted, l.v2, l.rope, k, v, &qp, sizeof(qp));
         if (l.widths) {
             ggml_lq2_set_key_widths(both, l.widths);
+        }
+        if (l.refs) {
+            ggml_lq2_set_header_refs(both, l.refs);
         }
         ggml_format_name(both, "lq_dequant_l%d", il);
         nodes.k = ggml_view_4d(ctx, both, both->ne[0], both->ne[1], both->ne[2], 1, both->nb[1], both->nb[2],
@@ -151,6 +157,9 @@ logquant_attn_nodes logquant_build_attn(ggml_context * ctx, ggml_cgraph * gf, ll
     ggml_tensor * out = ggml_lq2_attn(ctx, q, k, v, kq_mask, demoted, l.v2, inp->mask2, l.rope, &ap, sizeof(ap));
     if (l.widths) {
         ggml_lq2_set_key_widths(out, l.widths);
+    }
+    if (l.refs) {
+        ggml_lq2_set_header_refs(out, l.refs);
     }
     ggml_format_name(out, "lq_attn_l%d", il);
     nodes.out = ggml_reshape_2d(ctx, out, q->ne[0] * q->ne[1], q->ne[2]);

@@ -348,7 +348,7 @@ void logquant_cache::seq_keep(int32_t seq_id) {
 void logquant_cache::clear() {
     bk.clear();
     pending.clear();
-    widths_uploaded = false; // llama_kv_cache may have zeroed its buffers, widths included
+    constants_uploaded = false; // llama_kv_cache may have zeroed its buffers, widths and refs included
 }
 
 int32_t logquant_cache::seq_pos_min(int32_t seq_id, int32_t cells_min) const {

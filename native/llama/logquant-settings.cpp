@@ -49,6 +49,9 @@ static logquant_settings g_settings = [] {
     if (const char * v = std::getenv("LOGQUANT_VALUE_GROUPS")) { // "channel" (or 1); "token" (or 0)
         s.value_per_channel = std::strcmp(v, "token") != 0 && std::strcmp(v, "0") != 0;
     }
+    if (const char * b = std::getenv("LOGQUANT_SCALE_BITS")) {
+        s.scale_bits = std::atoi(b);
+    }
     if (const char * c = std::getenv("LOGQUANT_SCORE_CORRECTION")) {
         s.score_correction = std::atoi(c) != 0;
     }

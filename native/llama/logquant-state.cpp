@@ -14,7 +14,8 @@
 // ---------------------------------------------------------------------------------------------
 // state: a tagged section after llama_kv_cache's own data
 
-static constexpr uint32_t STATE_MAGIC    = 0x4c513205; // "LQ2", version 5 (value grouping per layer)
+static constexpr uint32_t STATE_MAGIC    = 0x4c513206; // "LQ2", version 6 (header references per layer)
+static constexpr uint32_t STATE_MAGIC_V5 = 0x4c513205; // version 5 (value grouping per layer): and f16 headers
 static constexpr uint32_t STATE_MAGIC_V4 = 0x4c513204; // version 4 (mixed key widths): read as per-token values
 static constexpr uint32_t STATE_MAGIC_V3 = 0x4c513203; // version 3 (sequences per slot): and uniform widths
 
@@ -33,6 +34,19 @@ static uint32_t widths_tag(const std::vector<int8_t> & w) {
     uint32_t h = 2166136261u;
     for (int8_t b : w) {
         h = (h ^ (uint8_t) b) * 16777619u;
+    }
+    return h ? h : 1;
+}
+
+// What a state records of a layer's block headers: 0 for f16 ones, else an FNV-1a hash of the
+// references' bytes (never 0): their blocks decode with those references only.
+static uint32_t refs_tag(const std::vector<float> & r) {
+    if (r.empty()) {
+        return 0;
+    }
+    uint32_t h = 2166136261u;
+    for (size_t i = 0; i < r.size() * sizeof(float); i++) {
+        h = (h ^ reinterpret_cast<const uint8_t *>(r.data())[i]) * 16777619u;
     }
     return h ? h : 1;
 }
@@ -91,6 +105,8 @@ void logquant_cache::state_write(llama_io_write_i & io, int32_t seq_id) const {
         const uint32_t wt = widths_tag(l.widths_host);
         io.write(&wt, sizeof(wt));
         io.write(&l.v_per_channel, sizeof(l.v_per_channel));
+        const uint32_t rt = refs_tag(l.refs_host);
+        io.write(&rt, sizeof(rt));
         if (k_bytes > 0) {
             io.write_tensor(l.k2, 0, k_bytes);
             io.write_tensor(l.v2, 0, v_bytes);
@@ -117,7 +133,7 @@ bool logquant_cache::state_read(llama_io_read_i & io, int32_t seq_id) {
     }
     uint32_t magic = 0;
     io.read(&magic, sizeof(magic));
-    if (magic != STATE_MAGIC && magic != STATE_MAGIC_V4 && magic != STATE_MAGIC_V3) {
+    if (magic != STATE_MAGIC && magic != STATE_MAGIC_V5 && magic != STATE_MAGIC_V4 && magic != STATE_MAGIC_V3) {
         LLAMA_LOG_ERROR("%s: this state was not saved by a LogQuant cache of this version\n", __func__);
         return false;
     }
@@ -159,13 +175,16 @@ bool logquant_cache::state_read(llama_io_read_i & io, int32_t seq_id) {
         io.read(&il, sizeof(il));
         io.read(&kb, sizeof(kb));
         io.read(&vb, sizeof(vb));
-        uint32_t wt = 0;
+        uint32_t wt = 0, rt = 0;
         int32_t vpc = 0;
         if (magic != STATE_MAGIC_V3) {
             io.read(&wt, sizeof(wt));
         }
-        if (magic == STATE_MAGIC) {
+        if (magic == STATE_MAGIC || magic == STATE_MAGIC_V5) {
             io.read(&vpc, sizeof(vpc));
+        }
+        if (magic == STATE_MAGIC) {
+            io.read(&rt, sizeof(rt));
         }
         if (il != l.il || kb != l.k_bits || vb != l.v_bits) {
             LLAMA_LOG_ERROR("%s: layer %d was saved with %d-bit keys and %d-bit values; this cache's layer %d "
@@ -176,6 +195,13 @@ bool logquant_cache::state_read(llama_io_read_i & io, int32_t seq_id) {
         if (wt != widths_tag(l.widths_host)) {
             LLAMA_LOG_ERROR("%s: layer %d was saved with %s key widths; this cache has %s ones (logquant_key_widths)\n",
                             __func__, il, wt ? "mixed" : "uniform", l.widths_host.empty() ? "uniform" : "other mixed");
+            clear();
+            return false;
+        }
+        if (rt != refs_tag(l.refs_host)) {
+            LLAMA_LOG_ERROR("%s: layer %d was saved with %s scales and minimums; this cache has %s ones "
+                            "(logquant_scale_bits)\n", __func__, il, rt ? "8-bit" : "f16",
+                            l.refs_host.empty() ? "f16" : rt ? "other 8-bit" : "8-bit");
             clear();
             return false;
         }

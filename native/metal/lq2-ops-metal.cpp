@@ -43,6 +43,9 @@ extern "C" bool ggml_metal_lq2_supports_op(const ggml_tensor * op) {
     if (!env || strcmp(env, "1") != 0) {
         return false;
     }
+    if (lq2_op_header_refs(op)) {
+        return false; // 8-bit headers: the kernels would need the references' buffer bound (not yet)
+    }
     switch (op->op) {
         case GGML_OP_LQ2_DEMOTE: {
             const lq2_demote_args a = lq2_demote_args_of(op);

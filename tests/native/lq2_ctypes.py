@@ -29,7 +29,8 @@ class TierQ2(ctypes.Structure):
                 ("nb_kg", ctypes.c_size_t), ("v", ctypes.c_void_p), ("nb_v", ctypes.c_size_t),
                 ("pos", ctypes.c_void_p), ("rope", RopeParams), ("rope_table", ctypes.c_void_p),
                 ("mask", ctypes.c_void_p), ("score_correction", ctypes.c_int32),
-                ("k_widths", ctypes.c_void_p), ("v_per_channel", ctypes.c_int32)]
+                ("k_widths", ctypes.c_void_p), ("v_per_channel", ctypes.c_int32),
+                ("refs", ctypes.c_void_p)]
 
 
 class AbShape(ctypes.Structure):  # lq2-attn-block.h
@@ -38,7 +39,7 @@ class AbShape(ctypes.Structure):  # lq2-attn-block.h
                 ("max_bias", ctypes.c_float), ("G", ctypes.c_int32), ("k_bits", ctypes.c_int32),
                 ("v_bits", ctypes.c_int32), ("rope_mode", ctypes.c_int32), ("rope_n_dims", ctypes.c_int32),
                 ("rope_attn_factor", ctypes.c_float), ("score_correction", ctypes.c_int32),
-                ("v_per_channel", ctypes.c_int32), ("k_widths", ctypes.c_int32)]
+                ("v_per_channel", ctypes.c_int32), ("k_widths", ctypes.c_int32), ("s8", ctypes.c_int32)]
 
 
 class AttnGeom(ctypes.Structure):  # lq2-attn-block.h: the scalars of GGML_OP_LQ2_ATTN
@@ -52,7 +53,7 @@ class AttnGeom(ctypes.Structure):  # lq2-attn-block.h: the scalars of GGML_OP_LQ
 
 class AttnArgs(ctypes.Structure):  # lq2-attn-block.h: the op's pointers and its scalars
     _fields_ = [(n, ctypes.c_void_p)
-                for n in ("q", "k", "v", "mask", "k2", "v2", "mask2", "rope", "parts", "dst", "k_widths")] + \
+                for n in ("q", "k", "v", "mask", "k2", "v2", "mask2", "rope", "parts", "dst", "k_widths", "refs")] + \
                [("g", AttnGeom)]
 
 
@@ -70,14 +71,15 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "lq2_quantize_v_row_ref": ([F32P, VOIDP, I64, INT, INT], None),
         "lq2_dequantize_v_row": ([VOIDP, F32P, I64, INT], None),
         "lq2_dequantize_v_row_ref": ([VOIDP, F32P, I64, INT], None),
-        "lq2_quantize_k_group": ([F32P, I64, INT, INT, INT, INT, INT, VOIDP], None),
-        "lq2_quantize_k_group_ref": ([F32P, I64, INT, INT, INT, INT, INT, VOIDP], None),
-        "lq2_dequantize_k_group": ([VOIDP, INT, INT, INT, INT, F32P, I64], None),
-        "lq2_dequantize_k_group_cm": ([VOIDP, INT, INT, INT, F32P], None),
-        "lq2_dequantize_k_group_cm_ref": ([VOIDP, INT, INT, INT, F32P], None),
-        "lq2_quantize_k_group_w": ([F32P, I64, INT, INT, INT, VOIDP, INT, VOIDP], None),
-        "lq2_dequantize_k_group_cm_w": ([VOIDP, INT, INT, VOIDP, F32P], None),
-        "lq2_dequantize_k_group_cm_w_ref": ([VOIDP, INT, INT, VOIDP, F32P], None),
+        # key groups: the references (8-bit headers) before the output, None for f16 headers
+        "lq2_quantize_k_group": ([F32P, I64, INT, INT, INT, INT, INT, VOIDP, VOIDP], None),
+        "lq2_quantize_k_group_ref": ([F32P, I64, INT, INT, INT, INT, INT, VOIDP, VOIDP], None),
+        "lq2_dequantize_k_group": ([VOIDP, INT, INT, INT, INT, VOIDP, F32P, I64], None),
+        "lq2_dequantize_k_group_cm": ([VOIDP, INT, INT, INT, VOIDP, F32P], None),
+        "lq2_dequantize_k_group_cm_ref": ([VOIDP, INT, INT, INT, VOIDP, F32P], None),
+        "lq2_quantize_k_group_w": ([F32P, I64, INT, INT, INT, VOIDP, INT, VOIDP, VOIDP], None),
+        "lq2_dequantize_k_group_cm_w": ([VOIDP, INT, INT, VOIDP, VOIDP, F32P], None),
+        "lq2_dequantize_k_group_cm_w_ref": ([VOIDP, INT, INT, VOIDP, VOIDP, F32P], None),
         "logquant_policy_n_full": ([I64, ctypes.c_int32], I64),
         "logquant_policy_full_indices": ([I64, ctypes.c_int32, VOIDP], I64),
         "logquant_policy_transition": ([VOIDP, I64, VOIDP, I64, ctypes.c_int32,

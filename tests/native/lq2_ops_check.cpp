@@ -29,19 +29,42 @@ extern "C" int lq2_ab_emulate(const struct lq2_attn_args * a, int order); // lq2
 #include <random>
 #include <vector>
 
-static void valid_blocks(ggml_tensor * t, int n, int bits, std::mt19937 & gen) {
-    const int bytes = LQ2_BLOCK_BYTES_B(n, bits);
+// A block's header: an f16 scale and minimum, or (s8) the exponent byte e of a scale within 2^+-4
+// of its channel's reference and any minimum byte k.
+static int valid_header(uint8_t * b, bool zero_scale, bool s8, std::mt19937 & gen) {
+    std::uniform_int_distribution<int> byte(0, 255), e(64, 191);
+    std::uniform_real_distribution<float> d(0.01f, 0.1f), mn(-1.0f, 0.0f);
+    if (s8) {
+        b[0] = (uint8_t) e(gen);
+        b[1] = (uint8_t) byte(gen);
+        return LQ2_HDR_S8;
+    }
+    const ggml_fp16_t hd = ggml_fp32_to_fp16(zero_scale ? 0.0f : d(gen)), hm = ggml_fp32_to_fp16(mn(gen));
+    memcpy(b, &hd, 2);
+    memcpy(b + 2, &hm, 2);
+    return LQ2_HDR_F16;
+}
+
+static void valid_blocks(ggml_tensor * t, int n, int bits, bool s8, std::mt19937 & gen) {
+    const int bytes = LQ2_BLOCK_BYTES_H(n, bits, s8);
     uint8_t * b = (uint8_t *) t->data;
     std::uniform_int_distribution<int> byte(0, 255);
-    std::uniform_real_distribution<float> d(0.01f, 0.1f), mn(-1.0f, 0.0f);
     for (size_t i = 0; i + bytes <= ggml_nbytes(t); i += bytes) {
-        const ggml_fp16_t hd = ggml_fp32_to_fp16(d(gen)), hm = ggml_fp32_to_fp16(mn(gen));
-        memcpy(b + i, &hd, 2);
-        memcpy(b + i + 2, &hm, 2);
-        for (int j = 4; j < bytes; j++) {
+        for (int j = valid_header(b + i, false, s8, gen); j < bytes; j++) {
             b[i + j] = (uint8_t) byte(gen);
         }
     }
+}
+
+// References of 8-bit headers for n channels: (mu, sigma) with sigma rounded as the cache stores it.
+static ggml_tensor * random_refs(ggml_context * ctx, int64_t n, std::mt19937 & gen) {
+    std::uniform_real_distribution<float> mu(-1.0f, 1.0f), sigma(0.05f, 2.0f);
+    ggml_tensor * r = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 2, n);
+    for (int64_t c = 0; c < n; c++) {
+        ((float *) r->data)[2 * c]     = mu(gen);
+        ((float *) r->data)[2 * c + 1] = lq2_ref_round(sigma(gen));
+    }
+    return r;
 }
 
 // Mixed key widths for nk = Hkv * D channels with a mean of b bits per kv head: NEOX RoPE pairs
@@ -63,23 +86,19 @@ static std::vector<int8_t> random_widths(int D, int Hkv, int b, std::mt19937 & g
 }
 
 // Key groups of G tokens with valid scales: channel c's block of widths[c] bits (or b for all).
-static void valid_key_groups(ggml_tensor * t, int G, int b, const std::vector<int8_t> & widths, int nk,
+static void valid_key_groups(ggml_tensor * t, int G, int b, const std::vector<int8_t> & widths, int nk, bool s8,
                              std::mt19937 & gen) {
     std::uniform_int_distribution<int> byte(0, 255);
-    std::uniform_real_distribution<float> d(0.01f, 0.1f), mn(-1.0f, 0.0f);
-    const size_t group = (size_t) nk * LQ2_BLOCK_BYTES_B(G, b);
+    const size_t group = (size_t) nk * LQ2_BLOCK_BYTES_H(G, b, s8);
     uint8_t * p = (uint8_t *) t->data;
     for (size_t g0 = 0; g0 + group <= ggml_nbytes(t); g0 += group) {
         size_t off = g0;
         for (int c = 0; c < nk; c++) {
             const int w = widths.empty() ? b : widths[c];
-            const ggml_fp16_t hd = ggml_fp32_to_fp16(w ? d(gen) : 0.0f), hm = ggml_fp32_to_fp16(mn(gen));
-            memcpy(p + off, &hd, 2);
-            memcpy(p + off + 2, &hm, 2);
-            for (int j = 4; j < LQ2_BLOCK_BYTES_B(G, w); j++) {
+            for (int j = valid_header(p + off, w == 0, s8, gen); j < LQ2_BLOCK_BYTES_H(G, w, s8); j++) {
                 p[off + j] = (uint8_t) byte(gen);
             }
-            off += LQ2_BLOCK_BYTES_B(G, w);
+            off += LQ2_BLOCK_BYTES_H(G, w, s8);
         }
     }
 }
@@ -135,7 +154,19 @@ struct shape {
     bool rope;
     float max_bias, softcap;
     bool bc = false, vpc = false, kw = false; // score correction, per-channel values, mixed key widths
+    bool s8 = false;                          // 8-bit block headers (lq2-format.h)
 };
+
+// The LogQuant op with the case's optional sources: mixed key widths, header references.
+static ggml_tensor * with_sources(ggml_tensor * op, ggml_tensor * kw, ggml_tensor * refs) {
+    if (kw) {
+        ggml_lq2_set_key_widths(op, kw);
+    }
+    if (refs) {
+        ggml_lq2_set_header_refs(op, refs);
+    }
+    return op;
+}
 
 static void run_attn(const shape & s, int seed) {
     ggml_init_params ip = { (size_t) 512 << 20, nullptr, false };
@@ -146,9 +177,9 @@ static void run_attn(const shape & s, int seed) {
     ggml_tensor * k  = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, s.D, s.Hkv, s.n_kv, 1);
     ggml_tensor * v  = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, s.D, s.Hkv, s.n_kv, 1);
     ggml_tensor * m  = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, s.n_kv, s.nb, 1, 1);
-    ggml_tensor * k2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, (int64_t) s.n_slots / s.G * nk * LQ2_BLOCK_BYTES_B(s.G, s.bits));
+    ggml_tensor * k2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, (int64_t) s.n_slots / s.G * nk * LQ2_BLOCK_BYTES_H(s.G, s.bits, s.s8));
     const int vb = value_bits_of(s.bits);
-    ggml_tensor * v2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, s.vpc ? (int64_t) s.n_slots / s.G * nk * LQ2_BLOCK_BYTES_B(s.G, vb)
+    ggml_tensor * v2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, s.vpc ? (int64_t) s.n_slots / s.G * nk * LQ2_BLOCK_BYTES_H(s.G, vb, s.s8)
                                                             : (int64_t) s.n_slots * (nk / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, vb));
     ggml_tensor * m2 = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, s.n_slots, s.nb);
     ggml_tensor * rt = s.rope ? ggml_new_tensor_2d(ctx, GGML_TYPE_F16, (int64_t) s.D * s.G, s.n_slots / s.G) : nullptr;
@@ -161,8 +192,9 @@ static void run_attn(const shape & s, int seed) {
         kw = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, nk);
         memcpy(kw->data, widths.data(), widths.size());
     }
-    valid_key_groups(k2, s.G, s.bits, widths, nk, gen);
-    valid_blocks(v2, s.vpc ? s.G : LQ2_QK_V, vb, gen);
+    valid_key_groups(k2, s.G, s.bits, widths, nk, s.s8, gen);
+    valid_blocks(v2, s.vpc ? s.G : LQ2_QK_V, vb, s.s8 && s.vpc, gen);
+    ggml_tensor * refs = s.s8 ? random_refs(ctx, nk * (s.vpc ? 2 : 1), gen) : nullptr;
     if (rt) {
         // a real table: cos/sin of angles (positions 0..n_slots, NEOX frequencies)
         lq2_rope_params rp = { LQ2_ROPE_NEOX, s.D, 10000.0f, 1.0f, 1.0f };
@@ -194,10 +226,7 @@ static void run_attn(const shape & s, int seed) {
         ap.rope = { LQ2_ROPE_NEOX, s.D, 10000.0f, 1.0f, 1.0f };
         dp.rope = ap.rope;
     }
-    ggml_tensor * fused = ggml_lq2_attn(ctx, q, k, v, m, k2, v2, m2, rt, &ap, sizeof(ap));
-    if (kw) {
-        ggml_lq2_set_key_widths(fused, kw);
-    }
+    ggml_tensor * fused = with_sources(ggml_lq2_attn(ctx, q, k, v, m, k2, v2, m2, rt, &ap, sizeof(ap)), kw, refs);
     compute(ctx, fused, 1, true);
     const std::vector<float> ref = as_f32(fused);
     compute(ctx, fused, 1, false);
@@ -207,17 +236,11 @@ static void run_attn(const shape & s, int seed) {
     // the same op without the score correction: how far the correction moved the result
     lq2_attn_op_params ap0 = ap;
     ap0.score_correction = 0;
-    ggml_tensor * plain = ggml_lq2_attn(ctx, q, k, v, m, k2, v2, m2, rt, &ap0, sizeof(ap0));
-    if (kw) {
-        ggml_lq2_set_key_widths(plain, kw);
-    }
+    ggml_tensor * plain = with_sources(ggml_lq2_attn(ctx, q, k, v, m, k2, v2, m2, rt, &ap0, sizeof(ap0)), kw, refs);
     compute(ctx, plain, 1, false);
     const std::vector<float> plain1 = as_f32(plain);
 
-    ggml_tensor * both = ggml_lq2_dequant(ctx, k2, v2, rt, k, v, &dp, sizeof(dp));
-    if (kw) {
-        ggml_lq2_set_key_widths(both, kw);
-    }
+    ggml_tensor * both = with_sources(ggml_lq2_dequant(ctx, k2, v2, rt, k, v, &dp, sizeof(dp)), kw, refs);
     compute(ctx, both, 1, true);
     const std::vector<float> deq_ref = as_f32(both);
     compute(ctx, both, 3, false);
@@ -274,23 +297,23 @@ static void run_attn(const shape & s, int seed) {
     diff(ref, gpu, g1, rg1);
     diff(deq_ref, gpu_deq, g2, rg2);
     printf("attn D=%d Hkv=%d gq=%d n_kv=%d slots=%d nb=%d G=%d bits=%d rope=%d alibi=%g softcap=%g bc=%d vpc=%d "
-           "kw=%d simd_vs_ref %.3g threads %.3g fa_vs_fused %.3g dequant_simd_vs_ref %.3g max_out %.3g bc_effect %.3g "
+           "kw=%d s8=%d simd_vs_ref %.3g threads %.3g fa_vs_fused %.3g dequant_simd_vs_ref %.3g max_out %.3g bc_effect %.3g "
            "gpu_vs_ref %.3g gpu_dequant_vs_ref %.3g\n",
            s.D, s.Hkv, s.gq, s.n_kv, s.n_slots, s.nb, s.G, s.bits, (int) s.rope, s.max_bias, s.softcap, (int) s.bc,
-           (int) s.vpc, (int) s.kw, a, b, c, d, ra, e, g1, g2);
+           (int) s.vpc, (int) s.kw, (int) s.s8, a, b, c, d, ra, e, g1, g2);
     ggml_free(ctx);
 }
 
 static void run_demote(int D, int Hkv, int G, int bits, int n_rows, int first, bool rope, int seed, bool fit = false,
-                       bool vpc = false, bool mixed_widths = false) {
+                       bool vpc = false, bool mixed_widths = false, bool s8 = false) {
     ggml_init_params ip = { (size_t) 64 << 20, nullptr, false };
     ggml_context * ctx = ggml_init(ip);
     std::mt19937 gen(seed);
     const int nk = D * Hkv, n_cells = n_rows + 16;
     const int64_t n_groups = (first + n_rows + G - 1) / G + 1;
-    ggml_tensor * k2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, n_groups * nk * LQ2_BLOCK_BYTES_B(G, bits));
+    ggml_tensor * k2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, n_groups * nk * LQ2_BLOCK_BYTES_H(G, bits, s8));
     const int vb = value_bits_of(bits);
-    ggml_tensor * v2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, vpc ? n_groups * nk * LQ2_BLOCK_BYTES_B(G, vb)
+    ggml_tensor * v2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, vpc ? n_groups * nk * LQ2_BLOCK_BYTES_H(G, vb, s8)
                                                           : n_groups * G * (nk / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, vb));
     ggml_tensor * st = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, (int64_t) G * nk * (vpc ? 2 : 1), 2);
     ggml_tensor * kc = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, nk, n_cells);
@@ -314,13 +337,14 @@ static void run_demote(int D, int Hkv, int G, int bits, int n_rows, int first, b
     std::vector<uint8_t> st0(ggml_nbytes(st));
     uniform(st, gen, -3.0f, 3.0f); // an open group's earlier rows
     memcpy(st0.data(), st->data, st0.size());
-    ggml_tensor * out = ggml_lq2_demote(ctx, k2, v2, st, kc, vc, rows, &p, sizeof(p));
+    ggml_tensor * kw = nullptr;
     if (mixed_widths) {
         const std::vector<int8_t> widths = random_widths(D, Hkv, bits, gen);
-        ggml_tensor * kw = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, nk);
+        kw = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, nk);
         memcpy(kw->data, widths.data(), widths.size());
-        ggml_lq2_set_key_widths(out, kw);
     }
+    ggml_tensor * out = with_sources(ggml_lq2_demote(ctx, k2, v2, st, kc, vc, rows, &p, sizeof(p)), kw,
+                                     s8 ? random_refs(ctx, nk * (vpc ? 2 : 1), gen) : nullptr);
     std::vector<std::vector<uint8_t>> got;
     std::vector<uint8_t> staged_cpu, staged_gpu;
     for (bool use_ref : {true, false}) {
@@ -410,9 +434,9 @@ static void run_demote(int D, int Hkv, int G, int bits, int n_rows, int first, b
         n_seq  += got[0][i] != got[3][i];
         n_set  += got[0][i] != 0;
     }
-    printf("demote D=%d Hkv=%d G=%d bits=%d rows=%d first=%d rope=%d fit=%d vpc=%d kw=%d demote_bytes %zu nonzero %zu "
+    printf("demote D=%d Hkv=%d G=%d bits=%d rows=%d first=%d rope=%d fit=%d vpc=%d kw=%d s8=%d demote_bytes %zu nonzero %zu "
            "gpu_demote_bytes %zu gpu_seq_demote_bytes %zu gpu_staging_differs %zu\n", D, Hkv, G, bits, n_rows, first,
-           (int) rope, (int) fit, (int) vpc, (int) mixed_widths, n_diff, n_set, n_gpu, n_seq, n_stage);
+           (int) rope, (int) fit, (int) vpc, (int) mixed_widths, (int) s8, n_diff, n_set, n_gpu, n_seq, n_stage);
     ggml_free(ctx);
 }
 
@@ -439,6 +463,10 @@ int main() {
         { 128, 1, 4,  50, 256,   3, 128, 2, false, 8.0f, 0.0f, false, true,  true },
         // 3-bit keys (widths of 2 and 4 bits, 2-bit values), with the correction
         { 64,  2, 7,  40, 256,   3, 64, 3, true,  0.0f,  0.0f, true,  true,  true },
+        // 8-bit headers: the default format, per-token values (f16 headers there), the correction
+        { 64,  2, 7,  40, 256,   3, 64, 2, true,  0.0f,  0.0f, false, true,  true,  true },
+        { 128, 2, 2,  33, 384,  40, 64, 4, true,  0.0f, 30.0f, false, false, false, true },
+        { 64,  2, 7,  40, 256,   2, 64, 3, true,  0.0f,  0.0f, true,  true,  true,  true },
     };
     int seed = 1;
     for (const auto & s : cases) {
@@ -456,5 +484,8 @@ int main() {
     run_demote(128, 2, 64, 4, 70, 0, true, seed++, false, true, true);  // both (the default format)
     run_demote(64, 4, 32, 2, 90, 20, false, seed++, true, true, true);
     run_demote(64, 2, 64, 3, 150, 10, true, seed++, true, true, true); // 3-bit keys
+    run_demote(64, 2, 64, 2, 150, 10, true, seed++, true, true, true, true); // 8-bit headers
+    run_demote(128, 2, 64, 4, 70, 0, true, seed++, true, false, false, true);
+    run_demote(64, 4, 32, 2, 90, 20, false, seed++, true, true, false, true);
     return 0;
 }

@@ -69,11 +69,12 @@ def fields(line: str) -> dict[str, float]:
 
 def test_attention_op_paths_agree(report):
     lines = [ln for ln in report if ln.startswith("attn ")]
-    assert len(lines) == 16
+    assert len(lines) == 19
     # the default format (mixed key widths, values per channel) and each alone are among them,
-    # and 3-bit keys (widths of 2 and 4 bits)
-    assert sum(" vpc=1 kw=1 " in ln for ln in lines) == 4 and sum(" bits=3 " in ln for ln in lines) == 1
+    # 3-bit keys (widths of 2 and 4 bits), and 8-bit block headers (3 cases)
+    assert sum(" vpc=1 kw=1 " in ln for ln in lines) == 6 and sum(" bits=3 " in ln for ln in lines) == 2
     assert sum(" vpc=1 kw=0 " in ln for ln in lines) == 3 and sum(" vpc=0 kw=1 " in ln for ln in lines) == 1
+    assert sum(" s8=1 " in ln for ln in lines) == 3
     for ln in lines:
         f = fields(ln)
         scale = max(1.0, f["max_out"])
@@ -97,10 +98,10 @@ def test_attention_op_paths_agree(report):
 
 def test_demote_op_stores_the_same_bytes_on_both_paths(report):
     lines = [ln for ln in report if ln.startswith("demote ")]
-    assert len(lines) == 12
-    assert sum(" fit=1 " in ln for ln in lines) == 6 and sum(" bits=3 " in ln for ln in lines) == 1
-    assert sum(" vpc=1 kw=1 " in ln for ln in lines) == 3 and sum(" vpc=0 kw=1 " in ln for ln in lines) == 1
-    assert sum(" vpc=1 kw=0 " in ln for ln in lines) == 2
+    assert len(lines) == 15
+    assert sum(" fit=1 " in ln for ln in lines) == 9 and sum(" bits=3 " in ln for ln in lines) == 1
+    assert sum(" vpc=1 kw=1 " in ln for ln in lines) == 4 and sum(" vpc=0 kw=1 " in ln for ln in lines) == 1
+    assert sum(" vpc=1 kw=0 " in ln for ln in lines) == 3 and sum(" s8=1 " in ln for ln in lines) == 3
     for ln in lines:
         f = fields(ln)
         assert f["demote_bytes"] == 0, ln

@@ -1,7 +1,7 @@
 """RoPE helpers against float64, and the one-pass two-tier attention against a float64 reference
 (dequantize, re-rotate, softmax) over empty tiers, masked rows, group tails, GQA, head sizes
 64/128/256, softcap and ALiBi, thread splits, with and without a precomputed RoPE table, and 2-,
-4- and 8-bit codes."""
+4- and 8-bit codes, 8-bit block headers."""
 from __future__ import annotations
 
 import ctypes
@@ -66,6 +66,7 @@ class Case:
     score_correction: int = 0
     widths: bool = False  # mixed key widths (random, a mean of k_bits per kv head)
     v_channels: bool = False  # values grouped per channel, as the keys (v_per_channel)
+    s8: bool = False  # 8-bit block headers relative to per-channel references (lq2-format.h)
 
 
 def random_widths(rng, Hkv: int, D: int, mode: int, n_dims: int, b: int) -> np.ndarray:
@@ -117,6 +118,11 @@ CASES = [
     Case(128, 4, 4, 37, 200, 128, max_bias=8.0, v_channels=True, widths=True),
     Case(64, 4, 4, 37, 130, 64, k_bits=4, v_bits=4, v_channels=True),
     Case(256, 4, 1, 3, 100, 64, k_bits=4, v_bits=8, mask="first_group", v_channels=True),
+    # 8-bit headers: keys (and per-channel values), mixed widths, 3- and 4-bit keys, the correction
+    Case(64, 14, 2, 96, 300, 64, base=1e6, widths=True, v_channels=True, s8=True),
+    Case(128, 8, 2, 20, 130, 32, mode=0, n_dims=64, softcap=30.0, s8=True),
+    Case(64, 14, 2, 96, 300, 64, k_bits=3, base=1e6, widths=True, v_channels=True, s8=True, score_correction=1),
+    Case(64, 4, 4, 37, 130, 64, k_bits=4, v_bits=4, max_bias=8.0, v_channels=True, s8=True),
 ]
 
 
@@ -131,17 +137,25 @@ def make(case: Case, seed: int):
     kpre = (rng.standard_normal((nB, Hkv * D)) * 0.5 + rng.standard_normal(Hkv * D)).astype(np.float32)
     vpre = rng.standard_normal((nB, Hkv * D)).astype(np.float32)
     ng = -(-nB // G)
-    kb = np.zeros((ng, Hkv * D, ref.block_bytes(G, case.k_bits)), np.uint8)
+    refs = kref = vref = None
+    if case.s8:  # references off the channels' own statistics, as the weights' are
+        def around(x):
+            m, sd = x.mean(0), x.std(0) + 1e-3
+            return np.stack([m + sd * rng.uniform(-2, 2, len(m)), ref.ref_round(sd * 2.0 ** rng.uniform(-2, 2, len(sd)))], 1)
+        refs = np.ascontiguousarray(np.concatenate([around(kpre)] + ([around(vpre)] if case.v_channels else []))
+                                    .astype(np.float32))
+        kref, vref = refs[:Hkv * D], refs[Hkv * D:]
+    kb = np.zeros((ng, Hkv * D, ref.block_bytes(G, case.k_bits, case.s8)), np.uint8)
     kw = random_widths(rng, Hkv, D, case.mode, n_dims, case.k_bits) if case.widths else None
     for g in range(ng):
         if case.widths:  # the same bytes per group as uniform 2-bit codes, laid out otherwise
-            kb[g] = ref.quantize_k_group_w(kpre[g * G:(g + 1) * G], G, kw).reshape(Hkv * D, -1)
+            kb[g] = ref.quantize_k_group_w(kpre[g * G:(g + 1) * G], G, kw, kref).reshape(Hkv * D, -1)
         else:
-            kb[g] = ref.quantize_k_group(kpre[g * G:(g + 1) * G], G, case.k_bits)
+            kb[g] = ref.quantize_k_group(kpre[g * G:(g + 1) * G], G, case.k_bits, kref)
     if case.v_channels:  # one block of G codes per channel and group, as the keys
-        vb = np.zeros((ng, Hkv * D, ref.block_bytes(G, case.v_bits)), np.uint8)
+        vb = np.zeros((ng, Hkv * D, ref.block_bytes(G, case.v_bits, case.s8)), np.uint8)
         for g in range(ng):
-            vb[g] = ref.quantize_k_group(vpre[g * G:(g + 1) * G], G, case.v_bits)
+            vb[g] = ref.quantize_k_group(vpre[g * G:(g + 1) * G], G, case.v_bits, vref)
     else:
         vb = (ref.quantize_v(vpre, case.v_bits) if nB
               else np.zeros((0, Hkv * D // 64, ref.block_bytes(64, case.v_bits)), np.uint8))
@@ -164,13 +178,13 @@ def make(case: Case, seed: int):
     if case.mask == "first_group":
         mb[:G] = -np.inf
     return {"q": q, "ka": ka, "va": va, "ma": ma, "kb": kb, "vb": vb, "pos_b": pos_b, "mb": mb,
-            "n_dims": n_dims, "kw": kw}
+            "n_dims": n_dims, "kw": kw, "refs": refs}
 
 
 def v_stride(case: Case) -> int:
     """Bytes from one token's values to the next's (per token) or one group's to the next's."""
     if case.v_channels:
-        return case.Hkv * case.D * ref.block_bytes(case.G, case.v_bits)
+        return case.Hkv * case.D * ref.block_bytes(case.G, case.v_bits, case.s8)
     return case.Hkv * case.D // 64 * ref.block_bytes(64, case.v_bits)
 
 
@@ -183,9 +197,9 @@ def run_c(lib, fn, case: Case, d, nth: int, table: bool) -> np.ndarray:
         tab = np.zeros(lib.lq2_rope_table_size(ctypes.byref(rope), case.nB, G), np.float16)
         lib.lq2_rope_table(ctypes.byref(rope), d["pos_b"].ctypes.data, case.nB, G, tab.ctypes.data)
     ta = TierF16(case.nA, ptr(d["ka"]), Hkv * D * F16_BYTES, ptr(d["va"]), Hkv * D * F16_BYTES, ptr(d["ma"]))
-    tb = TierQ2(case.nB, G, case.k_bits, case.v_bits, ptr(d["kb"]), Hkv * D * ref.block_bytes(G, case.k_bits),
+    tb = TierQ2(case.nB, G, case.k_bits, case.v_bits, ptr(d["kb"]), Hkv * D * ref.block_bytes(G, case.k_bits, case.s8),
                 ptr(d["vb"]), v_stride(case), ptr(d["pos_b"]), rope,
-                ptr(tab), ptr(d["mb"]), case.score_correction, ptr(d["kw"]), case.v_channels)
+                ptr(tab), ptr(d["mb"]), case.score_correction, ptr(d["kw"]), case.v_channels, ptr(d["refs"]))
     out = np.full((H, D), np.nan, np.float32)
     ws = lib.lq2_attn_work_size(ctypes.byref(params), G, d["n_dims"])
     for ith in range(nth):
@@ -202,7 +216,7 @@ def reference(case: Case, d, score_correction: int | None = None) -> np.ndarray:
                          softcap=case.softcap, max_bias=case.max_bias, rope_mode=case.mode,
                          n_dims=d["n_dims"], base=case.base, fscale=case.fscale,
                          k_bits=case.k_bits, v_bits=case.v_bits, score_correction=bool(sc), k_widths=d["kw"],
-                         v_per_channel=case.v_channels)
+                         v_per_channel=case.v_channels, refs=d["refs"])
 
 
 @pytest.mark.parametrize("ci", range(len(CASES)))
@@ -233,7 +247,7 @@ def run_split(lib, case: Case, d, cuts_a: list[int], cuts_g: list[int]) -> np.nd
     tab = np.zeros(max(1, lib.lq2_rope_table_size(ctypes.byref(rope), case.nB, G)), np.float16)
     if case.nB:
         lib.lq2_rope_table(ctypes.byref(rope), d["pos_b"].ctypes.data, case.nB, G, tab.ctypes.data)
-    kg_bytes = Hkv * D * ref.block_bytes(G, case.k_bits)
+    kg_bytes = Hkv * D * ref.block_bytes(G, case.k_bits, case.s8)
     v_bytes = v_stride(case)
     row_a = Hkv * D * F16_BYTES
 
@@ -252,7 +266,7 @@ def run_split(lib, case: Case, d, cuts_a: list[int], cuts_g: list[int]) -> np.nd
         tb = TierQ2(max(0, b1 - b0), G, case.k_bits, case.v_bits, at(d["kb"], cuts_g[i] * kg_bytes),
                     kg_bytes, at(d["vb"], (cuts_g[i] if case.v_channels else b0) * v_bytes), v_bytes,
                     at(d["pos_b"], b0 * 4), rope, at(tab, cuts_g[i] * d["n_dims"] * G * F16_BYTES),
-                    at(d["mb"], b0 * 4), case.score_correction, ptr(d["kw"]), case.v_channels)
+                    at(d["mb"], b0 * 4), case.score_correction, ptr(d["kw"]), case.v_channels, ptr(d["refs"]))
         acc = np.full((H, D), np.nan, np.float32)
         M, S = np.full(H, np.nan, np.float32), np.full(H, np.nan, np.float32)
         gq = H // Hkv

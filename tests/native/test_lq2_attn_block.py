@@ -40,7 +40,7 @@ class Op:
     hidden by -inf in each token's 2-bit mask, as the cache pads them), the RoPE table."""
 
     def __init__(self, lib, case: Case, q, ka, va, ma, kb, vb, pos_b, mb, mask_f16: bool,
-                 unused_groups: int = 0, fill: int = 0, kw=None):
+                 unused_groups: int = 0, fill: int = 0, kw=None, refs=None):
         D, H, Hkv, G = case.D, case.H, case.Hkv, case.G
         self.case, self.T, self.S = case, q.shape[0], ka.shape[0]
         ng = -(-case.nB // G)
@@ -51,15 +51,16 @@ class Op:
         self.ma = np.ascontiguousarray(ma.astype(mdt))
         self.mb = np.full((self.T, self.n_slots), -np.inf, np.float16)
         self.mb[:, :case.nB] = mb
-        self.kb = np.full((self.n_slots // G, Hkv * D, ref.block_bytes(G, case.k_bits)), fill, np.uint8)
+        self.kb = np.full((self.n_slots // G, Hkv * D, ref.block_bytes(G, case.k_bits, case.s8)), fill, np.uint8)
         self.kb[:ng] = kb
         if case.v_channels:  # a group's blocks, one per channel
-            self.vb = np.full((self.n_slots // G, Hkv * D, ref.block_bytes(G, case.v_bits)), fill, np.uint8)
+            self.vb = np.full((self.n_slots // G, Hkv * D, ref.block_bytes(G, case.v_bits, case.s8)), fill, np.uint8)
             self.vb[:ng] = vb
         else:  # a row of blocks per slot
             self.vb = np.full((self.n_slots, Hkv * D // 64, ref.block_bytes(64, case.v_bits)), fill, np.uint8)
             self.vb[:case.nB] = vb
         self.kw = None if kw is None else np.ascontiguousarray(kw, np.int8)
+        self.refs = None if refs is None else np.ascontiguousarray(refs, np.float32)
         rope = RopeParams(case.mode, D if case.n_dims is None else case.n_dims, case.base, case.fscale, 1.0)
         self.rope = rope
         # rows for every group of the store (the cache keeps them for all slots)
@@ -74,7 +75,8 @@ class Op:
         row = Hkv * D * F16_BYTES
         nd = self.rope.n_dims
         shape = AbShape(D, H // Hkv, H, 0, 1.0 / np.sqrt(D), c.softcap, c.max_bias, c.G, c.k_bits, c.v_bits,
-                        c.mode, nd, 1.0, c.score_correction, int(c.v_channels), int(self.kw is not None))
+                        c.mode, nd, 1.0, c.score_correction, int(c.v_channels), int(self.kw is not None),
+                        int(self.refs is not None))
         g = AttnGeom(q_nb1=D * 4, q_nb2=H * D * 4, k_nb2=row, k_nb3=c.nA * row, v_nb2=row, v_nb3=c.nA * row,
                      n_kv=c.nA, mask_nb1=self.ma.strides[0], kg_bytes=self.kb[0].nbytes,
                      v2_stride=self.vb[0].nbytes, mask2_nb1=self.mb.strides[0],
@@ -85,7 +87,8 @@ class Op:
         return AttnArgs(self.q.ctypes.data, self.ka.ctypes.data, self.va.ctypes.data, self.ma.ctypes.data,
                         self.kb.ctypes.data, self.vb.ctypes.data, self.mb.ctypes.data,
                         self.tab.ctypes.data if nd > 0 else None, self.parts.ctypes.data,
-                        self.dst.ctypes.data, None if self.kw is None else self.kw.ctypes.data, g)
+                        self.dst.ctypes.data, None if self.kw is None else self.kw.ctypes.data,
+                        None if self.refs is None else self.refs.ctypes.data, g)
 
     def tiers(self, tok: int, a0: int, a1: int, g0: int, g1: int):
         """Token tok's tiers over the f16 cells [a0, a1) and the slots of groups [g0, g1), as the CPU
@@ -103,14 +106,15 @@ class Op:
                     self.kb[0].nbytes, self.vb.ctypes.data + v0 * self.vb[0].nbytes, self.vb[0].nbytes,
                     None, self.rope, self.tab.ctypes.data + g0 * self.rope.n_dims * G * F16_BYTES,
                     self._mb32.ctypes.data + g0 * G * 4, c.score_correction,
-                    None if self.kw is None else self.kw.ctypes.data, int(c.v_channels))
+                    None if self.kw is None else self.kw.ctypes.data, int(c.v_channels),
+                    None if self.refs is None else self.refs.ctypes.data)
         return ta, tb
 
 
 def single(lib, case: Case, d, mask_f16: bool = True, **kw) -> Op:
     """The op for make()'s one query token over one stream."""
     return Op(lib, case, d["q"][None], d["ka"][None], d["va"][None], d["ma"][None], d["kb"], d["vb"],
-              d["pos_b"], d["mb"][None], mask_f16, kw=d["kw"], **kw)
+              d["pos_b"], d["mb"][None], mask_f16, kw=d["kw"], refs=d["refs"], **kw)
 
 
 def work(lib, case: Case, op: Op) -> np.ndarray:
@@ -191,7 +195,7 @@ def test_gpu_program_equals_the_cpu(lib, ci):
     ma = d["ma"] if d["ma"] is not None else np.zeros(case.nA, np.float32)
     mb = d["mb"] if d["mb"] is not None else np.zeros(case.nB, np.float32)
     op = Op(lib, case, d["q"][None], d["ka"][None], d["va"][None], ma[None], d["kb"], d["vb"], d["pos_b"],
-            mb[None], f16_masks, kw=d["kw"])
+            mb[None], f16_masks, kw=d["kw"], refs=d["refs"])
     # the float64 reference sees the masks as the op holds them
     d["ma"] = None if d["ma"] is None else op.ma[0].astype(np.float32)
     d["mb"] = None if d["mb"] is None else op.mb[0, :case.nB].astype(np.float32)

@@ -76,16 +76,16 @@ def test_keys_bit_exact_with_tails(lib, G, bits):
         want = ref.quantize_k_group(buf[:n_tok, :n_ch], G, bits)
         for fn in (lib.lq2_quantize_k_group, lib.lq2_quantize_k_group_ref):
             got = np.zeros_like(want)
-            fn(np.ascontiguousarray(buf.reshape(-1)), ldx, n_tok, n_ch, G, bits, 0, got.ctypes.data)
+            fn(np.ascontiguousarray(buf.reshape(-1)), ldx, n_tok, n_ch, G, bits, 0, None, got.ctypes.data)
             assert as_bytes(got) == as_bytes(want), (fn.__name__, n_tok)
         want_cm = ref.dequantize_blocks(want, G, bits)  # [n_ch, G]
         for fn in (lib.lq2_dequantize_k_group_cm, lib.lq2_dequantize_k_group_cm_ref):
             y = np.zeros((n_ch, G), np.float32)
-            fn(want.ctypes.data, n_ch, G, bits, y)
+            fn(want.ctypes.data, n_ch, G, bits, None, y)
             assert y.view(np.uint32).tolist() == want_cm.view(np.uint32).tolist()
         ldy = n_ch + 3
         y = np.full((max(n_tok, 1), ldy), -7.0, np.float32)
-        lib.lq2_dequantize_k_group(want.ctypes.data, n_ch, G, bits, n_tok, y, ldy)
+        lib.lq2_dequantize_k_group(want.ctypes.data, n_ch, G, bits, n_tok, None, y, ldy)
         assert (y[:n_tok, :n_ch].view(np.uint32) == want_cm.T[:n_tok].view(np.uint32)).all()
         assert (y[:, n_ch:] == -7.0).all()  # writes stay inside the rows
 
@@ -105,17 +105,17 @@ def test_keys_with_mixed_widths(lib, G, b):
         want = ref.quantize_k_group_w(buf[:n_tok, :n_ch], G, widths)
         got = np.zeros_like(want)
         lib.lq2_quantize_k_group_w(np.ascontiguousarray(buf.reshape(-1)), ldx, n_tok, n_ch, G,
-                                   widths.ctypes.data, 0, got.ctypes.data)
+                                   widths.ctypes.data, 0, None, got.ctypes.data)
         assert as_bytes(got) == as_bytes(want), n_tok
         want_cm = ref.dequantize_k_group_w(want, G, widths).T  # [n_ch, G]
         for fn in (lib.lq2_dequantize_k_group_cm_w, lib.lq2_dequantize_k_group_cm_w_ref):
             y = np.zeros((n_ch, G), np.float32)
-            fn(want.ctypes.data, n_ch, G, widths.ctypes.data, y)
+            fn(want.ctypes.data, n_ch, G, widths.ctypes.data, None, y)
             assert y.view(np.uint32).tolist() == want_cm.view(np.uint32).tolist(), fn.__name__
         # fitted codes: each block is its channel's own uniform quantization
         fitted = np.zeros_like(want)
         lib.lq2_quantize_k_group_w(np.ascontiguousarray(buf.reshape(-1)), ldx, n_tok, n_ch, G,
-                                   widths.ctypes.data, 1, fitted.ctypes.data)
+                                   widths.ctypes.data, 1, None, fitted.ctypes.data)
         for c in range(n_ch):
             off = sum(ref.block_bytes(G, int(w)) for w in widths[:c])
             w = int(widths[c])
@@ -126,7 +126,7 @@ def test_keys_with_mixed_widths(lib, G, b):
                 continue
             one = np.zeros(ref.block_bytes(G, w), np.uint8)
             col = np.ascontiguousarray(buf[:, c])
-            lib.lq2_quantize_k_group_ref(col, 1, n_tok, 1, G, w, 1, one.ctypes.data)
+            lib.lq2_quantize_k_group_ref(col, 1, n_tok, 1, G, w, 1, None, one.ctypes.data)
             assert as_bytes(fitted[off:off + len(one)]) == as_bytes(one), (n_tok, c)
 
 
@@ -222,7 +222,7 @@ def test_fitted_keys_same_in_both_paths_and_better_on_gaussian(lib, G, bits):
         for fit in (0, 1):
             for fn in (lib.lq2_quantize_k_group, lib.lq2_quantize_k_group_ref):
                 got = np.zeros((n_ch, ref.block_bytes(G, bits)), np.uint8)
-                fn(np.ascontiguousarray(buf.reshape(-1)), ldx, n_tok, n_ch, G, bits, fit, got.ctypes.data)
+                fn(np.ascontiguousarray(buf.reshape(-1)), ldx, n_tok, n_ch, G, bits, fit, None, got.ctypes.data)
                 out[(fit, fn.__name__)] = got
             assert as_bytes(out[(fit, "lq2_quantize_k_group")]) == as_bytes(out[(fit, "lq2_quantize_k_group_ref")])
         x = buf[:n_tok, :n_ch].T.astype(np.float64)
@@ -231,3 +231,111 @@ def test_fitted_keys_same_in_both_paths_and_better_on_gaussian(lib, G, bits):
         assert (err[1] <= err[0] * (1 + 1e-6)).all()
         if n_tok == G and bits == 2:
             assert err[0].sum() / err[1].sum() > 1.25, err[0].sum() / err[1].sum()
+
+
+# ---- 8-bit headers (lq2-format.h): (e, k) relative to each channel's (mu, sigma)
+
+def channel_refs(rng, x: np.ndarray) -> np.ndarray:
+    """[n_ch, 2] references near each channel's offset and spread, off by up to 4x either way, as
+    references from the weights are; rounded as the runtime stores them."""
+    mu = np.nan_to_num(np.nanmean(np.where(np.isfinite(x), x, np.nan), 0), nan=0.0)
+    sd = np.nan_to_num(np.nanstd(np.where(np.isfinite(x), x, np.nan), 0), nan=1.0)
+    mu = (mu + sd * rng.uniform(-3, 3, len(mu))).astype(np.float32)
+    sigma = ref.ref_round(np.maximum(sd, 1e-6) * 2.0 ** rng.uniform(-2, 2, len(sd)))
+    return np.ascontiguousarray(np.stack([mu, sigma], 1).astype(np.float32))
+
+
+def key_channels(rng, G: int, ldx: int) -> np.ndarray:
+    """[G tokens, ldx channels]: per-channel offsets and spreads over orders of magnitude."""
+    return (rng.standard_normal((G, ldx)) * 10.0 ** rng.uniform(-2, 1, ldx)
+            + rng.uniform(-50, 50, ldx)).astype(np.float32)
+
+
+def test_s8_header_grid(lib):
+    """The scales of one reference: increasing over e, steps of 4.1 to 4.7 %, 2^-8 to 2^8 times
+    sigma, each with at most 16 significant bits (so that d * code is exact)."""
+    for sigma in ref.ref_round(np.array([1e-20, 3e-7, 0.37, 1.0, 5.5e3, 1e30], np.float32)):
+        sc = ref.s8_scale(np.arange(256), sigma).astype(np.float64)
+        assert (np.diff(sc) > 0).all()
+        ratio = sc[1:] / sc[:-1]
+        assert ratio.min() > 1.040 and ratio.max() < 1.048, (ratio.min(), ratio.max())
+        assert sc[0] == sigma * 2.0 ** -8 and sc[-1] < sigma * 2.0 ** 8
+        mant = sc.astype(np.float32).view(np.uint32) & 0x7FFFFF
+        assert (mant & 0x7F == 0).all()  # 16 significant bits at most
+
+
+@pytest.mark.parametrize("G,bits", [(32, 2), (64, 2), (128, 2), (64, 4), (64, 8)])
+def test_s8_keys_bit_exact(lib, G, bits):
+    """Min/max codes with 8-bit headers: both C paths store the numpy reference's bytes (partial
+    groups, NaN and Inf, constant channels), and dequantize to its floats bit for bit."""
+    rng = np.random.default_rng(RNG_SEED + 3 * G + bits)
+    n_ch, ldx = 136, 140
+    buf = key_channels(rng, G, ldx)
+    buf[rng.random(buf.shape) < 0.02] = np.nan
+    buf[3, 5], buf[4, 6], buf[:, 7] = np.inf, -np.inf, np.float32(2.5)  # and a constant channel
+    refs = channel_refs(rng, buf[:, :n_ch])
+    for n_tok in (G, G - 1, 1, 0):
+        want = ref.quantize_k_group(buf[:n_tok, :n_ch], G, bits, refs)
+        assert want.shape == (n_ch, ref.block_bytes(G, bits, True))
+        for fn in (lib.lq2_quantize_k_group, lib.lq2_quantize_k_group_ref):
+            got = np.zeros_like(want)
+            fn(np.ascontiguousarray(buf.reshape(-1)), ldx, n_tok, n_ch, G, bits, 0, refs.ctypes.data, got.ctypes.data)
+            assert as_bytes(got) == as_bytes(want), (fn.__name__, n_tok)
+        want_cm = ref.dequantize_blocks(want, G, bits, refs)
+        for fn in (lib.lq2_dequantize_k_group_cm, lib.lq2_dequantize_k_group_cm_ref):
+            y = np.zeros((n_ch, G), np.float32)
+            fn(want.ctypes.data, n_ch, G, bits, refs.ctypes.data, y)
+            assert y.view(np.uint32).tolist() == want_cm.view(np.uint32).tolist(), fn.__name__
+        y = np.zeros((max(n_tok, 1), n_ch), np.float32)
+        lib.lq2_dequantize_k_group(want.ctypes.data, n_ch, G, bits, n_tok, refs.ctypes.data, y, n_ch)
+        assert (y[:n_tok].view(np.uint32) == want_cm.T[:n_tok].view(np.uint32)).all()
+
+
+@pytest.mark.parametrize("G,b", [(64, 2), (32, 2), (64, 4)])
+def test_s8_mixed_widths_bit_exact(lib, G, b):
+    """Mixed key widths with 8-bit headers: blocks of 2 + G w / 8 bytes one after another, bit
+    exact with the reference (a 0-bit block's k the mean's); a group takes a quarter of a bit per
+    value less than with f16 headers at G = 64."""
+    rng = np.random.default_rng(RNG_SEED + 5 * G + b)
+    n_ch, ldx = 136, 140
+    widths = rng.permutation(np.repeat(np.array([0, b, 2 * b], np.int8), [40, 56, 40]))
+    size = sum(ref.block_bytes(G, int(w), True) for w in widths)
+    assert size == n_ch * ref.block_bytes(G, b, True) == n_ch * (ref.block_bytes(G, b) - 2)
+    buf = key_channels(rng, G, ldx)
+    refs = channel_refs(rng, buf[:, :n_ch])
+    for n_tok in (G, G - 3, 1):
+        want = ref.quantize_k_group_w(buf[:n_tok, :n_ch], G, widths, refs)
+        got = np.zeros_like(want)
+        lib.lq2_quantize_k_group_w(np.ascontiguousarray(buf.reshape(-1)), ldx, n_tok, n_ch, G,
+                                   widths.ctypes.data, 0, refs.ctypes.data, got.ctypes.data)
+        assert as_bytes(got) == as_bytes(want), n_tok
+        want_cm = ref.dequantize_k_group_w(want, G, widths, refs).T
+        for fn in (lib.lq2_dequantize_k_group_cm_w, lib.lq2_dequantize_k_group_cm_w_ref):
+            y = np.zeros((n_ch, G), np.float32)
+            fn(want.ctypes.data, n_ch, G, widths.ctypes.data, refs.ctypes.data, y)
+            assert y.view(np.uint32).tolist() == want_cm.view(np.uint32).tolist(), fn.__name__
+
+
+@pytest.mark.parametrize("G,bits", [(64, 2), (32, 2), (64, 4)])
+def test_s8_fit_same_in_both_paths_and_close_to_f16(lib, G, bits):
+    """Fitted codes with 8-bit headers: both paths store the same bytes; the fit (rounds snapped to
+    the grid, then its 3 x 3 neighbours) never does worse than min/max on a channel, and its
+    error stays within 6 % of f16 headers' over all channels (the grid's 4.4 % steps)."""
+    rng = np.random.default_rng(RNG_SEED + 7 * G + bits)
+    n_ch, ldx = 136, 140
+    buf = key_channels(rng, G, ldx)
+    refs = channel_refs(rng, buf[:, :n_ch])
+    x = buf[:, :n_ch].T.astype(np.float64)
+    err = {}
+    for s8, r in ((True, refs.ctypes.data), (False, None)):
+        for fit in (0, 1):
+            out = []
+            for fn in (lib.lq2_quantize_k_group, lib.lq2_quantize_k_group_ref):
+                got = np.zeros((n_ch, ref.block_bytes(G, bits, s8)), np.uint8)
+                fn(np.ascontiguousarray(buf.reshape(-1)), ldx, G, n_ch, G, bits, fit, r, got.ctypes.data)
+                out.append(got)
+            assert as_bytes(out[0]) == as_bytes(out[1]), (s8, fit)
+            y = ref.dequantize_blocks(out[0], G, bits, refs if s8 else None)
+            err[(s8, fit)] = ((y - x) ** 2).sum(1)
+    assert (err[(True, 1)] <= err[(True, 0)] * (1 + 1e-6)).all()
+    assert err[(True, 1)].sum() <= 1.06 * err[(False, 1)].sum(), err[(True, 1)].sum() / err[(False, 1)].sum()

@@ -45,7 +45,7 @@ KERNEL = """#include <metal_stdlib>
 using namespace metal;
 kernel void k(threadgroup uint8_t * tg [[threadgroup(0)]], device const uint8_t * dev [[buffer(0)]],
               device float * out [[buffer(1)]]) {
-    out[0] = lq2_block_value(%s, 64, 2, 0) + (float) tg[1] + (float) dev[1];
+    out[0] = lq2_block_value(%s, 64, 2, 0, lq2_ref_at(0, 0)) + (float) tg[1] + (float) dev[1];
 }
 """
 
@@ -63,9 +63,9 @@ def test_the_check_catches_a_wrong_address_space(tmp_path):
 def test_the_check_catches_a_double(tmp_path):
     """Metal has no double: the RoPE angles' double arithmetic must stay out of Metal code."""
     path = tmp_path / "probe.metal"
-    text = KERNEL.replace("lq2_block_value(%s, 64, 2, 0)", "(float) lq2_rope_freq(1, 64, 1e4f, 1.0f)")
+    text = KERNEL.replace("lq2_block_value(%s, 64, 2, 0, lq2_ref_at(0, 0))", "(float) lq2_rope_freq(1, 64, 1e4f, 1.0f)")
     assert any("undeclared identifier 'lq2_rope_freq'" in e for e in diagnostics(path, text))  # not for Metal
-    text = KERNEL.replace("lq2_block_value(%s, 64, 2, 0)", "(float) (double) 1")
+    text = KERNEL.replace("lq2_block_value(%s, 64, 2, 0, lq2_ref_at(0, 0))", "(float) (double) 1")
     assert any("metal_has_no_double" in e for e in diagnostics(path, text))
 
 
