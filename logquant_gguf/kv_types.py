@@ -165,8 +165,6 @@ def check_bits(spec: KVType, key_bits: int | None, value_bits: int | None,
     g = 64 if key_group is None else key_group
     if isinstance(g, bool) or g not in KEY_GROUPS:
         raise ValueError(f"logquant_key_group must be one of {', '.join(map(str, KEY_GROUPS))}, got {g!r}")
-    if g != 64 and any(b != 2 for b in [k] + [row[1] for row in layers]):
-        raise ValueError(f"logquant_key_group={g} needs 2-bit keys (4- and 8-bit keys come in groups of 64)")
     for name, flag in flags:
         if flag is not None and not isinstance(flag, bool):
             raise ValueError(f"{name} must be True or False, got {flag!r}")

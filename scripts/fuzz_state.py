@@ -677,6 +677,9 @@ SCENARIOS: dict[str, dict] = {
                      "steps": [("decode", {0: 64, 1: 40, 2: 50}), ("decode", {0: 64, 1: 40, 2: 50})]
                      + [("decode", {0: 1, 1: 1})] * 4
                      + [("rm", 2, -1, -1), ("cp", 0, 3), ("decode", {3: 12, 1: 12}), ("decode", {2: 10})]},
+    # one sequence with 8-bit scales (2-byte block headers, the refs tag of version 6)
+    "tiny-s8": {"model": "tiny", "n_seq": 1, "unified": True, "levers": {"logquant_scale_bits": 8},
+                "steps": [("eval", 128), ("eval", 70)] + [("eval", 1)] * 5},
     # three sequences, a stream each; a cross-stream copy
     "tiny-streams": {"model": "tiny", "n_seq": 3, "unified": False,
                      "steps": [("decode", {0: 60, 1: 60}), ("decode", {0: 50, 1: 50})]
@@ -720,7 +723,7 @@ class Scenario:
                          n_ctx=512 if self.cfg["model"] == "qwen" else 1024, n_seq_max=self.n_seq,
                          kv_unified=self.cfg["unified"], n_batch=256, n_ubatch=128,
                          flash_attn=True, verbose=False, n_threads=threads, n_threads_batch=threads,
-                         logits_all=False, seed=0)
+                         logits_all=False, seed=0, **self.cfg.get("levers", {}))
         self.ctx = self.llm._ctx.ctx
         install_log(llama_cpp)
         self.ctx_ptr = ctypes.cast(self.ctx, ctypes.c_void_p).value

@@ -254,7 +254,6 @@ def test_three_bit_keys_follow_the_weights(uneven, neox_partial):
     ({"logquant_key_bits": 3, "logquant_keys_post_rope": True}, "3-bit keys are mixed key widths"),
     ({"logquant_layer_bits": {1: (3, 2)}, "logquant_key_widths": "uniform"},
      "3-bit keys are mixed key widths"),
-    ({"logquant_key_bits": 3, "logquant_key_group": 32}, "needs 2-bit keys"),
     ({"logquant_value_bits": 3}, "logquant_value_bits must be one of 2, 4, 8"),
     ({"logquant_key_bits": 5}, "logquant_key_bits must be one of 2, 3, 4, 8"),
 ])

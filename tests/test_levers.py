@@ -121,7 +121,8 @@ def test_kv_stats_report_the_bits(tiny_model):
     st = llm.kv_stats()
     assert st["logquant_bits"] == {"key_bits": 2, "value_bits": 2, "layer_bits": {"0": [8, 8]},
                                    "key_group": 64, "keys_post_rope": False, "fit": True,
-                                   "score_correction": False, "key_widths": "auto", "value_groups": "channel"}
+                                   "score_correction": False, "key_widths": "auto", "value_groups": "channel",
+                                   "scale_bits": 16}
     assert st["bits_per_value"] == pytest.approx((8.5 + 2.5) / 2)  # 2 layers: one at 8.5, one at 2.5
 
 
@@ -151,7 +152,6 @@ def test_state_round_trip_with_levers(tiny_model):
     ({"logquant_layer_bits": {0: (8, 3)}}, "value bits must be one of"),
     ({"logquant_layer_bits": {2: (8, 8)}}, r"names layer\(s\) \[2\], but this model has 2 layers"),
     ({"logquant_key_group": 48}, "logquant_key_group must be one of 32, 64, 128"),
-    ({"logquant_key_group": 32, "logquant_key_bits": 4}, "needs 2-bit keys"),
     ({"logquant_keys_post_rope": 1}, "must be True or False"),
     ({"logquant_fit": "yes"}, "logquant_fit must be True or False"),
     ({"logquant_score_correction": 1}, "logquant_score_correction must be True or False"),
@@ -189,7 +189,7 @@ def test_variant_names(name, want):
 @pytest.mark.parametrize("name", ["logquant+k5", "logquant+k3+uniform", "logquant+x", "f16+k4",
                                   "logquant+L0:8", "nope+k4",
                                   "logquant+L0:8:8,1:8:8",
-                                  "logquant+g48", "logquant+k4+g32", "q8_0+w64"])
+                                  "logquant+g48", "logquant+k3+g48", "q8_0+w64", "logquant+s4"])
 def test_bad_variant_names(name):
     with pytest.raises(ValueError):
         kv_types.parse_variant(name)

@@ -7,10 +7,10 @@
 // Formats (asymmetric min/max, b-bit codes with b = 2 (the default), 4 or 8, f16 scale d and f16
 // minimum m per group). The 4- and 8-bit codes are the precision levers: a layer, or all keys, can
 // be given more bits at a cost counted in bits per value (see logquant-cache.h).
-//   keys   (LQ2_TYPE_K32/K64/K128, K64_B4, K64_B8): one group = ONE CHANNEL across G tokens, stored
-//           BEFORE RoPE. Key channels carry large per-channel offsets; grouping across tokens
-//           removes them, and only before RoPE do the offsets stay put (RoPE would rotate them with
-//           the position). A key group of n_ch channels is n_ch blocks in channel order: block c
+//   keys   (LQ2_TYPE_K32/K64/K128, and their 4- and 8-bit forms): one group = ONE CHANNEL across
+//           G tokens, stored BEFORE RoPE. Key channels carry large per-channel offsets; grouping
+//           across tokens removes them, and only before RoPE do the offsets stay put (RoPE would
+//           rotate them with the position). A key group of n_ch channels is n_ch blocks in channel order: block c
 //           holds channel c of the group's G tokens. b + 32/G bits per value.
 //   values (LQ2_TYPE_V64, V64_B4, V64_B8): one group = 64 consecutive channels of ONE token.
 //           b + 0.5 bits per value.
@@ -112,6 +112,10 @@ LQ2_DECL_BLOCK(block_lq4_k64,  64,       4);
 LQ2_DECL_BLOCK(block_lq8_k64,  64,       8);
 LQ2_DECL_BLOCK(block_lq4_v64,  LQ2_QK_V, 4);
 LQ2_DECL_BLOCK(block_lq8_v64,  LQ2_QK_V, 8);
+LQ2_DECL_BLOCK(block_lq4_k32,  32,       4);
+LQ2_DECL_BLOCK(block_lq8_k32,  32,       8);
+LQ2_DECL_BLOCK(block_lq4_k128, 128,      4);
+LQ2_DECL_BLOCK(block_lq8_k128, 128,      8);
 
 #define LQ2_BLOCK_BYTES_B(n, b) (2 * (int) sizeof(lq2_half) + (n) * (b) / 8)
 #define LQ2_BLOCK_BYTES(n)      LQ2_BLOCK_BYTES_B(n, 2)
@@ -130,6 +134,10 @@ static_assert(sizeof(block_lq4_k64)  == LQ2_BLOCK_BYTES_B(64, 4), "block_lq4_k64
 static_assert(sizeof(block_lq8_k64)  == LQ2_BLOCK_BYTES_B(64, 8), "block_lq8_k64 must be packed");
 static_assert(sizeof(block_lq4_v64)  == LQ2_BLOCK_BYTES_B(64, 4), "block_lq4_v64 must be packed");
 static_assert(sizeof(block_lq8_v64)  == LQ2_BLOCK_BYTES_B(64, 8), "block_lq8_v64 must be packed");
+static_assert(sizeof(block_lq4_k32)  == LQ2_BLOCK_BYTES_B(32, 4), "block_lq4_k32 must be packed");
+static_assert(sizeof(block_lq8_k32)  == LQ2_BLOCK_BYTES_B(32, 8), "block_lq8_k32 must be packed");
+static_assert(sizeof(block_lq4_k128) == LQ2_BLOCK_BYTES_B(128, 4), "block_lq4_k128 must be packed");
+static_assert(sizeof(block_lq8_k128) == LQ2_BLOCK_BYTES_B(128, 8), "block_lq8_k128 must be packed");
 #endif
 
 // ---- type traits: one row of facts per format; code that needs a size or a name reads it here.
@@ -143,6 +151,10 @@ enum lq2_type {
     LQ2_TYPE_K64_B8 = 5,
     LQ2_TYPE_V64_B4 = 6,
     LQ2_TYPE_V64_B8 = 7,
+    LQ2_TYPE_K32_B4 = 8,
+    LQ2_TYPE_K32_B8 = 9,
+    LQ2_TYPE_K128_B4 = 10,
+    LQ2_TYPE_K128_B8 = 11,
     LQ2_TYPE_COUNT,
 };
 
@@ -174,16 +186,27 @@ static const struct lq2_type_traits lq2_traits[LQ2_TYPE_COUNT] = {
     { 64,  8, LQ2_BLOCK_BYTES_B(64, 8), LQ2_AXIS_TOKENS,   1, 8.0f * LQ2_BLOCK_BYTES_B(64, 8) / 64,  "lq8_k64"  },
     { 64,  4, LQ2_BLOCK_BYTES_B(64, 4), LQ2_AXIS_CHANNELS, 0, 8.0f * LQ2_BLOCK_BYTES_B(64, 4) / 64,  "lq4_v64"  },
     { 64,  8, LQ2_BLOCK_BYTES_B(64, 8), LQ2_AXIS_CHANNELS, 0, 8.0f * LQ2_BLOCK_BYTES_B(64, 8) / 64,  "lq8_v64"  },
+    { 32,  4, LQ2_BLOCK_BYTES_B(32, 4), LQ2_AXIS_TOKENS,   1, 8.0f * LQ2_BLOCK_BYTES_B(32, 4) / 32,  "lq4_k32"  },
+    { 32,  8, LQ2_BLOCK_BYTES_B(32, 8), LQ2_AXIS_TOKENS,   1, 8.0f * LQ2_BLOCK_BYTES_B(32, 8) / 32,  "lq8_k32"  },
+    { 128, 4, LQ2_BLOCK_BYTES_B(128, 4), LQ2_AXIS_TOKENS,  1, 8.0f * LQ2_BLOCK_BYTES_B(128, 4) / 128, "lq4_k128" },
+    { 128, 8, LQ2_BLOCK_BYTES_B(128, 8), LQ2_AXIS_TOKENS,  1, 8.0f * LQ2_BLOCK_BYTES_B(128, 8) / 128, "lq8_k128" },
 };
 #endif
 
-// Key type for a group size and code bits: 2-bit keys come in G = 32, 64, 128; 4- and 8-bit keys
-// in G = 64 (the cache's group). -1 for anything else.
+// Key type for a group size and code bits: 2-, 4- and 8-bit keys in G = 32, 64, 128 tokens (64
+// the cache's default group). -1 for anything else.
 LQ2_INLINE int lq2_key_type_b(int g, int b) {
-    if (b == 2) {
-        return g == 32 ? LQ2_TYPE_K32 : g == 64 ? LQ2_TYPE_K64 : g == 128 ? LQ2_TYPE_K128 : -1;
+    const int gi = g == 32 ? 0 : g == 64 ? 1 : g == 128 ? 2 : -1;
+    if (gi < 0) {
+        return -1;
     }
-    return g != 64 ? -1 : b == 4 ? LQ2_TYPE_K64_B4 : b == 8 ? LQ2_TYPE_K64_B8 : -1;
+    if (b == 2) {
+        return gi == 0 ? LQ2_TYPE_K32 : gi == 1 ? LQ2_TYPE_K64 : LQ2_TYPE_K128;
+    }
+    if (b == 4) {
+        return gi == 0 ? LQ2_TYPE_K32_B4 : gi == 1 ? LQ2_TYPE_K64_B4 : LQ2_TYPE_K128_B4;
+    }
+    return b != 8 ? -1 : gi == 0 ? LQ2_TYPE_K32_B8 : gi == 1 ? LQ2_TYPE_K64_B8 : LQ2_TYPE_K128_B8;
 }
 LQ2_INLINE int lq2_key_type(int g) { return lq2_key_type_b(g, 2); }
 
@@ -591,10 +614,10 @@ LQ2_VALUES_TEMPLATE LQ2_INLINE void lq2_quantize_block(LQ2_VALUES_PTR x, int64_t
 
 // A layer's key bits: 2, 4 or 8 (uniform codes, or mixed widths 0/b/2b), or 3: mixed widths only
 // (0, 2 or 4 bits per channel at a mean of 3, for a 3.0-bits/value point; there are no 3-bit
-// codes), at G = 64 as 4-bit keys. `mixed`: the layer has mixed widths.
+// codes), in the groups 4-bit keys come in. `mixed`: the layer has mixed widths.
 #define LQ2_KEY_BITS_VALID(b) (LQ2_BITS_VALID(b) || (b) == 3)
 LQ2_INLINE int lq2_key_bits_ok(int G, int b, int mixed) {
-    return b == 3 ? mixed && G == 64 : lq2_key_type_b(G, b) >= 0;
+    return b == 3 ? mixed && lq2_key_type_b(G, 4) >= 0 : lq2_key_type_b(G, b) >= 0;
 }
 
 // Byte offset of channel c's block in a group whose channels have widths w (c <= channels) and

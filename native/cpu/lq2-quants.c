@@ -30,6 +30,8 @@ int lq2_type_traits_check(void) {
         (int) sizeof(block_lq2_k128), (int) sizeof(block_lq2_v64),
         (int) sizeof(block_lq4_k64), (int) sizeof(block_lq8_k64),
         (int) sizeof(block_lq4_v64), (int) sizeof(block_lq8_v64),
+        (int) sizeof(block_lq4_k32), (int) sizeof(block_lq8_k32),
+        (int) sizeof(block_lq4_k128), (int) sizeof(block_lq8_k128),
     };
     for (int t = 0; t < LQ2_TYPE_COUNT; ++t) {
         const struct lq2_type_traits * tr = &lq2_traits[t];

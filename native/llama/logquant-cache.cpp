@@ -60,8 +60,7 @@ logquant_cache::logquant_cache(const logquant_settings & s, const llama_model & 
         group_ok = group_ok && lq2_key_bits_ok(G, lb.key_bits, 1);
     }
     if (!group_ok) {
-        refuse("key group " + std::to_string(G) + " is not available with these key bits (2-bit keys: 32, 64, "
-               "128; 3-, 4- and 8-bit keys: 64)");
+        refuse("key group " + std::to_string(G) + " is not available: keys come in groups of 32, 64 or 128 tokens");
     }
 
     // Keys are stored before RoPE when we can undo and redo the graph's RoPE exactly: plain

@@ -123,6 +123,10 @@ CASES = [
     Case(128, 8, 2, 20, 130, 32, mode=0, n_dims=64, softcap=30.0, s8=True),
     Case(64, 14, 2, 96, 300, 64, k_bits=3, base=1e6, widths=True, v_channels=True, s8=True, score_correction=1),
     Case(64, 4, 4, 37, 130, 64, k_bits=4, v_bits=4, max_bias=8.0, v_channels=True, s8=True),
+    # wider codes in groups of 32 and 128: 3-bit keys at G = 32 (the 3.0-bit point), 4- and 8-bit
+    Case(64, 14, 2, 96, 300, 32, k_bits=3, base=1e6, widths=True, v_channels=True, s8=True),
+    Case(128, 8, 2, 20, 130, 32, k_bits=4, v_bits=4, mode=0, n_dims=64, v_channels=True),
+    Case(64, 4, 4, 37, 300, 128, k_bits=8, v_bits=4, max_bias=8.0, v_channels=True, s8=True),
 ]
 
 

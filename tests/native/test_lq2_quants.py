@@ -66,7 +66,8 @@ def test_values_bit_exact(lib, n, bits):
         assert y.view(np.uint32).tolist() == want_y.view(np.uint32).tolist(), fn.__name__
 
 
-@pytest.mark.parametrize("G,bits", [(32, 2), (64, 2), (128, 2), (64, 4), (64, 8)])
+@pytest.mark.parametrize("G,bits", [(32, 2), (64, 2), (128, 2), (32, 4), (64, 4), (128, 4), (32, 8), (64, 8),
+                                    (128, 8)])
 def test_keys_bit_exact_with_tails(lib, G, bits):
     rng = np.random.default_rng(RNG_SEED + G + bits)
     n_ch, ldx = 136, 140  # not a multiple of 8 channels; row stride wider than the row
@@ -90,7 +91,7 @@ def test_keys_bit_exact_with_tails(lib, G, bits):
         assert (y[:, n_ch:] == -7.0).all()  # writes stay inside the rows
 
 
-@pytest.mark.parametrize("G,b", [(32, 2), (64, 2), (128, 2), (64, 4)])
+@pytest.mark.parametrize("G,b", [(32, 2), (64, 2), (128, 2), (32, 4), (64, 4), (128, 4)])
 def test_keys_with_mixed_widths(lib, G, b):
     """Mixed key widths (0, b or 2b bits per channel): blocks of the channels' own widths one
     after another, bit exact with the numpy reference (min/max codes; a 0-bit block holds the
@@ -121,8 +122,6 @@ def test_keys_with_mixed_widths(lib, G, b):
             w = int(widths[c])
             if w == 0:
                 assert as_bytes(fitted[off:off + 4]) == as_bytes(want[off:off + 4])
-                continue
-            if w > 2 and G != 64:  # the uniform formats have 4- and 8-bit keys in groups of 64 only
                 continue
             one = np.zeros(ref.block_bytes(G, w), np.uint8)
             col = np.ascontiguousarray(buf[:, c])
@@ -264,7 +263,7 @@ def test_s8_header_grid(lib):
         assert (mant & 0x7F == 0).all()  # 16 significant bits at most
 
 
-@pytest.mark.parametrize("G,bits", [(32, 2), (64, 2), (128, 2), (64, 4), (64, 8)])
+@pytest.mark.parametrize("G,bits", [(32, 2), (64, 2), (128, 2), (32, 4), (64, 4), (64, 8), (128, 8)])
 def test_s8_keys_bit_exact(lib, G, bits):
     """Min/max codes with 8-bit headers: both C paths store the numpy reference's bytes (partial
     groups, NaN and Inf, constant channels), and dequantize to its floats bit for bit."""
@@ -291,7 +290,7 @@ def test_s8_keys_bit_exact(lib, G, bits):
         assert (y[:n_tok].view(np.uint32) == want_cm.T[:n_tok].view(np.uint32)).all()
 
 
-@pytest.mark.parametrize("G,b", [(64, 2), (32, 2), (64, 4)])
+@pytest.mark.parametrize("G,b", [(64, 2), (32, 2), (64, 4), (32, 4)])
 def test_s8_mixed_widths_bit_exact(lib, G, b):
     """Mixed key widths with 8-bit headers: blocks of 2 + G w / 8 bytes one after another, bit
     exact with the reference (a 0-bit block's k the mean's); a group takes a quarter of a bit per
