@@ -6,8 +6,8 @@
 #   2. test-backend-ops for GGML_OP_LQ2_DEMOTE / _ATTN / _DEQUANT: every case, CUDA against the CPU
 #      (demoted codes must be the CPU's bytes: NMSE 0)
 #   3. pytest -m cuda: the cache in VRAM against the same model on the CPU, state round trip
-#   4. bench speed --device cuda at 4k, 16k, 32k for f16, q8_0, q4_0 and logquant (one run), on
-#      the default model, or where it is not installed on random weights with its shapes
+#   4. bench speed --device cuda at 4k, 16k, 32k for f16, q8_0, q4_0, logquant and logquant+s8
+#      (one run), on the default model, or where it is not installed on random weights with its shapes
 #      (scripts/shaped_model.py: the model cannot travel to a lent machine)
 # A lent machine reaches no package index: make the kit first (bash scripts/gpu_kit.sh, here),
 # carry .gpu-kit, and the build installs from it (scripts/offline_install.sh).
@@ -52,7 +52,7 @@ if ! (cd /tmp && python3 -c 'from logquant_gguf import models; models.model_path
     MODEL=/tmp/qwen2.5-coder-0.5b-shaped.gguf
     [ -f "$MODEL" ] || python3 scripts/shaped_model.py qwen2.5-coder-0.5b "$MODEL"
 fi
-step bench-speed bash -c "cd /tmp && python3 -m logquant_gguf bench speed --model '$MODEL' --device cuda --depths ${GPU_CHECK_DEPTHS:-4096,16384,32768} --kv-types f16,q8_0,q4_0,logquant --out '$PWD/bench/results'"
+step bench-speed bash -c "cd /tmp && python3 -m logquant_gguf bench speed --model '$MODEL' --device cuda --depths ${GPU_CHECK_DEPTHS:-4096,16384,32768} --kv-types f16,q8_0,q4_0,logquant,logquant+s8 --out '$PWD/bench/results'"
 
 echo "gpu_check: $failed step(s) failed; results in $OUT"
 exit "$failed"

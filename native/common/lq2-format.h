@@ -337,13 +337,11 @@ LQ2_INLINE float lq2_ref_round(float sigma) {
     return LQ2_BITS_F32(u);
 }
 
+// The scale of header byte e: sigma * S[e % 16] * 2^(e / 16 - 15), S[i] = round(128 * 2^(i / 16)).
 LQ2_INLINE float lq2_s8_scale(uint32_t e, float sigma) {
-    const int s = e & 15u;
-    const float S = s < 8 ? (s < 4 ? (s < 2 ? (s == 0 ? 128.0f : 134.0f) : (s == 2 ? 140.0f : 146.0f))
-                                   : (s < 6 ? (s == 4 ? 152.0f : 159.0f) : (s == 6 ? 166.0f : 173.0f)))
-                          : (s < 12 ? (s < 10 ? (s == 8 ? 181.0f : 189.0f) : (s == 10 ? 197.0f : 206.0f))
-                                    : (s < 14 ? (s == 12 ? 215.0f : 225.0f) : (s == 14 ? 235.0f : 245.0f)));
-    return (sigma * S) * LQ2_BITS_F32((uint32_t) (127 + (int) (e >> 4) - 15) << 23); // both products exact
+    const float S[16] = { 128.0f, 134.0f, 140.0f, 146.0f, 152.0f, 159.0f, 166.0f, 173.0f,
+                          181.0f, 189.0f, 197.0f, 206.0f, 215.0f, 225.0f, 235.0f, 245.0f };
+    return (sigma * S[e & 15u]) * LQ2_BITS_F32((uint32_t) (127 + (int) (e >> 4) - 15) << 23); // both products exact
 }
 
 LQ2_INLINE float lq2_s8_min(int k, struct lq2_pair ref) {

@@ -47,6 +47,7 @@ kernel void kernel_lq2_attn_block(
     a.parts = parts;
     a.dst   = nullptr; // the combine kernel writes it
     a.k_widths = g.shape.k_widths ? (device const int8_t *) kw : nullptr;
+    a.refs  = nullptr; // 8-bit headers: no buffer yet (supports_op says no for such a layer)
     a.g     = g;
     threadgroup struct lq2_ab_shared * sm = (threadgroup struct lq2_ab_shared *) shmem;
     float acc[LQ2_AB_ACC];
@@ -85,6 +86,7 @@ static struct lq2_dequant_args lq2_dequant_args_from(constant struct lq2_dequant
     a.v          = v;
     a.dst        = (device lq2_half *) dst;
     a.k_widths   = g.k_widths ? (device const int8_t *) kw : nullptr;
+    a.refs       = nullptr; // 8-bit headers: no buffer yet (supports_op says no for such a layer)
     a.g          = g;
     return a;
 }

@@ -31,6 +31,7 @@ static struct lq2_demote_args lq2_demote_args_from(constant struct lq2_demote_ge
     a.scratch   = (device float *) scratch;
     a.rope_freq = rope_freq;
     a.k_widths  = g.k_widths ? (device const int8_t *) kw : nullptr;
+    a.refs      = nullptr; // 8-bit headers: no buffer yet (supports_op says no for such a layer)
     a.g         = g;
     return a;
 }
