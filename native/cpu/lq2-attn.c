@@ -639,7 +639,8 @@ static int attn_core(const struct lq2_attn_params * p, const float * q,
     float * kbuf = (float *) work;
     float * vbuf = kbuf + (size_t) nt * D;
     float * vcm  = vbuf + (size_t) nt * D;
-    float * sbuf = vcm + (size_t) G * D;
+    // without a 2-bit tier G is LQ2_ATTN_CHUNK, not the G the caller sized the work for: no group buffer
+    float * sbuf = vcm + (size_t) (has_b ? G : 0) * D;
     lq2_half * csbuf = (lq2_half *) (sbuf + (size_t) nt * p->n_head);
     float * Mv = M_out ? M_out : sbuf + (size_t) nt * p->n_head + (size_t) n_dims * G; // after csbuf
     float * Sv = S_out ? S_out : Mv + p->n_head;
