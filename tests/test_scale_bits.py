@@ -5,13 +5,11 @@ the fused op; a real model's logits stay as close to f16's; bad settings are ref
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 from test_levers import kl_to, run_logits
-from test_logquant import last_logits, load, saved_state_continues, tokens
-from test_value_groups import fuzz_state_module
+from test_logquant import load, saved_state_continues, tokens
+from test_value_groups import fuzz_state_module, older_state_continues
 
 from logquant_gguf import Llama, kv_types
 from logquant_gguf.bench.env import run_tool, tool_env, tool_path
@@ -50,7 +48,8 @@ def test_8bit_scales_take_a_quarter_bit_less_and_keep_the_state(tiny_model):
 @pytest.mark.parametrize("kw,bits", [
     ({"logquant_key_bits": 3, "logquant_key_group": 32, "logquant_scale_bits": 8}, 3.0),  # the 3.0-bit point
     ({"logquant_key_bits": 4, "logquant_key_group": 32}, 4.0),
-    ({"logquant_key_bits": 4, "logquant_value_bits": 4, "logquant_key_group": 32, "logquant_scale_bits": 8}, 4.5),
+    ({"logquant_key_bits": 4, "logquant_value_bits": 4, "logquant_key_group": 32,
+      "logquant_scale_bits": 8}, 4.5),
     ({"logquant_key_bits": 8, "logquant_key_group": 128, "logquant_scale_bits": 8}, (8.125 + 2.125) / 2),
 ])
 def test_wider_codes_in_groups_of_32_and_128(tiny_model, kw, bits):
@@ -66,27 +65,7 @@ def test_wider_codes_in_groups_of_32_and_128(tiny_model, kw, bits):
 def test_states_of_the_version_before_load_with_f16_scales(tiny_model):
     """A state written before 8-bit scales (version 5: no references field) loads into a cache of
     f16 scales and continues as its source did; a cache of 8-bit scales refuses it."""
-    fs = fuzz_state_module()
-    src = load(tiny_model)
-    src.eval(tokens(src, 150))
-    state = src.save_state()
-    more = tokens(src, 40, seed=9)
-    src.eval(more)
-    expected = last_logits(src)
-    src.close()
-    buf = bytes(state.llama_state)
-    lay = fs.parse_state(buf)
-    assert lay.lq.magic == fs.LQ_MAGIC and {ly.rtag for ly in lay.lq.layers} == {0}
-    lay.lq.magic = fs.LQ_MAGIC_V5
-    old = copy.copy(state)
-    old.llama_state = buf[:lay.lq_start] + lay.lq.serialize() + buf[lay.lq_end:]
-    old.llama_state_size = len(old.llama_state)
-    assert old.llama_state_size == len(buf) - 4 * len(lay.lq.layers)
-    dst = load(tiny_model)
-    dst.load_state(old)
-    dst.eval(more)
-    np.testing.assert_array_equal(last_logits(dst), expected)
-    dst.close()
+    old = older_state_continues(tiny_model, fuzz_state_module().LQ_MAGIC_V5, 1)
     s8 = load(tiny_model, logquant_scale_bits=8)
     with pytest.raises(RuntimeError):
         Llama.__mro__[1].load_state(s8, old)

@@ -60,11 +60,12 @@ def fuzz_state_module():
     return mod
 
 
-def test_states_of_the_version_before_load_as_per_token_values(tiny_model):
-    """A state written before value grouping (version 4: no grouping field, values per token)
-    loads into a per-token cache and continues as its source did; a per-channel cache refuses it."""
+def older_state_continues(tiny_model, magic: int, fields_dropped: int, **kw):
+    """A state saved by a cache of these settings, rewritten as the older section version magic
+    (whose layers lack fields_dropped int32 fields): it loads into such a cache and continues as
+    its source did. Returns it, for the caches that must refuse it."""
     fs = fuzz_state_module()
-    src = load(tiny_model, logquant_value_groups="token")
+    src = load(tiny_model, **kw)
     src.eval(tokens(src, 150))
     state = src.save_state()
     more = tokens(src, 40, seed=9)
@@ -73,17 +74,27 @@ def test_states_of_the_version_before_load_as_per_token_values(tiny_model):
     src.close()
     buf = bytes(state.llama_state)
     lay = fs.parse_state(buf)
-    assert lay.lq.magic == fs.LQ_MAGIC and {ly.vpc for ly in lay.lq.layers} == {0}
-    lay.lq.magic = fs.LQ_MAGIC_V4
+    assert lay.lq.magic == fs.LQ_MAGIC
+    vpc = int(kw.get("logquant_value_groups") != "token")
+    assert {(ly.vpc, ly.rtag) for ly in lay.lq.layers} == {(vpc, 0)}
+    lay.lq.magic = magic
     old = copy.copy(state)
     old.llama_state = buf[:lay.lq_start] + lay.lq.serialize() + buf[lay.lq_end:]
     old.llama_state_size = len(old.llama_state)
-    assert old.llama_state_size == len(buf) - 8 * len(lay.lq.layers)  # no grouping, no references field
-    dst = load(tiny_model, logquant_value_groups="token")
+    assert old.llama_state_size == len(buf) - 4 * fields_dropped * len(lay.lq.layers)
+    dst = load(tiny_model, **kw)
     dst.load_state(old)
     dst.eval(more)
     np.testing.assert_array_equal(last_logits(dst), expected)
     dst.close()
+    return old
+
+
+def test_states_of_the_version_before_load_as_per_token_values(tiny_model):
+    """A state written before value grouping (version 4: no grouping field, values per token, and
+    no references field) loads into a per-token cache and continues as its source did; a
+    per-channel cache refuses it."""
+    old = older_state_continues(tiny_model, fuzz_state_module().LQ_MAGIC_V4, 2, logquant_value_groups="token")
     per_channel = load(tiny_model)
     with pytest.raises(RuntimeError):
         Llama.__mro__[1].load_state(per_channel, old)

@@ -25,30 +25,25 @@ static size_t value_bytes(const logquant_cache::layer & l, int64_t n, int64_t n_
     return l.v_per_channel ? (size_t) n_grp * l.v_group_bytes : (size_t) n * (l.v_group_bytes / G);
 }
 
-// What a state records of a layer's mixed key widths: 0 for uniform ones, else an FNV-1a hash of
-// the widths (never 0), so that a state from a cache that read its keys otherwise is refused.
-static uint32_t widths_tag(const std::vector<int8_t> & w) {
-    if (w.empty()) {
-        return 0;
-    }
+// An FNV-1a hash of n bytes that is never 0 (0 is what a state records for "none").
+static uint32_t tag_of(const void * data, size_t n) {
     uint32_t h = 2166136261u;
-    for (int8_t b : w) {
-        h = (h ^ (uint8_t) b) * 16777619u;
+    for (size_t i = 0; i < n; i++) {
+        h = (h ^ static_cast<const uint8_t *>(data)[i]) * 16777619u;
     }
     return h ? h : 1;
 }
 
-// What a state records of a layer's block headers: 0 for f16 ones, else an FNV-1a hash of the
-// references' bytes (never 0): their blocks decode with those references only.
+// What a state records of a layer's mixed key widths: 0 for uniform ones, else their hash, so
+// that a state from a cache that read its keys otherwise is refused.
+static uint32_t widths_tag(const std::vector<int8_t> & w) {
+    return w.empty() ? 0 : tag_of(w.data(), w.size());
+}
+
+// What a state records of a layer's block headers: 0 for f16 ones, else the hash of the
+// references' bytes: their blocks decode with those references only.
 static uint32_t refs_tag(const std::vector<float> & r) {
-    if (r.empty()) {
-        return 0;
-    }
-    uint32_t h = 2166136261u;
-    for (size_t i = 0; i < r.size() * sizeof(float); i++) {
-        h = (h ^ reinterpret_cast<const uint8_t *>(r.data())[i]) * 16777619u;
-    }
-    return h ? h : 1;
+    return r.empty() ? 0 : tag_of(r.data(), r.size() * sizeof(float));
 }
 
 void logquant_cache::state_write(llama_io_write_i & io, int32_t seq_id) const {
