@@ -11,8 +11,9 @@ from test_levers import kl_to, run_logits
 from test_logquant import load, saved_state_continues, tokens
 from test_value_groups import fuzz_state_module, older_state_continues
 
-from logquant_gguf import Llama, kv_types
+from logquant_gguf import Llama, _capi, kv_types
 from logquant_gguf.bench.env import run_tool, tool_env, tool_path
+from logquant_gguf.llama import llama_cpp  # the llama_cpp bound to our build
 
 
 def test_8bit_scales_take_a_quarter_bit_less_and_keep_the_state(tiny_model):
@@ -132,7 +133,9 @@ def test_scale_bits_names():
 @pytest.mark.skipif(tool_path("llama-perplexity") is None, reason="this build has no llama-perplexity")
 def test_tools_take_scale_bits(tiny_model, tmp_path):
     """llama.cpp's tools select 8-bit scales with LOGQUANT_SCALE_BITS (the cache says so in the log,
-    which the tool shows with -v); the cache itself refuses them with keys grouped after RoPE."""
+    which the tool shows with -v); the cache itself refuses them with keys grouped after RoPE and
+    the tool fails. (Only the exit status there: llama.cpp's logger may drop the lines a tool
+    writes just before it exits, llama.cpp issue 22142; the next test reads the cache's reason.)"""
     text = tmp_path / "text.txt"
     text.write_text("def f(x):\n    return x * 3 + 1\n" * 150)
     cmd = [str(tool_path("llama-perplexity")), "-m", str(tiny_model), "-f", str(text), "-c", "256",
@@ -143,5 +146,20 @@ def test_tools_take_scale_bits(tiny_model, tmp_path):
     assert p.returncode == 0, out[-2000:]
     assert "8-bit scales and minimums" in out, out[-2000:]
     p = run_tool(cmd, {**env, "LOGQUANT_KEYS_POST_ROPE": "1", "LOGQUANT_KEY_WIDTHS": "uniform"})
-    out = p.stdout + p.stderr
-    assert p.returncode != 0 and "8-bit scales are relative to each key channel" in out, out[-2000:]
+    assert p.returncode != 0
+
+
+def test_cache_itself_refuses_scale_bits_after_rope(tiny_model):
+    """Below the Python check (a caller of the C API, llama.cpp's tools): the cache refuses 8-bit
+    scales with keys grouped after RoPE, and says why."""
+    spec = kv_types.KV_TYPES["logquant"]
+    _capi.set_logquant_params(8, spec.policy)
+    _capi.set_logquant_bits(kv_types.LogQuantBits(keys_post_rope=True, key_widths="uniform", scale_bits=8))
+    _capi.take_refusal()
+    try:
+        with pytest.raises(ValueError):
+            llama_cpp.Llama(str(tiny_model), type_k=spec.type_k, type_v=spec.type_v, flash_attn=True,
+                            n_ctx=256, verbose=False)
+        assert "8-bit scales are relative to each key channel" in _capi.take_refusal()
+    finally:
+        _capi.set_logquant_bits(kv_types.LogQuantBits())
