@@ -89,10 +89,10 @@ def test_key_layouts_of_the_format_study(tiny_model, kw, ratio):
     base.close()
     llm = load(tiny_model, **kw)
     assert llm.kv_stats()["bits_per_value"] == pytest.approx(base_bits * ratio, rel=1e-6)
-    # host memory per 2-bit slot, counted in the tier's bytes: bookkeeping (position 4, sequences
-    # 8, sorted position 4 bytes) and, for pre-RoPE keys, a cos/sin table of head_dim f16 values
+    # host memory per 2-bit slot, counted in the tier's bytes: bookkeeping only (position 4,
+    # sequences 8, sorted position 4 bytes); the cos/sin table has no host copy
     q2 = llm.kv_stats()["tiers"]["q2"]
-    per_slot = 16 + (0 if kw.get("logquant_keys_post_rope") else 64 * 2)
+    per_slot = 16
     slots = (1024, 1024 + 512 + 2 * 128)  # the context, plus one ubatch and two groups at most
     assert slots[0] * per_slot * 0.75 <= q2["host_bytes"] <= slots[1] * per_slot
     # and the 2-bit tensors hold whole groups of those slots at exactly that storage per value

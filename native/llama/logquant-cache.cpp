@@ -164,7 +164,6 @@ logquant_cache::logquant_cache(const logquant_settings & s, const llama_model & 
     const int64_t n_open_max = std::min<int64_t>(this->n_seq_max, capacity / (2 * (int64_t) settings.window + 1) + 1);
     n_groups = (capacity + G - 1) / G + n_open_max;
     bk.init(n_groups, G, this->n_seq_max, (int32_t) n_open_max);
-    rope_table.assign(lq2_rope_table_size(&rope, n_groups * G, G), 0);
     std::string overrides;
     for (const auto & lb : settings.layer_bits) {
         overrides += " " + std::to_string(lb.il) + ":" + std::to_string(lb.key_bits) + ":" + std::to_string(lb.value_bits);
@@ -397,6 +396,6 @@ logquant_tier_stats logquant_cache::stats(int64_t bytes_f16) const {
         s.bytes_q2  += (int64_t) ggml_nbytes(t);
         s.bytes_aux += (int64_t) ggml_nbytes(t);
     }
-    s.bytes_host = (int64_t) (rope_table.size() * sizeof(lq2_half) + book);
+    s.bytes_host = (int64_t) book;
     return s;
 }

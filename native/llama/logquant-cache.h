@@ -321,7 +321,8 @@ public:
     int64_t n_slot_capacity() const { return n_groups * G; }
 
     // The cos/sin table rows changed since the last upload: groups [dirty_g0, dirty_g1). The
-    // graph input uploads them to every table (one per buffer the layers live in) before compute.
+    // graph input computes them from the positions and uploads them to every table (one per
+    // buffer the layers live in) before compute.
     void upload_rope_tables();
     // The layers' key widths and header references, after the buffers were allocated or cleared
     // (set_input calls it).
@@ -331,8 +332,6 @@ public:
     lq2_rope_params         rope;       // n_dims 0: keys stay post-RoPE (explicit fallback), or no RoPE
     bool                    no_rope = false; // the model rotates nothing (ALiBi, ...): keys are as stored
     book                    bk;
-    std::vector<lq2_half>   rope_table; // lq2_rope_table layout (f16), n_dims * G per group (the
-                                        // host copy of the table tensors)
     std::vector<demotion>   pending;    // this ubatch's demotions, in the order their slots were
                                         // handed out (a group's are adjacent, in slot order)
     std::vector<int32_t>    ubatch_pos; // this ubatch's positions (the queries' causal limit)
@@ -373,6 +372,6 @@ private:
     // `incoming` join it; n_incoming_leaving: how many of those leave at once.
     std::vector<std::pair<int32_t, uint32_t>> leaving(int32_t seq_id, const std::vector<int32_t> & incoming,
                                                       int64_t & n_incoming_leaving) const;
-    void    refresh_rope_group(int64_t g); // rope_table of group g from its positions
+    void    refresh_rope_group(int64_t g); // group g's positions changed: its table rows are due
     template <typename F> bool move_positions(int32_t seq_id, int32_t p0, int32_t p1, F new_pos);
 };

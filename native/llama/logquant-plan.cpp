@@ -102,8 +102,6 @@ void logquant_cache::refresh_rope_group(int64_t g) {
     if (rope.n_dims == 0) {
         return;
     }
-    const size_t per_group = lq2_rope_table_size(&rope, G, G);
-    lq2_rope_table(&rope, bk.slot_pos.data() + g * G, G, G, rope_table.data() + g * per_group);
     dirty_g0 = dirty_g1 > dirty_g0 ? std::min(dirty_g0, g) : g;
     dirty_g1 = std::max(dirty_g1, g + 1);
 }
@@ -112,11 +110,20 @@ void logquant_cache::upload_rope_tables() {
     if (dirty_g1 <= dirty_g0) {
         return;
     }
-    const size_t per_group = lq2_rope_table_size(&rope, G, G);
-    for (const auto & [ctx, t] : rope_tables) {
-        if (t->buffer) {
-            ggml_backend_tensor_set(t, rope_table.data() + dirty_g0 * per_group, dirty_g0 * t->nb[1],
-                                    (dirty_g1 - dirty_g0) * t->nb[1]);
+    // The rows are computed here, from the slots' positions, a chunk of groups at a time: no
+    // host copy of the whole table (on the CPU it would double the table's 0.17 bits per value).
+    // A clean group inside the dirty range gets the rows it already has: a row depends only on
+    // its slot's position, and every change of a position marks its group.
+    const size_t  per_group = lq2_rope_table_size(&rope, G, G);
+    const int64_t chunk     = std::max<int64_t>(1, (int64_t) (1u << 20) / (int64_t) per_group);
+    std::vector<lq2_half> rows((size_t) std::min(chunk, dirty_g1 - dirty_g0) * per_group);
+    for (int64_t g0 = dirty_g0; g0 < dirty_g1; g0 += chunk) {
+        const int64_t n = std::min(chunk, dirty_g1 - g0);
+        lq2_rope_table(&rope, bk.slot_pos.data() + g0 * G, n * G, G, rows.data());
+        for (const auto & [ctx, t] : rope_tables) {
+            if (t->buffer) {
+                ggml_backend_tensor_set(t, rows.data(), g0 * t->nb[1], n * t->nb[1]);
+            }
         }
     }
     dirty_g0 = dirty_g1 = 0;
