@@ -266,8 +266,8 @@ def test_bad_three_bit_keys_are_refused(tiny_model, kw, match):
 def test_tools_take_three_bit_keys(uneven, tmp_path):
     """Through llama.cpp's tool: LOGQUANT_KEY_BITS=3 runs (its first, unloaded sizing context
     takes the widths by RoPE frequency, the same bytes); with uniform widths the cache itself
-    refuses and the tool fails. (Only the exit status there: llama.cpp's logger may drop the
-    lines a tool writes just before it exits, llama.cpp issue 22142.)"""
+    refuses and the tool fails saying why (patch 0016: llama.cpp's logger writes what it holds
+    at exit, llama.cpp issue 22142)."""
     text = tmp_path / "text.txt"
     text.write_text("def f(x):\n    return x\n" * 200)
     cmd = [str(tool_path("llama-perplexity")), "-m", str(uneven), "-f", str(text), "-c", "128", "-b", "128",
@@ -278,4 +278,4 @@ def test_tools_take_three_bit_keys(uneven, tmp_path):
     assert p.returncode == 0, out[-2000:]
     assert "bits K 3 V 2" in out, out[-2000:]  # written at the context's creation, long before the exit
     p = run_tool(cmd, {**env, "LOGQUANT_KEY_WIDTHS": "uniform"})
-    assert p.returncode != 0
+    assert p.returncode != 0 and "3-bit keys are mixed key widths" in p.stdout + p.stderr, p.stderr[-2000:]
