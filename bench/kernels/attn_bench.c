@@ -1,5 +1,5 @@
 // attn_bench.c: lq2_attn_heads (one query token, Qwen2.5-0.5B shapes: 14 q heads, 2 kv heads,
-// D 64, G 64) over tier A = 96 f16 tokens + tier B = nB 2-bit tokens, against a plain f16
+// D 64, G 64 or BENCH_G) over tier A = 96 f16 tokens + tier B = nB 2-bit tokens, against a plain f16
 // attention loop (f16 K/V, f32 accumulation, AVX2, per query head like ggml's CPU flash
 // attention) over the same nA + nB tokens, in the same run. L layers of distinct buffers are
 // cycled so that, as in a real decode, the caches of a layer are cold when it is read; the rope
@@ -12,6 +12,7 @@
 //   -O3 as the package builds them: at -O2 the per-channel values fold measured up to 1.4x slower)
 //   cc -O3 -mavx2 -mfma -mf16c bench/kernels/attn_bench.c /tmp/q.o /tmp/r.o /tmp/a.o -lm -o /tmp/attn_bench
 //   /tmp/attn_bench [reps=15] [layers=24] [nB ...=1024 4096 16384]
+//   (add -DBENCH_G=128 to the last cc line for groups of 128 tokens, the default format's)
 #define _POSIX_C_SOURCE 199309L
 #include "../../native/cpu/lq2-attn.h"
 #include "../../native/cpu/lq2-quants.h"
@@ -23,7 +24,10 @@
 #include <string.h>
 #include <time.h>
 
-enum { D = 64, H = 14, HKV = 2, G = 64, NA = 96 };
+#ifndef BENCH_G
+#define BENCH_G 64 // tokens per 2-bit group; -DBENCH_G=128 for the default format's groups
+#endif
+enum { D = 64, H = 14, HKV = 2, G = BENCH_G, NA = 96 };
 
 static double now(void) {
     struct timespec ts;

@@ -143,24 +143,31 @@ static void rope_cm(const struct lq2_rope_params * rp, float * k, const lq2_half
     }
 }
 
+#if LQ2_AVX2
+// s[t] = sum_c q[c] * k[c][t] for tokens [t, t + 32) of channel-major keys k[D][G].
+static void scores_cm_block_avx2(const float * q, const float * k, int D, int G, int t, float * s) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int c = 0; c < D; ++c) {
+        const __m256 qc = _mm256_set1_ps(q[c]);
+        const float * kc = k + (int64_t) c * G + t;
+        a0 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kc),      a0);
+        a1 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kc + 8),  a1);
+        a2 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kc + 16), a2);
+        a3 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kc + 24), a3);
+    }
+    _mm256_storeu_ps(s + t, a0);
+    _mm256_storeu_ps(s + t + 8, a1);
+    _mm256_storeu_ps(s + t + 16, a2);
+    _mm256_storeu_ps(s + t + 24, a3);
+}
+#endif
+
 // s[t] = sum_c q[c] * k[c][t] for channel-major keys k[D][G] (G is a multiple of 32).
 static void scores_cm(const float * q, const float * k, int D, int G, float * s, int simd) {
 #if LQ2_AVX2
     if (simd) {
         for (int t = 0; t < G; t += 32) {
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (int c = 0; c < D; ++c) {
-                const __m256 qc = _mm256_set1_ps(q[c]);
-                const float * kc = k + (int64_t) c * G + t;
-                a0 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kc),      a0);
-                a1 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kc + 8),  a1);
-                a2 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kc + 16), a2);
-                a3 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kc + 24), a3);
-            }
-            _mm256_storeu_ps(s + t, a0);
-            _mm256_storeu_ps(s + t + 8, a1);
-            _mm256_storeu_ps(s + t + 16, a2);
-            _mm256_storeu_ps(s + t + 24, a3);
+            scores_cm_block_avx2(q, k, D, G, t, s);
         }
         return;
     }
@@ -268,25 +275,41 @@ static inline __m256 exp256_neg(__m256 x) {
 #endif
 
 #if LQ2_AVX2
-// scores_cm for two query heads at once: every key vector loaded feeds two FMAs.
-static void scores_cm2_avx2(const float * q0, const float * q1, const float * k, int D, int G,
-                            float * s0, float * s1) {
+// scores_cm_block_avx2 for two query heads at once: every key vector loaded feeds two FMAs.
+static void scores_cm2_block_avx2(const float * q0, const float * q1, const float * k, int D, int G, int t,
+                                  float * s0, float * s1) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    for (int c = 0; c < D; ++c) {
+        const __m256 qa = _mm256_set1_ps(q0[c]), qb = _mm256_set1_ps(q1[c]);
+        const float * kc = k + (int64_t) c * G + t;
+        const __m256 k0 = _mm256_loadu_ps(kc), k1 = _mm256_loadu_ps(kc + 8);
+        const __m256 k2 = _mm256_loadu_ps(kc + 16), k3 = _mm256_loadu_ps(kc + 24);
+        a0 = _mm256_fmadd_ps(qa, k0, a0); b0 = _mm256_fmadd_ps(qb, k0, b0);
+        a1 = _mm256_fmadd_ps(qa, k1, a1); b1 = _mm256_fmadd_ps(qb, k1, b1);
+        a2 = _mm256_fmadd_ps(qa, k2, a2); b2 = _mm256_fmadd_ps(qb, k2, b2);
+        a3 = _mm256_fmadd_ps(qa, k3, a3); b3 = _mm256_fmadd_ps(qb, k3, b3);
+    }
+    _mm256_storeu_ps(s0 + t, a0); _mm256_storeu_ps(s0 + t + 8, a1);
+    _mm256_storeu_ps(s0 + t + 16, a2); _mm256_storeu_ps(s0 + t + 24, a3);
+    _mm256_storeu_ps(s1 + t, b0); _mm256_storeu_ps(s1 + t + 8, b1);
+    _mm256_storeu_ps(s1 + t + 16, b2); _mm256_storeu_ps(s1 + t + 24, b3);
+}
+
+// Scores of query heads [j0, j1) (rows of sbuf nt apart) against one kv head's channel-major key
+// group: 32 tokens at a time for every head, two heads per pass, so that the block of keys in use
+// (32 x D floats) stays in L1 while all the heads read it (a whole group of 128 tokens, 32 KB at
+// D = 64, does not). Each score sums over the channels in the same order as scores_cm.
+static void scores_heads_avx2(const float * q, int j0, int j1, const float * k, int D, int G, float * sbuf,
+                              int64_t nt) {
     for (int t = 0; t < G; t += 32) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-        for (int c = 0; c < D; ++c) {
-            const __m256 qa = _mm256_set1_ps(q0[c]), qb = _mm256_set1_ps(q1[c]);
-            const float * kc = k + (int64_t) c * G + t;
-            const __m256 k0 = _mm256_loadu_ps(kc), k1 = _mm256_loadu_ps(kc + 8);
-            const __m256 k2 = _mm256_loadu_ps(kc + 16), k3 = _mm256_loadu_ps(kc + 24);
-            a0 = _mm256_fmadd_ps(qa, k0, a0); b0 = _mm256_fmadd_ps(qb, k0, b0);
-            a1 = _mm256_fmadd_ps(qa, k1, a1); b1 = _mm256_fmadd_ps(qb, k1, b1);
-            a2 = _mm256_fmadd_ps(qa, k2, a2); b2 = _mm256_fmadd_ps(qb, k2, b2);
-            a3 = _mm256_fmadd_ps(qa, k3, a3); b3 = _mm256_fmadd_ps(qb, k3, b3);
+        int j = j0;
+        for (; j + 1 < j1; j += 2) {
+            scores_cm2_block_avx2(q + (int64_t) j * D, q + (int64_t) (j + 1) * D, k, D, G, t, sbuf + j * nt,
+                                  sbuf + (j + 1) * nt);
         }
-        _mm256_storeu_ps(s0 + t, a0); _mm256_storeu_ps(s0 + t + 8, a1);
-        _mm256_storeu_ps(s0 + t + 16, a2); _mm256_storeu_ps(s0 + t + 24, a3);
-        _mm256_storeu_ps(s1 + t, b0); _mm256_storeu_ps(s1 + t + 8, b1);
-        _mm256_storeu_ps(s1 + t + 16, b2); _mm256_storeu_ps(s1 + t + 24, b3);
+        if (j < j1) {
+            scores_cm_block_avx2(q + (int64_t) j * D, k, D, G, t, sbuf + j * nt);
+        }
     }
 }
 #endif
@@ -461,74 +484,94 @@ static void values_to_rows(const float * cm, int D, int G, int n, float * tm) {
 }
 
 #if LQ2_AVX2
-// online_update for per-channel values read channel-major (vcm[c * G + t], one 2-bit group; G and
-// D multiples of 8): each channel's output is a dot product along the tokens, 4 (G = 64) or 8
-// channels reduced together, so no transposition is needed and the multiply-adds are as many as
-// token-major.
-static void online_update_cm_avx2(float * acc, float * M, float * S, float * s, float mx, int n,
-                                  const float * vcm, int D, int G) {
+// The per-channel values' fold (one 2-bit group, values channel-major vcm[c * G + t]; G and D
+// multiples of 8) in two steps, so that the group's values, 32 KB at G = 128 and D = 64, are
+// read once for all the query heads of a kv head instead of once per head.
+// Step 1, per head: the scores become softmax weights exp(s[t] - M) (tokens past n and a head
+// with nothing to add weigh 0) and (M, S, acc) are rescaled as online_update does.
+static void fold_weights_cm_avx2(const struct head_ctx * h, float * s, int n, const float * mask, float * acc,
+                                 float * M, float * S, int D, int G) {
+    const float mx = h->softcap != 0.0f ? finish_scores(h, s, n, mask) : finish_scores_avx2(h, s, n, mask);
     if (!online_rescale(acc, M, S, mx, D)) {
+        memset(s, 0, (size_t) G * sizeof(float));
         return;
     }
     *S += exp_weights_avx2(s, n, *M);
-    for (int t = n; t < G; ++t) { // tokens past n (a partial group) weigh 0
+    for (int t = n; t < G; ++t) {
         s[t] = 0.0f;
     }
-    if (G == 64) { // the weights stay in 8 registers; 4 channels at a time
-        __m256 w[8];
-        for (int k = 0; k < 8; ++k) {
-            w[k] = _mm256_loadu_ps(s + 8 * k);
-        }
-        for (int c0 = 0; c0 < D; c0 += 4) {
-            __m256 r[4];
-            for (int i = 0; i < 4; ++i) {
-                const float * row = vcm + (int64_t) (c0 + i) * 64;
-                __m256 a = _mm256_mul_ps(w[0], _mm256_loadu_ps(row));
-                for (int k = 1; k < 8; ++k) {
-                    a = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(row + 8 * k), a);
-                }
-                r[i] = a;
-            }
-            const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(r[0], r[1]), _mm256_hadd_ps(r[2], r[3]));
-            const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-            _mm_storeu_ps(acc + c0, _mm_add_ps(_mm_loadu_ps(acc + c0), sums));
-        }
-        return;
+}
+
+// Step 2 for 64 tokens of one head (vcm: channel c's 64 values at vcm + c * G): the 64 weights stay
+// in 8 registers, 4 channels at a time.
+static void fold_values_cm64_avx2(float * acc, const float * s, const float * vcm, int D, int G) {
+    __m256 w[8];
+    for (int k = 0; k < 8; ++k) {
+        w[k] = _mm256_loadu_ps(s + 8 * k);
     }
-    for (int c0 = 0; c0 < D; c0 += 8) {
-        __m256 r[8];
-        for (int i = 0; i < 8; ++i) {
+    for (int c0 = 0; c0 < D; c0 += 4) {
+        __m256 r[4];
+        for (int i = 0; i < 4; ++i) {
             const float * row = vcm + (int64_t) (c0 + i) * G;
-            __m256 a = _mm256_mul_ps(_mm256_loadu_ps(s), _mm256_loadu_ps(row));
-            for (int u = 8; u < G; u += 8) {
-                a = _mm256_fmadd_ps(_mm256_loadu_ps(s + u), _mm256_loadu_ps(row + u), a);
+            __m256 a = _mm256_mul_ps(w[0], _mm256_loadu_ps(row));
+            for (int k = 1; k < 8; ++k) {
+                a = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(row + 8 * k), a);
             }
             r[i] = a;
         }
-        const __m256 lo = _mm256_hadd_ps(_mm256_hadd_ps(r[0], r[1]), _mm256_hadd_ps(r[2], r[3]));
-        const __m256 hi = _mm256_hadd_ps(_mm256_hadd_ps(r[4], r[5]), _mm256_hadd_ps(r[6], r[7]));
-        const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
-        _mm256_storeu_ps(acc + c0, _mm256_add_ps(_mm256_loadu_ps(acc + c0), sums));
+        const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(r[0], r[1]), _mm256_hadd_ps(r[2], r[3]));
+        const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        _mm_storeu_ps(acc + c0, _mm_add_ps(_mm_loadu_ps(acc + c0), sums));
+    }
+}
+
+// Step 2, heads [j0, j1): acc_j[c] += sum_t w_j[t] vcm[c][t]. A group of 64 or 128 tokens goes 64
+// tokens at a time, every head folding them while their values (16 KB at D = 64) are in L1, each
+// head's weights in registers: a group of 128 read whole per head, 32 KB, measured 3x slower in
+// this step. Other groups (32 tokens): 4 channels at a time for every head, the weights loaded.
+// Each channel's dot product runs along the tokens 8 at a time (no transposition).
+static void fold_values_cm_avx2(float * out, const float * sbuf, int64_t nt, int j0, int j1, const float * vcm,
+                                int D, int G) {
+    if (G % 64 == 0) {
+        for (int t0 = 0; t0 < G; t0 += 64) {
+            for (int j = j0; j < j1; ++j) {
+                fold_values_cm64_avx2(out + (int64_t) j * D, sbuf + j * nt + t0, vcm + t0, D, G);
+            }
+        }
+        return;
+    }
+    for (int c0 = 0; c0 < D; c0 += 4) {
+        const float * rows = vcm + (int64_t) c0 * G;
+        for (int j = j0; j < j1; ++j) {
+            const float * w = sbuf + j * nt;
+            __m256 r[4];
+            for (int i = 0; i < 4; ++i) {
+                const float * row = rows + (int64_t) i * G;
+                __m256 a = _mm256_mul_ps(_mm256_loadu_ps(w), _mm256_loadu_ps(row));
+                for (int u = 8; u < G; u += 8) {
+                    a = _mm256_fmadd_ps(_mm256_loadu_ps(w + u), _mm256_loadu_ps(row + u), a);
+                }
+                r[i] = a;
+            }
+            const __m256 hs = _mm256_hadd_ps(_mm256_hadd_ps(r[0], r[1]), _mm256_hadd_ps(r[2], r[3]));
+            const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(hs), _mm256_extractf128_ps(hs, 1));
+            float * acc = out + (int64_t) j * D + c0;
+            _mm_storeu_ps(acc, _mm_add_ps(_mm_loadu_ps(acc), sums));
+        }
     }
 }
 #endif
 
-// Scores of one chunk -> folded into the head's (M, S, acc). Values token-major (v[t * D]), or
-// with v_cm_G > 0 (the AVX2 path only) one group's per-channel values channel-major, G = v_cm_G.
+// Scores of one chunk -> folded into the head's (M, S, acc), values token-major (v[t * D]).
+// (Per-channel values read channel-major: fold_weights_cm_avx2 and fold_values_cm_avx2.)
 static void fold_chunk(const struct head_ctx * h, float * s, int n, const float * mask, float * acc,
-                       float * M, float * S, const float * v, int D, int simd, int v_cm_G) {
+                       float * M, float * S, const float * v, int D, int simd) {
 #if LQ2_AVX2
     if (simd) {
         const float mx = h->softcap != 0.0f ? finish_scores(h, s, n, mask) : finish_scores_avx2(h, s, n, mask);
-        if (v_cm_G > 0) {
-            online_update_cm_avx2(acc, M, S, s, mx, n, v, D, v_cm_G);
-        } else {
-            online_update_avx2(acc, M, S, s, mx, n, v, D);
-        }
+        online_update_avx2(acc, M, S, s, mx, n, v, D);
         return;
     }
-#else
-    (void) v_cm_G;
 #endif
     const float mx = finish_scores(h, s, n, mask);
     online_update(acc, M, S, s, mx, n, v, D, simd);
@@ -677,7 +720,7 @@ static int attn_core(const struct lq2_attn_params * p, const float * q,
                 for (int t = 0; t < n; ++t) {
                     sbuf[t] = dot(q + (int64_t) j * D, kbuf + (int64_t) t * D, D, simd);
                 }
-                fold_chunk(&h, sbuf, n, mask, out + (int64_t) j * D, &Mv[j], &Sv[j], vbuf, D, simd, 0);
+                fold_chunk(&h, sbuf, n, mask, out + (int64_t) j * D, &Mv[j], &Sv[j], vbuf, D, simd);
             }
         }
     }
@@ -728,9 +771,9 @@ static int attn_core(const struct lq2_attn_params * p, const float * q,
             }
             int j = j0;
 #if LQ2_AVX2
-            for (; simd && j + 1 < j1; j += 2) { // two query heads per pass over the keys
-                scores_cm2_avx2(q + (int64_t) j * D, q + (int64_t) (j + 1) * D, kbuf, D, G,
-                                sbuf + (int64_t) j * nt, sbuf + (int64_t) (j + 1) * nt);
+            if (simd) {
+                scores_heads_avx2(q, j0, j1, kbuf, D, G, sbuf, nt);
+                j = j1;
             }
 #endif
             for (; j < j1; ++j) {
@@ -739,10 +782,21 @@ static int attn_core(const struct lq2_attn_params * p, const float * q,
             if (b->score_correction) {
                 correct_scores(p, &b->rope, kg, D, G, kb, kw, kr, q, j0, j1, sbuf, nt, n);
             }
+#if LQ2_AVX2
+            if (v_cm) {
+                for (j = j0; j < j1; ++j) {
+                    const struct head_ctx h = make_head_ctx(p, j);
+                    fold_weights_cm_avx2(&h, sbuf + (int64_t) j * nt, n, mask, out + (int64_t) j * D, &Mv[j], &Sv[j],
+                                         D, G);
+                }
+                fold_values_cm_avx2(out, sbuf, nt, j0, j1, vcm, D, G);
+                continue;
+            }
+#endif
             for (j = j0; j < j1; ++j) {
                 const struct head_ctx h = make_head_ctx(p, j);
-                fold_chunk(&h, sbuf + (int64_t) j * nt, n, mask, out + (int64_t) j * D, &Mv[j], &Sv[j],
-                           v_cm ? vcm : vbuf, D, simd, v_cm);
+                fold_chunk(&h, sbuf + (int64_t) j * nt, n, mask, out + (int64_t) j * D, &Mv[j], &Sv[j], vbuf, D,
+                           simd);
             }
         }
     }

@@ -127,6 +127,12 @@ CASES = [
     Case(64, 14, 2, 96, 300, 32, k_bits=3, base=1e6, widths=True, v_channels=True, s8=True),
     Case(128, 8, 2, 20, 130, 32, k_bits=4, v_bits=4, mode=0, n_dims=64, v_channels=True),
     Case(64, 4, 4, 37, 300, 128, k_bits=8, v_bits=4, max_bias=8.0, v_channels=True, s8=True),
+    # the default format (groups of 128, 3-bit keys on some layers) at Qwen's decode shape, and an
+    # odd number of query heads per kv head, with a masked first group: the kernel reads a group's
+    # keys 32 tokens at a time for every head and its values 4 channels at a time for every head
+    Case(64, 14, 2, 96, 1000, 128, k_bits=3, base=1e6, widths=True, v_channels=True),
+    Case(64, 14, 2, 96, 1000, 128, base=1e6, widths=True, v_channels=True),
+    Case(128, 7, 1, 10, 300, 128, mask="first_group", widths=True, v_channels=True, softcap=30.0),
 ]
 
 
