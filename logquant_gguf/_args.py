@@ -22,8 +22,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "widths of 0, 2 or 4 bits at a mean of 3)")
     p.add_argument("--value-bits", type=int, default=None, choices=kv_types.CODE_BITS,
                    help="code bits of its values (default: 2)")
-    p.add_argument("--layer-bits", type=_layer_bits, default=None, metavar="L:K:V[,...]",
-                   help="per-layer code bits, e.g. 0:8:8 keeps layer 0 at 8-bit keys and values")
+    p.add_argument("--layer-bits", type=_layer_bits, default=None, metavar="L:K:V[,...]|auto",
+                   help="per-layer code bits, e.g. 0:8:8 keeps layer 0 at 8-bit keys and values; auto: "
+                        "3-bit keys for the half of the layers the model's weights pick")
     p.add_argument("--key-widths", default=None, choices=kv_types.KEY_WIDTHS,
                    help="bits per key channel: auto (default: 0/b/2b for b-bit keys, from the "
                         "model's weights, same size; GPU caches keep uniform ones so far) or uniform")
@@ -51,7 +52,9 @@ def model_kwargs(a: argparse.Namespace) -> dict:
     return extra
 
 
-def _layer_bits(text: str) -> dict[int, tuple[int, int]]:
+def _layer_bits(text: str) -> dict[int, tuple[int, int]] | str:
+    if text == kv_types.LAYER_BITS_AUTO:
+        return text
     try:
         return kv_types.parse_layer_bits(text)
     except ValueError as e:

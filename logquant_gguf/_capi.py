@@ -19,6 +19,7 @@ int32_t logquant_set_key_format(int32_t key_group, int32_t keys_post_rope);
 int32_t logquant_set_prefill(int32_t fa_min_tokens);
 int32_t logquant_set_codes(int32_t fit, int32_t score_correction);
 int32_t logquant_set_key_widths(int32_t mode);
+int32_t logquant_set_layer_bits_auto(int32_t on);
 int32_t logquant_set_value_groups(int32_t per_channel);
 int32_t logquant_set_scale_bits(int32_t bits);
 int32_t logquant_set_bits(int32_t key_bits, int32_t value_bits, int32_t n_layers,
@@ -42,6 +43,7 @@ struct logquant_kv_stats {
 int32_t logquant_kv_stats_get(const void * ctx, struct logquant_kv_stats * out);
 int64_t logquant_kv_f16_positions(const void * ctx, int32_t seq_id, int32_t * out, int64_t cap);
 int64_t logquant_kv_key_widths(const void * ctx, int32_t il, int8_t * out, int64_t cap);
+int32_t logquant_kv_layer_bits(const void * ctx, int32_t il, int32_t * key_bits, int32_t * value_bits);
 """
 
 
@@ -99,6 +101,15 @@ def key_widths(ctx_ptr: int, il: int) -> list[int]:
                       f"layer {il} has no LogQuant tier in this context")
 
 
+def layer_bits(ctx_ptr: int, il: int) -> tuple[int, int] | None:
+    """Layer il's (key bits, value bits) in this context; None when it has no LogQuant tier."""
+    ffi, lib = _lib()
+    k, v = ffi.new("int32_t *"), ffi.new("int32_t *")
+    if lib.logquant_kv_layer_bits(ffi.cast("void *", ctx_ptr), il, k, v) != 0:
+        return None
+    return k[0], v[0]
+
+
 def set_logquant_params(window: int, policy: int) -> None:
     """Settings for the next LogQuant context created in this process."""
     _, lib = _lib()
@@ -137,6 +148,8 @@ def set_logquant_bits(bits) -> None:
     cols = [ffi.new("int32_t[]", [row[i] for row in bits.layers] or [0]) for i in range(3)]
     if lib.logquant_set_bits(bits.key, bits.value, n, *cols) != 0:
         raise ValueError(f"invalid LogQuant code bits: {bits}")
+    if lib.logquant_set_layer_bits_auto(int(bits.layers_auto)) != 0:
+        raise ValueError(f"invalid LogQuant layer bits: {bits}")
     if lib.logquant_set_key_format(bits.key_group, int(bits.keys_post_rope)) != 0:
         raise ValueError(f"invalid LogQuant key format: {bits}")
     if lib.logquant_set_codes(int(bits.fit), int(bits.score_correction)) != 0:

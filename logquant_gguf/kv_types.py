@@ -51,7 +51,8 @@ KV_TYPES: dict[str, KVType] = {
                "llama.cpp's symmetric 2-bit type, a naive 2-bit baseline"),
         KVType("logquant", GGML_TYPE_LQ2, GGML_TYPE_LQ2, 2.5,
                "LogQuant: f16 for the newest W..2W and W log-spaced older tokens, 2-bit for the "
-               "rest (keys and values grouped per channel of 64 tokens, keys before RoPE)", POLICY_LOG),
+               "rest (keys and values grouped per channel of 128 tokens, keys before RoPE, 3-bit "
+               "keys on the half of the layers the weights pick)", POLICY_LOG),
         KVType("q2_window", GGML_TYPE_LQ2, GGML_TYPE_LQ2, 2.5,
                "the same 2-bit tier with only the newest 3W tokens in f16 (the paper's baseline)",
                POLICY_WINDOW),
@@ -76,6 +77,13 @@ KEY_CODE_BITS = (2, 3, 4, 8)
 
 
 KEY_GROUPS = (32, 64, 128)
+# Tokens per key group: 128 in the default format, 64 as soon as code bits, layer bits or widths
+# are asked for (the group the measured settings of docs/levers.md have)
+DEFAULT_KEY_GROUP = 128
+ASKED_KEY_GROUP = 64
+# logquant_layer_bits="auto": 3-bit keys for the half of the layers of 2-bit keys whose Q/K weights
+# predict the most gain from them (native/llama/logquant-key-widths.cpp)
+LAYER_BITS_AUTO = "auto"
 KEY_WIDTHS = ("auto", "uniform")
 VALUE_GROUPS = ("channel", "token")
 SCALE_BITS = (16, 8)  # bits of a block's scale and of its minimum: f16, or 8 relative to per-channel references
@@ -90,7 +98,10 @@ class LogQuantBits:
     key: int = 2
     value: int = 2
     layers: tuple[tuple[int, int, int], ...] = ()  # (layer, key bits, value bits), sorted
-    key_group: int = 64
+    # the default format: key groups of 128, whose quarter bit pays for 3-bit keys on the half of
+    # the layers the weights pick (layer bits "auto"), 2.5 bits per value (check_bits)
+    layers_auto: bool = True
+    key_group: int = DEFAULT_KEY_GROUP
     keys_post_rope: bool = False
     fit: bool = True  # least-squares scales (docs/levers.md); False: min/max, the format before
     score_correction: bool = False
@@ -105,17 +116,21 @@ class LogQuantBits:
     def layer_dict(self) -> dict[int, tuple[int, int]]:
         return {il: (k, v) for il, k, v in self.layers}
 
+    def layer_arg(self) -> dict[int, tuple[int, int]] | str:
+        """What logquant_layer_bits was: "auto" or the overrides."""
+        return LAYER_BITS_AUTO if self.layers_auto else self.layer_dict()
+
     def as_dict(self) -> dict:
         return {"key_bits": self.key, "value_bits": self.value,
-                "layer_bits": {str(il): [k, v] for il, k, v in self.layers},
+                "layer_bits": LAYER_BITS_AUTO if self.layers_auto else {str(il): [k, v] for il, k, v in self.layers},
                 "key_group": self.key_group, "keys_post_rope": self.keys_post_rope,
                 "fit": self.fit, "score_correction": self.score_correction, "key_widths": self.key_widths,
                 "value_groups": self.value_groups, "scale_bits": self.scale_bits}
 
     def __str__(self) -> str:
         s = f"logquant_key_bits={self.key}, logquant_value_bits={self.value}"
-        s += f", logquant_layer_bits={self.layer_dict()}" if self.layers else ""
-        s += f", logquant_key_group={self.key_group}" if self.key_group != 64 else ""
+        s += f", logquant_layer_bits={self.layer_arg()!r}" if self.layers or self.layers_auto else ""
+        s += f", logquant_key_group={self.key_group}"
         s += ", logquant_keys_post_rope=True" if self.keys_post_rope else ""
         s += ", logquant_fit=False" if not self.fit else ""
         s += ", logquant_score_correction=True" if self.score_correction else ""
@@ -132,7 +147,7 @@ def _check_code_bits(name: str, b: object, allowed: tuple[int, ...] = CODE_BITS)
 
 
 def check_bits(spec: KVType, key_bits: int | None, value_bits: int | None,
-               layer_bits: dict[int, tuple[int, int]] | None, key_group: int | None = None,
+               layer_bits: dict[int, tuple[int, int]] | str | None, key_group: int | None = None,
                keys_post_rope: bool | None = None, fit: bool | None = None,
                score_correction: bool | None = None, key_widths: str | None = None,
                value_groups: str | None = None, scale_bits: int | None = None) -> LogQuantBits | None:
@@ -150,11 +165,23 @@ def check_bits(spec: KVType, key_bits: int | None, value_bits: int | None,
         return None
     k = _check_code_bits("logquant_key_bits", 2 if key_bits is None else key_bits, KEY_CODE_BITS)
     v = _check_code_bits("logquant_value_bits", 2 if value_bits is None else value_bits)
+    # The default format when none of the code bits, the key group or a layout of before (uniform
+    # widths, keys after RoPE, values per token) is asked for; asking for any gives groups of 64
+    # and only the layer bits asked for (the settings docs/levers.md measured so)
+    preset = (key_bits is None and value_bits is None and layer_bits is None and key_group is None
+              and key_widths in (None, "auto") and not keys_post_rope and value_groups in (None, "channel"))
     layers = []
-    if layer_bits is not None:
+    auto = layer_bits == LAYER_BITS_AUTO or preset
+    if auto and k != 2:
+        raise ValueError("logquant_layer_bits='auto' gives 3-bit keys to some layers of 2-bit keys; "
+                         f"logquant_key_bits is {k}")
+    if auto and (key_widths == "uniform" or keys_post_rope):
+        raise ValueError("logquant_layer_bits='auto' gives layers 3-bit keys, mixed key widths, which need "
+                         "logquant_key_widths='auto' and keys grouped before RoPE")
+    if layer_bits is not None and not auto:
         if not isinstance(layer_bits, dict):
-            raise ValueError("logquant_layer_bits must be a dict {layer: (key_bits, value_bits)}, "
-                             f"got {type(layer_bits).__name__}")
+            raise ValueError("logquant_layer_bits must be 'auto' or a dict {layer: (key_bits, value_bits)}, "
+                             f"got {layer_bits!r}")
         for il, kv in sorted(layer_bits.items(), key=lambda item: str(item[0])):
             if isinstance(il, bool) or not isinstance(il, int) or il < 0:
                 raise ValueError(f"logquant_layer_bits: layer must be an integer >= 0, got {il!r}")
@@ -162,7 +189,7 @@ def check_bits(spec: KVType, key_bits: int | None, value_bits: int | None,
                 raise ValueError(f"logquant_layer_bits[{il}] must be (key_bits, value_bits), got {kv!r}")
             layers.append((il, _check_code_bits(f"logquant_layer_bits[{il}] key bits", kv[0], KEY_CODE_BITS),
                            _check_code_bits(f"logquant_layer_bits[{il}] value bits", kv[1])))
-    g = 64 if key_group is None else key_group
+    g = key_group if key_group is not None else DEFAULT_KEY_GROUP if preset else ASKED_KEY_GROUP
     if isinstance(g, bool) or g not in KEY_GROUPS:
         raise ValueError(f"logquant_key_group must be one of {', '.join(map(str, KEY_GROUPS))}, got {g!r}")
     for name, flag in flags:
@@ -187,7 +214,7 @@ def check_bits(spec: KVType, key_bits: int | None, value_bits: int | None,
     if kw == "uniform" and 3 in [k] + [row[1] for row in layers]:
         raise ValueError("3-bit keys are mixed key widths (0, 2 or 4 bits per channel, a mean of 3): "
                          "they need logquant_key_widths='auto' and keys grouped before RoPE")
-    return LogQuantBits(k, v, tuple(sorted(layers)), g, bool(keys_post_rope), fit is not False,
+    return LogQuantBits(k, v, tuple(sorted(layers)), auto, g, bool(keys_post_rope), fit is not False,
                         bool(score_correction), kw, value_groups or "channel", scale_bits or 16)
 
 
@@ -203,14 +230,17 @@ def parse_layer_bits(text: str) -> dict[int, tuple[int, int]]:
     return out
 
 
-def layer_bits_text(layer_bits: dict[int, tuple[int, int]] | None) -> str:
+def layer_bits_text(layer_bits: dict[int, tuple[int, int]] | str | None) -> str:
+    if layer_bits == LAYER_BITS_AUTO:
+        return LAYER_BITS_AUTO
     return ",".join(f"{il}:{k}:{v}" for il, (k, v) in sorted((layer_bits or {}).items()))
 
 
 def parse_variant(name: str) -> tuple[str, dict]:
     """A kv_type with LogQuant precision levers, as the bench and CLI name them ->
     (kv_type, Llama keyword arguments). "logquant+k4" (4-bit keys), "logquant+v4",
-    "logquant+k4v4", "logquant+L0:8:8" (layer 0 with 8-bit keys and values), and the key layouts
+    "logquant+k4v4", "logquant+L0:8:8" (layer 0 with 8-bit keys and values), "logquant+Lauto"
+    (3-bit keys for the half of the layers the weights pick, logquant_layer_bits="auto"), and the key layouts
     of the format study: "+g32", "+g128" (tokens per key group), "+postrope"; the code levers
     "+minmax" (min/max scales instead of the default least-squares fit; "+fit" says the default),
     "+bc" (score correction), "+uniform" (every key channel 2 bits, logquant_key_widths="uniform";
@@ -227,7 +257,12 @@ def parse_variant(name: str) -> tuple[str, dict]:
     kw: dict = {}
     layers: dict[int, tuple[int, int]] = {}
     for m in mods:
+        if m == "Lauto":
+            kw["logquant_layer_bits"] = LAYER_BITS_AUTO
+            continue
         if m[:1] == "L":
+            if kw.get("logquant_layer_bits") == LAYER_BITS_AUTO:
+                raise ValueError(f"{name!r}: +Lauto picks the layers itself; drop the L<layer> modifiers")
             if "," in m:
                 raise ValueError(f"{name!r}: one layer per L modifier (L0:8:8+L1:4:4)")
             layers.update(parse_layer_bits(m[1:]))
@@ -263,9 +298,16 @@ def parse_variant(name: str) -> tuple[str, dict]:
             raise ValueError(f"{name!r}: unknown modifier {m!r} (use k<bits>, v<bits>, k<bits>v<bits>, "
                              "L<layer>:<key bits>:<value bits>)")
     if layers:
+        if kw.get("logquant_layer_bits") == LAYER_BITS_AUTO:
+            raise ValueError(f"{name!r}: +Lauto picks the layers itself; drop the L<layer> modifiers")
         kw["logquant_layer_bits"] = layers
-    check_bits(spec, kw.get("logquant_key_bits"), kw.get("logquant_value_bits"),
-               kw.get("logquant_layer_bits"), kw.get("logquant_key_group"), kw.get("logquant_keys_post_rope"),
-               kw.get("logquant_fit"), kw.get("logquant_score_correction"), kw.get("logquant_key_widths"),
-               kw.get("logquant_value_groups"), kw.get("logquant_scale_bits"))
+    bits_of_kwargs(spec, kw)
     return base, kw
+
+
+def bits_of_kwargs(spec: KVType, kw: dict) -> LogQuantBits | None:
+    """check_bits on Llama keyword arguments (those parse_variant gives)."""
+    return check_bits(spec, kw.get("logquant_key_bits"), kw.get("logquant_value_bits"),
+                      kw.get("logquant_layer_bits"), kw.get("logquant_key_group"), kw.get("logquant_keys_post_rope"),
+                      kw.get("logquant_fit"), kw.get("logquant_score_correction"), kw.get("logquant_key_widths"),
+                      kw.get("logquant_value_groups"), kw.get("logquant_scale_bits"))

@@ -52,11 +52,17 @@ class Llama(llama_cpp.Llama):
     logquant_key_bits, logquant_value_bits: code bits of those caches' low-bit tier, 2 (default),
     4 or 8; keys also 3: mixed key widths of 0, 2 or 4 bits per channel at a mean of 3 (there are no
     3-bit codes), 3.0 bits per value with 2-bit values; logquant_layer_bits: per-layer overrides
-    {layer: (key_bits, value_bits)}, e.g. {0: (8, 8)} for a sensitive first layer. These are the
+    {layer: (key_bits, value_bits)}, e.g. {0: (8, 8)} for a sensitive first layer, or "auto":
+    3-bit keys for the half of the layers of 2-bit keys whose Q/K weights predict the most gain
+    from them (Gemma 3 270M: its layer 11; docs/levers.md). These are the
     precision levers: b-bit codes cost b + 0.5 bits per value (see docs/levers.md for what they
     buy).
     logquant_key_group (32, 64, 128) and logquant_keys_post_rope: the key layout knobs of the
-    format study (defaults 64 and False: groups of 64 tokens per channel, before RoPE).
+    format study (before RoPE by default). The default format has groups of 128 tokens per channel
+    and logquant_layer_bits="auto": 2.5 bits per value, the quarter bit that groups of 128 save
+    spent on 3-bit keys where the weights say (docs/levers.md). Asking for code bits, layer bits,
+    a group or a layout of before (uniform widths, keys after RoPE, values per token) gives groups
+    of 64 and only the layers asked for: the format the measured settings have.
     logquant_fit, logquant_score_correction: how the low-bit codes are made and read, at no
     memory cost. logquant_fit (default True) fits each group's scale and minimum by least squares
     (False: min/max, the format before; the stored format is the same); logquant_score_correction
@@ -97,7 +103,7 @@ class Llama(llama_cpp.Llama):
     def __init__(self, model_path: str, *, kv_type: str = kv_types.DEFAULT_KV_TYPE,
                  logquant_window: int | None = None, logquant_key_bits: int | None = None,
                  logquant_value_bits: int | None = None,
-                 logquant_layer_bits: dict[int, tuple[int, int]] | None = None,
+                 logquant_layer_bits: dict[int, tuple[int, int]] | str | None = None,
                  logquant_key_group: int | None = None, logquant_keys_post_rope: bool | None = None,
                  logquant_fit: bool | None = None, logquant_score_correction: bool | None = None,
                  logquant_key_widths: str | None = None, logquant_value_groups: str | None = None,
@@ -283,7 +289,7 @@ class Llama(llama_cpp.Llama):
         if self.logquant_bits is not None:
             state["logquant_key_bits"] = self.logquant_bits.key
             state["logquant_value_bits"] = self.logquant_bits.value
-            state["logquant_layer_bits"] = self.logquant_bits.layer_dict()
+            state["logquant_layer_bits"] = self.logquant_bits.layer_arg()
             state["logquant_key_group"] = self.logquant_bits.key_group
             state["logquant_keys_post_rope"] = self.logquant_bits.keys_post_rope
             state["logquant_fit"] = self.logquant_bits.fit
@@ -347,6 +353,13 @@ class Llama(llama_cpp.Llama):
         """Layer il's key code bits per channel (kv head by kv head) under
         logquant_key_widths="auto"; [] when its channels all have the same width."""
         return _capi.key_widths(ctypes.cast(self._ctx.ctx, ctypes.c_void_p).value, il)
+
+    def layer_bits(self) -> dict[int, tuple[int, int]]:
+        """{layer: (key bits, value bits)} of the layers with a low-bit tier, as this context
+        has them (logquant_layer_bits="auto" resolved: the layers given 3-bit keys show 3)."""
+        ctx = ctypes.cast(self._ctx.ctx, ctypes.c_void_p).value
+        bits = {il: _capi.layer_bits(ctx, il) for il in range(self.n_layer())}
+        return {il: b for il, b in bits.items() if b is not None}
 
     def kv_stats(self) -> dict:
         """What the KV cache holds now: tokens, bytes in all, bytes per token."""

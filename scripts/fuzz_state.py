@@ -58,6 +58,7 @@ LQ_MAGIC = 0x4C513206     # logquant_cache's state section, version 6 (widths ta
 LQ_MAGIC_V4 = 0x4C513204  # version 4 (no value grouping: per token), which the cache still reads
 LQ_MAGIC_V5 = 0x4C513205  # version 5 (no refs tag: f16 headers), which the cache still reads
 SEQ_MAGIC = 0xAF143CD8    # llama_context's magic of a sequence's state
+KEY_BITS = (2, 3, 4, 8)  # 3: mixed widths at a mean of 3 (a group's bytes as for 3-bit codes)
 CELL_LAYOUT_TAG = 0x4C51324C  # where the f16 cells were (logquant_cell_layout), ahead of the streams
 GGML_TYPE_F16 = 1
 I32_MIN, I32_MAX = -(2**31), 2**31 - 1
@@ -302,7 +303,7 @@ def parse_state(buf: bytes, dims: Layout | None = None) -> Layout:
         wtag = r.num(f"lq.wtag[{li}]", "I")
         vpc = r.num(f"lq.vpc[{li}]", "i")
         rtag = r.num(f"lq.rtag[{li}]", "I")
-        if not 0 <= il < len(lay.n_embd_k) or kb not in (2, 4, 8) or vb not in (2, 4, 8) or vpc not in (0, 1):
+        if not 0 <= il < len(lay.n_embd_k) or kb not in KEY_BITS or vb not in (2, 4, 8) or vpc not in (0, 1):
             raise ValueError(f"LogQuant layer {li}: il {il}, bits {kb}/{vb}, value grouping {vpc}")
         kgb, vrb, vgb, nek, nev = lq_sizes(lay, il, g, kb, vb, rtag != 0)
         k2 = r.blob(f"lq.k2[{li}]", n_grp * kgb)
@@ -334,7 +335,7 @@ def reframe(sec: LQSection, lay: Layout) -> None:
 
     for ly in sec.layers:
         il = ly.il if 0 <= ly.il < len(lay.n_embd_k) else 0
-        kb = ly.kb if ly.kb in (2, 4, 8) else 2
+        kb = ly.kb if ly.kb in KEY_BITS else 2
         vb = ly.vb if ly.vb in (2, 4, 8) else 2
         vpc = ly.vpc if ly.vpc in (0, 1) else 0
         kgb, vrb, vgb, nek, nev = lq_sizes(lay, il, sec.group, kb, vb, ly.rtag != 0)
@@ -672,8 +673,9 @@ SCENARIOS: dict[str, dict] = {
     # one sequence, several groups, the open one grown token by token
     "tiny-one-groups": {"model": "tiny", "n_seq": 1, "unified": True,
                         "steps": [("eval", 128), ("eval", 100)] + [("eval", 1)] * 10},
-    # four sequences sharing one stream: interleaved groups, a freed sequence, a copy (shared slots)
-    "tiny-unified": {"model": "tiny", "n_seq": 4, "unified": True,
+    # four sequences sharing one stream: interleaved groups, a freed sequence, a copy (shared slots);
+    # groups of 64, so that these lengths close some (the default format's 128 would not)
+    "tiny-unified": {"model": "tiny", "n_seq": 4, "unified": True, "levers": {"logquant_key_group": 64},
                      "steps": [("decode", {0: 64, 1: 40, 2: 50}), ("decode", {0: 64, 1: 40, 2: 50})]
                      + [("decode", {0: 1, 1: 1})] * 4
                      + [("rm", 2, -1, -1), ("cp", 0, 3), ("decode", {3: 12, 1: 12}), ("decode", {2: 10})]},

@@ -54,11 +54,12 @@ def test_full_attention_layers_read_the_low_bit_tier(runs):
 def test_eight_bit_tier_is_close_to_f16(runs):
     """With 8-bit codes the low-bit tier is nearly exact, so the logits come far closer to the
     f16 cache's than with 2-bit codes; with the demoted tokens dropped, the codes would not matter.
-    (Here 0.018 against 0.042 with values grouped per channel; per token, 0.016 against 0.10
-    with fitted 2-bit scales, 0.25 with min/max ones. This random model's sharp attention moves
-    these figures by a fifth with float summation order alone.)"""
+    (Here 0.018 against 0.032 with the default format, 3-bit keys on layer 11 in groups of 128;
+    0.042 in groups of 64 and 2-bit keys everywhere; per token, 0.016 against 0.10 with fitted
+    2-bit scales, 0.25 with min/max ones. One prompt's figures move by a fifth with float
+    summation order alone.)"""
     ref = runs["f16"][0]
     k8, k2 = kl(ref, runs["8-bit"][0]), kl(ref, runs["2-bit"][0])
     print(f"KL to f16: 8-bit tier {k8:.2e}, 2-bit tier {k2:.2e}")
     assert k8 < 0.05
-    assert k8 < k2 / 2
+    assert k8 < k2 * 0.7

@@ -36,9 +36,10 @@ def gguf_tensor(path, name: str) -> np.ndarray | None:
         tuple(int(x) for x in reversed(t.shape)))
 
 
-def predicted_widths(path, il: int, n_head: int, n_head_kv: int, D: int, neox: bool, n_dims: int,
-                     b: int = 2) -> list[int]:
-    """The allocation of docs/levers.md from the GGUF's weights, written from its description."""
+def unit_weights(path, il: int, n_head: int, n_head_kv: int, D: int, neox: bool,
+                 n_dims: int) -> tuple[list[tuple[int, int]], list[list[float]]]:
+    """The RoPE pairs (channel, channel) of a head and, per kv head, each pair's weight: query
+    energy x key variance predicted from the GGUF's weights (docs/levers.md)."""
     def w(name):
         return gguf_tensor(path, f"blk.{il}.{name}")
 
@@ -52,18 +53,34 @@ def predicted_widths(path, il: int, n_head: int, n_head_kv: int, D: int, neox: b
     half = n_dims // 2
     units = [(u, u + half) if neox else (2 * u, 2 * u + 1) for u in range(half)]
     gq = n_head // n_head_kv
-    out = np.full((n_head_kv, D), b)
-    out[:, n_dims::2], out[:, n_dims + 1::2] = (2, 4) if b == 3 else (b, b)  # past a partial RoPE
-    step = 4 if b == 4 else 2  # widths 0, step, 2 step (3-bit keys: 0, 2, 4)
-    mse = [GAUSS_MSE[0], GAUSS_MSE[step], GAUSS_MSE[2 * step]]
+    weights = []
     for hk in range(n_head_kv):
         qe = eq.reshape(n_head_kv, gq, D)[hk].mean(0)
-        weight = [(qe[a] + qe[b_]) * (ek[hk * D + a] + ek[hk * D + b_]) for a, b_ in units]
-        level = [0] * len(units)
-        for _ in range(len(units) * b // step):  # steps of `step` bits to a mean of b
-            gains = [weight[u] * (mse[lv] - mse[lv + 1]) if lv < 2 else -1.0
-                     for u, lv in enumerate(level)]
-            level[int(np.argmax(gains))] += 1
+        weights.append([(qe[a] + qe[b_]) * (ek[hk * D + a] + ek[hk * D + b_]) for a, b_ in units])
+    return units, weights
+
+
+def water_fill(weight: list[float], b: int) -> tuple[list[int], float]:
+    """Each unit's level (0, 1, 2: 0, step, 2 step bits) for a mean of b bits, and the predicted
+    error left."""
+    step = 4 if b == 4 else 2  # widths 0, step, 2 step (3-bit keys: 0, 2, 4)
+    mse = [GAUSS_MSE[0], GAUSS_MSE[step], GAUSS_MSE[2 * step]]
+    level = [0] * len(weight)
+    for _ in range(len(weight) * b // step):  # steps of `step` bits to a mean of b
+        gains = [weight[u] * (mse[lv] - mse[lv + 1]) if lv < 2 else -1.0 for u, lv in enumerate(level)]
+        level[int(np.argmax(gains))] += 1
+    return level, sum(wt * mse[lv] for wt, lv in zip(weight, level))
+
+
+def predicted_widths(path, il: int, n_head: int, n_head_kv: int, D: int, neox: bool, n_dims: int,
+                     b: int = 2) -> list[int]:
+    """The allocation of docs/levers.md from the GGUF's weights, written from its description."""
+    units, weights = unit_weights(path, il, n_head, n_head_kv, D, neox, n_dims)
+    out = np.full((n_head_kv, D), b)
+    out[:, n_dims::2], out[:, n_dims + 1::2] = (2, 4) if b == 3 else (b, b)  # past a partial RoPE
+    step = 4 if b == 4 else 2
+    for hk in range(n_head_kv):
+        level, _ = water_fill(weights[hk], b)
         for (a, bb), lv in zip(units, level):
             out[hk, a] = out[hk, bb] = step * lv
     return out.reshape(-1).tolist()
@@ -100,7 +117,7 @@ def check_widths(llm: Llama, path, n_head: int, n_head_kv: int, D: int, neox: bo
 def test_widths_follow_the_weights_tiny(tiny_model, uneven, neox_partial):
     for path, neox, n_dims, mixed in ((tiny_model, False, 64, False), (uneven, False, 64, True),
                                       (neox_partial, True, 32, True)):
-        llm = load(path, logquant_key_widths="auto")
+        llm = load(path, logquant_key_widths="auto", logquant_key_group=64)  # 2-bit keys on every layer
         check_widths(llm, path, 4, 2, 64, neox=neox, n_dims=n_dims, mixed=mixed)
         llm.close()
     llm = load(uneven)  # the default
@@ -126,9 +143,14 @@ def test_widths_follow_repacked_weights(tmp_path):
 
 
 def test_widths_follow_the_weights_qwen(real_model):
-    """Qwen2.5: Q5_0 weights, query biases, NEOX over the whole head of 64, 14 over 2 heads."""
+    """Qwen2.5: Q5_0 weights, query biases, NEOX over the whole head of 64, 14 over 2 heads. The
+    default gives half of the layers 3-bit keys (layer bits "auto", test_layer_bits_auto.py):
+    each layer's widths are the allocation at its own mean."""
     llm = Llama(str(real_model), kv_type="logquant", n_ctx=512, verbose=False)
-    check_widths(llm, real_model, 14, 2, 64, neox=True, n_dims=64, mixed=True)
+    bits = llm.layer_bits()
+    assert sorted(k for k, _ in bits.values()) == [2] * 12 + [3] * 12
+    for il, (kb, _) in bits.items():
+        assert llm.key_widths(il) == predicted_widths(real_model, il, 14, 2, 64, True, 64, kb), il
     llm.close()
     # 4-bit keys: 0, 4 or 8 bits, a mean of 4; 8-bit keys stay uniform
     llm = Llama(str(real_model), kv_type="logquant", n_ctx=512, verbose=False, logquant_key_bits=4,
@@ -155,14 +177,14 @@ def test_mixed_widths_keep_the_bytes_and_the_state(uneven):
     seq = None
     sizes = {}
     for kw in ("uniform", "auto"):
-        llm = load(tiny_model, logquant_key_widths=kw)
+        llm = load(tiny_model, logquant_key_widths=kw, logquant_key_group=64)
         seq = seq or tokens(llm, 300, seed=4)
         llm.eval(seq)
         sizes[kw] = llm.kv_stats()["tiers"]["q2"]["bytes"] - (llm.n_layer() * 128 if kw == "auto" else 0)
         llm.close()
     assert sizes["auto"] == sizes["uniform"]  # the same tier, plus 128 bytes of widths per layer
 
-    state = saved_state_continues(tiny_model)
+    state = saved_state_continues(tiny_model, logquant_key_group=64)
     with pytest.raises(ValueError, match="logquant_key_widths='uniform'"):
         load(tiny_model, logquant_key_widths="uniform").load_state(state)
     # below the Python check, the cache itself refuses a state whose keys it would misread

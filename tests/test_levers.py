@@ -63,7 +63,7 @@ def test_low_bit_tier_bytes_follow_the_code_bits(tiny_model):
         llm.close()
         # host memory, the staging and the cos/sin table do not depend on the bits
         return q2["bytes"] - q2["host_bytes"] - q2["aux_bytes"]
-    base = q2_bytes()
+    base = q2_bytes(logquant_key_bits=2)  # 2-bit keys everywhere, groups of 64 (not the default format)
     assert q2_bytes(logquant_key_bits=8, logquant_value_bits=8) == pytest.approx(base * 68 / 20, rel=1e-6)
     assert q2_bytes(logquant_key_bits=4) == pytest.approx(base * (36 + 20) / 40, rel=1e-6)
     # the tiny model has 2 layers of equal size: only layer 1's half grows, by 68 / 20
@@ -146,7 +146,7 @@ def test_state_round_trip_with_levers(tiny_model):
     ({"logquant_key_bits": 6}, "logquant_key_bits must be one of 2, 3, 4, 8"),
     ({"logquant_value_bits": 16}, "logquant_value_bits must be one of"),
     ({"logquant_key_bits": True}, "logquant_key_bits must be one of"),
-    ({"logquant_layer_bits": [(0, 8, 8)]}, "must be a dict"),
+    ({"logquant_layer_bits": [(0, 8, 8)]}, "must be .auto. or a dict"),
     ({"logquant_layer_bits": {-1: (8, 8)}}, "layer must be an integer >= 0"),
     ({"logquant_layer_bits": {0: 8}}, r"must be \(key_bits, value_bits\)"),
     ({"logquant_layer_bits": {0: (8, 3)}}, "value bits must be one of"),

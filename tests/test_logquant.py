@@ -17,6 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "native"))
 from lq2_reference import DecodeRule  # noqa: E402
 
 W = 8  # small, so that short prompts cross every tier boundary
+# groups of 64 tokens and 2-bit keys on every layer: not the default format (groups of 128, 3-bit
+# keys on the layers "auto" picks), the one the figures of some tests are for
+G64 = {"logquant_key_group": 64}
 
 
 def load(path, kv_type="logquant", **kw):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from test_levers import kl_to, run_logits
-from test_logquant import load, saved_state_continues, tokens
+from test_logquant import G64, load, saved_state_continues, tokens
 from test_value_groups import fuzz_state_module, older_state_continues
 
 from logquant_gguf import Llama, _capi, kv_types
@@ -22,7 +22,7 @@ def test_8bit_scales_take_a_quarter_bit_less_and_keep_the_state(tiny_model):
     by the Python check and, below it, by the cache itself."""
     bits = {}
     for sb in (16, 8):
-        llm = load(tiny_model, logquant_scale_bits=sb)
+        llm = load(tiny_model, logquant_scale_bits=sb, **G64)
         assert llm.logquant_bits.scale_bits == sb
         llm.eval(tokens(llm, 300, seed=4))
         stats = llm.kv_stats()
@@ -31,16 +31,16 @@ def test_8bit_scales_take_a_quarter_bit_less_and_keep_the_state(tiny_model):
         llm.close()
     assert bits == {16: 2.5, 8: 2.25}
 
-    state = saved_state_continues(tiny_model, n_more=40, logquant_scale_bits=8)
+    state = saved_state_continues(tiny_model, n_more=40, logquant_scale_bits=8, **G64)
     with pytest.raises(ValueError, match="logquant_scale_bits=8"):
-        load(tiny_model).load_state(state)
+        load(tiny_model, **G64).load_state(state)
     for sb, st in ((16, state), (8, None)):
         if st is None:
-            src = load(tiny_model)
+            src = load(tiny_model, **G64)
             src.eval(tokens(src, 150))
             st = src.save_state()
             src.close()
-        dst = load(tiny_model, logquant_scale_bits=sb)
+        dst = load(tiny_model, logquant_scale_bits=sb, **G64)
         with pytest.raises(RuntimeError):
             Llama.__mro__[1].load_state(dst, st)
         dst.close()
@@ -66,8 +66,8 @@ def test_wider_codes_in_groups_of_32_and_128(tiny_model, kw, bits):
 def test_states_of_the_version_before_load_with_f16_scales(tiny_model):
     """A state written before 8-bit scales (version 5: no references field) loads into a cache of
     f16 scales and continues as its source did; a cache of 8-bit scales refuses it."""
-    old = older_state_continues(tiny_model, fuzz_state_module().LQ_MAGIC_V5, 1)
-    s8 = load(tiny_model, logquant_scale_bits=8)
+    old = older_state_continues(tiny_model, fuzz_state_module().LQ_MAGIC_V5, 1, **G64)  # that version's default
+    s8 = load(tiny_model, logquant_scale_bits=8, **G64)
     with pytest.raises(RuntimeError):
         Llama.__mro__[1].load_state(s8, old)
     s8.close()

@@ -14,19 +14,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_levers import kl_to, run_logits
-from test_logquant import last_logits, load, saved_state_continues, tokens
+from test_logquant import G64, last_logits, load, saved_state_continues, tokens
 
 from logquant_gguf import Llama, kv_types
 from logquant_gguf.bench.env import run_tool, tool_env, tool_path
 
 
 def test_value_groups_keep_the_bits_and_the_state(tiny_model):
-    """Same bits per value either way (the staging of open groups grows by their f32 values);
+    """Same bits per value either way (groups of 64 and 2-bit keys on every layer, the format
+    these figures are for: per-token values leave the default format, test_layer_bits_auto.py;
+    the staging of open groups grows by their f32 values);
     a saved state, open groups included, continues as the context it was saved from; a state of
     per-token values is refused by a per-channel cache and the other way round."""
     bits = {}
     for vg in ("token", "channel"):
-        llm = load(tiny_model, logquant_value_groups=vg)
+        llm = load(tiny_model, logquant_value_groups=vg, **G64)
         assert llm.logquant_bits.value_groups == vg
         llm.eval(tokens(llm, 300, seed=4))
         stats = llm.kv_stats()
@@ -35,17 +37,17 @@ def test_value_groups_keep_the_bits_and_the_state(tiny_model):
         llm.close()
     assert bits["channel"] == bits["token"] == 2.5
 
-    state = saved_state_continues(tiny_model, n_more=40)  # W = 8: the last 2-bit group is open
+    state = saved_state_continues(tiny_model, n_more=40, **G64)  # W = 8: the last 2-bit group is open
     with pytest.raises(ValueError, match="logquant_value_groups='token'"):
-        load(tiny_model, logquant_value_groups="token").load_state(state)
+        load(tiny_model, logquant_value_groups="token", **G64).load_state(state)
     # below the Python check, the cache itself refuses a state whose values it would misread
     for vg, st in (("token", state), ("channel", None)):
         if st is None:
-            src = load(tiny_model, logquant_value_groups="token")
+            src = load(tiny_model, logquant_value_groups="token", **G64)
             src.eval(tokens(src, 150))
             st = src.save_state()
             src.close()
-        dst = load(tiny_model, logquant_value_groups=vg)
+        dst = load(tiny_model, logquant_value_groups=vg, **G64)
         with pytest.raises(RuntimeError):
             Llama.__mro__[1].load_state(dst, st)
         dst.close()
@@ -95,7 +97,7 @@ def test_states_of_the_version_before_load_as_per_token_values(tiny_model):
     no references field) loads into a per-token cache and continues as its source did; a
     per-channel cache refuses it."""
     old = older_state_continues(tiny_model, fuzz_state_module().LQ_MAGIC_V4, 2, logquant_value_groups="token")
-    per_channel = load(tiny_model)
+    per_channel = load(tiny_model, **G64)
     with pytest.raises(RuntimeError):
         Llama.__mro__[1].load_state(per_channel, old)
     per_channel.close()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .. import KV_TYPES, build_info, models
 from .._runtime import BIN_DIR, LIB_DIR
-from ..kv_types import DEFAULT_WINDOW, POLICY_WINDOW, layer_bits_text, parse_variant
+from ..kv_types import DEFAULT_WINDOW, POLICY_WINDOW, bits_of_kwargs, layer_bits_text, parse_variant
 
 
 def _cpuinfo_field(field: str) -> str:
@@ -148,19 +148,19 @@ def tool_env(kv: str) -> dict[str, str]:
     rot = {} if levers.get("attn_rotation", True) else {"LLAMA_ATTN_ROT_DISABLE": "1"}
     if not spec.is_logquant:
         return rot
+    b = bits_of_kwargs(spec, levers)
     return {"LOGQUANT_POLICY": "window" if spec.policy == POLICY_WINDOW else "log",
             "LOGQUANT_WINDOW": str(levers.get("logquant_window", DEFAULT_WINDOW)),
-            "LOGQUANT_KEY_BITS": str(levers.get("logquant_key_bits", 2)),
-            "LOGQUANT_VALUE_BITS": str(levers.get("logquant_value_bits", 2)),
-            "LOGQUANT_LAYER_BITS": layer_bits_text(levers.get("logquant_layer_bits")),
-            "LOGQUANT_KEY_GROUP": str(levers.get("logquant_key_group", 64)),
-            "LOGQUANT_KEYS_POST_ROPE": str(int(levers.get("logquant_keys_post_rope", False))),
-            "LOGQUANT_FIT": str(int(levers.get("logquant_fit", True))),
-            "LOGQUANT_SCORE_CORRECTION": str(int(levers.get("logquant_score_correction", False))),
-            "LOGQUANT_KEY_WIDTHS": levers.get("logquant_key_widths",
-                                              "uniform" if levers.get("logquant_keys_post_rope") else "auto"),
-            "LOGQUANT_VALUE_GROUPS": levers.get("logquant_value_groups", "channel"),
-            "LOGQUANT_SCALE_BITS": str(levers.get("logquant_scale_bits", 16)),
+            "LOGQUANT_KEY_BITS": str(b.key),
+            "LOGQUANT_VALUE_BITS": str(b.value),
+            "LOGQUANT_LAYER_BITS": layer_bits_text(b.layer_arg()),
+            "LOGQUANT_KEY_GROUP": str(b.key_group),
+            "LOGQUANT_KEYS_POST_ROPE": str(int(b.keys_post_rope)),
+            "LOGQUANT_FIT": str(int(b.fit)),
+            "LOGQUANT_SCORE_CORRECTION": str(int(b.score_correction)),
+            "LOGQUANT_KEY_WIDTHS": b.key_widths,
+            "LOGQUANT_VALUE_GROUPS": b.value_groups,
+            "LOGQUANT_SCALE_BITS": str(b.scale_bits),
             **rot}
 
 

@@ -78,6 +78,17 @@ extern "C" int64_t logquant_kv_key_widths(const llama_context * ctx, int32_t il,
     return (int64_t) w.size();
 }
 
+extern "C" int32_t logquant_kv_layer_bits(const llama_context * ctx, int32_t il, int32_t * key_bits,
+                                          int32_t * value_bits) {
+    const llama_kv_cache * kv = main_kv_cache(ctx->get_memory());
+    if (kv == nullptr || kv->get_logquant() == nullptr || !kv->get_logquant()->has_layer(il)) {
+        return -1;
+    }
+    *key_bits   = kv->get_logquant()->layer_at(il).k_bits;
+    *value_bits = kv->get_logquant()->layer_at(il).v_bits;
+    return 0;
+}
+
 extern "C" int32_t logquant_kv_stats_get(const llama_context * ctx, logquant_kv_stats * out) {
     const llama_memory_t mem = ctx->get_memory();
     if (mem == nullptr) {
@@ -189,6 +200,10 @@ static int32_t set_switch(int32_t logquant_settings::* field, int32_t on) {
 
 extern "C" int32_t logquant_set_key_widths(int32_t mode) {
     return set_switch(&logquant_settings::key_widths, mode);
+}
+
+extern "C" int32_t logquant_set_layer_bits_auto(int32_t on) {
+    return set_switch(&logquant_settings::layer_bits_auto, on);
 }
 
 extern "C" int32_t logquant_set_value_groups(int32_t per_channel) {

@@ -33,9 +33,10 @@ LLAMA_API int32_t logquant_set_bits(int32_t key_bits, int32_t value_bits, int32_
                                     const int32_t * layers, const int32_t * layer_key_bits,
                                     const int32_t * layer_value_bits);
 
-// Key format of the low-bit tier, for the format study: tokens per key group (32, 64 or 128; 4- and
-// 8-bit keys need 64) and keys_post_rope (1: group keys per channel AFTER RoPE, KIVI's layout,
-// instead of before). Defaults 64 and 0. Returns 0, or -1 for a bad value (nothing changed).
+// Key format of the low-bit tier: tokens per key group (32, 64 or 128) and keys_post_rope (1: group
+// keys per channel AFTER RoPE, KIVI's layout, instead of before). Defaults 128 and 0: the default
+// format, groups of 128 with layer bits "auto" (logquant_set_layer_bits_auto). Returns 0, or -1
+// for a bad value (nothing changed).
 LLAMA_API int32_t logquant_set_key_format(int32_t key_group, int32_t keys_post_rope);
 
 // How the low-bit tier's codes are made and read, for contexts created after this call (no memory
@@ -52,6 +53,13 @@ LLAMA_API int32_t logquant_set_codes(int32_t fit, int32_t score_correction);
 // for llama.cpp's tools). Host memory only so far: a layer whose tier is on a GPU keeps uniform
 // widths (its kernels do not read mixed ones). Returns 0, or -1 for another value.
 LLAMA_API int32_t logquant_set_key_widths(int32_t mode);
+
+// Layer bits "auto", for contexts created after this call (docs/levers.md): 1 gives 3-bit keys
+// to the half of the layers of 2-bit keys whose Q/K weights predict the most gain from them (the
+// overrides of logquant_set_bits first; LOGQUANT_LAYER_BITS=auto for llama.cpp's tools); nothing
+// where keys are stored after RoPE or with uniform widths. 1 is the default; 0: only the overrides.
+// Returns 0, or -1 for another value. logquant_set_bits leaves it as it is.
+LLAMA_API int32_t logquant_set_layer_bits_auto(int32_t on);
 
 // Value groups, for contexts created after this call (docs/levers.md): 1 (the default) per
 // channel, each channel of a key group's G tokens sharing a scale as the keys do; 0 per token,
@@ -100,6 +108,11 @@ struct logquant_kv_stats {
 
 // Returns 0 on success, -1 when the context has no KV cache.
 LLAMA_API int32_t logquant_kv_stats_get(const struct llama_context * ctx, struct logquant_kv_stats * out);
+
+// Layer il's code bits (logquant_set_bits, with the layers "auto" gave 3-bit keys): 0, or -1 when
+// the layer has no LogQuant tier.
+LLAMA_API int32_t logquant_kv_layer_bits(const struct llama_context * ctx, int32_t il, int32_t * key_bits,
+                                         int32_t * value_bits);
 
 // Layer il's mixed key widths (logquant_set_key_widths): n_head_kv * head size bits of 0, b or 2b
 // per key channel, kv head by kv head. Writes up to cap of them to out and returns how many there

@@ -91,6 +91,23 @@ logquant_cache::logquant_cache(const logquant_settings & s, const llama_model & 
                        "AFTER RoPE (lower quality than pre-RoPE; no context shift)\n", __func__,
                        yarn ? "YaRN" : "rope type or frequency factors");
     }
+    if (settings.layer_bits_auto) {
+        std::string note, ranking;
+        const std::vector<int32_t> picked =
+            logquant_auto_key_layers(model, hparams, settings, rope, no_rope, holds_layer, note, ranking);
+        std::string names;
+        for (int32_t il : picked) {
+            settings.layer_bits.push_back({il, 3, settings.value_bits});
+            names += " " + std::to_string(il);
+        }
+        if (!note.empty() && picked.empty()) { // asked for and not applied
+            LLAMA_LOG_WARN("%s: %s\n", __func__, note.c_str());
+        } else if (!note.empty()) { // a size estimate: the bytes are right, the layers may not be
+            LLAMA_LOG_INFO("%s: %s\n", __func__, note.c_str());
+        }
+        LLAMA_LOG_INFO("%s: layer bits auto: 3-bit keys for layer(s)%s\n", __func__, names.empty() ? " (none)" : names.c_str());
+        LLAMA_LOG_INFO("%s: layer bits auto: predicted gain of 3-bit keys by layer: %s\n", __func__, ranking.c_str());
+    }
     if (any_k3 && rope.n_dims == 0 && !no_rope) {
         refuse("3-bit keys are mixed key widths, which need keys stored before RoPE (this context's RoPE is not "
                "plain NORM/NEOX); use 2- or 4-bit keys");

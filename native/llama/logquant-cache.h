@@ -83,9 +83,13 @@ struct logquant_settings {
     int32_t key_bits   = 2;   // every layer's, unless overridden below
     int32_t value_bits = 2;
     std::vector<logquant_layer_bits> layer_bits; // per-layer overrides (e.g. a sensitive layer 0)
-    // Key format knobs for the format study (docs/levers.md): tokens per key group (32, 64, 128;
-    // 64 for 4- and 8-bit keys) and grouping after RoPE instead of before (KIVI's layout).
-    int32_t key_group      = 64;
+    // Key format knobs for the format study (docs/levers.md): tokens per key group (32, 64, 128)
+    // and grouping after RoPE instead of before (KIVI's layout). The default format has groups of
+    // 128 and layer bits "auto" (below): 2.5 bits per value. Env settings that ask for code bits,
+    // layer bits, a group or a layout of before (uniform widths, keys after RoPE, values per
+    // token) start from groups of 64 without "auto" instead, as the Python package does
+    // (kv_types.check_bits).
+    int32_t key_group      = 128;
     int32_t keys_post_rope = 0;
     // Ubatches of at least this many tokens (one stream) attend through ggml's flash attention
     // over both tiers dequantized to f16 (LQ2_DEQUANT), smaller ones (decode) through the fused
@@ -117,6 +121,12 @@ struct logquant_settings {
     // weights (logquant-header-refs.cpp): a quarter of a bit per value less at G = 64. Needs keys
     // stored before RoPE; values grouped per token keep f16 headers.
     int32_t scale_bits = 16;
+    // Layer bits "auto" (LOGQUANT_LAYER_BITS=auto, logquant_set_layer_bits_auto): 3-bit keys for the
+    // half of the layers of 2-bit keys whose weights predict the most gain from them
+    // (logquant_key_bits_gain), explicit layer_bits first. Needs mixed key widths (pre-RoPE keys);
+    // without them every layer keeps its bits. With key groups of 128 it costs what groups of 64
+    // do: 2.5 bits per value (docs/levers.md).
+    int32_t layer_bits_auto = 1;
     std::string layer_bits_error; // LOGQUANT_LAYER_BITS as given, when it could not be read
 
     // The code bits of layer il: {key, value}.
@@ -128,6 +138,22 @@ struct logquant_settings {
 // in why, when they cannot be.
 std::vector<int8_t> logquant_key_widths(const llama_model & model, const llama_hparams & hparams, int32_t il,
                                         int32_t bits, const lq2_rope_params & rope, std::string & why);
+
+// What 3-bit keys instead of 2-bit buy in layer il, predicted from its Q/K weights as the key
+// widths are (logquant-key-widths.cpp): the score error left at a mean of 2 bits minus that at 3;
+// -1, with the reason in why, when the weights cannot be read.
+double logquant_key_bits_gain(const llama_model & model, const llama_hparams & hparams, int32_t il,
+                              const lq2_rope_params & rope, std::string & why);
+
+// Layer bits "auto": the layers that get 3-bit keys, sorted; of the layers this cache holds with
+// 2-bit keys and no explicit override, the half with the largest logquant_key_bits_gain. Empty,
+// with the reason in note, where 3-bit keys are not available (keys after RoPE, uniform widths);
+// when the weights cannot be read (a size estimate) the later half, with a note. ranking: the
+// candidates and their gains, the largest first ("11 0.881, 17 0.358, 5 0.342"), for the log.
+std::vector<int32_t> logquant_auto_key_layers(const llama_model & model, const llama_hparams & hparams,
+                                              const logquant_settings & s, const lq2_rope_params & rope, bool no_rope,
+                                              const std::function<bool(int32_t)> & holds_layer, std::string & note,
+                                              std::string & ranking);
 
 // A layer's channel references for 8-bit headers (lq2-format.h), (mu, sigma) per key channel, then
 // (values: per-channel values) per value channel, from the model's weights
@@ -174,7 +200,7 @@ class logquant_cache {
 public:
     using seq_sets = logquant_seq_sets;
 
-    const int G; // tokens per key group (settings.key_group): 2 + 32/64 = 2.5 bits per key value
+    const int G; // tokens per key group (settings.key_group): 2 + 32/G bits per 2-bit key value
 
     // kv_size: cells per stream the caller asked for (the context size, or a sequence's share of
     // it with one stream per sequence); the 2-bit tier holds that many for every stream.

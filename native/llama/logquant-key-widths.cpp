@@ -20,6 +20,11 @@
 // qwen2.5-coder-0.5b/channel-bits); a layer whose weights cannot be read gets a fixed rule then:
 // the slower half of the RoPE pairs 4 bits, the faster half 2.
 //
+// The same model ranks layers for layer bits "auto" (logquant_settings::layer_bits_auto): what 3-bit
+// keys buy in a layer is its predicted error at a mean of 2 bits minus that at a mean of 3, summed
+// over its kv heads (logquant_key_bits_gain). On Gemma 3 270M it names layer 11 of the three global
+// layers (0.88 against 0.34 and 0.36), the one measured to matter (docs/levers.md).
+//
 // bench/studies/channel_bits_study.py measured it (Qwen2.5-Coder-0.5B, attention KL averaged over
 // layers, values exact): uniform 2-bit keys 0.141, these predicted widths 0.048, the same
 // allocation with measured queries and key errors 0.036; uniform 3-bit keys 0.037.
@@ -34,6 +39,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <functional>
+#include <string>
 #include <vector>
 
 // Channels of a kv head: RoPE pairs (both channels get one width) or single channels; a, b: unit
@@ -67,9 +75,10 @@ static std::vector<int8_t> widths_by_frequency(int64_t n_head_kv, int64_t D, con
     return w;
 }
 
-// The water-filling above from the layer's weights; empty (and why) when they cannot be read.
-static std::vector<int8_t> widths_from_weights(const llama_model & model, const llama_hparams & hparams, int32_t il,
-                                               int32_t bits, const lq2_rope_params & rope, std::string & why) {
+// Per kv head, the weight of each unit (its query energy x key variance) from layer il's weights;
+// empty (and why) when they cannot be read.
+static std::vector<std::vector<double>> unit_weights(const llama_model & model, const llama_hparams & hparams,
+                                                     int32_t il, const lq2_rope_params & rope, std::string & why) {
     const auto & L = model.layers[(size_t) il];
     if (!L.wq || !L.wk) {
         why = "the model has no separate Q and K weights (fused QKV)";
@@ -96,18 +105,10 @@ static std::vector<int8_t> widths_from_weights(const llama_model & model, const 
     logquant_head_norm(eq, D, qn);
     logquant_head_norm(ek, D, kn);
 
-    // units: RoPE pairs (both channels get one width) or single channels; those past a partial
-    // RoPE keep `bits` (3-bit keys: alternately 2 and 4)
-    const int n_unit = rope.n_dims > 0 ? rope.n_dims / 2 : (int) D;
-    // widths of the levels, steps of `step` bits, and a unit Gaussian's error at each level (best
-    // uniform quantizers)
-    const int    step = bits == 4 ? 4 : 2;
-    const double gauss_mse[3] = { 1.0, step == 2 ? 0.1188 : 0.01154, step == 2 ? 0.01154 : 9.0e-5 };
-    std::vector<int8_t> widths = bits == 3 ? widths_by_frequency(n_head_kv, D, rope)
-                                           : std::vector<int8_t>((size_t) (n_head_kv * D), (int8_t) bits);
-    const int64_t gq = n_head / n_head_kv;
+    const int     n_unit = rope.n_dims > 0 ? rope.n_dims / 2 : (int) D;
+    const int64_t gq     = n_head / n_head_kv;
+    std::vector<std::vector<double>> weights((size_t) n_head_kv, std::vector<double>((size_t) n_unit, 0.0));
     for (int64_t hk = 0; hk < n_head_kv; hk++) {
-        std::vector<double> weight((size_t) n_unit, 0.0); // query energy x key variance of the unit
         for (int u = 0; u < n_unit; u++) {
             int a, b;
             unit_channels(rope, u, a, b);
@@ -116,32 +117,88 @@ static std::vector<int8_t> widths_from_weights(const llama_model & model, const 
                 qe += (eq[(size_t) (h * D + a)] + (a != b ? eq[(size_t) (h * D + b)] : 0.0)) / (double) gq;
             }
             const double kv = ek[(size_t) (hk * D + a)] + (a != b ? ek[(size_t) (hk * D + b)] : 0.0);
-            weight[(size_t) u] = qe * kv;
+            weights[(size_t) hk][(size_t) u] = qe * kv;
         }
-        std::vector<int> level((size_t) n_unit, 0); // index into 0, step, 2 step bits
-        for (int k = 0; k < n_unit * bits / step; k++) { // steps of `step` bits to a mean of `bits`
-            int best = -1;
-            double best_gain = -1.0;
-            for (int u = 0; u < n_unit; u++) {
-                const int lv = level[(size_t) u];
-                if (lv == 2) {
-                    continue;
-                }
-                const double gain = weight[(size_t) u] * (gauss_mse[lv] - gauss_mse[lv + 1]);
-                if (gain > best_gain) {
-                    best_gain = gain;
-                    best = u;
-                }
-            }
-            level[(size_t) best]++;
-        }
+    }
+    return weights;
+}
+
+// A unit Gaussian's error at levels 0, step and 2 step bits (best uniform quantizers).
+static void gauss_mse_levels(int step, double mse[3]) {
+    mse[0] = 1.0;
+    mse[1] = step == 2 ? 0.1188 : 0.01154;
+    mse[2] = step == 2 ? 0.01154 : 9.0e-5;
+}
+
+// Reverse water-filling of one kv head: each unit's level (0, 1, 2: 0, step, 2 step bits), steps
+// going where they remove the most predicted error until the mean is `bits`; *error: what is left.
+static std::vector<int> water_fill(const std::vector<double> & weight, int bits, int step, double * error) {
+    double mse[3];
+    gauss_mse_levels(step, mse);
+    const int n_unit = (int) weight.size();
+    std::vector<int> level((size_t) n_unit, 0);
+    for (int k = 0; k < n_unit * bits / step; k++) {
+        int best = -1;
+        double best_gain = -1.0;
         for (int u = 0; u < n_unit; u++) {
+            const int lv = level[(size_t) u];
+            if (lv == 2) {
+                continue;
+            }
+            const double gain = weight[(size_t) u] * (mse[lv] - mse[lv + 1]);
+            if (gain > best_gain) {
+                best_gain = gain;
+                best = u;
+            }
+        }
+        level[(size_t) best]++;
+    }
+    if (error) {
+        *error = 0.0;
+        for (int u = 0; u < n_unit; u++) {
+            *error += weight[(size_t) u] * mse[level[(size_t) u]];
+        }
+    }
+    return level;
+}
+
+// The water-filling above from the layer's weights; empty (and why) when they cannot be read.
+static std::vector<int8_t> widths_from_weights(const llama_model & model, const llama_hparams & hparams, int32_t il,
+                                               int32_t bits, const lq2_rope_params & rope, std::string & why) {
+    const std::vector<std::vector<double>> weights = unit_weights(model, hparams, il, rope, why);
+    if (weights.empty()) {
+        return {};
+    }
+    // units past a partial RoPE's n_dims keep `bits` (3-bit keys: alternately 2 and 4)
+    const int64_t n_head_kv = hparams.n_head_kv(il), D = hparams.n_embd_head_k();
+    const int     step = bits == 4 ? 4 : 2;
+    std::vector<int8_t> widths = bits == 3 ? widths_by_frequency(n_head_kv, D, rope)
+                                           : std::vector<int8_t>((size_t) (n_head_kv * D), (int8_t) bits);
+    for (int64_t hk = 0; hk < n_head_kv; hk++) {
+        const std::vector<int> level = water_fill(weights[(size_t) hk], bits, step, nullptr);
+        for (int u = 0; u < (int) level.size(); u++) {
             int a, b;
             unit_channels(rope, u, a, b);
             widths[(size_t) (hk * D + a)] = widths[(size_t) (hk * D + b)] = (int8_t) (step * level[(size_t) u]);
         }
     }
     return widths;
+}
+
+double logquant_key_bits_gain(const llama_model & model, const llama_hparams & hparams, int32_t il,
+                              const lq2_rope_params & rope, std::string & why) {
+    const std::vector<std::vector<double>> weights = unit_weights(model, hparams, il, rope, why);
+    if (weights.empty()) {
+        return -1.0;
+    }
+    double gain = 0.0;
+    for (const auto & w : weights) {
+        double e2 = 0.0, e3 = 0.0;
+        water_fill(w, 2, 2, &e2);
+        water_fill(w, 3, 2, &e3);
+        gain += e2 - e3;
+    }
+    return gain;
 }
 
 std::vector<int8_t> logquant_key_widths(const llama_model & model, const llama_hparams & hparams, int32_t il,
@@ -161,4 +218,57 @@ std::vector<int8_t> logquant_key_widths(const llama_model & model, const llama_h
         return widths_by_frequency(hparams.n_head_kv(il), D, rope);
     }
     return w;
+}
+
+std::vector<int32_t> logquant_auto_key_layers(const llama_model & model, const llama_hparams & hparams,
+                                              const logquant_settings & s, const lq2_rope_params & rope, bool no_rope,
+                                              const std::function<bool(int32_t)> & holds_layer, std::string & note,
+                                              std::string & ranking) {
+    if (!s.key_widths || (rope.n_dims == 0 && !no_rope)) {
+        note = "3-bit keys need mixed key widths and keys stored before RoPE: every layer keeps its bits";
+        return {};
+    }
+    if (s.key_bits != 2) {
+        note = "layer bits auto gives 3-bit keys to layers of 2-bit keys; these keys have " +
+               std::to_string(s.key_bits) + " bits";
+        return {};
+    }
+    const int64_t D = hparams.n_embd_head_k(), n_unit = rope.n_dims > 0 ? rope.n_dims / 2 : D;
+    if (n_unit % 2 != 0 || (D - rope.n_dims) % 2 != 0) {
+        note = "3-bit keys need an even number of RoPE pairs and of channels past them: every layer keeps its bits";
+        return {};
+    }
+    // candidates: this cache's layers of 2-bit keys that no explicit override names
+    std::vector<std::pair<double, int32_t>> ranked; // (-gain, layer): the largest gain first
+    std::string why;
+    bool weights_read = true;
+    for (int32_t il = 0; il < (int32_t) model.layers.size(); il++) {
+        const bool named = std::any_of(s.layer_bits.begin(), s.layer_bits.end(),
+                                       [il](const logquant_layer_bits & lb) { return lb.il == il; });
+        if (!holds_layer(il) || named) {
+            continue;
+        }
+        const double gain = weights_read ? logquant_key_bits_gain(model, hparams, il, rope, why) : -1.0;
+        weights_read = weights_read && gain >= 0.0;
+        ranked.push_back({-gain, il});
+    }
+    if (!weights_read) { // a size estimate: the later half of the layers, the same bytes when they are alike
+        note = "layer bits auto: " + why + "; the later half of the layers instead";
+        for (size_t i = 0; i < ranked.size(); i++) {
+            ranked[i].first = -(double) i;
+        }
+    }
+    std::stable_sort(ranked.begin(), ranked.end());
+    for (const auto & [neg_gain, il] : ranked) {
+        char buf[48];
+        std::snprintf(buf, sizeof(buf), "%s%d %.3g", ranking.empty() ? "" : ", ", il, -neg_gain);
+        ranking += weights_read ? buf : "";
+    }
+    ranking = ranking.empty() ? "(none: the weights were not read)" : ranking;
+    std::vector<int32_t> layers;
+    for (size_t i = 0; i < ranked.size() / 2; i++) {
+        layers.push_back(ranked[i].second);
+    }
+    std::sort(layers.begin(), layers.end());
+    return layers;
 }

@@ -25,6 +25,13 @@ static logquant_settings g_settings = [] {
     if (const char * p = std::getenv("LOGQUANT_POLICY")) {
         s.policy = std::strcmp(p, "window") == 0 ? LOGQUANT_POLICY_WINDOW : LOGQUANT_POLICY_LOG;
     }
+    // asking for any of these leaves the default format: groups of 64, only the layer bits asked for
+    for (const char * name : { "LOGQUANT_KEY_BITS", "LOGQUANT_VALUE_BITS", "LOGQUANT_LAYER_BITS", "LOGQUANT_KEY_GROUP" }) {
+        if (std::getenv(name)) {
+            s.key_group       = 64;
+            s.layer_bits_auto = 0;
+        }
+    }
     if (const char * b = std::getenv("LOGQUANT_KEY_BITS")) {
         s.key_bits = std::atoi(b);
     }
@@ -55,8 +62,17 @@ static logquant_settings g_settings = [] {
     if (const char * c = std::getenv("LOGQUANT_SCORE_CORRECTION")) {
         s.score_correction = std::atoi(c) != 0;
     }
-    // "il:key_bits:value_bits,..." e.g. "0:8:8" keeps layer 0 near full precision
+    if (!s.key_widths || s.keys_post_rope || !s.value_per_channel) { // a layout of before
+        s.key_group       = std::getenv("LOGQUANT_KEY_GROUP") ? s.key_group : 64;
+        s.layer_bits_auto = 0;
+    }
+    // "il:key_bits:value_bits,..." e.g. "0:8:8" keeps layer 0 near full precision; "auto" (alone or
+    // first: "auto,0:8:8") picks the layers of 3-bit keys from the weights
     if (const char * l = std::getenv("LOGQUANT_LAYER_BITS")) {
+        if (std::strncmp(l, "auto", 4) == 0 && (l[4] == '\0' || l[4] == ',')) {
+            s.layer_bits_auto = 1;
+            l += l[4] == ',' ? 5 : 4;
+        }
         for (const char * p = l; *p;) {
             logquant_layer_bits lb{};
             int used = 0;
