@@ -77,8 +77,8 @@ KEY_CODE_BITS = (2, 3, 4, 8)
 
 
 KEY_GROUPS = (32, 64, 128)
-# Tokens per key group: 128 in the default format, 64 as soon as code bits, layer bits or widths
-# are asked for (the group the measured settings of docs/levers.md have)
+# Tokens per key group: 128 in the default format, 64 as soon as code bits, layer bits, a group or
+# a layout of before are asked for (check_bits; the group the measured settings of docs/levers.md have)
 DEFAULT_KEY_GROUP = 128
 ASKED_KEY_GROUP = 64
 # logquant_layer_bits="auto": 3-bit keys for the half of the layers of 2-bit keys whose Q/K weights
@@ -122,7 +122,8 @@ class LogQuantBits:
 
     def as_dict(self) -> dict:
         return {"key_bits": self.key, "value_bits": self.value,
-                "layer_bits": LAYER_BITS_AUTO if self.layers_auto else {str(il): [k, v] for il, k, v in self.layers},
+                "layer_bits": (LAYER_BITS_AUTO if self.layers_auto
+                               else {str(il): [k, v] for il, k, v in self.layers}),
                 "key_group": self.key_group, "keys_post_rope": self.keys_post_rope,
                 "fit": self.fit, "score_correction": self.score_correction, "key_widths": self.key_widths,
                 "value_groups": self.value_groups, "scale_bits": self.scale_bits}
@@ -261,8 +262,6 @@ def parse_variant(name: str) -> tuple[str, dict]:
             kw["logquant_layer_bits"] = LAYER_BITS_AUTO
             continue
         if m[:1] == "L":
-            if kw.get("logquant_layer_bits") == LAYER_BITS_AUTO:
-                raise ValueError(f"{name!r}: +Lauto picks the layers itself; drop the L<layer> modifiers")
             if "," in m:
                 raise ValueError(f"{name!r}: one layer per L modifier (L0:8:8+L1:4:4)")
             layers.update(parse_layer_bits(m[1:]))
@@ -307,7 +306,6 @@ def parse_variant(name: str) -> tuple[str, dict]:
 
 def bits_of_kwargs(spec: KVType, kw: dict) -> LogQuantBits | None:
     """check_bits on Llama keyword arguments (those parse_variant gives)."""
-    return check_bits(spec, kw.get("logquant_key_bits"), kw.get("logquant_value_bits"),
-                      kw.get("logquant_layer_bits"), kw.get("logquant_key_group"), kw.get("logquant_keys_post_rope"),
-                      kw.get("logquant_fit"), kw.get("logquant_score_correction"), kw.get("logquant_key_widths"),
-                      kw.get("logquant_value_groups"), kw.get("logquant_scale_bits"))
+    names = ("key_bits", "value_bits", "layer_bits", "key_group", "keys_post_rope", "fit", "score_correction",
+             "key_widths", "value_groups", "scale_bits")
+    return check_bits(spec, *(kw.get("logquant_" + n) for n in names))

@@ -28,6 +28,7 @@ def last_logits(path, kv_type="logquant", **kw) -> tuple[np.ndarray, dict]:
 @pytest.fixture(scope="module")
 def runs(gemma_model) -> dict:
     return {"2-bit": last_logits(gemma_model),
+            "2-bit g64": last_logits(gemma_model, logquant_key_group=64),  # 2-bit keys on every layer
             "8-bit": last_logits(gemma_model, logquant_key_bits=8, logquant_value_bits=8),
             "post-rope": last_logits(gemma_model, logquant_keys_post_rope=True),
             "f16": last_logits(gemma_model, "f16", flash_attn=True, swa_full=False)}
@@ -54,12 +55,13 @@ def test_full_attention_layers_read_the_low_bit_tier(runs):
 def test_eight_bit_tier_is_close_to_f16(runs):
     """With 8-bit codes the low-bit tier is nearly exact, so the logits come far closer to the
     f16 cache's than with 2-bit codes; with the demoted tokens dropped, the codes would not matter.
-    (Here 0.018 against 0.032 with the default format, 3-bit keys on layer 11 in groups of 128;
-    0.042 in groups of 64 and 2-bit keys everywhere; per token, 0.016 against 0.10 with fitted
+    (Here 0.018 against 0.042 in groups of 64 with 2-bit keys everywhere, and 0.032 with the
+    default format, 3-bit keys on layer 11 in groups of 128; per token, 0.016 against 0.10 with fitted
     2-bit scales, 0.25 with min/max ones. One prompt's figures move by a fifth with float
     summation order alone.)"""
     ref = runs["f16"][0]
-    k8, k2 = kl(ref, runs["8-bit"][0]), kl(ref, runs["2-bit"][0])
-    print(f"KL to f16: 8-bit tier {k8:.2e}, 2-bit tier {k2:.2e}")
+    k8, k2, k2_64 = kl(ref, runs["8-bit"][0]), kl(ref, runs["2-bit"][0]), kl(ref, runs["2-bit g64"][0])
+    print(f"KL to f16: 8-bit tier {k8:.2e}, 2-bit tier {k2:.2e}, groups of 64 and 2-bit keys {k2_64:.2e}")
     assert k8 < 0.05
-    assert k8 < k2 * 0.7
+    assert k8 < k2_64 / 2
+    assert k8 < k2 < k2_64  # the default format's 3-bit keys on layer 11 sit between the two

@@ -297,8 +297,10 @@ static void scores_cm2_block_avx2(const float * q0, const float * q1, const floa
 
 // Scores of query heads [j0, j1) (rows of sbuf nt apart) against one kv head's channel-major key
 // group: 32 tokens at a time for every head, two heads per pass, so that the block of keys in use
-// (32 x D floats) stays in L1 while all the heads read it (a whole group of 128 tokens, 32 KB at
-// D = 64, does not). Each score sums over the channels in the same order as scores_cm.
+// (32 x D floats) can stay in L1 while all the heads read it (a whole group of 128 tokens, 32 KB at
+// D = 64, does not). Against heads outermost it measured within the noise (attn_bench, both group
+// sizes); the values' fold below is where groups of 128 lost. Each score sums over the channels
+// in the same order as scores_cm.
 static void scores_heads_avx2(const float * q, int j0, int j1, const float * k, int D, int G, float * sbuf,
                               int64_t nt) {
     for (int t = 0; t < G; t += 32) {

@@ -91,10 +91,11 @@ logquant_cache::logquant_cache(const logquant_settings & s, const llama_model & 
                        "AFTER RoPE (lower quality than pre-RoPE; no context shift)\n", __func__,
                        yarn ? "YaRN" : "rope type or frequency factors");
     }
+    std::map<int32_t, logquant_unit_weights> unit_weights_of; // read by layer bits "auto", kept for the widths
     if (settings.layer_bits_auto) {
         std::string note, ranking;
-        const std::vector<int32_t> picked =
-            logquant_auto_key_layers(model, hparams, settings, rope, no_rope, holds_layer, note, ranking);
+        const std::vector<int32_t> picked = logquant_auto_key_layers(model, hparams, settings, rope, no_rope,
+                                                                     holds_layer, note, ranking, unit_weights_of);
         std::string names;
         for (int32_t il : picked) {
             settings.layer_bits.push_back({il, 3, settings.value_bits});
@@ -127,7 +128,9 @@ logquant_cache::logquant_cache(const logquant_settings & s, const llama_model & 
                 continue; // 8-bit keys stay uniform
             }
             std::string why_il;
-            std::vector<int8_t> w = logquant_key_widths(model, hparams, il, kb, rope, why_il);
+            const auto known = unit_weights_of.find(il);
+            std::vector<int8_t> w = logquant_key_widths(model, hparams, il, kb, rope, why_il,
+                                                        known != unit_weights_of.end() ? &known->second : nullptr);
             why = why_il.empty() ? why : why_il;
             if (w.empty() && kb == 3) {
                 refuse("layer " + std::to_string(il) + " cannot have 3-bit keys: " + why_il);

@@ -123,7 +123,7 @@ struct logquant_settings {
     int32_t scale_bits = 16;
     // Layer bits "auto" (LOGQUANT_LAYER_BITS=auto, logquant_set_layer_bits_auto): 3-bit keys for the
     // half of the layers of 2-bit keys whose weights predict the most gain from them
-    // (logquant_key_bits_gain), explicit layer_bits first. Needs mixed key widths (pre-RoPE keys);
+    // (logquant_auto_key_layers), explicit layer_bits first. Needs mixed key widths (pre-RoPE keys);
     // without them every layer keeps its bits. With key groups of 128 it costs what groups of 64
     // do: 2.5 bits per value (docs/levers.md).
     int32_t layer_bits_auto = 1;
@@ -133,27 +133,30 @@ struct logquant_settings {
     std::pair<int32_t, int32_t> bits_of(int32_t il) const;
 };
 
+// What the key widths are predicted from, per kv head of a layer: each RoPE pair's (or channel's)
+// query energy x key variance, from the layer's Q/K weights (logquant-key-widths.cpp).
+using logquant_unit_weights = std::vector<std::vector<double>>;
+
 // A layer's mixed key widths (n_head_kv * D: 0, b or 2b bits, a mean of b, for b-bit keys, b = 2
 // or 4) predicted from the model's Q/K weights (logquant-key-widths.cpp); empty, with the reason
-// in why, when they cannot be.
+// in why, when they cannot be. known: the layer's unit weights when already computed (layer bits
+// "auto" reads them first), else null.
 std::vector<int8_t> logquant_key_widths(const llama_model & model, const llama_hparams & hparams, int32_t il,
-                                        int32_t bits, const lq2_rope_params & rope, std::string & why);
-
-// What 3-bit keys instead of 2-bit buy in layer il, predicted from its Q/K weights as the key
-// widths are (logquant-key-widths.cpp): the score error left at a mean of 2 bits minus that at 3;
-// -1, with the reason in why, when the weights cannot be read.
-double logquant_key_bits_gain(const llama_model & model, const llama_hparams & hparams, int32_t il,
-                              const lq2_rope_params & rope, std::string & why);
+                                        int32_t bits, const lq2_rope_params & rope, std::string & why,
+                                        const logquant_unit_weights * known = nullptr);
 
 // Layer bits "auto": the layers that get 3-bit keys, sorted; of the layers this cache holds with
-// 2-bit keys and no explicit override, the half with the largest logquant_key_bits_gain. Empty,
+// 2-bit keys and no explicit override, the half where 3-bit keys are predicted to remove the most
+// score error (the error left at a mean of 2 bits minus that at 3, over the kv heads). Empty,
 // with the reason in note, where 3-bit keys are not available (keys after RoPE, uniform widths);
 // when the weights cannot be read (a size estimate) the later half, with a note. ranking: the
-// candidates and their gains, the largest first ("11 0.881, 17 0.358, 5 0.342"), for the log.
+// candidates and their gains, the largest first ("11 226, 17 91.6, 5 87.6" on Gemma 3 270M), for the log.
+// weights_of: the unit weights read on the way, by layer, for logquant_key_widths.
 std::vector<int32_t> logquant_auto_key_layers(const llama_model & model, const llama_hparams & hparams,
                                               const logquant_settings & s, const lq2_rope_params & rope, bool no_rope,
                                               const std::function<bool(int32_t)> & holds_layer, std::string & note,
-                                              std::string & ranking);
+                                              std::string & ranking,
+                                              std::map<int32_t, logquant_unit_weights> & weights_of);
 
 // A layer's channel references for 8-bit headers (lq2-format.h), (mu, sigma) per key channel, then
 // (values: per-channel values) per value channel, from the model's weights

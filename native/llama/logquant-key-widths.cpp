@@ -22,8 +22,8 @@
 //
 // The same model ranks layers for layer bits "auto" (logquant_settings::layer_bits_auto): what 3-bit
 // keys buy in a layer is its predicted error at a mean of 2 bits minus that at a mean of 3, summed
-// over its kv heads (logquant_key_bits_gain). On Gemma 3 270M it names layer 11 of the three global
-// layers (0.88 against 0.34 and 0.36), the one measured to matter (docs/levers.md).
+// over its kv heads (key_bits_gain). On Gemma 3 270M it names layer 11 of the three global
+// layers (226 against 91.6 and 87.6), the one measured to matter (docs/levers.md).
 //
 // bench/studies/channel_bits_study.py measured it (Qwen2.5-Coder-0.5B, attention KL averaged over
 // layers, values exact): uniform 2-bit keys 0.141, these predicted widths 0.048, the same
@@ -41,6 +41,7 @@
 #include <cmath>
 #include <cstdio>
 #include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -77,7 +78,7 @@ static std::vector<int8_t> widths_by_frequency(int64_t n_head_kv, int64_t D, con
 
 // Per kv head, the weight of each unit (its query energy x key variance) from layer il's weights;
 // empty (and why) when they cannot be read.
-static std::vector<std::vector<double>> unit_weights(const llama_model & model, const llama_hparams & hparams,
+static logquant_unit_weights unit_weights(const llama_model & model, const llama_hparams & hparams,
                                                      int32_t il, const lq2_rope_params & rope, std::string & why) {
     const auto & L = model.layers[(size_t) il];
     if (!L.wq || !L.wk) {
@@ -107,7 +108,7 @@ static std::vector<std::vector<double>> unit_weights(const llama_model & model, 
 
     const int     n_unit = rope.n_dims > 0 ? rope.n_dims / 2 : (int) D;
     const int64_t gq     = n_head / n_head_kv;
-    std::vector<std::vector<double>> weights((size_t) n_head_kv, std::vector<double>((size_t) n_unit, 0.0));
+    logquant_unit_weights weights((size_t) n_head_kv, std::vector<double>((size_t) n_unit, 0.0));
     for (int64_t hk = 0; hk < n_head_kv; hk++) {
         for (int u = 0; u < n_unit; u++) {
             int a, b;
@@ -162,13 +163,9 @@ static std::vector<int> water_fill(const std::vector<double> & weight, int bits,
     return level;
 }
 
-// The water-filling above from the layer's weights; empty (and why) when they cannot be read.
-static std::vector<int8_t> widths_from_weights(const llama_model & model, const llama_hparams & hparams, int32_t il,
-                                               int32_t bits, const lq2_rope_params & rope, std::string & why) {
-    const std::vector<std::vector<double>> weights = unit_weights(model, hparams, il, rope, why);
-    if (weights.empty()) {
-        return {};
-    }
+// The water-filling above from the layer's unit weights.
+static std::vector<int8_t> widths_from_weights(const logquant_unit_weights & weights, const llama_hparams & hparams,
+                                               int32_t il, int32_t bits, const lq2_rope_params & rope) {
     // units past a partial RoPE's n_dims keep `bits` (3-bit keys: alternately 2 and 4)
     const int64_t n_head_kv = hparams.n_head_kv(il), D = hparams.n_embd_head_k();
     const int     step = bits == 4 ? 4 : 2;
@@ -185,12 +182,9 @@ static std::vector<int8_t> widths_from_weights(const llama_model & model, const 
     return widths;
 }
 
-double logquant_key_bits_gain(const llama_model & model, const llama_hparams & hparams, int32_t il,
-                              const lq2_rope_params & rope, std::string & why) {
-    const std::vector<std::vector<double>> weights = unit_weights(model, hparams, il, rope, why);
-    if (weights.empty()) {
-        return -1.0;
-    }
+// What 3-bit keys instead of 2-bit buy in a layer: the predicted score error left at a mean of 2
+// bits minus that at 3, summed over the kv heads.
+static double key_bits_gain(const logquant_unit_weights & weights) {
     double gain = 0.0;
     for (const auto & w : weights) {
         double e2 = 0.0, e3 = 0.0;
@@ -202,7 +196,8 @@ double logquant_key_bits_gain(const llama_model & model, const llama_hparams & h
 }
 
 std::vector<int8_t> logquant_key_widths(const llama_model & model, const llama_hparams & hparams, int32_t il,
-                                        int32_t bits, const lq2_rope_params & rope, std::string & why) {
+                                        int32_t bits, const lq2_rope_params & rope, std::string & why,
+                                        const logquant_unit_weights * known) {
     if (bits != 2 && bits != 3 && bits != 4) {
         why = "mixed widths are for 2-, 3- and 4-bit keys";
         return {};
@@ -212,7 +207,8 @@ std::vector<int8_t> logquant_key_widths(const llama_model & model, const llama_h
         why = "3-bit keys need an even number of RoPE pairs and of channels past them";
         return {};
     }
-    std::vector<int8_t> w = widths_from_weights(model, hparams, il, bits, rope, why);
+    const logquant_unit_weights weights = known ? *known : unit_weights(model, hparams, il, rope, why);
+    std::vector<int8_t> w = weights.empty() ? std::vector<int8_t>() : widths_from_weights(weights, hparams, il, bits, rope);
     if (w.empty() && bits == 3) { // 3-bit keys exist only as mixed widths: the fixed rule then
         why += "; 3-bit keys by RoPE frequency instead";
         return widths_by_frequency(hparams.n_head_kv(il), D, rope);
@@ -223,7 +219,8 @@ std::vector<int8_t> logquant_key_widths(const llama_model & model, const llama_h
 std::vector<int32_t> logquant_auto_key_layers(const llama_model & model, const llama_hparams & hparams,
                                               const logquant_settings & s, const lq2_rope_params & rope, bool no_rope,
                                               const std::function<bool(int32_t)> & holds_layer, std::string & note,
-                                              std::string & ranking) {
+                                              std::string & ranking,
+                                              std::map<int32_t, logquant_unit_weights> & weights_of) {
     if (!s.key_widths || (rope.n_dims == 0 && !no_rope)) {
         note = "3-bit keys need mixed key widths and keys stored before RoPE: every layer keeps its bits";
         return {};
@@ -248,9 +245,12 @@ std::vector<int32_t> logquant_auto_key_layers(const llama_model & model, const l
         if (!holds_layer(il) || named) {
             continue;
         }
-        const double gain = weights_read ? logquant_key_bits_gain(model, hparams, il, rope, why) : -1.0;
-        weights_read = weights_read && gain >= 0.0;
-        ranked.push_back({-gain, il});
+        logquant_unit_weights w = weights_read ? unit_weights(model, hparams, il, rope, why) : logquant_unit_weights();
+        weights_read = weights_read && !w.empty();
+        ranked.push_back({weights_read ? -key_bits_gain(w) : 0.0, il});
+        if (weights_read) {
+            weights_of[il] = std::move(w);
+        }
     }
     if (!weights_read) { // a size estimate: the later half of the layers, the same bytes when they are alike
         note = "layer bits auto: " + why + "; the later half of the layers instead";
