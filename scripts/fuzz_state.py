@@ -54,7 +54,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-LQ_MAGIC = 0x4C513206     # logquant_cache's state section, version 6 (widths tag, value grouping, refs tag)
+LQ_MAGIC = 0x4C513207     # logquant_cache's state section, version 7 (widths tag, value grouping, refs tag, f16 staging)
+LQ_MAGIC_V6 = 0x4C513206  # version 6 (f32 staging), which the cache still reads
 LQ_MAGIC_V4 = 0x4C513204  # version 4 (no value grouping: per token), which the cache still reads
 LQ_MAGIC_V5 = 0x4C513205  # version 5 (no refs tag: f16 headers), which the cache still reads
 SEQ_MAGIC = 0xAF143CD8    # llama_context's magic of a sequence's state
@@ -63,6 +64,13 @@ CELL_LAYOUT_TAG = 0x4C51324C  # where the f16 cells were (logquant_cell_layout),
 GGML_TYPE_F16 = 1
 I32_MIN, I32_MAX = -(2**31), 2**31 - 1
 WINDOW = 8                # small, so that short sequences reach the 2-bit tier
+
+
+def f16_to_f32_bytes(b: bytes) -> bytes:
+    """Little-endian f16 values as f32 ones (exact): staging as states before version 7 hold it."""
+    n = len(b) // 2
+    return struct.pack(f"<{n}f", *struct.unpack(f"<{n}e", b[:2 * n]))
+
 
 # ---------------------------------------------------------------------------------------------
 # the state's layout (llama.cpp 0.3.36's llama_kv_cache::state_write, then logquant_cache's)
@@ -128,9 +136,11 @@ class LQSection:
             out.append(struct.pack("<3iI", ly.il, ly.kb, ly.vb, ly.wtag))
             if self.magic != LQ_MAGIC_V4:
                 out.append(struct.pack("<i", ly.vpc))
-            if self.magic == LQ_MAGIC:
+            if self.magic in (LQ_MAGIC, LQ_MAGIC_V6):
                 out.append(struct.pack("<I", ly.rtag))
-            out += [ly.k2, ly.v2, *ly.staging]
+            out += [ly.k2, ly.v2]
+            # staging: f16 since version 7, f32 before (the same values, widened)
+            out += ly.staging if self.magic == LQ_MAGIC else [f16_to_f32_bytes(b) for b in ly.staging]
         return b"".join(out)
 
     def q2_positions(self, n_seq: int) -> list[tuple[int, ...]]:
@@ -278,7 +288,7 @@ def parse_state(buf: bytes, dims: Layout | None = None) -> Layout:
     magic = r.num("lq.magic", "I")
     w, pol, g, rd = (r.num(f"lq.{k}", "i") for k in ("window", "policy", "group", "rope_dims"))
     if magic != LQ_MAGIC or g <= 0:
-        raise ValueError(f"no LogQuant section of version 6 where expected (magic {magic:#x}, group {g}): "
+        raise ValueError(f"no LogQuant section of version 7 where expected (magic {magic:#x}, group {g}): "
                          "the state layout changed, update parse_state")
     n = r.num("lq.n_slots", "q")
     if not 0 <= n <= len(buf):
@@ -314,7 +324,7 @@ def parse_state(buf: bytes, dims: Layout | None = None) -> Layout:
             if f < 0:
                 raise Truncated("staging of a bad open group")
             # the open group's keys, then (per-channel values) its values
-            staging.append(r.blob(f"lq.staging[{li}][{k}]", f * (nek + (nev if vpc else 0)) * 4))
+            staging.append(r.blob(f"lq.staging[{li}][{k}]", f * (nek + (nev if vpc else 0)) * 2))
         layers.append(LQLayer(il, kb, vb, wtag, vpc, rtag, k2, v2, staging))
     lay.lq_end = r.off
     lay.lq = LQSection(magic, w, pol, g, rd, slot_pos, slot_ids, fills, opens, layers)
@@ -345,7 +355,7 @@ def reframe(sec: LQSection, lay: Layout) -> None:
         for k, (_, grp) in enumerate(sec.open):
             f = sec.group_fill[grp] if 0 <= grp < n_grp else 0
             old = ly.staging[k] if k < len(ly.staging) else b""
-            row = (nek + (nev if vpc else 0)) * 4
+            row = (nek + (nev if vpc else 0)) * 2
             staging.append(fit(old, f * row) if 0 <= f <= 8 * sec.group else old)
         ly.staging = staging
 

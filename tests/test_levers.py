@@ -100,13 +100,13 @@ def test_key_layouts_of_the_format_study(tiny_model, kw, ratio):
     n_slots = (q2["bytes"] - q2["host_bytes"] - q2["aux_bytes"]) * 8 / (llm.kv_stats()["bits_per_value"] * 512)
     group = kw.get("logquant_key_group", 64)
     assert n_slots == int(n_slots) and n_slots % group == 0 and slots[0] <= n_slots <= slots[1]
-    # beside the stores, in the KV buffers: per layer one f32 staging row of G x 128 key values
+    # beside the stores, in the KV buffers: per layer one f16 staging row of G x 128 key values
     # and as many values when they are grouped per channel (one sequence: one partial group at a
     # time), and one f16 cos/sin table of head_dim values per slot for pre-RoPE keys, shared by
     # the layers
     table = 0 if kw.get("logquant_keys_post_rope") else n_slots * 64 * 2
     staged = 128 * (1 if kw.get("logquant_value_groups") == "token" else 2)
-    assert q2["aux_bytes"] == 2 * group * staged * 4 + table
+    assert q2["aux_bytes"] == 2 * group * staged * 2 + table
     llm.eval(seq)
     logits = last_logits(llm)
     assert np.isfinite(logits).all()

@@ -23,7 +23,7 @@ from logquant_gguf.bench.env import run_tool, tool_env, tool_path
 def test_value_groups_keep_the_bits_and_the_state(tiny_model):
     """Same bits per value either way (groups of 64 and 2-bit keys on every layer, the format
     these figures are for: per-token values leave the default format, test_layer_bits_auto.py;
-    the staging of open groups grows by their f32 values);
+    the staging of open groups grows by their f16 values);
     a saved state, open groups included, continues as the context it was saved from; a state of
     per-token values is refused by a per-channel cache and the other way round."""
     bits = {}
@@ -62,13 +62,13 @@ def fuzz_state_module():
     return mod
 
 
-def older_state_continues(tiny_model, magic: int, fields_dropped: int, **kw):
+def older_state_continues(tiny_model, magic: int, fields_dropped: int, n_tokens: int = 150, **kw):
     """A state saved by a cache of these settings, rewritten as the older section version magic
     (whose layers lack fields_dropped int32 fields): it loads into such a cache and continues as
     its source did. Returns it, for the caches that must refuse it."""
     fs = fuzz_state_module()
     src = load(tiny_model, **kw)
-    src.eval(tokens(src, 150))
+    src.eval(tokens(src, n_tokens))
     state = src.save_state()
     more = tokens(src, 40, seed=9)
     src.eval(more)
@@ -83,13 +83,28 @@ def older_state_continues(tiny_model, magic: int, fields_dropped: int, **kw):
     old = copy.copy(state)
     old.llama_state = buf[:lay.lq_start] + lay.lq.serialize() + buf[lay.lq_end:]
     old.llama_state_size = len(old.llama_state)
-    assert old.llama_state_size == len(buf) - 4 * fields_dropped * len(lay.lq.layers)
+    staged = sum(len(b) for ly in lay.lq.layers for b in ly.staging)  # f16 now, f32 before version 7
+    assert old.llama_state_size == len(buf) - 4 * fields_dropped * len(lay.lq.layers) + staged
     dst = load(tiny_model, **kw)
     dst.load_state(old)
     dst.eval(more)
     np.testing.assert_array_equal(last_logits(dst), expected)
     dst.close()
     return old
+
+
+def test_states_with_f32_staging_load_and_continue(tiny_model):
+    """A state of version 6, whose open groups were staged in f32, loads into the default cache
+    (f16 staging) and continues bit for bit as its source did: the staged values were f16 or are
+    rounded so when staged now. The same context's state of this version holds an open group, so
+    the rewrite had staging to widen."""
+    old = older_state_continues(tiny_model, fuzz_state_module().LQ_MAGIC_V6, 0, n_tokens=200)
+    src = load(tiny_model)
+    src.eval(tokens(src, 200))
+    buf = bytes(src.save_state().llama_state)
+    src.close()
+    staged = sum(len(b) for ly in fuzz_state_module().parse_state(buf).lq.layers for b in ly.staging)
+    assert staged > 0 and old.llama_state_size == len(buf) + staged
 
 
 def test_states_of_the_version_before_load_as_per_token_values(tiny_model):

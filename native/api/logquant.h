@@ -102,7 +102,7 @@ struct logquant_kv_stats {
                            // table that re-rotates pre-RoPE keys (n_dims f16 values) and the
                            // slot bookkeeping (position, sequences, sorted position)
     int64_t bytes_aux;     // of bytes_q2: tensors beside the stores that the code bits do not size
-                           // (in the KV buffers, on the layer's device): the f32 staging of partial
+                           // (in the KV buffers, on the layer's device): the f16 staging of partial
                            // key groups and the cos/sin table the attention op reads
 };
 

@@ -16,7 +16,11 @@
 //           mixed widths each its own width, at its offset), then per-channel values' channels;
 //   stage   block i: when row i ends a run that leaves its group open, the run's rows go to the
 //           group's staging row for the steps to come (keys, then per-channel values, as the CPU
-//           lays a staging row out: G * nk floats, then G * nv).
+//           lays a staging row out: G * nk halves, then G * nv).
+// Staging holds f16: a value is f16 before demotion and a pre-RoPE key rounded to f16 is off by
+// 2^-11 of itself, far inside a 2-bit step; f32 cost as much per sequence as 256 f16 tokens at
+// G = 128. Every token of a group is quantized from its f16-rounded staged values (lq2_f16_round),
+// the run's own rows too, as the CPU does, which stages a row before it requantizes.
 // The arithmetic is lq2-format.h's (lq2_quantize_block, lq2_unrotate_pair), which the CPU runs too.
 // RoPE angles: in double as on the CPU (C, CUDA); Metal has no double and takes each pair's
 // frequency split in two floats (rope_freq, lq2_rope_cos_sin_f32), within 1e-6 of the double.
@@ -33,7 +37,7 @@ extern "C" {
 struct lq2_demote_geom {
     int64_t k_group_bytes; // key groups: n_head_kv * D blocks each
     int64_t v2_stride;     // value rows, one per slot; per-channel values: groups, nv blocks each
-    int64_t staging_nb1;   // staging rows: f32 keys of the open groups, [G * nk] each (then [G * nv]
+    int64_t staging_nb1;   // staging rows: f16 keys of the open groups, [G * nk] each (then [G * nv]
                            // values when they are grouped per channel)
     int64_t k_nb1, v_nb1;  // f16 rows of the f16 tier
     int64_t n_rows;        // rows of the demotion list [LQ2_DEMOTE_COLS, n_rows]
@@ -125,13 +129,24 @@ LQ2_INLINE void lq2_demote_values(const LQ2_TH struct lq2_demote_args * a, int64
 }
 
 // Key element w of list row i (kv head w / D; w % D < n_dims / 2: that RoPE pair, >= n_dims: a
-// plain channel, else nothing) un-rotated into un (the row's nk floats).
-LQ2_INLINE void lq2_demote_key(const LQ2_TH struct lq2_demote_args * a, int64_t i, int64_t w, LQ2_DEV float * un) {
+// plain channel, else nothing) un-rotated: the channels it gives (0, 1 or 2) in u.n, at the row's
+// indices u.c[] with values u.x[].
+struct lq2_demote_elems {
+    int     n;
+    int64_t c[2];
+    float   x[2];
+};
+
+LQ2_INLINE struct lq2_demote_elems lq2_demote_key_elems(const LQ2_TH struct lq2_demote_args * a, int64_t i, int64_t w) {
     const LQ2_DEV lq2_half * ksrc = (const LQ2_DEV lq2_half *) (a->k + lq2_demote_col(a, i, LQ2_DEMOTE_ROW) * a->g.k_nb1);
     const int64_t D = a->g.nk / a->g.n_head_kv, h = w / D, e = w % D;
     const int nd = a->g.rope.n_dims, half = nd / 2;
+    struct lq2_demote_elems u;
+    u.n = 0;
     if (e >= nd) {
-        un[h * D + e] = lq2_fp16_to_fp32(ksrc[h * D + e]);
+        u.n    = 1;
+        u.c[0] = h * D + e;
+        u.x[0] = lq2_fp16_to_fp32(ksrc[h * D + e]);
     } else if (e < half) {
         const int ip = (int) e;
         const int ca = a->g.rope.mode == 2 ? ip : 2 * ip, cb = a->g.rope.mode == 2 ? ip + half : 2 * ip + 1;
@@ -144,18 +159,43 @@ LQ2_INLINE void lq2_demote_key(const LQ2_TH struct lq2_demote_args * a, int64_t 
         cs.a = (float) cos(th);
         cs.b = (float) sin(th);
 #endif
-        const struct lq2_pair u = lq2_unrotate_pair(lq2_fp16_to_fp32(ksrc[h * D + ca]), lq2_fp16_to_fp32(ksrc[h * D + cb]),
+        const struct lq2_pair p = lq2_unrotate_pair(lq2_fp16_to_fp32(ksrc[h * D + ca]), lq2_fp16_to_fp32(ksrc[h * D + cb]),
                                                     cs.a, cs.b, a->g.rope.attn_factor);
-        un[h * D + ca] = u.a;
-        un[h * D + cb] = u.b;
+        u.n    = 2;
+        u.c[0] = h * D + ca;
+        u.x[0] = p.a;
+        u.c[1] = h * D + cb;
+        u.x[1] = p.b;
+    }
+    return u;
+}
+
+// The same into un, the row's nk floats (a scratch row).
+LQ2_INLINE void lq2_demote_key(const LQ2_TH struct lq2_demote_args * a, int64_t i, int64_t w, LQ2_DEV float * un) {
+    const struct lq2_demote_elems u = lq2_demote_key_elems(a, i, w);
+    for (int j = 0; j < u.n; ++j) {
+        un[u.c[j]] = u.x[j];
     }
 }
 
-// Value element w of list row i as f32 into un (the per-channel values' part of a scratch or
-// staging row).
+// The same into a staging row's nk halves.
+LQ2_INLINE void lq2_demote_key_f16(const LQ2_TH struct lq2_demote_args * a, int64_t i, int64_t w, LQ2_DEV lq2_half * un) {
+    const struct lq2_demote_elems u = lq2_demote_key_elems(a, i, w);
+    for (int j = 0; j < u.n; ++j) {
+        un[u.c[j]] = lq2_fp32_to_fp16(u.x[j]);
+    }
+}
+
+// Value element w of list row i as f32 into un (the per-channel values' part of a scratch row).
 LQ2_INLINE void lq2_demote_value_f32(const LQ2_TH struct lq2_demote_args * a, int64_t i, int64_t w, LQ2_DEV float * un) {
     const LQ2_DEV lq2_half * vsrc = (const LQ2_DEV lq2_half *) (a->v + lq2_demote_col(a, i, LQ2_DEMOTE_ROW) * a->g.v_nb1);
     un[w] = lq2_fp16_to_fp32(vsrc[w]);
+}
+
+// The same as it is into a staging row (f16 already: a copy).
+LQ2_INLINE void lq2_demote_value_f16(const LQ2_TH struct lq2_demote_args * a, int64_t i, int64_t w, LQ2_DEV lq2_half * un) {
+    const LQ2_DEV lq2_half * vsrc = (const LQ2_DEV lq2_half *) (a->v + lq2_demote_col(a, i, LQ2_DEMOTE_ROW) * a->g.v_nb1);
+    un[w] = vsrc[w];
 }
 
 // Launch 1, list row i, thread ith of nth: values, and the keys into the row's scratch row (and
@@ -205,15 +245,15 @@ LQ2_INLINE void lq2_demote_group(const LQ2_TH struct lq2_demote_args * a, int64_
     }
     const int64_t slot = lq2_demote_col(a, i, LQ2_DEMOTE_SLOT);
     const int n_tok = (int) (slot % a->g.G) + 1;
-    const LQ2_DEV float * stage = (const LQ2_DEV float *) (a->staging + lq2_demote_col(a, i, LQ2_DEMOTE_STAGE) * a->g.staging_nb1);
+    const LQ2_DEV lq2_half * stage = (const LQ2_DEV lq2_half *) (a->staging + lq2_demote_col(a, i, LQ2_DEMOTE_STAGE) * a->g.staging_nb1);
     const int64_t sr = lq2_demote_channels(a);
     for (int64_t c = ith; c < sr; c += nth) {
         float x[128]; // G <= 128
         for (int t = 0; t < n_tok; ++t) {
-            x[t] = stage[lq2_demote_stage_at(a, t, c)];
+            x[t] = lq2_fp16_to_fp32(stage[lq2_demote_stage_at(a, t, c)]);
         }
-        for (int64_t j = r0; j <= i; ++j) {
-            x[lq2_demote_col(a, j, LQ2_DEMOTE_SLOT) % a->g.G] = a->scratch[j * sr + c];
+        for (int64_t j = r0; j <= i; ++j) { // the run's rows, as staging would hold them
+            x[lq2_demote_col(a, j, LQ2_DEMOTE_SLOT) % a->g.G] = lq2_f16_round(a->scratch[j * sr + c]);
         }
         lq2_demote_channel(a, slot, c, x, 1, n_tok);
     }
@@ -226,11 +266,11 @@ LQ2_INLINE void lq2_demote_stage(const LQ2_TH struct lq2_demote_args * a, int64_
     if (r0 < 0 || lq2_demote_col(a, i, LQ2_DEMOTE_SLOT) % a->g.G == a->g.G - 1) {
         return; // no run ends here, or the group is full: its staging row is free now
     }
-    LQ2_DEV float * stage = (LQ2_DEV float *) (a->staging + lq2_demote_col(a, i, LQ2_DEMOTE_STAGE) * a->g.staging_nb1);
+    LQ2_DEV lq2_half * stage = (LQ2_DEV lq2_half *) (a->staging + lq2_demote_col(a, i, LQ2_DEMOTE_STAGE) * a->g.staging_nb1);
     const int64_t sr = lq2_demote_channels(a);
     for (int64_t w = ith; w < (i - r0 + 1) * sr; w += nth) {
         const int64_t j = r0 + w / sr, c = w % sr;
-        stage[lq2_demote_stage_at(a, lq2_demote_col(a, j, LQ2_DEMOTE_SLOT) % a->g.G, c)] = a->scratch[j * sr + c];
+        stage[lq2_demote_stage_at(a, lq2_demote_col(a, j, LQ2_DEMOTE_SLOT) % a->g.G, c)] = lq2_fp32_to_fp16(a->scratch[j * sr + c]);
     }
 }
 
@@ -258,21 +298,26 @@ LQ2_INLINE int lq2_demote_seq_step(const LQ2_TH struct lq2_demote_args * a, int 
         return 0;
     }
     const int64_t slot = lq2_demote_col(a, i1, LQ2_DEMOTE_SLOT);
-    LQ2_DEV float * stage = (LQ2_DEV float *) (a->staging + lq2_demote_col(a, i1, LQ2_DEMOTE_STAGE) * a->g.staging_nb1);
+    LQ2_DEV lq2_half * stage = (LQ2_DEV lq2_half *) (a->staging + lq2_demote_col(a, i1, LQ2_DEMOTE_STAGE) * a->g.staging_nb1);
     if (step % 2 == 0) {
         const int64_t i0 = lq2_demote_run_start(a, i1), sr = lq2_demote_channels(a);
         for (int64_t w = ith; w < (i1 - i0 + 1) * sr; w += nth) {
             const int64_t j = i0 + w / sr, c = w % sr, t = lq2_demote_col(a, j, LQ2_DEMOTE_SLOT) % a->g.G;
             if (c < a->g.nk) {
-                lq2_demote_key(a, j, c, stage + lq2_demote_stage_at(a, t, 0));
+                lq2_demote_key_f16(a, j, c, stage + lq2_demote_stage_at(a, t, 0));
             } else {
-                lq2_demote_value_f32(a, j, c - a->g.nk, stage + lq2_demote_stage_at(a, t, a->g.nk));
+                lq2_demote_value_f16(a, j, c - a->g.nk, stage + lq2_demote_stage_at(a, t, a->g.nk));
             }
         }
     } else {
+        const int n_tok = (int) (slot % a->g.G) + 1;
         for (int64_t c = ith; c < lq2_demote_channels(a); c += nth) {
-            lq2_demote_channel(a, slot, c, stage + lq2_demote_stage_at(a, 0, c), c < a->g.nk ? a->g.nk : a->g.nv,
-                               (int) (slot % a->g.G) + 1);
+            float x[128]; // G <= 128
+            const int64_t at = lq2_demote_stage_at(a, 0, c), st = c < a->g.nk ? a->g.nk : a->g.nv;
+            for (int t = 0; t < n_tok; ++t) {
+                x[t] = lq2_fp16_to_fp32(stage[at + t * st]);
+            }
+            lq2_demote_channel(a, slot, c, x, 1, n_tok);
         }
     }
     return 1;

@@ -278,6 +278,11 @@ LQ2_INLINE lq2_half lq2_fp32_to_fp16(float f) {
     return (lq2_half) (sign | q);
 }
 
+// x as an f16 would hold it (staged values: lq2-demote-block.h).
+LQ2_INLINE float lq2_f16_round(float x) {
+    return lq2_fp16_to_fp32(lq2_fp32_to_fp16(x));
+}
+
 LQ2_INLINE int lq2_isfinite(float x) {
     return (LQ2_F32_BITS(x) & 0x7f800000u) != 0x7f800000u;
 }

@@ -46,6 +46,10 @@ void ggml_compute_forward_lq2_demote(const struct ggml_compute_params * params, 
     const int     ref = params->use_ref;
 
     float * vrow = (float *) malloc((size_t) nv * sizeof(float));
+    float * krow = (float *) malloc((size_t) nk * sizeof(float));
+    // a group's staged rows as f32, keys [G][nk] then values [G][nv], for the quantizers
+    float * kgrp = (float *) malloc((size_t) G * (nk + nv) * sizeof(float));
+    float * vgrp = kgrp + G * nk;
     const int32_t * list = (const int32_t *) rows->data;
     const int64_t   n    = rows->ne[1];
     for (int64_t i = 0; i < n; i++) {
@@ -55,20 +59,23 @@ void ggml_compute_forward_lq2_demote(const struct ggml_compute_params * params, 
             continue; // padding
         }
         const int64_t grp = slot / G;
-        // keys (and per-channel values): into the group's staging rows, the keys un-rotated; the
-        // group is requantized when it fills or the list's run of rows into it ends (a group's
-        // rows are adjacent in the list)
-        float * stage  = (float *) ((char *) staging->data + d[LQ2_DEMOTE_STAGE] * staging->nb[1]);
-        float * staged = stage + (slot % G) * nk;
+        // keys (and per-channel values): into the group's staging rows in f16 (lq2-demote-block.h
+        // says why), the keys un-rotated; the group is requantized from them when it fills or the
+        // list's run of rows into it ends (a group's rows are adjacent in the list)
+        lq2_half * stage = (lq2_half *) ((char *) staging->data + d[LQ2_DEMOTE_STAGE] * staging->nb[1]);
+        lq2_half * staged = stage + (slot % G) * nk;
         const ggml_fp16_t * ksrc = (const ggml_fp16_t *) ((const char *) kc->data + d[LQ2_DEMOTE_ROW] * kc->nb[1]);
-        ggml_fp16_to_fp32_row(ksrc, staged, nk);
+        ggml_fp16_to_fp32_row(ksrc, krow, nk);
         if (p.rope.n_dims > 0) {
-            lq2_rope_rows(&p.rope, staged, (int) D, p.n_head_kv, d[LQ2_DEMOTE_POS], /*inverse =*/ 1);
+            lq2_rope_rows(&p.rope, krow, (int) D, p.n_head_kv, d[LQ2_DEMOTE_POS], /*inverse =*/ 1);
+        }
+        for (int64_t c = 0; c < nk; c++) {
+            staged[c] = lq2_fp32_to_fp16(krow[c]); // the GPU blocks' rounding
         }
         const ggml_fp16_t * vsrc = (const ggml_fp16_t *) ((const char *) vc->data + d[LQ2_DEMOTE_ROW] * vc->nb[1]);
-        float * vstage = stage + G * nk; // per-channel values: after the group's keys
+        lq2_half * vstage = stage + G * nk; // per-channel values: after the group's keys
         if (p.v_per_channel) {
-            ggml_fp16_to_fp32_row(vsrc, vstage + (slot % G) * nv, nv);
+            memcpy(vstage + (slot % G) * nv, vsrc, (size_t) nv * sizeof(lq2_half));
         } else { // per token: coded now
             ggml_fp16_to_fp32_row(vsrc, vrow, nv);
             char * vdst = (char *) v2->data + slot * vrow_bytes;
@@ -83,25 +90,33 @@ void ggml_compute_forward_lq2_demote(const struct ggml_compute_params * params, 
         const int last_of_run   = !next || next[LQ2_DEMOTE_SLOT] < 0 || next[LQ2_DEMOTE_SLOT] / G != grp;
         if (last_of_group || last_of_run) {
             const int n_tok = (int) (slot % G) + 1;
+            for (int64_t e = 0; e < n_tok * nk; e++) {
+                kgrp[e] = lq2_fp16_to_fp32(stage[e]);
+            }
+            for (int64_t e = 0; p.v_per_channel && e < n_tok * nv; e++) {
+                vgrp[e] = lq2_fp16_to_fp32(vstage[e]);
+            }
             char * kdst = (char *) k2->data + grp * group_bytes;
             if (widths) {
-                lq2_quantize_k_group_w(stage, nk, n_tok, (int) nk, (int) G, widths, p.fit, refs, kdst);
+                lq2_quantize_k_group_w(kgrp, nk, n_tok, (int) nk, (int) G, widths, p.fit, refs, kdst);
             } else if (ref) {
-                lq2_quantize_k_group_ref(stage, nk, n_tok, (int) nk, (int) G, p.k_bits, p.fit, refs, kdst);
+                lq2_quantize_k_group_ref(kgrp, nk, n_tok, (int) nk, (int) G, p.k_bits, p.fit, refs, kdst);
             } else {
-                lq2_quantize_k_group(stage, nk, n_tok, (int) nk, (int) G, p.k_bits, p.fit, refs, kdst);
+                lq2_quantize_k_group(kgrp, nk, n_tok, (int) nk, (int) G, p.k_bits, p.fit, refs, kdst);
             }
             if (p.v_per_channel) {
                 char * vdst = (char *) v2->data + grp * vgroup_bytes;
                 if (ref) {
-                    lq2_quantize_k_group_ref(vstage, nv, n_tok, (int) nv, (int) G, p.v_bits, p.fit, vrefs, vdst);
+                    lq2_quantize_k_group_ref(vgrp, nv, n_tok, (int) nv, (int) G, p.v_bits, p.fit, vrefs, vdst);
                 } else {
-                    lq2_quantize_k_group(vstage, nv, n_tok, (int) nv, (int) G, p.v_bits, p.fit, vrefs, vdst);
+                    lq2_quantize_k_group(vgrp, nv, n_tok, (int) nv, (int) G, p.v_bits, p.fit, vrefs, vdst);
                 }
             }
         }
     }
     free(vrow);
+    free(krow);
+    free(kgrp);
 }
 
 // ---- attention

@@ -13,7 +13,7 @@ struct ggml_tensor * ggml_lq2_demote(struct ggml_context * ctx, struct ggml_tens
                                      struct ggml_tensor * staging, struct ggml_tensor * k, struct ggml_tensor * v,
                                      struct ggml_tensor * rows, const void * params, size_t params_size) {
     GGML_ASSERT(params_size == sizeof(struct lq2_demote_op_params));
-    GGML_ASSERT(k2->type == GGML_TYPE_I8 && v2->type == GGML_TYPE_I8 && staging->type == GGML_TYPE_F32);
+    GGML_ASSERT(k2->type == GGML_TYPE_I8 && v2->type == GGML_TYPE_I8 && staging->type == GGML_TYPE_F16);
     GGML_ASSERT(k->type == GGML_TYPE_F16 && v->type == GGML_TYPE_F16);
     GGML_ASSERT(rows->type == GGML_TYPE_I32 && rows->ne[0] == LQ2_DEMOTE_COLS && ggml_is_contiguous(rows));
     struct lq2_demote_op_params p;

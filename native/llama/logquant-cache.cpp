@@ -234,7 +234,7 @@ bool logquant_cache::device_takes_layer(ggml_backend_dev_t dev, const layer & l)
     ggml_context * ctx = ggml_init(ip);
     ggml_tensor * k2  = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, ggml_nelements(l.k2));
     ggml_tensor * v2  = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, ggml_nelements(l.v2));
-    ggml_tensor * st  = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, l.staging->ne[0], l.staging->ne[1]);
+    ggml_tensor * st  = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, l.staging->ne[0], l.staging->ne[1]);
     ggml_tensor * k   = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, D, l.n_head_kv, n_kv, 1);
     ggml_tensor * v   = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, D, l.n_head_kv, n_kv, 1);
     ggml_tensor * kr  = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, l.n_embd_k_gqa, n_kv);
@@ -339,7 +339,7 @@ void logquant_cache::add_layer(ggml_context * ctx, int32_t il, uint32_t n_embd_k
     l.v_group_bytes = value_group_bytes(l.v_per_channel, G, n_embd_v_gqa, l.v_bits, l.refs != nullptr);
     l.k2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, n_groups * (int64_t) l.k_group_bytes);
     l.v2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, n_groups * (int64_t) l.v_group_bytes);
-    l.staging = ggml_new_tensor_2d(ctx, GGML_TYPE_F32,
+    l.staging = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, // f16: lq2-demote-block.h says why
                                    (int64_t) G * (n_embd_k_gqa + (l.v_per_channel ? n_embd_v_gqa : 0)), bk.n_stage);
     ggml_format_name(l.k2, "cache_k2_l%d", il);
     ggml_format_name(l.v2, "cache_v2_l%d", il);

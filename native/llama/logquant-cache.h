@@ -318,9 +318,9 @@ public:
         ggml_tensor * k2;      // I8: groups of G tokens x n_embd_k_gqa key blocks of k_bits codes
         ggml_tensor * v2;      // I8: slots x n_embd_v_gqa / 64 value blocks of v_bits codes, or
                                // per-channel values: groups x n_embd_v_gqa blocks of G codes
-        // F32 [G * n_embd_k_gqa (+ G * n_embd_v_gqa), n_stage]: pre-RoPE keys (then the values, when
+        // F16 [G * n_embd_k_gqa (+ G * n_embd_v_gqa), n_stage]: pre-RoPE keys (then the values, when
         // per channel) of the open (partial) groups, one row per open group (book::stage_row): a
-        // group is requantized whole as it grows
+        // group is requantized whole as it grows (f16: lq2-demote-block.h says why)
         ggml_tensor * staging;
         ggml_tensor * rope;    // the cos/sin table of this layer's buffer (rope_tables), or null
         ggml_tensor * widths;  // I8 [n_embd_k_gqa]: mixed key widths (settings.key_widths), or null

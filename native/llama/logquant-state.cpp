@@ -14,7 +14,8 @@
 // ---------------------------------------------------------------------------------------------
 // state: a tagged section after llama_kv_cache's own data
 
-static constexpr uint32_t STATE_MAGIC    = 0x4c513206; // "LQ2", version 6 (header references per layer)
+static constexpr uint32_t STATE_MAGIC    = 0x4c513207; // "LQ2", version 7 (f16 staging)
+static constexpr uint32_t STATE_MAGIC_V6 = 0x4c513206; // version 6 (header references per layer): f32 staging
 static constexpr uint32_t STATE_MAGIC_V5 = 0x4c513205; // version 5 (value grouping per layer): and f16 headers
 static constexpr uint32_t STATE_MAGIC_V4 = 0x4c513204; // version 4 (mixed key widths): read as per-token values
 static constexpr uint32_t STATE_MAGIC_V3 = 0x4c513203; // version 3 (sequences per slot): and uniform widths
@@ -44,6 +45,20 @@ static uint32_t widths_tag(const std::vector<int8_t> & w) {
 // references' bytes: their blocks decode with those references only.
 static uint32_t refs_tag(const std::vector<float> & r) {
     return r.empty() ? 0 : tag_of(r.data(), r.size() * sizeof(float));
+}
+
+// n f32 values of an older state into tensor t at byte offset off, as f16.
+static void read_f32_as_f16(llama_io_read_i & io, ggml_tensor * t, size_t off, size_t n) {
+    if (n == 0) {
+        return;
+    }
+    std::vector<float>    f(n);
+    std::vector<lq2_half> h(n);
+    io.read(f.data(), n * sizeof(float));
+    for (size_t i = 0; i < n; i++) {
+        h[i] = lq2_fp32_to_fp16(f[i]);
+    }
+    ggml_backend_tensor_set(t, h.data(), off, n * sizeof(lq2_half));
 }
 
 void logquant_cache::state_write(llama_io_write_i & io, int32_t seq_id) const {
@@ -106,15 +121,15 @@ void logquant_cache::state_write(llama_io_write_i & io, int32_t seq_id) const {
             io.write_tensor(l.k2, 0, k_bytes);
             io.write_tensor(l.v2, 0, v_bytes);
         }
-        // the open groups' pre-RoPE f16-precision rows (and values, when per channel): needed to
+        // the open groups' pre-RoPE f16 rows (and values, when per channel): needed to
         // requantize them as they grow
         for (int32_t i = 0; i < n_open; i++) {
             const int64_t s = open[2 * i], grp = open[2 * i + 1];
             const size_t row = (size_t) bk.stage_row[s] * l.staging->nb[1];
-            io.write_tensor(l.staging, row, (size_t) bk.group_fill[grp] * l.n_embd_k_gqa * sizeof(float));
+            io.write_tensor(l.staging, row, (size_t) bk.group_fill[grp] * l.n_embd_k_gqa * sizeof(lq2_half));
             if (l.v_per_channel) {
-                io.write_tensor(l.staging, row + (size_t) G * l.n_embd_k_gqa * sizeof(float),
-                                (size_t) bk.group_fill[grp] * l.n_embd_v_gqa * sizeof(float));
+                io.write_tensor(l.staging, row + (size_t) G * l.n_embd_k_gqa * sizeof(lq2_half),
+                                (size_t) bk.group_fill[grp] * l.n_embd_v_gqa * sizeof(lq2_half));
             }
         }
     }
@@ -128,7 +143,8 @@ bool logquant_cache::state_read(llama_io_read_i & io, int32_t seq_id) {
     }
     uint32_t magic = 0;
     io.read(&magic, sizeof(magic));
-    if (magic != STATE_MAGIC && magic != STATE_MAGIC_V5 && magic != STATE_MAGIC_V4 && magic != STATE_MAGIC_V3) {
+    if (magic != STATE_MAGIC && magic != STATE_MAGIC_V6 && magic != STATE_MAGIC_V5 && magic != STATE_MAGIC_V4 &&
+        magic != STATE_MAGIC_V3) {
         LLAMA_LOG_ERROR("%s: this state was not saved by a LogQuant cache of this version\n", __func__);
         return false;
     }
@@ -175,10 +191,10 @@ bool logquant_cache::state_read(llama_io_read_i & io, int32_t seq_id) {
         if (magic != STATE_MAGIC_V3) {
             io.read(&wt, sizeof(wt));
         }
-        if (magic == STATE_MAGIC || magic == STATE_MAGIC_V5) {
+        if (magic == STATE_MAGIC || magic == STATE_MAGIC_V6 || magic == STATE_MAGIC_V5) {
             io.read(&vpc, sizeof(vpc));
         }
-        if (magic == STATE_MAGIC) {
+        if (magic == STATE_MAGIC || magic == STATE_MAGIC_V6) {
             io.read(&rt, sizeof(rt));
         }
         if (il != l.il || kb != l.k_bits || vb != l.v_bits) {
@@ -216,10 +232,17 @@ bool logquant_cache::state_read(llama_io_read_i & io, int32_t seq_id) {
         for (size_t i = 0; i < open.size(); i += 2) {
             const int64_t s = open[i], grp = open[i + 1];
             const size_t row = (size_t) bk.stage_row[s] * l.staging->nb[1];
-            io.read_tensor(l.staging, row, (size_t) bk.group_fill[grp] * l.n_embd_k_gqa * sizeof(float)); // fill < G: checked
-            if (l.v_per_channel) {
-                io.read_tensor(l.staging, row + (size_t) G * l.n_embd_k_gqa * sizeof(float),
-                               (size_t) bk.group_fill[grp] * l.n_embd_v_gqa * sizeof(float));
+            const size_t nk = (size_t) bk.group_fill[grp] * l.n_embd_k_gqa; // fill < G: checked
+            const size_t nv = l.v_per_channel ? (size_t) bk.group_fill[grp] * l.n_embd_v_gqa : 0;
+            const size_t voff = row + (size_t) G * l.n_embd_k_gqa * sizeof(lq2_half);
+            if (magic == STATE_MAGIC) {
+                io.read_tensor(l.staging, row, nk * sizeof(lq2_half));
+                if (nv > 0) {
+                    io.read_tensor(l.staging, voff, nv * sizeof(lq2_half));
+                }
+            } else { // f32 staging before version 7: rounded to f16 as it is staged now
+                read_f32_as_f16(io, l.staging, row, nk);
+                read_f32_as_f16(io, l.staging, voff, nv);
             }
         }
     }

@@ -315,7 +315,7 @@ static void run_demote(int D, int Hkv, int G, int bits, int n_rows, int first, b
     const int vb = value_bits_of(bits);
     ggml_tensor * v2 = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, vpc ? n_groups * nk * LQ2_BLOCK_BYTES_H(G, vb, s8)
                                                           : n_groups * G * (nk / LQ2_QK_V) * LQ2_BLOCK_BYTES_B(LQ2_QK_V, vb));
-    ggml_tensor * st = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, (int64_t) G * nk * (vpc ? 2 : 1), 2);
+    ggml_tensor * st = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, (int64_t) G * nk * (vpc ? 2 : 1), 2);
     ggml_tensor * kc = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, nk, n_cells);
     ggml_tensor * vc = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, nk, n_cells);
     ggml_tensor * rows = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, LQ2_DEMOTE_COLS, n_rows + 4);
@@ -418,11 +418,11 @@ static void run_demote(int D, int Hkv, int G, int bits, int n_rows, int first, b
     const int32_t * last = r + (n_rows - 1) * LQ2_DEMOTE_COLS;
     if (last[LQ2_DEMOTE_SLOT] % G != G - 1) {
         const size_t off = (size_t) last[LQ2_DEMOTE_STAGE] * st->nb[1];
-        const size_t len = (size_t) (last[LQ2_DEMOTE_SLOT] % G + 1) * nk * sizeof(float);
+        const size_t len = (size_t) (last[LQ2_DEMOTE_SLOT] % G + 1) * nk * sizeof(lq2_half);
         n_stage = (size_t) (memcmp(staged_cpu.data() + off, staged_gpu.data() + off, len) != 0) +
                   (size_t) (memcmp(staged_cpu.data() + off, staged_seq.data() + off, len) != 0);
         if (vpc) { // the open group's values, after its G rows of keys
-            const size_t voff = off + (size_t) G * nk * sizeof(float);
+            const size_t voff = off + (size_t) G * nk * sizeof(lq2_half);
             n_stage += (size_t) (memcmp(staged_cpu.data() + voff, staged_gpu.data() + voff, len) != 0) +
                        (size_t) (memcmp(staged_cpu.data() + voff, staged_seq.data() + voff, len) != 0);
         }
