@@ -89,6 +89,11 @@ LQ2_INLINE int32_t lq2_demote_col(const LQ2_TH struct lq2_demote_args * a, int64
     return a->rows[i * LQ2_DEMOTE_COLS + col];
 }
 
+// List row i's f16 value row in the f16 tier.
+LQ2_INLINE const LQ2_DEV lq2_half * lq2_demote_vrow(const LQ2_TH struct lq2_demote_args * a, int64_t i) {
+    return (const LQ2_DEV lq2_half *) (a->v + lq2_demote_col(a, i, LQ2_DEMOTE_ROW) * a->g.v_nb1);
+}
+
 // Channel c (< lq2_demote_channels) of the group holding `slot`, requantized from n_tok
 // values at x with stride sx: key channel c (mixed widths: its width, at its offset in its kv
 // head's blocks, which take the bytes of uniform codes), or value channel c - nk.
@@ -116,7 +121,7 @@ LQ2_INLINE void lq2_demote_values(const LQ2_TH struct lq2_demote_args * a, int64
     if (slot < 0 || a->g.v_per_channel) {
         return; // padding, or values coded with their group
     }
-    const LQ2_DEV lq2_half * vsrc = (const LQ2_DEV lq2_half *) (a->v + lq2_demote_col(a, i, LQ2_DEMOTE_ROW) * a->g.v_nb1);
+    const LQ2_DEV lq2_half * vsrc = lq2_demote_vrow(a, i);
     const int vbs = LQ2_BLOCK_BYTES_B(LQ2_QK_V, a->g.v_bits);
     for (int64_t b = ith; b < a->g.nv / LQ2_QK_V; b += nth) {
         float x[LQ2_QK_V];
@@ -188,13 +193,13 @@ LQ2_INLINE void lq2_demote_key_f16(const LQ2_TH struct lq2_demote_args * a, int6
 
 // Value element w of list row i as f32 into un (the per-channel values' part of a scratch row).
 LQ2_INLINE void lq2_demote_value_f32(const LQ2_TH struct lq2_demote_args * a, int64_t i, int64_t w, LQ2_DEV float * un) {
-    const LQ2_DEV lq2_half * vsrc = (const LQ2_DEV lq2_half *) (a->v + lq2_demote_col(a, i, LQ2_DEMOTE_ROW) * a->g.v_nb1);
+    const LQ2_DEV lq2_half * vsrc = lq2_demote_vrow(a, i);
     un[w] = lq2_fp16_to_fp32(vsrc[w]);
 }
 
 // The same as it is into a staging row (f16 already: a copy).
 LQ2_INLINE void lq2_demote_value_f16(const LQ2_TH struct lq2_demote_args * a, int64_t i, int64_t w, LQ2_DEV lq2_half * un) {
-    const LQ2_DEV lq2_half * vsrc = (const LQ2_DEV lq2_half *) (a->v + lq2_demote_col(a, i, LQ2_DEMOTE_ROW) * a->g.v_nb1);
+    const LQ2_DEV lq2_half * vsrc = lq2_demote_vrow(a, i);
     un[w] = vsrc[w];
 }
 

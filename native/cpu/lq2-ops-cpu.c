@@ -45,13 +45,20 @@ void ggml_compute_forward_lq2_demote(const struct ggml_compute_params * params, 
     const size_t  vgroup_bytes = (size_t) nv * LQ2_BLOCK_BYTES_H(p.G, p.v_bits, s8); // per-channel values
     const int     ref = params->use_ref;
 
+    const int32_t * list = (const int32_t *) rows->data;
+    const int64_t   n    = rows->ne[1];
+    int64_t n_listed = 0; // most decode steps demote nothing: no buffers then
+    for (int64_t i = 0; i < n; i++) {
+        n_listed += list[i * LQ2_DEMOTE_COLS + LQ2_DEMOTE_SLOT] >= 0;
+    }
+    if (n_listed == 0) {
+        return;
+    }
     float * vrow = (float *) malloc((size_t) nv * sizeof(float));
     float * krow = (float *) malloc((size_t) nk * sizeof(float));
     // a group's staged rows as f32, keys [G][nk] then values [G][nv], for the quantizers
     float * kgrp = (float *) malloc((size_t) G * (nk + nv) * sizeof(float));
     float * vgrp = kgrp + G * nk;
-    const int32_t * list = (const int32_t *) rows->data;
-    const int64_t   n    = rows->ne[1];
     for (int64_t i = 0; i < n; i++) {
         const int32_t * d = list + i * LQ2_DEMOTE_COLS;
         const int64_t slot = d[LQ2_DEMOTE_SLOT];
