@@ -32,6 +32,7 @@ kernel void kernel_lq2_attn_block(
         device const char             * rope  [[buffer(8)]],  // ignored when rope_n_dims is 0
         device       float            * parts [[buffer(9)]],
         device const char             * kw    [[buffer(10)]], // key widths, ignored without them
+        device const char             * refs  [[buffer(11)]], // 8-bit headers' references, ignored without them
         threadgroup  char             * shmem [[threadgroup(0)]],
         uint3  tgpig [[threadgroup_position_in_grid]],
         ushort tiitg [[thread_index_in_threadgroup]]) {
@@ -47,7 +48,7 @@ kernel void kernel_lq2_attn_block(
     a.parts = parts;
     a.dst   = nullptr; // the combine kernel writes it
     a.k_widths = g.shape.k_widths ? (device const int8_t *) kw : nullptr;
-    a.refs  = nullptr; // 8-bit headers: no buffer yet (supports_op says no for such a layer)
+    a.refs  = g.shape.s8 ? (device const float *) refs : nullptr;
     a.g     = g;
     threadgroup struct lq2_ab_shared * sm = (threadgroup struct lq2_ab_shared *) shmem;
     float acc[LQ2_AB_ACC];
@@ -77,7 +78,7 @@ kernel void kernel_lq2_attn_combine(
 static struct lq2_dequant_args lq2_dequant_args_from(constant struct lq2_dequant_geom & g, device const char * k2,
                                                      device const char * v2, device const char * rope,
                                                      device const char * k, device const char * v, device char * dst,
-                                                     device const char * kw) {
+                                                     device const char * kw, device const char * refs) {
     struct lq2_dequant_args a;
     a.k2         = (device const uint8_t *) k2;
     a.v2         = (device const uint8_t *) v2;
@@ -86,7 +87,7 @@ static struct lq2_dequant_args lq2_dequant_args_from(constant struct lq2_dequant
     a.v          = v;
     a.dst        = (device lq2_half *) dst;
     a.k_widths   = g.k_widths ? (device const int8_t *) kw : nullptr;
-    a.refs       = nullptr; // 8-bit headers: no buffer yet (supports_op says no for such a layer)
+    a.refs       = g.s8 ? (device const float *) refs : nullptr;
     a.g          = g;
     return a;
 }
@@ -101,9 +102,10 @@ kernel void kernel_lq2_dequant_keys(
         device const char                * v    [[buffer(5)]],
         device       char                * dst  [[buffer(6)]],
         device const char                * kw   [[buffer(7)]], // key widths, ignored without them
+        device const char                * refs [[buffer(8)]], // 8-bit headers' references, ignored without them
         uint3  tgpig [[threadgroup_position_in_grid]],
         ushort tiitg [[thread_index_in_threadgroup]]) {
-    const struct lq2_dequant_args a = lq2_dequant_args_from(g, k2, v2, rope, k, v, dst, kw);
+    const struct lq2_dequant_args a = lq2_dequant_args_from(g, k2, v2, rope, k, v, dst, kw, refs);
     lq2_dequant_key(&a, (int64_t) tgpig.x, (int) tgpig.y, (int) tiitg);
 }
 
@@ -117,8 +119,9 @@ kernel void kernel_lq2_dequant_rest(
         device const char                * v    [[buffer(5)]],
         device       char                * dst  [[buffer(6)]],
         device const char                * kw   [[buffer(7)]], // key widths, ignored without them
+        device const char                * refs [[buffer(8)]], // 8-bit headers' references, ignored without them
         uint tpig [[thread_position_in_grid]]) {
-    const struct lq2_dequant_args a = lq2_dequant_args_from(g, k2, v2, rope, k, v, dst, kw);
+    const struct lq2_dequant_args a = lq2_dequant_args_from(g, k2, v2, rope, k, v, dst, kw, refs);
     const int64_t nv = (int64_t) g.D * g.n_head_kv, n_values = g.n_slots * nv;
     int64_t e = tpig;
     if (e < n_values) {

@@ -43,9 +43,6 @@ extern "C" bool ggml_metal_lq2_supports_op(const ggml_tensor * op) {
     if (!env || strcmp(env, "1") != 0) {
         return false;
     }
-    if (lq2_op_header_refs(op)) {
-        return false; // 8-bit headers: the kernels would need the references' buffer bound (not yet)
-    }
     switch (op->op) {
         case GGML_OP_LQ2_DEMOTE: {
             const lq2_demote_args a = lq2_demote_args_of(op);
@@ -89,6 +86,8 @@ static void lq2_encode_attn(ggml_metal_library_t lib, ggml_metal_encoder_t enc, 
     ggml_metal_encoder_set_buffer(enc, parts, 9);
     const ggml_tensor * widths = lq2_op_key_widths(op);
     ggml_metal_encoder_set_buffer(enc, lq2_buffer_id(widths ? widths : op->src[0]), 10); // any buffer without widths
+    const ggml_tensor * refs = lq2_op_header_refs(op);
+    ggml_metal_encoder_set_buffer(enc, lq2_buffer_id(refs ? refs : op->src[0]), 11); // any buffer without refs
     ggml_metal_encoder_set_threadgroup_memory_size(enc, sizeof(lq2_ab_shared), 0);
     ggml_metal_encoder_dispatch_threadgroups(enc, n_part, a.g.n_head_kv, (int) a.g.n_tokens, LQ2_AB_THREADS, 1, 1);
     ggml_metal_encoder_memory_barrier(enc);
@@ -127,6 +126,8 @@ static void lq2_encode_demote(ggml_metal_library_t lib, ggml_metal_encoder_t enc
         ggml_metal_encoder_set_bytes(enc, freq, freq_bytes, 7);
         const ggml_tensor * widths = lq2_op_key_widths(op);
         ggml_metal_encoder_set_buffer(enc, lq2_buffer_id(widths ? widths : op->src[0]), 8); // any buffer without widths
+        const ggml_tensor * refs = lq2_op_header_refs(op);
+        ggml_metal_encoder_set_buffer(enc, lq2_buffer_id(refs ? refs : op->src[0]), 9); // any buffer without refs
         const int nth = std::min(ggml_metal_pipeline_max_theads_per_threadgroup(pipeline), k == 0 ? 256 : 1024);
         ggml_metal_encoder_dispatch_threadgroups(enc, k == 0 ? (int) a.g.n_rows : 1, 1, 1, nth, 1, 1);
         ggml_metal_encoder_memory_barrier(enc); // the keys kernel runs after every value row
@@ -135,11 +136,11 @@ static void lq2_encode_demote(ggml_metal_library_t lib, ggml_metal_encoder_t enc
 
 static void lq2_encode_dequant(ggml_metal_library_t lib, ggml_metal_encoder_t enc, const ggml_tensor * op) {
     const lq2_dequant_args a = lq2_dequant_args_of(op);
-    // buffers: k2, v2, the table (any buffer when absent), K, V, the result, the key widths (any
-    // buffer when absent)
-    const ggml_tensor * widths = lq2_op_key_widths(op);
-    const ggml_tensor * bufs[7] = { op->src[0], op->src[1], op->src[2] ? op->src[2] : op->src[0], op->src[3], op->src[4], op,
-                                    widths ? widths : op->src[0] };
+    // buffers: k2, v2, the table, K, V, the result, the key widths, the 8-bit headers' references
+    // (any buffer for the table, widths or references a layer lacks)
+    const ggml_tensor * widths = lq2_op_key_widths(op), * refs = lq2_op_header_refs(op);
+    const ggml_tensor * bufs[8] = { op->src[0], op->src[1], op->src[2] ? op->src[2] : op->src[0], op->src[3], op->src[4], op,
+                                    widths ? widths : op->src[0], refs ? refs : op->src[0] };
     const lq2_dequant_geom & g = a.g;
     const int64_t nv = (int64_t) g.D * g.n_head_kv, n_rest = g.n_slots * nv + 2 * g.n_kv * nv;
     const char * names[2] = { "kernel_lq2_dequant_keys", "kernel_lq2_dequant_rest" };
@@ -147,7 +148,7 @@ static void lq2_encode_dequant(ggml_metal_library_t lib, ggml_metal_encoder_t en
         auto pipeline = lq2_pipeline(lib, names[k]);
         ggml_metal_encoder_set_pipeline(enc, pipeline);
         ggml_metal_encoder_set_bytes(enc, (void *) &g, sizeof(g), 0);
-        for (int i = 0; i < 7; ++i) {
+        for (int i = 0; i < 8; ++i) {
             ggml_metal_encoder_set_buffer(enc, lq2_buffer_id(bufs[i]), 1 + i);
         }
         if (k == 0) {
