@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from logquant_gguf import KV_TYPES, bench
-from logquant_gguf.bench import capacity, chat, completion, env, memory, perplexity, report
+from logquant_gguf.bench import capacity, chat, completion, env, levers, memory, perplexity, report
 
 # The llama.cpp types every build has, in decreasing size; new types come on top.
 BASE_TYPES = [t for t in ("f16", "q8_0", "q4_0", "q2_0") if t in KV_TYPES]
@@ -57,6 +57,20 @@ def test_memory_bytes_follow_bits_and_agree_with_llama_cpp(tiny_model, out):
         assert summary[t]["marginal_bits_per_value"] == pytest.approx(KV_TYPES[t].bits_per_value)
     if report.plots_available():
         assert len(pngs(doc, tiny_model, out)) == 2
+
+
+def test_memory_counts_the_room_a_logquant_cache_keeps_for_one_ubatch(tiny_model, tmp_path):
+    """A LogQuant cache holds f16 cells for one ubatch beside its tiers: a smaller ubatch, fewer
+    bytes (the difference is those cells, the f16 tier's k and v); llama.cpp's types do not care."""
+    def total(kv: str, *ubatch: str) -> tuple[int, int]:
+        doc = run_part(tiny_model, tmp_path, "memory", "--ctx-sizes", "2048", *ubatch, kv=[kv])
+        return doc["results"]["rows"][0]["bytes_total"], doc["settings"]["n_ubatch"]
+
+    (big, n_big), (small, n_small) = total("logquant"), total("logquant", "--n-ubatch", "64")
+    assert (n_big, n_small) == (512, 64)
+    geom_cells = 2 * 2 * 2 * 64 * 2  # layers x (k, v) x kv heads x head_dim x f16 bytes, per token
+    assert big - small >= (512 - 64) * geom_cells
+    assert total("q8_0")[0] == total("q8_0", "--n-ubatch", "64")[0]
 
 
 def test_quality_f16_against_itself_is_exactly_zero_and_q2_0_is_not(tiny_model, out):
@@ -225,6 +239,33 @@ def test_layers_ranks_every_logquant_layer_and_measures_the_recipes(tiny_model, 
     assert one["bits_per_value"] < both["bits_per_value"] == pytest.approx(8.5)
     base_kl = res["per_layer"]["per_type"]["logquant"]["kl_mean"]
     assert both["kl_mean"] < base_kl
+
+
+def test_levers_count_the_tier_and_all_bytes(tiny_model, out):
+    """KL per variant, with two prices: the low-bit tier's bits and every byte of the cache at a
+    long context. llama.cpp's types are their bits either way; a LogQuant cache costs more than
+    its tier (the cos/sin table, the f16 tier, the ubatch room), and 4-bit keys cost more than 2."""
+    doc = run_part(tiny_model, out, "levers", "--variants", "q8_0,logquant,logquant+k4",
+                   "--prompt-tokens", "128", "--steps", "8", "--bytes-ctx", "2048", kv=["f16"])
+    per = doc["results"]["per_type"]
+    assert doc["settings"]["bytes_ctx"] == 2048 and list(per) == ["f16", "q8_0", "logquant", "logquant+k4"]
+    for t in ("f16", "q8_0"):
+        assert per[t]["bits_all_bytes"] == pytest.approx(per[t]["bits_per_value"])
+        assert per[t]["bits_per_value"] == KV_TYPES[t].bits_per_value
+    for t in ("logquant", "logquant+k4"):
+        assert per[t]["bits_all_bytes"] > per[t]["bits_per_value"] + 0.1
+    assert per["logquant+k4"]["bits_all_bytes"] > per["logquant"]["bits_all_bytes"]
+    assert per["f16"]["kl_mean"] == 0 < per["logquant"]["kl_mean"]
+    md = (out / "cpu" / tiny_model.stem.lower() / "levers.md").read_text()
+    assert "| all bytes at 2k |" in md
+    if report.plots_available():
+        assert [p.name for p in pngs(doc, tiny_model, out)] == ["levers.png", "levers_all_bytes.png"]
+
+
+def test_levers_chart_labels_count_per_layer_settings():
+    assert levers.short_label("logquant+k3+s8") == "logquant+k3+s8"
+    assert levers.short_label("logquant+k3+s8+L16:3:4+L11:3:4+L9:3:4") == "logquant+k3+s8+3xL:3:4"
+    assert levers.short_label("logquant+L0:8:8+L1:4:4+L2:8:8+Lauto") == "logquant+Lauto+1xL:4:4+2xL:8:8"
 
 
 def test_device_runs_keep_logquant_kv_in_host_memory(tiny_model, monkeypatch):

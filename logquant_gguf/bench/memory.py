@@ -26,6 +26,9 @@ LOG_TOLERANCE_PER_CACHE = 0.006 * MIB
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx-sizes", type=int_list, default=None,
                    help="context lengths (default 1024,...,32768; --quick 1024,2048,4096)")
+    p.add_argument("--n-ubatch", type=int, default=None,
+                   help="llama.cpp's ubatch (and batch) size, default 512 as llama-cpp-python's: a "
+                        "LogQuant cache keeps f16 room for one ubatch")
 
 
 def kv_geometry(metadata: Mapping[str, str]) -> dict:
@@ -52,13 +55,14 @@ def theory_bytes_per_token(geom: Mapping[str, int], bits_per_value: float) -> fl
     return geom["layers"] * geom["kv_heads"] * (geom["k_len"] + geom["v_len"]) * bits_per_value / 8
 
 
-def measure(cfg: BenchConfig, ctx_sizes: list[int]) -> tuple[list[dict], dict]:
+def measure(cfg: BenchConfig, ctx_sizes: list[int], n_ubatch: int | None = None) -> tuple[list[dict], dict]:
     """One context per (n_ctx, kv_type), log captured; returns rows and the model geometry."""
     rows: list[dict] = []
     geom: dict = {}
     jobs = [(n, kv) for n in ctx_sizes for kv in cfg.kv_types]
+    batch = {"n_batch": n_ubatch} if n_ubatch else {}
     for n_ctx, kv in tqdm(jobs, desc="memory", unit="ctx"):
-        s = cfg.session(kv, n_ctx, capture_log=True)
+        s = cfg.session(kv, n_ctx, capture_log=True, **batch)
         try:
             geom = geom or kv_geometry(s.llm.metadata)
             st = s.kv_stats()
@@ -114,7 +118,7 @@ def _summary(cfg: BenchConfig, rows: list[dict], geom: dict) -> dict:
     return out
 
 
-def _markdown(cfg: BenchConfig, rows: list[dict], summary: dict, ctx_sizes: list[int]) -> str:
+def _markdown(cfg: BenchConfig, rows: list[dict], summary: dict, ctx_sizes: list[int], n_ubatch: int) -> str:
     t1 = report.table(
         ["kv_type", "bytes/token", "bits/value (measured)", "bits/value (declared)",
          f"vs {cfg.baseline}", "fixed MiB (fit)", "marginal bits/value (fit)", "log agrees",
@@ -130,7 +134,8 @@ def _markdown(cfg: BenchConfig, rows: list[dict], summary: dict, ctx_sizes: list
     return ("Bytes from `Llama.kv_stats()` (llama.cpp's buffer sizes through our C API), "
             "checked against llama.cpp's log line and against layers x kv_heads x (k+v) x bits/8. "
             "bytes/token = bytes_total / n_ctx at the largest context; fixed and marginal: a line "
-            "fitted over all contexts (a fixed-size f16 tier shows up as fixed bytes)."
+            "fitted over all contexts (a fixed-size f16 tier shows up as fixed bytes). "
+            f"n_ubatch {n_ubatch}."
             f"\n\n## Per token (n_ctx {max(ctx_sizes)})\n\n{t1}\n\n## Total KV cache\n\n{t2}\n")
 
 
@@ -151,11 +156,12 @@ def _plots(cfg: BenchConfig, rows: list[dict], summary: dict, ctx_sizes: list[in
 def run(cfg: BenchConfig, args: argparse.Namespace) -> PartResult:
     ctx_sizes = args.ctx_sizes or cfg.pick([1024, 2048, 4096],
                                            [1024, 2048, 4096, 8192, 16384, 32768])
-    rows, geom = measure(cfg, ctx_sizes)
+    n_ubatch = args.n_ubatch or 512  # Session's default, llama-cpp-python's
+    rows, geom = measure(cfg, ctx_sizes, n_ubatch)
     summary = _summary(cfg, rows, geom)
     return PartResult(
-        settings={"ctx_sizes": ctx_sizes, "geometry": geom},
+        settings={"ctx_sizes": ctx_sizes, "geometry": geom, "n_ubatch": n_ubatch},
         results={"rows": rows, "summary": summary},
-        markdown=_markdown(cfg, rows, summary, ctx_sizes),
+        markdown=_markdown(cfg, rows, summary, ctx_sizes, n_ubatch),
         figures=_plots(cfg, rows, summary, ctx_sizes),
     )
